@@ -1,0 +1,1 @@
+//! Guest images: build the default image, register user images.

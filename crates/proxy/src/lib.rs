@@ -1,0 +1,1 @@
+//! The reverse proxy: routes HTTP by Host header to VMs.

@@ -1,0 +1,1 @@
+//! The Hatch daemon: API, state, per-VM supervisors, composition root.

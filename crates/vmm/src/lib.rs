@@ -1,0 +1,1 @@
+//! The QEMU driver: command line, spawn and re-adopt, lifecycle.

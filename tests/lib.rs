@@ -1,0 +1,1 @@
+//! End-to-end test harness: real daemon, real QEMU, real proxy.
