@@ -52,13 +52,20 @@ impl Qmp {
         let greeting: Value = serde_json::from_str(&greeting)
             .map_err(|e| QmpError::Handshake(format!("bad greeting: {e}")))?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Handshake(format!("not a QMP greeting: {greeting}")));
+            return Err(QmpError::Handshake(format!(
+                "not a QMP greeting: {greeting}"
+            )));
         }
 
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(64);
         let (closed_tx, closed) = watch::channel(false);
-        tokio::spawn(read_loop(reader, pending.clone(), events.clone(), closed_tx));
+        tokio::spawn(read_loop(
+            reader,
+            pending.clone(),
+            events.clone(),
+            closed_tx,
+        ));
 
         let qmp = Qmp {
             writer: tokio::sync::Mutex::new(write),

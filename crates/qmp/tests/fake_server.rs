@@ -1,5 +1,7 @@
 //! The QMP client against a scripted fake QEMU on a unix socket.
 
+#![allow(clippy::unwrap_used)]
+
 use hatch_qmp::commands::{HumanMonitorCommand, QueryStatus, Stop};
 use hatch_qmp::{Qmp, QmpError};
 use serde_json::{Value, json};
@@ -14,7 +16,11 @@ where
 {
     let (stream, _) = listener.accept().await.unwrap();
     let (read, mut write) = stream.into_split();
-    send(&mut write, &json!({"QMP": {"version": {}, "capabilities": []}})).await;
+    send(
+        &mut write,
+        &json!({"QMP": {"version": {}, "capabilities": []}}),
+    )
+    .await;
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await.unwrap() {
         let cmd: Value = serde_json::from_str(&line).unwrap();
@@ -53,7 +59,10 @@ async fn typed_command_round_trip_and_arguments() {
     tokio::spawn(fake_qemu(listener, |cmd, _| {
         Some(match cmd["execute"].as_str().unwrap() {
             "query-status" => {
-                assert!(cmd.get("arguments").is_none(), "unit command sent arguments");
+                assert!(
+                    cmd.get("arguments").is_none(),
+                    "unit command sent arguments"
+                );
                 json!({"return": {"running": true, "status": "running"}, "id": cmd["id"]})
             }
             "human-monitor-command" => {
@@ -101,7 +110,9 @@ async fn errors_are_reported_with_class_and_description() {
 async fn events_are_delivered_and_do_not_disturb_answers() {
     let (_dir, path, listener) = socket();
     tokio::spawn(fake_qemu(listener, |cmd, extra| {
-        extra.push(json!({"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}));
+        extra.push(
+            json!({"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}),
+        );
         Some(json!({"return": {}, "id": cmd["id"]}))
     }));
     let qmp = Qmp::connect(&path).await.unwrap();

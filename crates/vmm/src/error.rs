@@ -1,0 +1,37 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Errors of the QEMU driver.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot run {program}")]
+    Exec {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU failed to start: {0}")]
+    Launch(String),
+    #[error("{tool} failed: {stderr}")]
+    Tool { tool: &'static str, stderr: String },
+    #[error("cannot read pid file {path}")]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("process {0} is not a running QEMU of this VM")]
+    NotOurProcess(i32),
+    #[error("QMP socket path {0} is longer than a unix socket allows")]
+    SocketPathTooLong(PathBuf),
+    #[error("unknown accelerator {0:?} (expected auto, kvm or tcg)")]
+    UnknownAccel(String),
+    #[error(transparent)]
+    Qmp(#[from] hatch_qmp::QmpError),
+    #[error("i/o error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}

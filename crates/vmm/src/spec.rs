@@ -1,0 +1,261 @@
+//! The QEMU command line of a Hatch microVM, built from a plain description.
+//!
+//! Kept pure (no I/O) so that it is unit-tested argument by argument.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::Accel;
+
+/// A host port on 127.0.0.1 forwarded to a guest TCP port (QEMU user-mode net).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl PortForward {
+    /// The `hostfwd` rule in QEMU's syntax.
+    pub fn rule(&self) -> String {
+        format!("tcp:127.0.0.1:{}-:{}", self.host, self.guest)
+    }
+}
+
+/// Everything needed to launch one VM.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line from the image; Hatch appends its own parameters.
+    pub cmdline: String,
+    pub disk: PathBuf,
+    /// Guest RAM file (memory-backend-file, share=on), so that RAM can later be
+    /// captured without streaming it through the migration channel.
+    pub mem_path: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub pid_file: PathBuf,
+    pub forwards: Vec<PortForward>,
+    /// Host TSC frequency for `tsc_early_khz` under TCG.
+    pub tsc_khz: Option<u64>,
+    /// Extra kernel parameters, e.g. `hatch.disk_grow=1`.
+    pub extra_cmdline: Vec<String>,
+}
+
+/// Network device id used by `hostfwd_add` at run time.
+pub const NETDEV_ID: &str = "net0";
+
+impl MachineSpec {
+    /// The full kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut parts = vec![self.cmdline.trim().to_string()];
+        if let (Accel::Tcg, Some(khz)) = (self.accel, self.tsc_khz) {
+            parts.push(format!("tsc_early_khz={khz}"));
+        }
+        parts.extend(self.extra_cmdline.iter().cloned());
+        parts.retain(|p| !p.is_empty());
+        parts.join(" ")
+    }
+
+    /// QEMU's arguments (without the program name).
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: String| a.push(s.into());
+        push("-M".into());
+        push("microvm,acpi=on,memory-backend=mem".into());
+        push("-accel".into());
+        push(self.accel.as_str().into());
+        push("-cpu".into());
+        // `host` passes the real CPU through under KVM; under TCG `max`
+        // emulates every feature QEMU can, which the Debian kernel uses well.
+        push(match self.accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        });
+        push("-smp".into());
+        push(self.vcpus.to_string());
+        push("-m".into());
+        push(format!("{}M", self.memory_mib));
+        push("-object".into());
+        push(format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+            self.memory_mib,
+            escape(&self.mem_path)
+        ));
+        push("-kernel".into());
+        push(self.kernel.display().to_string());
+        push("-initrd".into());
+        push(self.initrd.display().to_string());
+        push("-append".into());
+        push(self.kernel_cmdline());
+        push("-blockdev".into());
+        push(format!(
+            "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+            escape(&self.disk)
+        ));
+        push("-device".into());
+        push("virtio-blk-device,drive=disk0".into());
+        // restrict=on: the guest reaches nothing outside (not the host's
+        // loopback services through 10.0.2.2, not the internet); only the
+        // host-to-guest forwards below exist.
+        let mut netdev = format!("user,id={NETDEV_ID},restrict=on");
+        for f in &self.forwards {
+            netdev.push_str(",hostfwd=");
+            netdev.push_str(&f.rule());
+        }
+        push("-netdev".into());
+        push(netdev);
+        push("-device".into());
+        push(format!("virtio-net-device,netdev={NETDEV_ID}"));
+        push("-chardev".into());
+        push(format!(
+            "file,id=console,path={},append=on",
+            escape(&self.console_log)
+        ));
+        push("-serial".into());
+        push("chardev:console".into());
+        push("-qmp".into());
+        push(format!(
+            "unix:{},server=on,wait=off",
+            escape(&self.qmp_socket)
+        ));
+        push("-pidfile".into());
+        push(self.pid_file.display().to_string());
+        for fixed in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            // A guest reboot or panic ends the VM instead of looping.
+            "-no-reboot",
+            // Fork once QEMU is initialised: when the launching process exits
+            // successfully, the QMP socket is ready and the VM no longer
+            // depends on `hatch serve` staying alive.
+            "-daemonize",
+        ] {
+            push(fixed.into());
+        }
+        a
+    }
+}
+
+/// QEMU option values separate options with commas; a literal comma is doubled.
+fn escape(p: &std::path::Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel) -> MachineSpec {
+        MachineSpec {
+            accel,
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            disk: "/vm/disk,1.qcow2".into(),
+            mem_path: "/run/vm/mem".into(),
+            qmp_socket: "/vm/qmp.sock".into(),
+            console_log: "/vm/console.log".into(),
+            pid_file: "/vm/qemu.pid".into(),
+            forwards: vec![
+                PortForward {
+                    host: 40000,
+                    guest: 8080,
+                },
+                PortForward {
+                    host: 40001,
+                    guest: 22,
+                },
+            ],
+            tsc_khz: Some(2_599_998),
+            extra_cmdline: vec!["hatch.disk_grow=1".into()],
+        }
+    }
+
+    fn args(s: &MachineSpec) -> Vec<String> {
+        s.args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn value_of(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_machine_has_file_backed_ram_and_tsc_hint() {
+        let a = args(&spec(Accel::Tcg));
+        assert_eq!(value_of(&a, "-M"), ["microvm,acpi=on,memory-backend=mem"]);
+        assert_eq!(value_of(&a, "-accel"), ["tcg"]);
+        assert_eq!(value_of(&a, "-cpu"), ["max"]);
+        assert_eq!(value_of(&a, "-smp"), ["2"]);
+        assert_eq!(value_of(&a, "-m"), ["512M"]);
+        assert_eq!(
+            value_of(&a, "-object"),
+            ["memory-backend-file,id=mem,size=512M,mem-path=/run/vm/mem,share=on"]
+        );
+        assert_eq!(
+            value_of(&a, "-append"),
+            ["console=ttyS0 quiet tsc_early_khz=2599998 hatch.disk_grow=1"]
+        );
+        assert!(a.contains(&"-daemonize".to_string()));
+        assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu_and_no_tsc_hint() {
+        let a = args(&spec(Accel::Kvm));
+        assert_eq!(value_of(&a, "-cpu"), ["host"]);
+        assert_eq!(
+            value_of(&a, "-append"),
+            ["console=ttyS0 quiet hatch.disk_grow=1"]
+        );
+    }
+
+    #[test]
+    fn network_is_restricted_with_loopback_only_forwards() {
+        let a = args(&spec(Accel::Tcg));
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            [
+                "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40000-:8080,hostfwd=tcp:127.0.0.1:40001-:22"
+            ]
+        );
+        assert_eq!(value_of(&a, "-device")[1], "virtio-net-device,netdev=net0");
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let a = args(&spec(Accel::Tcg));
+        assert_eq!(
+            value_of(&a, "-blockdev"),
+            ["driver=qcow2,node-name=disk0,file.driver=file,file.filename=/vm/disk,,1.qcow2"]
+        );
+    }
+
+    #[test]
+    fn console_and_qmp_are_files_and_sockets_that_outlive_the_daemon() {
+        let a = args(&spec(Accel::Tcg));
+        assert_eq!(
+            value_of(&a, "-chardev"),
+            ["file,id=console,path=/vm/console.log,append=on"]
+        );
+        assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
+        assert_eq!(
+            value_of(&a, "-qmp"),
+            ["unix:/vm/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(value_of(&a, "-pidfile"), ["/vm/qemu.pid"]);
+    }
+}
