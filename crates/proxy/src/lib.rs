@@ -1,1 +1,80 @@
-//! The reverse proxy: routes HTTP by Host header to VMs.
+//! The Hatch reverse proxy: routes HTTP requests to VMs by their `Host` header.
+//!
+//! The daemon supplies a [`Resolver`] that maps a normalized host name to a
+//! [`Resolution`] (and may wait inside [`Resolver::resolve`], e.g. while it wakes a
+//! snapshotted VM), plus a [`ProxyMetrics`] registered in its Prometheus registry,
+//! and runs [`serve`] on a bound listener until a cancellation token fires.
+//!
+//! Behaviour in short:
+//! - The route key is the `Host` header (or the URI authority of an absolute-form
+//!   request), lower-cased, without port and without a trailing dot.
+//! - Errors produced by the proxy itself are JSON
+//!   `{"error": {"code": "...", "message": "..."}}`: 400 `bad_request`,
+//!   404 `not_found`, 405 `method_not_allowed` (CONNECT), 503 `vm_not_running`,
+//!   502 `bad_gateway`.
+//! - Requests are forwarded over pooled HTTP/1.1 connections with streaming bodies
+//!   in both directions; `Upgrade` requests (WebSocket and others) are spliced
+//!   byte-for-byte once the backend answers `101 Switching Protocols`.
+//! - Every request routed to a backend is bracketed by
+//!   [`Resolver::on_request_start`] / [`Resolver::on_request_end`]; the end is
+//!   reported when the response body has been sent (or dropped), or, for an
+//!   upgraded connection, when the spliced stream closes.
+
+mod body;
+mod error;
+mod headers;
+mod metrics;
+mod server;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+pub use metrics::ProxyMetrics;
+pub use server::{ProxyConfig, serve, serve_with_config};
+
+/// Where a host name leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Forward to this address (the VM's forwarded guest port on the host).
+    Backend {
+        /// Backend socket address, typically `127.0.0.1:<hostfwd port>`.
+        addr: SocketAddr,
+        /// The VM serving this host; passed to the activity callbacks.
+        vm_id: String,
+    },
+    /// No route for this host: 404 `not_found`.
+    UnknownHost,
+    /// A route exists but its VM cannot serve now (and will not be woken):
+    /// 503 `vm_not_running`.
+    NotRunning {
+        /// The VM behind the route.
+        vm_id: String,
+        /// Its current state, e.g. `stopped` or `snapshotted`.
+        state: String,
+    },
+}
+
+/// Maps host names to backends and observes request activity per VM.
+///
+/// One value is shared by all connections (`Arc<R>`), so implementations must be
+/// cheap to call concurrently.
+pub trait Resolver: Send + Sync + 'static {
+    /// Resolves a normalized host name (lower-case, no port, no trailing dot;
+    /// IPv6 literals without brackets).
+    ///
+    /// May wait (for example while a snapshotted VM is restored); the time spent
+    /// here counts toward the proxy's latency histogram. Dropped without
+    /// completion if the client goes away or the proxy is hard-stopped.
+    fn resolve(&self, host: &str) -> impl Future<Output = Resolution> + Send;
+
+    /// Called when a request resolved to [`Resolution::Backend`] is about to be
+    /// forwarded to `vm_id`. Must not block.
+    fn on_request_start(&self, vm_id: &str);
+
+    /// Called exactly once for each [`Resolver::on_request_start`], when that
+    /// request is over: its response body was fully sent or dropped, the backend
+    /// failed (502), or, for an upgraded (WebSocket) connection, the spliced
+    /// stream closed. May be called from a `Drop` implementation, so it must not
+    /// block or panic.
+    fn on_request_end(&self, vm_id: &str);
+}
