@@ -1,1 +1,317 @@
-//! End-to-end test harness: real daemon, real QEMU, real proxy.
+//! End-to-end test harness: starts the real `hatch serve` binary on free ports
+//! with a fresh data directory, talks to its API and proxy over real HTTP, and
+//! cleans up every QEMU it caused when dropped.
+//!
+//! Needs the default image built into `HATCH_TEST_IMAGES_DIR` (default
+//! `~/.cache/hatch/images`); `scripts/test.sh` builds it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+pub const KEY: &str = "hatch_e2e_test_key_0123456789";
+
+/// Longest wait for any condition: a TCG boot on a loaded 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(180);
+
+pub fn hatch_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HATCH_BIN") {
+        return p.into();
+    }
+    // Test binaries live in target/<profile>/deps; the hatch binary one up.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let bin = dir.join("hatch");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --bin hatch` first",
+        bin.display()
+    );
+    bin
+}
+
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("HATCH_TEST_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/hatch/images")
+        })
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub data_dir: tempfile::TempDir,
+    pub run_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub proxy_addr: SocketAddr,
+    pub http: reqwest::Client,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        Self::start_with_env(Vec::new()).await
+    }
+
+    pub async fn start_with_env(extra_env: Vec<(String, String)>) -> Daemon {
+        let data_dir = tempfile::Builder::new()
+            .prefix("hatch-e2e-")
+            .tempdir()
+            .unwrap();
+        let run_dir = PathBuf::from("/dev/shm").join(data_dir.path().file_name().unwrap());
+        let mut d = Daemon {
+            child: None,
+            data_dir,
+            run_dir,
+            api_addr: free_addr(),
+            proxy_addr: free_addr(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
+            extra_env,
+        };
+        d.spawn().await;
+        d
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.path().join("daemon.log"))
+            .unwrap();
+        let mut cmd = Command::new(hatch_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .arg("--api-addr")
+            .arg(self.api_addr.to_string())
+            .arg("--proxy-addr")
+            .arg(self.proxy_addr.to_string())
+            .arg("--images-dir")
+            .arg(images_dir())
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .env("HATCH_API_KEY", KEY)
+            .env_remove("HATCH_S3_BUCKET")
+            .env_remove("HATCH_S3_ACCESS_KEY_ID")
+            .env_remove("HATCH_S3_SECRET_ACCESS_KEY")
+            .env("HATCH_LOG", "info,hatch_proxy=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let url = format!("http://{}/healthz", self.api_addr);
+            if let Ok(r) = self.http.get(&url).send().await
+                && r.status() == StatusCode::OK
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hatch serve exited with {status}:\n{}", self.daemon_log());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon did not come up:\n{}",
+                self.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL the daemon (VMs keep running), as a crash would.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the daemon again on the same data dir and ports.
+    pub async fn restart(&mut self) {
+        self.kill_daemon();
+        self.spawn().await;
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api_addr)
+    }
+
+    /// Call the API with the test key; returns status and JSON (Null if none).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, self.api_url(path))
+            .bearer_auth(KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create_vm(&self, body: Value) -> Value {
+        let (status, vm) = self.call(Method::POST, "/vms", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{vm}");
+        vm
+    }
+
+    pub async fn vm(&self, id: &str) -> Value {
+        let (status, vm) = self.call(Method::GET, &format!("/vms/{id}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{vm}");
+        vm
+    }
+
+    /// Wait until the VM is in `state`; panics with the console log if it fails.
+    pub async fn wait_state(&self, id: &str, state: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let vm = self.vm(id).await;
+            if vm["state"] == state {
+                return vm;
+            }
+            if vm["state"] == "failed" && state != "failed" {
+                panic!(
+                    "vm failed: {vm}\nconsole:\n{}\ndaemon:\n{}",
+                    self.console(id),
+                    self.daemon_log()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "vm never became {state}: {vm}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn console(&self, id: &str) -> String {
+        std::fs::read_to_string(
+            self.data_dir
+                .path()
+                .join("vms")
+                .join(id)
+                .join("console.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    pub async fn create_route(&self, host: &str, vm_id: &str) -> Value {
+        let body = serde_json::json!({ "hostname": host, "vm_id": vm_id });
+        let (status, route) = self.call(Method::POST, "/routes", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{route}");
+        route
+    }
+
+    /// GET through the proxy with the given Host header.
+    pub async fn proxy_get(&self, host: &str, path: &str) -> (StatusCode, String) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.proxy_addr))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.text().await.unwrap())
+    }
+
+    /// Wait until the guest app answers 200 through the proxy (it starts after
+    /// the VM is `running`, once the guest kernel has booted).
+    pub async fn wait_http(&self, host: &str, path: &str) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (status, body) = self.proxy_get(host, path).await;
+            if status == StatusCode::OK {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no 200 from {host}{path}: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// PIDs of QEMU processes this daemon started (from their pid files).
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        let Ok(dir) = std::fs::read_dir(&self.run_dir) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+}
+
+/// Parse `key=value` lines of the demo app.
+pub fn kv(body: &str, key: &str) -> String {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {body:?}"))
+        .to_string()
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+pub fn kill_pid(pid: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        for pid in self.qemu_pids() {
+            kill_pid(pid);
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.daemon_log());
+        }
+    }
+}

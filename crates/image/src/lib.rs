@@ -1,1 +1,378 @@
 //! Guest images: build the default image, register user images.
+//!
+//! An image is a directory `<root>/<name>/` holding a kernel, an initrd, a base disk and
+//! `image.json` (the serialized [`Image`]). VMs never write to the base disk: the VMM creates
+//! a qcow2 overlay on top of it, so base disks are treated as immutable (see
+//! [`build_default`] for how the default image keeps that promise across rebuilds).
+
+mod build;
+mod bzimage;
+mod elf;
+mod initramfs;
+mod kernel;
+mod util;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use build::{BuildOptions, DEFAULT_CMDLINE, build_default};
+
+/// File name of an image's metadata inside its directory.
+pub const IMAGE_JSON: &str = "image.json";
+
+/// Everything that can go wrong while building, registering or reading images.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image not found: {0}")]
+    NotFound(String),
+    #[error("image already exists: {0}")]
+    AlreadyExists(String),
+    #[error(
+        "invalid image name {0:?}: use 1-63 characters of [a-z0-9-], starting with a letter or digit"
+    )]
+    InvalidName(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("unsupported disk {path}: {reason}")]
+    UnsupportedDisk { path: PathBuf, reason: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{context}: {source}")]
+    Json {
+        context: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("command `{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("kernel: {0}")]
+    Kernel(String),
+}
+
+impl ImageError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A bootable guest image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub name: String,
+    /// Absolute path of the kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Absolute path of the initrd.
+    pub initrd: PathBuf,
+    /// Absolute path of the base disk; VMs get a qcow2 overlay on top of it.
+    pub disk: PathBuf,
+    /// `"raw"` or `"qcow2"`.
+    pub disk_format: String,
+    /// Virtual size of the base disk in MiB (rounded up).
+    pub disk_mib: u64,
+    /// Kernel arguments the image needs (the VMM appends `tsc_early_khz=` and its own params).
+    pub cmdline: String,
+    /// RFC 3339 UTC time of creation.
+    pub created_at: String,
+}
+
+/// Checks an image name: `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn validate_image_name(name: &str) -> Result<(), ImageError> {
+    let b = name.as_bytes();
+    let ok = (1..=63).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::InvalidName(name.to_string()))
+    }
+}
+
+/// A directory of images.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+/// Default kernel command line of registered images when none is given.
+pub const DEFAULT_USER_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw panic=-1";
+
+impl ImageStore {
+    /// Opens (creating if needed) the store rooted at `root`. The path is made absolute so
+    /// that image paths do not depend on the working directory.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
+        let root = root.into();
+        fs::create_dir_all(&root)
+            .map_err(|e| ImageError::io(format!("creating image store {}", root.display()), e))?;
+        let root = std::path::absolute(&root)
+            .map_err(|e| ImageError::io(format!("resolving image store {}", root.display()), e))?;
+        Ok(ImageStore { root })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of image `name` (which need not exist).
+    pub(crate) fn image_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Reads image `name`.
+    pub fn get(&self, name: &str) -> Result<Image, ImageError> {
+        if validate_image_name(name).is_err() {
+            return Err(ImageError::NotFound(name.to_string()));
+        }
+        let path = self.image_dir(name).join(IMAGE_JSON);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NotFound(name.to_string()));
+            }
+            Err(e) => return Err(ImageError::io(format!("reading {}", path.display()), e)),
+        };
+        serde_json::from_str(&text).map_err(|e| ImageError::Json {
+            context: format!("parsing {}", path.display()),
+            source: e,
+        })
+    }
+
+    /// All images, sorted by name. Directories without a readable `image.json` (builds in
+    /// progress, leftovers) are skipped with a warning.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let rd = fs::read_dir(&self.root)
+            .map_err(|e| ImageError::io(format!("listing {}", self.root.display()), e))?;
+        let mut images = Vec::new();
+        for entry in rd {
+            let entry =
+                entry.map_err(|e| ImageError::io(format!("listing {}", self.root.display()), e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if validate_image_name(&name).is_err() || !entry.path().join(IMAGE_JSON).exists() {
+                continue;
+            }
+            match self.get(&name) {
+                Ok(img) => images.push(img),
+                Err(e) => tracing::warn!(image = %name, error = %e, "skipping unreadable image"),
+            }
+        }
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    /// Registers a user image: copies `kernel`, `initrd` and `disk` (raw or qcow2 without a
+    /// backing file) under `<root>/<name>/` and writes `image.json`. Sparse files stay sparse.
+    /// The image appears atomically (staged in a hidden directory, then renamed).
+    pub fn register(
+        &self,
+        name: &str,
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        cmdline: Option<&str>,
+    ) -> Result<Image, ImageError> {
+        validate_image_name(name)?;
+        let cmdline = cmdline.unwrap_or(DEFAULT_USER_CMDLINE).trim().to_string();
+        validate_cmdline(&cmdline)?;
+        let dest = self.image_dir(name);
+        if dest.exists() {
+            return Err(ImageError::AlreadyExists(name.to_string()));
+        }
+        util::check_kernel_file(kernel)?;
+        util::check_regular_nonempty(initrd, "initrd")?;
+        let info = util::disk_info(disk)?;
+
+        let staging = util::TempDir::new_in(&self.root, &format!("register-{name}"))?;
+        let disk_file = format!("disk.{}", info.format);
+        util::copy_sparse(kernel, &staging.path().join("vmlinuz"))?;
+        util::copy_sparse(initrd, &staging.path().join("initrd.img"))?;
+        util::copy_sparse(disk, &staging.path().join(&disk_file))?;
+        let image = Image {
+            name: name.to_string(),
+            kernel: dest.join("vmlinuz"),
+            initrd: dest.join("initrd.img"),
+            disk: dest.join(&disk_file),
+            disk_format: info.format,
+            disk_mib: info.virtual_size.div_ceil(1 << 20),
+            cmdline,
+            created_at: util::now_rfc3339(),
+        };
+        write_image_json(staging.path(), &image)?;
+        util::fsync_dir(staging.path())?;
+        match fs::rename(staging.path(), &dest) {
+            Ok(()) => staging.disarm(),
+            Err(e) if dest.exists() => {
+                tracing::debug!(error = %e, "lost a register race");
+                return Err(ImageError::AlreadyExists(name.to_string()));
+            }
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("moving image into place at {}", dest.display()),
+                    e,
+                ));
+            }
+        }
+        util::fsync_dir(&self.root)?;
+        tracing::info!(image = %name, format = %image.disk_format, disk_mib = image.disk_mib, "registered image");
+        Ok(image)
+    }
+}
+
+/// Kernel command lines are at most 2048 bytes on x86 and must be one line of printable text.
+fn validate_cmdline(cmdline: &str) -> Result<(), ImageError> {
+    if cmdline.len() > 1024 {
+        return Err(ImageError::InvalidInput(
+            "kernel command line longer than 1024 bytes".to_string(),
+        ));
+    }
+    if cmdline.chars().any(|c| c.is_control()) {
+        return Err(ImageError::InvalidInput(
+            "kernel command line contains control characters".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `<dir>/image.json` atomically.
+pub(crate) fn write_image_json(dir: &Path, image: &Image) -> Result<(), ImageError> {
+    let json = serde_json::to_vec_pretty(image).map_err(|e| ImageError::Json {
+        context: format!("serializing image {}", image.name),
+        source: e,
+    })?;
+    util::write_atomic(&dir.join(IMAGE_JSON), &json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names() {
+        for ok in ["default", "a", "0", "my-image-2", &"a".repeat(63)] {
+            assert!(validate_image_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "A",
+            "a_b",
+            "a.b",
+            "a/b",
+            "..",
+            " a",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(
+                matches!(validate_image_name(bad), Err(ImageError::InvalidName(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    fn sample(root: &Path) -> Image {
+        Image {
+            name: "default".into(),
+            kernel: root.join("default/vmlinuz"),
+            initrd: root.join("default/initrd.img"),
+            disk: root.join("default/base.raw"),
+            disk_format: "raw".into(),
+            disk_mib: 1024,
+            cmdline: "console=ttyS0 quiet panic=-1".into(),
+            created_at: "2024-01-02T03:04:05Z".into(),
+        }
+    }
+
+    #[test]
+    fn image_json_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path().join("images")).unwrap();
+        let img = sample(store.root());
+        let dir = store.root().join("default");
+        fs::create_dir_all(&dir).unwrap();
+        write_image_json(&dir, &img).unwrap();
+        assert_eq!(store.get("default").unwrap(), img);
+        assert_eq!(store.list().unwrap(), vec![img.clone()]);
+        // The JSON uses the documented field names.
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join(IMAGE_JSON)).unwrap()).unwrap();
+        for k in [
+            "name",
+            "kernel",
+            "initrd",
+            "disk",
+            "disk_format",
+            "disk_mib",
+            "cmdline",
+            "created_at",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert!(matches!(store.get("nope"), Err(ImageError::NotFound(_))));
+        assert!(matches!(store.get("../x"), Err(ImageError::NotFound(_))));
+    }
+
+    #[test]
+    fn list_skips_junk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path()).unwrap();
+        fs::create_dir_all(store.root().join(".staging-x")).unwrap();
+        fs::create_dir_all(store.root().join("empty")).unwrap();
+        let bad = store.root().join("bad");
+        fs::create_dir_all(&bad).unwrap();
+        fs::write(bad.join(IMAGE_JSON), b"{").unwrap();
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn register_raw_and_qcow2_header() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path().join("images")).unwrap();
+        let kernel = tmp.path().join("k");
+        let mut k = vec![0u8; 1024];
+        k[0x202..0x206].copy_from_slice(b"HdrS");
+        fs::write(&kernel, &k).unwrap();
+        let initrd = tmp.path().join("i");
+        fs::write(&initrd, b"070701").unwrap();
+        let disk = tmp.path().join("d.raw");
+        let f = fs::File::create(&disk).unwrap();
+        f.set_len(3 << 20).unwrap();
+        drop(f);
+        let img = store
+            .register("user-1", &kernel, &initrd, &disk, Some("console=ttyS0"))
+            .unwrap();
+        assert_eq!(img.disk_format, "raw");
+        assert_eq!(img.disk_mib, 3);
+        assert_eq!(img.cmdline, "console=ttyS0");
+        assert!(img.disk.starts_with(store.root()));
+        assert_eq!(fs::metadata(&img.disk).unwrap().len(), 3 << 20);
+        assert_eq!(store.get("user-1").unwrap(), img);
+        assert!(matches!(
+            store.register("user-1", &kernel, &initrd, &disk, None),
+            Err(ImageError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            store.register("Bad", &kernel, &initrd, &disk, None),
+            Err(ImageError::InvalidName(_))
+        ));
+        // Not a kernel.
+        assert!(matches!(
+            store.register("user-2", &initrd, &initrd, &disk, None),
+            Err(ImageError::InvalidInput(_))
+        ));
+        assert!(store.get("user-2").is_err());
+    }
+}

@@ -1,1 +1,25 @@
-//! The Hatch daemon: API, state, per-VM supervisors, composition root.
+//! The Hatch daemon.
+//!
+//! - [`daemon`]: the composition root (`hatch serve`).
+//! - [`api`]: HTTP handlers, a thin layer over the core.
+//! - [`manager`] with [`boot`] and [`routes`]: the core that owns VMs, their
+//!   lifecycle and proxy routes; [`runtime`] is one VM's in-memory side.
+//! - [`db`]: SQLite state; [`auth`]: API keys; [`metrics`]: Prometheus.
+//! - [`resolver`]: how the proxy finds a VM for a host name.
+
+pub mod api;
+pub mod auth;
+pub mod boot;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod error;
+pub mod manager;
+pub mod metrics;
+pub mod model;
+pub mod resolver;
+pub mod routes;
+pub mod runtime;
+
+pub use config::{Config, S3Config};
+pub use daemon::run;

@@ -1,0 +1,130 @@
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::{ApiArgs, Client};
+use crate::output;
+
+#[derive(Subcommand)]
+pub enum RouteCommand {
+    /// Route a host name to a VM port.
+    Create {
+        /// Host name, e.g. app.localhost.
+        #[arg(long)]
+        host: String,
+        /// VM id or name.
+        #[arg(long)]
+        vm: String,
+        /// Guest port (default 8080).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Do not wake a snapshotted VM on requests.
+        #[arg(long)]
+        no_auto_wake: bool,
+        /// Suspend the VM after this long without traffic, e.g. 5m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle_timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List routes with their VM's state.
+    #[command(alias = "ls")]
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a route.
+    #[command(alias = "delete")]
+    Rm {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+pub async fn run(cmd: RouteCommand) -> anyhow::Result<()> {
+    match cmd {
+        RouteCommand::Create {
+            host,
+            vm,
+            port,
+            no_auto_wake,
+            idle_timeout,
+            api,
+        } => {
+            let c = Client::new(&api)?;
+            let vm_id = c.vm_id(&vm).await?;
+            let mut body = json!({ "hostname": host, "vm_id": vm_id, "auto_wake": !no_auto_wake });
+            if let Some(p) = port {
+                body["port"] = p.into();
+            }
+            if let Some(t) = idle_timeout {
+                body["idle_timeout_seconds"] = t.as_secs().into();
+            }
+            let route = c.json(Method::POST, "/routes", Some(&body)).await?;
+            if api.json {
+                output::json(&route);
+            } else {
+                output::record(&route);
+            }
+        }
+        RouteCommand::List { api } => {
+            let c = Client::new(&api)?;
+            let routes = c.json(Method::GET, "/routes", None).await?;
+            if api.json {
+                output::json(&routes);
+                return Ok(());
+            }
+            let vms = c.json(Method::GET, "/vms", None).await?;
+            let state_of = |id: &str| {
+                vms["vms"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["id"] == id)
+                    .map(|v| output::field(v, "state"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let rows = routes["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r: &Value| {
+                    let vm = output::field(r, "vm_id");
+                    vec![
+                        output::field(r, "id"),
+                        output::field(r, "hostname"),
+                        vm.clone(),
+                        state_of(&vm),
+                        output::field(r, "port"),
+                        output::field(r, "auto_wake"),
+                        output::field(r, "idle_timeout_seconds"),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "ID",
+                    "HOST",
+                    "VM",
+                    "VM STATE",
+                    "PORT",
+                    "AUTO WAKE",
+                    "IDLE TIMEOUT (s)",
+                ],
+                rows,
+            );
+        }
+        RouteCommand::Rm { id, api } => {
+            let c = Client::new(&api)?;
+            c.json(Method::DELETE, &format!("/routes/{id}"), None)
+                .await?;
+            if api.json {
+                output::json(&json!({ "deleted": id }));
+            } else {
+                println!("deleted {id}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! `hatch serve`: configuration from flags, `HATCH_*` variables and an
+//! optional TOML file (flags and variables win), then the daemon.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use hatch_server::{Config, S3Config};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// TOML file with the same settings (flags and environment win).
+    #[arg(long, env = "HATCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where state, disks and logs live.
+    #[arg(long, env = "HATCH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "HATCH_API_ADDR")]
+    api_addr: Option<SocketAddr>,
+    #[arg(long, env = "HATCH_PROXY_ADDR")]
+    proxy_addr: Option<SocketAddr>,
+    /// Guest images; default <data-dir>/images.
+    #[arg(long, env = "HATCH_IMAGES_DIR")]
+    images_dir: Option<PathBuf>,
+    /// Guest RAM files and sockets; default /dev/shm/hatch-<hash>.
+    #[arg(long, env = "HATCH_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    #[arg(long, env = "HATCH_QEMU")]
+    qemu: Option<PathBuf>,
+    /// auto (KVM where the CPU has vmx/svm, else TCG), kvm or tcg.
+    #[arg(long, env = "HATCH_ACCEL")]
+    accel: Option<String>,
+}
+
+/// The TOML file: every field optional.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    api_addr: Option<SocketAddr>,
+    proxy_addr: Option<SocketAddr>,
+    images_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    qemu: Option<PathBuf>,
+    accel: Option<String>,
+    stop_timeout_seconds: Option<u64>,
+    s3: Option<FileS3>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileS3 {
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    region: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(p) => load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .context("--data-dir (or HATCH_DATA_DIR) is required")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let mut cfg = Config::new(data_dir);
+    if let Some(a) = args.api_addr.or(file.api_addr) {
+        cfg.api_addr = a;
+    }
+    if let Some(a) = args.proxy_addr.or(file.proxy_addr) {
+        cfg.proxy_addr = a;
+    }
+    if let Some(d) = args.images_dir.or(file.images_dir) {
+        cfg.images_dir = d;
+    }
+    if let Some(d) = args.run_dir.or(file.run_dir) {
+        cfg.run_dir = d;
+    }
+    if let Some(q) = args.qemu.or(file.qemu) {
+        cfg.qemu_binary = q;
+    }
+    if let Some(a) = args.accel.or(file.accel) {
+        cfg.accel = a.parse()?;
+    }
+    if let Some(s) = file.stop_timeout_seconds {
+        cfg.stop_timeout = Duration::from_secs(s);
+    }
+    cfg.api_key = std::env::var("HATCH_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    cfg.s3 = s3_config(file.s3.unwrap_or_default())?;
+    Ok(cfg)
+}
+
+/// S3 settings from `HATCH_S3_*` variables over the file's `[s3]` table.
+fn s3_config(file: FileS3) -> anyhow::Result<Option<S3Config>> {
+    let var = |name: &str, from_file: Option<String>| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or(from_file)
+    };
+    let endpoint = var("HATCH_S3_ENDPOINT", file.endpoint);
+    let bucket = var("HATCH_S3_BUCKET", file.bucket);
+    let region = var("HATCH_S3_REGION", file.region);
+    let key_id = var("HATCH_S3_ACCESS_KEY_ID", file.access_key_id);
+    let secret = var("HATCH_S3_SECRET_ACCESS_KEY", file.secret_access_key);
+    match (bucket, key_id, secret) {
+        (None, None, None) => Ok(None),
+        (Some(bucket), Some(access_key_id), Some(secret_access_key)) => Ok(Some(S3Config {
+            endpoint: endpoint.unwrap_or_default(),
+            bucket,
+            region: region.unwrap_or_else(|| "us-east-1".into()),
+            access_key_id,
+            secret_access_key,
+        })),
+        _ => anyhow::bail!(
+            "incomplete S3 settings: HATCH_S3_BUCKET, HATCH_S3_ACCESS_KEY_ID and HATCH_S3_SECRET_ACCESS_KEY go together"
+        ),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HATCH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cfg = build_config(args)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    hatch_server::run(cfg, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

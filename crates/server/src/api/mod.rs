@@ -1,0 +1,69 @@
+//! The HTTP API: a thin layer that decodes requests, calls the core
+//! ([`VmManager`]) and encodes answers. Errors become HTTP in `error.rs` only.
+
+mod extract;
+mod openapi;
+mod routes;
+mod system;
+mod vms;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+
+use crate::auth::{KeyRing, bearer_token};
+use crate::error::ApiError;
+use crate::manager::VmManager;
+use crate::metrics::Metrics;
+
+pub use extract::ApiJson;
+pub use openapi::ApiDoc;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub vms: Arc<VmManager>,
+    pub keys: KeyRing,
+    pub metrics: Arc<Metrics>,
+}
+
+pub type App = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let authed = Router::new()
+        .route("/vms", post(vms::create).get(vms::list))
+        .route("/vms/{id}", get(vms::get).delete(vms::delete))
+        .route("/vms/{id}/start", post(vms::start))
+        .route("/vms/{id}/stop", post(vms::stop))
+        .route("/vms/{id}/logs", get(vms::logs))
+        .route("/vms/{id}/snapshot", post(vms::snapshot))
+        .route("/vms/{id}/restore", post(vms::restore))
+        .route("/vms/{id}/snapshots", get(vms::snapshots))
+        .route("/vms/{id}/retention", put(vms::retention))
+        .route("/routes", post(routes::create).get(routes::list))
+        .route("/routes/{id}", get(routes::get).delete(routes::delete))
+        .route("/metrics", get(system::metrics))
+        .route("/openapi.json", get(system::openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/healthz", get(system::healthz))
+        .merge(authed)
+        .fallback(system::not_found)
+        .with_state(state)
+}
+
+async fn require_key(State(app): App, req: Request, next: Next) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
+    match presented {
+        Some(key) if app.keys.verify(key) => Ok(next.run(req).await),
+        _ => Err(ApiError::Unauthorized),
+    }
+}

@@ -1,0 +1,33 @@
+//! The OpenAPI document served at `/openapi.json`, generated from the handlers
+//! and the model types so that it cannot drift from them.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::model::{CreateRoute, CreateVm, Route, Vm, VmState};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Hatch API", description = "MicroVMs that sleep in S3 and wake on HTTP."),
+    paths(
+        super::vms::create, super::vms::list, super::vms::get, super::vms::delete,
+        super::vms::start, super::vms::stop, super::vms::logs,
+        super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
+    ),
+    components(schemas(Vm, VmState, CreateVm, Route, CreateRoute)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

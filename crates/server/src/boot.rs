@@ -1,0 +1,286 @@
+//! Launching a VM's QEMU, watching it until it exits, measuring its boot, and
+//! re-attaching to VMs that kept running while the daemon was down.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hatch_vmm::{Exit, Machine, MachineSpec, PortForward, VmmError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::manager::{VmManager, now_rfc3339};
+use crate::model::{self, VmState};
+use crate::runtime::{OpGuard, VmRuntime};
+
+/// Launch attempts: a freshly picked free port can be taken by someone else
+/// before QEMU binds it; a new pick then succeeds.
+const LAUNCH_ATTEMPTS: usize = 3;
+/// How long the boot-time probe waits for the guest's first HTTP answer.
+const PROBE_LIMIT: Duration = Duration::from_secs(180);
+
+impl VmManager {
+    /// The boot operation: launch QEMU and record the outcome.
+    pub(crate) async fn boot(self: Arc<Self>, rt: Arc<VmRuntime>, guard: OpGuard) {
+        let started = Instant::now();
+        match self.launch(&rt).await {
+            Ok(machine) => {
+                let forwards = rt.lock().forwards.clone();
+                let recorded = self
+                    .db
+                    .set_vm_started(&rt.id, &now_rfc3339(), &forwards)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|_| {
+                        self.transition(&rt, VmState::Running, None)
+                            .map_err(|e| anyhow::anyhow!("{e}"))
+                    });
+                if let Err(e) = recorded {
+                    tracing::error!(vm = %rt.id, error = format!("{e:#}"), "recording boot failed");
+                }
+                tracing::info!(vm = %rt.id, pid = machine.pid(), launch_ms = started.elapsed().as_millis() as u64, "qemu launched");
+                self.watch(rt.clone(), machine.clone());
+                drop(guard);
+                self.measure_boot(rt, started).await;
+            }
+            Err(e) => {
+                let reason = format!("boot failed: {e:#}");
+                tracing::error!(vm = %rt.id, %reason);
+                self.remove_runtime_files(&rt.id);
+                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
+                    tracing::error!(vm = %rt.id, error = %e, "recording failure failed");
+                }
+            }
+        }
+    }
+
+    async fn launch(&self, rt: &VmRuntime) -> anyhow::Result<Arc<Machine>> {
+        let rec = self.db.get_vm(&rt.id)?.context("vm record vanished")?;
+        let vm = rec.vm;
+        let image = self
+            .images
+            .get(&vm.image)
+            .with_context(|| format!("image '{}'", vm.image))?;
+        let paths = self.paths(&vm.id);
+        std::fs::create_dir_all(&self.cfg.run_dir)
+            .with_context(|| format!("creating {}", self.cfg.run_dir.display()))?;
+        // A cold boot starts from zeroed RAM.
+        let _ = std::fs::remove_file(&paths.mem);
+
+        let mut guest_ports: BTreeSet<u16> = self.routes.ports_of(&vm.id);
+        guest_ports.insert(model::DEFAULT_GUEST_PORT);
+        let mut extra_cmdline = Vec::new();
+        if vm.disk_mib > image.disk_mib {
+            extra_cmdline.push("hatch.disk_grow=1".to_string());
+        }
+        let mut last_err = None;
+        for _ in 0..LAUNCH_ATTEMPTS {
+            let forwards = guest_ports
+                .iter()
+                .map(|&guest| {
+                    Ok(PortForward {
+                        host: hatch_vmm::host::free_port()?,
+                        guest,
+                    })
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("picking host ports")?;
+            let spec = MachineSpec {
+                accel: self.accel,
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                kernel: image.kernel.clone(),
+                initrd: image.initrd.clone(),
+                cmdline: image.cmdline.clone(),
+                disk: paths.disk.clone(),
+                mem_path: paths.mem.clone(),
+                qmp_socket: paths.qmp_socket.clone(),
+                console_log: paths.console_log.clone(),
+                pid_file: paths.pid_file.clone(),
+                forwards: forwards.clone(),
+                tsc_khz: self.tsc_khz,
+                extra_cmdline: extra_cmdline.clone(),
+            };
+            match Machine::launch(&self.cfg.qemu_binary, &spec).await {
+                Ok(machine) => {
+                    let machine = Arc::new(machine);
+                    let mut inner = rt.lock();
+                    inner.forwards = forwards;
+                    inner.machine = Some(machine.clone());
+                    return Ok(machine);
+                }
+                Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
+                    tracing::warn!(vm = %vm.id, %msg, "port taken; retrying launch");
+                    last_err = Some(VmmError::Launch(msg));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_err.map_or_else(|| anyhow::anyhow!("launch failed"), Into::into))
+    }
+
+    /// Watch a machine until QEMU exits and record an exit nobody asked for.
+    pub(crate) fn watch(self: &Arc<Self>, rt: Arc<VmRuntime>, machine: Arc<Machine>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let exit = machine.wait_exit().await;
+            let mut inner = rt.lock();
+            let ours = inner
+                .machine
+                .as_ref()
+                .is_some_and(|m| Arc::ptr_eq(m, &machine));
+            if !ours {
+                return;
+            }
+            inner.machine = None;
+            inner.forwards.clear();
+            let state = inner.state;
+            drop(inner);
+            // Stop, delete and other operations handle the exits they cause.
+            if !matches!(state, VmState::Running | VmState::Starting) {
+                return;
+            }
+            this.remove_runtime_files(&rt.id);
+            let (to, reason) = unexpected_exit(&exit);
+            if let Err(e) = this.transition(&rt, to, Some(reason)) {
+                tracing::error!(vm = %rt.id, error = %e, "recording exit failed");
+            }
+        });
+    }
+
+    /// Poll the guest's HTTP port until it answers, for the boot-time metric.
+    async fn measure_boot(&self, rt: Arc<VmRuntime>, started: Instant) {
+        let deadline = started + PROBE_LIMIT;
+        while Instant::now() < deadline {
+            let port = {
+                let inner = rt.lock();
+                if inner.state != VmState::Running {
+                    return;
+                }
+                inner
+                    .forwards
+                    .iter()
+                    .find(|f| f.guest == model::DEFAULT_GUEST_PORT)
+                    .map(|f| f.host)
+            };
+            let Some(port) = port else { return };
+            if http_answers(port).await {
+                let ms = started.elapsed().as_millis() as u64;
+                self.metrics.boot_seconds.observe(ms as f64 / 1000.0);
+                if let Err(e) = self.db.set_vm_boot_ms(&rt.id, ms) {
+                    tracing::warn!(vm = %rt.id, error = %e, "recording boot time failed");
+                }
+                tracing::info!(vm = %rt.id, boot_ms = ms, "guest answers HTTP");
+                return;
+            }
+            // The guest gives no signal when its app is up; polling is the
+            // only way to see it, and this loop only feeds a metric.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// At start-up: re-attach to VMs whose QEMU still runs, and record the
+    /// others as stopped or failed with the reason.
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        for rec in self.db.list_vms()? {
+            let vm = rec.vm;
+            let rt = VmRuntime::new(vm.id.clone(), vm.state, rec.forwards.clone());
+            self.insert_runtime(rt.clone());
+            if !vm.state.has_process() {
+                continue;
+            }
+            let paths = self.paths(&vm.id);
+            match Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
+                Ok(machine) => {
+                    let machine = Arc::new(machine);
+                    rt.lock().machine = Some(machine.clone());
+                    tracing::info!(vm = %vm.id, pid = machine.pid(), "re-attached to running vm");
+                    self.watch(rt.clone(), machine);
+                    match vm.state {
+                        VmState::Stopping => {
+                            // The stop was interrupted: finish it.
+                            self.halt(&rt).await;
+                            self.transition(&rt, VmState::Stopped, None)
+                                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        }
+                        VmState::Starting => {
+                            self.transition(&rt, VmState::Running, None)
+                                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) => {
+                    let (to, reason) = if vm.state == VmState::Stopping {
+                        (VmState::Stopped, None)
+                    } else {
+                        (
+                            VmState::Failed,
+                            Some(format!(
+                                "QEMU was no longer running when the daemon restarted ({e})"
+                            )),
+                        )
+                    };
+                    rt.lock().forwards.clear();
+                    self.remove_runtime_files(&vm.id);
+                    self.transition(&rt, to, reason)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state and reason for a QEMU exit that no operation asked for.
+fn unexpected_exit(exit: &Exit) -> (VmState, String) {
+    match exit.reason.as_deref() {
+        Some("guest-shutdown") => (VmState::Stopped, "the guest powered off".to_string()),
+        Some("guest-panic") => (
+            VmState::Failed,
+            "the guest kernel panicked; see `hatch vm logs`".to_string(),
+        ),
+        Some(other) => (
+            VmState::Failed,
+            format!("QEMU exited ({other}); see `hatch vm logs`"),
+        ),
+        None => (
+            VmState::Failed,
+            "QEMU exited unexpectedly (killed?); see `hatch vm logs`".to_string(),
+        ),
+    }
+}
+
+/// Whether an HTTP server answers on 127.0.0.1:port. QEMU's user network
+/// accepts the TCP connection even when nothing listens in the guest, so only
+/// an HTTP status line counts.
+async fn http_answers(port: u16) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: hatch-probe\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 12];
+        let n = s.read(&mut buf).await?;
+        Ok::<bool, std::io::Error>(buf[..n].starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_explained() {
+        let e = |r: Option<&str>| {
+            unexpected_exit(&Exit {
+                reason: r.map(String::from),
+            })
+        };
+        assert_eq!(e(Some("guest-shutdown")).0, VmState::Stopped);
+        assert_eq!(e(Some("guest-panic")).0, VmState::Failed);
+        assert!(e(None).1.contains("unexpectedly"));
+    }
+}

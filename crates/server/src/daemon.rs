@@ -1,0 +1,98 @@
+//! The composition root: config -> database, keys, images, VM manager ->
+//! re-attach to running VMs -> API and proxy servers, sharing one shutdown
+//! signal. VMs keep running when the daemon stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{AppState, router};
+use crate::auth::{self, KeyRing};
+use crate::config::Config;
+use crate::db::Db;
+use crate::manager::{VmManager, new_id, now_rfc3339};
+use crate::metrics::Metrics;
+use crate::resolver::VmResolver;
+
+/// How long shutdown waits for in-flight VM operations.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Run the daemon until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.run_dir)
+        .with_context(|| format!("creating run dir {}", cfg.run_dir.display()))?;
+    let db = Arc::new(Db::open(&cfg.data_dir.join("hatch.db")).context("opening the database")?);
+    let keys = setup_keys(&db, cfg.api_key.as_deref())?;
+    let images = hatch_image::ImageStore::open(&cfg.images_dir)
+        .with_context(|| format!("opening images dir {}", cfg.images_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let cfg = Arc::new(cfg);
+    let vms = VmManager::new(cfg.clone(), db, images, metrics.clone())?;
+    tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
+    vms.recover().await.context("re-attaching to VMs")?;
+
+    let api_listener = TcpListener::bind(cfg.api_addr)
+        .await
+        .with_context(|| format!("binding API address {}", cfg.api_addr))?;
+    let proxy_listener = TcpListener::bind(cfg.proxy_addr)
+        .await
+        .with_context(|| format!("binding proxy address {}", cfg.proxy_addr))?;
+    tracing::info!(api = %api_listener.local_addr()?, proxy = %proxy_listener.local_addr()?, "listening");
+
+    let app = router(Arc::new(AppState {
+        vms: vms.clone(),
+        keys,
+        metrics: metrics.clone(),
+    }));
+    let api_shutdown = shutdown.clone();
+    let api = tokio::spawn(async move {
+        axum::serve(api_listener, app)
+            .with_graceful_shutdown(api_shutdown.cancelled_owned())
+            .await
+    });
+    let proxy = tokio::spawn(hatch_proxy::serve(
+        proxy_listener,
+        Arc::new(VmResolver { vms: vms.clone() }),
+        metrics.proxy.clone(),
+        shutdown.clone(),
+    ));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down; VMs keep running");
+    let (api, proxy) = tokio::join!(api, proxy);
+    api.context("API task")?.context("API server")?;
+    proxy.context("proxy task")?.context("proxy server")?;
+    if tokio::time::timeout(DRAIN_LIMIT, vms.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("gave up waiting for VM operations; they resume on next start");
+    }
+    Ok(())
+}
+
+/// Make sure at least one API key exists: `HATCH_API_KEY` if given (its hash is
+/// stored), else a generated key printed once on first start.
+fn setup_keys(db: &Db, from_env: Option<&str>) -> anyhow::Result<KeyRing> {
+    if let Some(key) = from_env {
+        anyhow::ensure!(
+            key.len() >= 16,
+            "HATCH_API_KEY must be at least 16 characters"
+        );
+        db.insert_api_key(&new_id("key"), &auth::hash_key(key), &now_rfc3339())?;
+    }
+    let ring = KeyRing::load(db)?;
+    if !ring.is_empty() {
+        return Ok(ring);
+    }
+    let key = auth::generate_key();
+    db.insert_api_key(&new_id("key"), &auth::hash_key(&key), &now_rfc3339())?;
+    // Printed, not logged: shown once to the operator, never in log files.
+    println!("Generated API key (shown only once; set HATCH_API_KEY to use it):\n{key}");
+    Ok(KeyRing::load(db)?)
+}

@@ -1,0 +1,372 @@
+//! SQLite state: VMs, routes and API key hashes, under `<data-dir>/hatch.db`.
+//!
+//! One connection behind a std Mutex: every statement is short and none is
+//! held across an await, so an async lock would only add overhead.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::model::{Route, Vm, VmState};
+use hatch_vmm::PortForward;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records progress.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE vms (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    state_reason TEXT,
+    image TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    boot_ms INTEGER,
+    forwards TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE routes (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL UNIQUE,
+    vm_id TEXT NOT NULL REFERENCES vms(id),
+    port INTEGER NOT NULL,
+    auto_wake INTEGER NOT NULL,
+    idle_timeout_seconds INTEGER,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+"#];
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+/// A VM row: the API record plus what the runtime needs after a restart.
+#[derive(Debug, Clone)]
+pub struct VmRecord {
+    pub vm: Vm,
+    pub forwards: Vec<PortForward>,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let db = Db {
+            conn: Mutex::new(conn),
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic mid-statement leaves SQLite itself consistent.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migrate(&self) -> Result<(), DbError> {
+        let mut conn = self.conn();
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    // --- VMs ---
+
+    pub fn insert_vm(&self, vm: &Vm) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                vm.id,
+                vm.name,
+                vm.state.as_str(),
+                vm.state_reason,
+                vm.image,
+                vm.vcpus,
+                vm.memory_mib,
+                vm.disk_mib,
+                vm.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn vm_name_taken(&self, name: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM vms WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("{VM_SELECT} WHERE id = ?1"))?;
+        let rec = stmt.query_row([id], vm_from_row).optional()?;
+        rec.transpose()
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("{VM_SELECT} ORDER BY created_at, id"))?;
+        let rows = stmt.query_map([], vm_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    pub fn set_vm_state(
+        &self,
+        id: &str,
+        state: VmState,
+        reason: Option<&str>,
+    ) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE vms SET state = ?2, state_reason = ?3 WHERE id = ?1",
+            params![id, state.as_str(), reason],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_vm_started(
+        &self,
+        id: &str,
+        started_at: &str,
+        forwards: &[PortForward],
+    ) -> Result<(), DbError> {
+        let forwards =
+            serde_json::to_string(forwards).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "UPDATE vms SET started_at = ?2, forwards = ?3, boot_ms = NULL WHERE id = ?1",
+            params![id, started_at, forwards],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), DbError> {
+        let forwards =
+            serde_json::to_string(forwards).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "UPDATE vms SET forwards = ?2 WHERE id = ?1",
+            params![id, forwards],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE vms SET boot_ms = ?2 WHERE id = ?1",
+            params![id, boot_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Delete a VM and its routes in one transaction.
+    pub fn delete_vm(&self, id: &str) -> Result<Vec<String>, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let hostnames = {
+            let mut stmt = tx.prepare("SELECT hostname FROM routes WHERE vm_id = ?1")?;
+            let rows = stmt.query_map([id], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute("DELETE FROM routes WHERE vm_id = ?1", [id])?;
+        tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(hostnames)
+    }
+
+    // --- routes ---
+
+    pub fn insert_route(&self, route: &Route) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT INTO routes (id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                route.id,
+                route.hostname,
+                route.vm_id,
+                route.port,
+                route.auto_wake,
+                route.idle_timeout_seconds,
+                route.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_routes(&self) -> Result<Vec<Route>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at
+             FROM routes ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Route {
+                id: r.get(0)?,
+                hostname: r.get(1)?,
+                vm_id: r.get(2)?,
+                port: r.get(3)?,
+                auto_wake: r.get(4)?,
+                idle_timeout_seconds: r.get(5)?,
+                created_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn delete_route(&self, id: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM routes WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    // --- API keys ---
+
+    pub fn api_key_hashes(&self) -> Result<Vec<Vec<u8>>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT hash FROM api_keys")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn insert_api_key(&self, id: &str, hash: &[u8], created_at: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO api_keys (id, hash, created_at) VALUES (?1, ?2, ?3)",
+            params![id, hash, created_at],
+        )?;
+        Ok(())
+    }
+}
+
+const VM_SELECT: &str = "SELECT id, name, state, state_reason, image, vcpus, memory_mib, disk_mib,
+    created_at, started_at, boot_ms, forwards FROM vms";
+
+fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, DbError>> {
+    let state: String = r.get(2)?;
+    let forwards: String = r.get(11)?;
+    let Some(state) = VmState::parse(&state) else {
+        return Ok(Err(DbError::Corrupt(format!("unknown VM state {state:?}"))));
+    };
+    let forwards = match serde_json::from_str(&forwards) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(DbError::Corrupt(format!("bad forwards: {e}")))),
+    };
+    Ok(Ok(VmRecord {
+        vm: Vm {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            state,
+            state_reason: r.get(3)?,
+            image: r.get(4)?,
+            vcpus: r.get(5)?,
+            memory_mib: r.get(6)?,
+            disk_mib: r.get(7)?,
+            created_at: r.get(8)?,
+            started_at: r.get(9)?,
+            boot_ms: r.get(10)?,
+        },
+        forwards,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(id: &str, name: &str) -> Vm {
+        Vm {
+            id: id.into(),
+            name: name.into(),
+            state: VmState::Starting,
+            state_reason: None,
+            image: "default".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            started_at: None,
+            boot_ms: None,
+        }
+    }
+
+    #[test]
+    fn vm_and_route_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hatch.db");
+        {
+            let db = Db::open(&path).unwrap();
+            db.insert_vm(&vm("vm-1", "web")).unwrap();
+            assert!(db.vm_name_taken("web").unwrap());
+            db.set_vm_started(
+                "vm-1",
+                "t",
+                &[PortForward {
+                    host: 4000,
+                    guest: 8080,
+                }],
+            )
+            .unwrap();
+            db.set_vm_state("vm-1", VmState::Running, None).unwrap();
+            db.insert_route(&Route {
+                id: "rt-1".into(),
+                hostname: "a.localhost".into(),
+                vm_id: "vm-1".into(),
+                port: 8080,
+                auto_wake: true,
+                idle_timeout_seconds: Some(30),
+                created_at: "t".into(),
+            })
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let rec = db.get_vm("vm-1").unwrap().unwrap();
+        assert_eq!(rec.vm.state, VmState::Running);
+        assert_eq!(
+            rec.forwards,
+            [PortForward {
+                host: 4000,
+                guest: 8080
+            }]
+        );
+        let routes = db.list_routes().unwrap();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].idle_timeout_seconds, Some(30));
+        assert_eq!(db.delete_vm("vm-1").unwrap(), ["a.localhost"]);
+        assert!(db.list_routes().unwrap().is_empty());
+        assert!(db.get_vm("vm-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn names_and_hostnames_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("hatch.db")).unwrap();
+        db.insert_vm(&vm("vm-1", "web")).unwrap();
+        assert!(db.insert_vm(&vm("vm-2", "web")).is_err());
+    }
+}

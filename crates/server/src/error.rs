@@ -1,0 +1,92 @@
+//! API errors, and the one place where they become HTTP responses.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error the API reports to its caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request (bad JSON, bad path).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed but invalid values.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("snapshot storage is unavailable: no S3 storage is configured")]
+    SnapshotStorageUnavailable,
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        ApiError::Invalid(msg.into())
+    }
+    pub fn not_found(kind: &str, id: &str) -> Self {
+        ApiError::NotFound(format!("{kind} '{id}' not found"))
+    }
+    pub fn conflict(msg: impl Into<String>) -> Self {
+        ApiError::Conflict(msg.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::SnapshotStorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Invalid(_) => "invalid_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::SnapshotStorageUnavailable => "snapshot_storage_unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "internal error");
+        }
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut resp = (self.status(), Json(body)).into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}

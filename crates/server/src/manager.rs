@@ -1,0 +1,401 @@
+//! The core of the daemon: VMs and their lifecycle. The API calls into this;
+//! it owns the database records, the per-VM runtimes and the QEMU machines.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use hatch_image::ImageStore;
+use hatch_vmm::{Accel, PortForward};
+use rand::Rng;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::model::{self, CreateVm, Vm, VmState};
+use crate::routes::RouteTable;
+use crate::runtime::VmRuntime;
+
+pub struct VmManager {
+    pub(crate) db: Arc<Db>,
+    pub(crate) images: ImageStore,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) accel: Accel,
+    pub(crate) tsc_khz: Option<u64>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) routes: RouteTable,
+    runtimes: Mutex<HashMap<String, Arc<VmRuntime>>>,
+    /// Background operations (boots, stops) that shutdown waits for.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// Files of one VM.
+pub struct VmPaths {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    pub console_log: PathBuf,
+    pub mem: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+pub fn new_id(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let body: String = (0..12)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}-{body}")
+}
+
+impl VmManager {
+    pub fn new(
+        cfg: Arc<Config>,
+        db: Arc<Db>,
+        images: ImageStore,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<VmManager>> {
+        let accel = cfg.accel.resolve();
+        let routes = RouteTable::load(&db)?;
+        Ok(Arc::new(VmManager {
+            db,
+            images,
+            accel,
+            tsc_khz: hatch_vmm::host::tsc_khz(),
+            metrics,
+            routes,
+            runtimes: Mutex::default(),
+            tasks: TaskTracker::new(),
+            cfg,
+        }))
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn paths(&self, id: &str) -> VmPaths {
+        let dir = self.cfg.data_dir.join("vms").join(id);
+        let run = &self.cfg.run_dir;
+        VmPaths {
+            disk: dir.join("disk.qcow2"),
+            console_log: dir.join("console.log"),
+            // Runtime files live in the run dir: RAM on tmpfs, and a short
+            // path for the unix socket whatever the data dir's length.
+            mem: run.join(format!("{id}.mem")),
+            qmp_socket: run.join(format!("{id}.qmp")),
+            pid_file: run.join(format!("{id}.pid")),
+            dir,
+        }
+    }
+
+    pub(crate) fn runtime(&self, id: &str) -> Result<Arc<VmRuntime>, ApiError> {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("vm", id))
+    }
+
+    pub(crate) fn insert_runtime(&self, rt: Arc<VmRuntime>) {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rt.id.clone(), rt);
+    }
+
+    fn remove_runtime(&self, id: &str) {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    pub fn states(&self) -> Vec<VmState> {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|rt| rt.state())
+            .collect()
+    }
+
+    /// Move a VM to `to`, in memory and in the database, if the lifecycle allows it.
+    pub(crate) fn transition(
+        &self,
+        rt: &VmRuntime,
+        to: VmState,
+        reason: Option<String>,
+    ) -> Result<(), ApiError> {
+        let mut inner = rt.lock();
+        let from = inner.state;
+        if from != to && !from.can_become(to) {
+            return Err(ApiError::conflict(format!(
+                "vm '{}' is {from} and cannot become {to}",
+                rt.id
+            )));
+        }
+        self.db.set_vm_state(&rt.id, to, reason.as_deref())?;
+        inner.state = to;
+        match &reason {
+            Some(r) => tracing::info!(vm = %rt.id, %from, %to, reason = %r, "vm state"),
+            None => tracing::info!(vm = %rt.id, %from, %to, "vm state"),
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Vm, ApiError> {
+        Ok(self
+            .db
+            .get_vm(id)?
+            .ok_or_else(|| ApiError::not_found("vm", id))?
+            .vm)
+    }
+
+    pub fn list(&self) -> Result<Vec<Vm>, ApiError> {
+        Ok(self.db.list_vms()?.into_iter().map(|r| r.vm).collect())
+    }
+
+    /// Validate, create the VM's disk and record, and start booting it.
+    pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<Vm, ApiError> {
+        let image_name = req.image.unwrap_or_else(|| "default".to_string());
+        let image = match self.images.get(&image_name) {
+            Ok(image) => image,
+            Err(hatch_image::ImageError::NotFound(_)) => {
+                return Err(ApiError::invalid(format!(
+                    "unknown image '{image_name}'; build the default image with `hatch image build` or register one with `hatch image register`"
+                )));
+            }
+            Err(e) => return Err(ApiError::Internal(e.into())),
+        };
+        let vcpus = req.vcpus.unwrap_or(model::DEFAULT_VCPUS);
+        let max_vcpus = hatch_vmm::host::cpu_count();
+        if vcpus == 0 || vcpus > max_vcpus {
+            return Err(ApiError::invalid(format!(
+                "vcpus must be between 1 and {max_vcpus} (this host's CPUs), got {vcpus}"
+            )));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(model::DEFAULT_MEMORY_MIB);
+        let max_mem = hatch_vmm::host::memory_mib()
+            .unwrap_or(0)
+            .saturating_sub(1024)
+            .max(model::MIN_MEMORY_MIB);
+        if !(model::MIN_MEMORY_MIB..=max_mem).contains(&memory_mib) {
+            return Err(ApiError::invalid(format!(
+                "memory_mib must be between {} and {max_mem} (host memory less 1 GiB), got {memory_mib}",
+                model::MIN_MEMORY_MIB
+            )));
+        }
+        let disk_mib = req.disk_mib.unwrap_or(image.disk_mib);
+        if !(image.disk_mib..=model::MAX_DISK_MIB).contains(&disk_mib) {
+            return Err(ApiError::invalid(format!(
+                "disk_mib must be between {} (the size of image '{}') and {}, got {disk_mib}",
+                image.disk_mib,
+                image.name,
+                model::MAX_DISK_MIB
+            )));
+        }
+        let id = new_id("vm");
+        let name = match req.name {
+            Some(name) => {
+                model::validate_vm_name(&name)?;
+                name
+            }
+            None => id.clone(),
+        };
+        if self.db.vm_name_taken(&name)? {
+            return Err(ApiError::conflict(format!(
+                "a vm named '{name}' already exists"
+            )));
+        }
+
+        let paths = self.paths(&id);
+        std::fs::create_dir_all(&paths.dir)
+            .with_context(|| format!("creating {}", paths.dir.display()))?;
+        if let Err(e) =
+            hatch_vmm::disk::create_overlay(&image.disk, &image.disk_format, &paths.disk, disk_mib)
+                .await
+        {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(ApiError::Internal(
+                anyhow::Error::new(e).context("creating the VM's disk"),
+            ));
+        }
+        let vm = Vm {
+            id: id.clone(),
+            name,
+            state: VmState::Starting,
+            state_reason: None,
+            image: image.name.clone(),
+            vcpus,
+            memory_mib,
+            disk_mib,
+            created_at: now_rfc3339(),
+            started_at: None,
+            boot_ms: None,
+        };
+        if let Err(e) = self.db.insert_vm(&vm) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            // Two creates racing for one name: the UNIQUE constraint decides.
+            if self.db.vm_name_taken(&vm.name).unwrap_or(false) {
+                return Err(ApiError::conflict(format!(
+                    "a vm named '{}' already exists",
+                    vm.name
+                )));
+            }
+            return Err(e.into());
+        }
+        let rt = VmRuntime::new(id.clone(), VmState::Starting, Vec::new());
+        let guard = rt.try_begin("boot")?;
+        self.insert_runtime(rt.clone());
+        tracing::info!(vm = %id, name = %vm.name, image = %vm.image, vcpus, memory_mib, "vm created");
+        let this = self.clone();
+        self.tasks.spawn(async move { this.boot(rt, guard).await });
+        Ok(vm)
+    }
+
+    /// Boot a stopped or failed VM.
+    pub fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
+        let rt = self.runtime(id)?;
+        let guard = rt.try_begin("start")?;
+        let state = rt.state();
+        if !matches!(state, VmState::Stopped | VmState::Failed) {
+            return Err(ApiError::conflict(format!(
+                "vm '{id}' is {state}; only a stopped or failed vm can be started"
+            )));
+        }
+        self.transition(&rt, VmState::Starting, None)?;
+        let this = self.clone();
+        self.tasks.spawn(async move { this.boot(rt, guard).await });
+        self.get(id)
+    }
+
+    /// Stop a running VM: QEMU exits (its disk flushed) and its memory is freed.
+    pub fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
+        let rt = self.runtime(id)?;
+        let guard = rt.try_begin("stop")?;
+        let state = rt.state();
+        if state != VmState::Running {
+            return Err(ApiError::conflict(format!(
+                "vm '{id}' is {state}; only a running vm can be stopped"
+            )));
+        }
+        self.transition(&rt, VmState::Stopping, None)?;
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let _guard = guard;
+            this.halt(&rt).await;
+            if let Err(e) = this.transition(&rt, VmState::Stopped, None) {
+                tracing::error!(vm = %rt.id, error = %e, "recording stop failed");
+            }
+        });
+        self.get(id)
+    }
+
+    /// Delete a VM, its routes, disk and logs. A running VM is stopped first.
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        let rt = self.runtime(id)?;
+        let _guard = rt.try_begin("delete")?;
+        self.halt(&rt).await;
+        let hostnames = self.db.delete_vm(id)?;
+        for h in hostnames {
+            self.routes.remove(&h);
+        }
+        self.remove_runtime(id);
+        let paths = self.paths(id);
+        if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
+            tracing::warn!(vm = %id, error = %e, "could not remove vm directory");
+        }
+        tracing::info!(vm = %id, "vm deleted");
+        Ok(())
+    }
+
+    /// Make sure QEMU is gone: ask it to quit, kill it after the stop timeout,
+    /// and free the VM's memory and runtime files.
+    pub(crate) async fn halt(&self, rt: &VmRuntime) {
+        let machine = rt.machine();
+        if let Some(machine) = machine {
+            match tokio::time::timeout(self.cfg.stop_timeout, machine.quit()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %rt.id, error = %e, "quit failed; killing QEMU");
+                    machine.kill();
+                    machine.wait_exit().await;
+                }
+                Err(_) => {
+                    tracing::warn!(vm = %rt.id, "QEMU did not quit in time; killing it");
+                    machine.kill();
+                    machine.wait_exit().await;
+                }
+            }
+        }
+        let mut inner = rt.lock();
+        inner.machine = None;
+        inner.forwards.clear();
+        drop(inner);
+        self.remove_runtime_files(&rt.id);
+    }
+
+    pub(crate) fn remove_runtime_files(&self, id: &str) {
+        let p = self.paths(id);
+        for f in [&p.mem, &p.qmp_socket, &p.pid_file] {
+            if let Err(e) = std::fs::remove_file(f)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(vm = %id, file = %f.display(), error = %e, "could not remove");
+            }
+        }
+    }
+
+    /// The console log from byte `offset` on (at most 1 MiB), and the offset after it.
+    pub fn logs(&self, id: &str, offset: u64) -> Result<(Vec<u8>, u64), ApiError> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.runtime(id)?;
+        let path = self.paths(id).console_log;
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(anyhow::Error::new(e).context("opening console log").into()),
+        };
+        let len = file.metadata().context("console log")?.len();
+        let start = offset.min(len);
+        file.seek(SeekFrom::Start(start)).context("console log")?;
+        let mut buf = Vec::new();
+        file.take(1 << 20)
+            .read_to_end(&mut buf)
+            .context("reading console log")?;
+        let next = start + buf.len() as u64;
+        Ok((buf, next))
+    }
+
+    pub(crate) fn forward_for(
+        &self,
+        vm_id: &str,
+        guest_port: u16,
+    ) -> Option<(VmState, Option<PortForward>)> {
+        let rt = self.runtime(vm_id).ok()?;
+        let inner = rt.lock();
+        Some((
+            inner.state,
+            inner
+                .forwards
+                .iter()
+                .find(|f| f.guest == guest_port)
+                .copied(),
+        ))
+    }
+
+    /// Wait for in-flight operations to finish (bounded by the caller).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}

@@ -1,0 +1,72 @@
+//! Prometheus metrics of the daemon, rendered at `GET /metrics`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::model::VmState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub vms: Family<StateLabel, Gauge>,
+    pub boot_seconds: Histogram,
+    pub proxy: hatch_proxy::ProxyMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let vms = Family::<StateLabel, Gauge>::default();
+        registry.register("hatch_vms", "VMs by lifecycle state", vms.clone());
+        let boot_seconds =
+            Histogram::new([0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0, 40.0].into_iter());
+        registry.register(
+            "hatch_boot_duration_seconds",
+            "Cold boot: QEMU launch until the guest first answers HTTP",
+            boot_seconds.clone(),
+        );
+        let proxy = hatch_proxy::ProxyMetrics::register(&mut registry);
+        Metrics {
+            registry: Mutex::new(registry),
+            vms,
+            boot_seconds,
+            proxy,
+        }
+    }
+
+    /// Set the per-state gauges and render the text exposition format.
+    pub fn render(&self, states: impl IntoIterator<Item = VmState>) -> String {
+        let mut counts = std::collections::HashMap::new();
+        for s in states {
+            *counts.entry(s).or_insert(0i64) += 1;
+        }
+        for s in VmState::ALL {
+            self.vms
+                .get_or_create(&StateLabel {
+                    state: s.as_str().to_string(),
+                })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

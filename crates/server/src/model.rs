@@ -1,0 +1,239 @@
+//! The records the API speaks and the database keeps, their validation and
+//! the VM lifecycle state machine.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+/// The lifecycle of a VM. Every change goes through [`VmState::can_become`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Starting,
+    Running,
+    Snapshotting,
+    Snapshotted,
+    Restoring,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 8] = [
+        VmState::Starting,
+        VmState::Running,
+        VmState::Snapshotting,
+        VmState::Snapshotted,
+        VmState::Restoring,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Snapshotting => "snapshotting",
+            VmState::Snapshotted => "snapshotted",
+            VmState::Restoring => "restoring",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Whether a QEMU process is expected to exist in this state.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting
+                | VmState::Running
+                | VmState::Snapshotting
+                | VmState::Stopping
+                | VmState::Restoring
+        )
+    }
+
+    /// The legal moves of the lifecycle. Anything may fail.
+    pub fn can_become(self, to: VmState) -> bool {
+        use VmState::*;
+        if to == Failed {
+            return true;
+        }
+        matches!(
+            (self, to),
+            (Stopped | Failed, Starting)
+                | (Starting, Running | Stopped)
+                | (Running, Stopping | Snapshotting | Stopped | Restoring)
+                | (Snapshotting, Running | Snapshotted)
+                | (Snapshotted, Restoring | Starting)
+                | (Restoring, Running)
+                | (Stopping, Stopped)
+        )
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// "vm-" followed by 12 random characters.
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    /// Why the VM is in its state, when that is not obvious (failures, exits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Milliseconds from QEMU launch until the guest first answered HTTP on
+    /// port 8080 (measured for the last cold boot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_ms: Option<u64>,
+}
+
+/// Body of `POST /vms`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Unique; lowercase letters, digits and '-', at most 63. Defaults to the id.
+    pub name: Option<String>,
+    /// A registered image name; "default" if absent.
+    pub image: Option<String>,
+    /// 1 up to the host's CPU count; default 1.
+    pub vcpus: Option<u32>,
+    /// 64 up to the host's memory less 1 GiB; default 256.
+    pub memory_mib: Option<u64>,
+    /// At least the image's disk size (the default), at most 1 TiB.
+    pub disk_mib: Option<u64>,
+}
+
+/// A proxy route: requests whose Host is `hostname` go to `port` of `vm_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Route {
+    /// "rt-" followed by 12 random characters.
+    pub id: String,
+    pub hostname: String,
+    pub vm_id: String,
+    pub port: u16,
+    pub auto_wake: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    pub created_at: String,
+}
+
+/// Body of `POST /routes`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoute {
+    pub hostname: String,
+    pub vm_id: String,
+    /// Guest TCP port; default 8080.
+    pub port: Option<u16>,
+    /// Default true.
+    pub auto_wake: Option<bool>,
+    pub idle_timeout_seconds: Option<u64>,
+}
+
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_DISK_MIB: u64 = 1024 * 1024;
+pub const DEFAULT_GUEST_PORT: u16 = 8080;
+
+/// VM names: a DNS label, so that they can appear in host names.
+pub fn validate_vm_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+/// Host names of routes: lowercase DNS names, at most 253 characters.
+pub fn normalize_hostname(hostname: &str) -> Result<String, ApiError> {
+    let h = hostname.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !h.is_empty() && h.len() <= 253 && h.split('.').all(label_ok) {
+        Ok(h)
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid hostname {hostname:?}: expected a DNS name such as app.example.com (no port, no scheme)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_labels() {
+        for ok in ["a", "web-1", "x".repeat(63).as_str()] {
+            assert!(validate_vm_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "Web", "a_b", "a.b", "x".repeat(64).as_str()] {
+            assert!(validate_vm_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hostnames_are_normalized_and_checked() {
+        assert_eq!(
+            normalize_hostname("Demo.LocalHost.").unwrap(),
+            "demo.localhost"
+        );
+        for bad in ["", "a..b", "a:8080", "http://a", "-a.b", "a b", "é.com"] {
+            assert!(normalize_hostname(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_rejects_illegal_moves() {
+        use VmState::*;
+        assert!(Stopped.can_become(Starting));
+        assert!(Starting.can_become(Running));
+        assert!(Running.can_become(Stopping));
+        assert!(Stopping.can_become(Stopped));
+        assert!(Running.can_become(Failed));
+        assert!(!Stopped.can_become(Running));
+        assert!(!Running.can_become(Starting));
+        assert!(!Stopping.can_become(Running));
+        for s in VmState::ALL {
+            assert_eq!(VmState::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Proxy routes: stored in SQLite, served from an in-memory table so that a
+//! proxied request never touches the database.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use hatch_vmm::PortForward;
+
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::manager::{VmManager, new_id, now_rfc3339};
+use crate::model::{self, CreateRoute, Route, VmState};
+
+/// Longest idle timeout accepted: 30 days.
+const MAX_IDLE_TIMEOUT_SECONDS: u64 = 30 * 24 * 3600;
+
+#[derive(Default)]
+pub struct RouteTable {
+    by_host: RwLock<HashMap<String, Route>>,
+}
+
+impl RouteTable {
+    pub fn load(db: &Db) -> Result<RouteTable, crate::db::DbError> {
+        let table = RouteTable::default();
+        for r in db.list_routes()? {
+            table.insert(r);
+        }
+        Ok(table)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Route>> {
+        self.by_host.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Route>> {
+        self.by_host.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, route: Route) {
+        self.write().insert(route.hostname.clone(), route);
+    }
+
+    pub fn remove(&self, hostname: &str) {
+        self.write().remove(hostname);
+    }
+
+    pub fn get(&self, hostname: &str) -> Option<Route> {
+        self.read().get(hostname).cloned()
+    }
+
+    /// Guest ports that routes to `vm_id` need forwarded.
+    pub fn ports_of(&self, vm_id: &str) -> BTreeSet<u16> {
+        self.read()
+            .values()
+            .filter(|r| r.vm_id == vm_id)
+            .map(|r| r.port)
+            .collect()
+    }
+}
+
+impl VmManager {
+    pub async fn create_route(self: &Arc<Self>, req: CreateRoute) -> Result<Route, ApiError> {
+        let hostname = model::normalize_hostname(&req.hostname)?;
+        let port = req.port.unwrap_or(model::DEFAULT_GUEST_PORT);
+        if port == 0 {
+            return Err(ApiError::invalid("port must be between 1 and 65535"));
+        }
+        if let Some(t) = req.idle_timeout_seconds
+            && !(1..=MAX_IDLE_TIMEOUT_SECONDS).contains(&t)
+        {
+            return Err(ApiError::invalid(format!(
+                "idle_timeout_seconds must be between 1 and {MAX_IDLE_TIMEOUT_SECONDS}, got {t}"
+            )));
+        }
+        let rt = self.runtime(&req.vm_id)?;
+        if self.routes.get(&hostname).is_some() {
+            return Err(ApiError::conflict(format!(
+                "a route for host '{hostname}' already exists"
+            )));
+        }
+        let route = Route {
+            id: new_id("rt"),
+            hostname,
+            vm_id: req.vm_id,
+            port,
+            auto_wake: req.auto_wake.unwrap_or(true),
+            idle_timeout_seconds: req.idle_timeout_seconds,
+            created_at: now_rfc3339(),
+        };
+        if let Err(e) = self.db.insert_route(&route) {
+            if self
+                .db
+                .list_routes()?
+                .iter()
+                .any(|r| r.hostname == route.hostname)
+            {
+                return Err(ApiError::conflict(format!(
+                    "a route for host '{}' already exists",
+                    route.hostname
+                )));
+            }
+            return Err(e.into());
+        }
+        self.routes.insert(route.clone());
+        tracing::info!(route = %route.id, host = %route.hostname, vm = %route.vm_id, port, "route created");
+        // A boot reads the route table when it picks forwards; waiting for
+        // any running operation means either it saw this route or we add the
+        // forward now.
+        let _guard = rt.begin("route update").await;
+        self.ensure_forward(&rt, port).await?;
+        Ok(route)
+    }
+
+    /// Forward `guest_port` of a running VM if it is not forwarded yet.
+    async fn ensure_forward(
+        &self,
+        rt: &crate::runtime::VmRuntime,
+        guest_port: u16,
+    ) -> Result<(), ApiError> {
+        let (state, machine, forwards) = {
+            let inner = rt.lock();
+            (inner.state, inner.machine.clone(), inner.forwards.clone())
+        };
+        if state != VmState::Running || forwards.iter().any(|f| f.guest == guest_port) {
+            return Ok(());
+        }
+        let Some(machine) = machine else {
+            return Ok(());
+        };
+        let forward = PortForward {
+            host: hatch_vmm::host::free_port().map_err(anyhow::Error::from)?,
+            guest: guest_port,
+        };
+        machine.add_forward(forward).await.map_err(|e| {
+            ApiError::Internal(anyhow::Error::new(e).context("adding port forward"))
+        })?;
+        let mut inner = rt.lock();
+        inner.forwards.push(forward);
+        self.db.set_vm_forwards(&rt.id, &inner.forwards)?;
+        Ok(())
+    }
+
+    pub fn list_routes(&self) -> Result<Vec<Route>, ApiError> {
+        Ok(self.db.list_routes()?)
+    }
+
+    pub fn get_route(&self, id: &str) -> Result<Route, ApiError> {
+        self.db
+            .list_routes()?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| ApiError::not_found("route", id))
+    }
+
+    pub fn delete_route(&self, id: &str) -> Result<(), ApiError> {
+        let route = self.get_route(id)?;
+        if !self.db.delete_route(id)? {
+            return Err(ApiError::not_found("route", id));
+        }
+        self.routes.remove(&route.hostname);
+        tracing::info!(route = %id, host = %route.hostname, "route deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+# Shared by the set-up scripts: idempotent installs, cached under ~/.cache/hatch.
+# shellcheck shell=bash
+
+HATCH_CACHE="${HATCH_CACHE_DIR:-$HOME/.cache/hatch}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GUEST_TARGET=x86_64-unknown-linux-gnu
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Debian packages the VMs need: QEMU, qemu-img, busybox for the initramfs,
+# mkfs.ext4 for the base disk, dpkg-deb to unpack the kernel package.
+install_packages() {
+  local pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs curl ca-certificates)
+  local missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# The statically linked program that runs inside the guest (demo app, agent).
+build_guest() {
+  log "building the guest binary (static)"
+  (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --quiet -p hatch-guest --target "$GUEST_TARGET")
+  echo "$REPO/target/$GUEST_TARGET/release/hatch-guest"
+}
+
+# Build the default image into $1 with the hatch binary $2.
+build_image() {
+  local images_dir=$1 hatch=$2 guest
+  guest=$(build_guest)
+  log "building the default guest image into $images_dir"
+  "$hatch" image build --images-dir "$images_dir" --cache-dir "$HATCH_CACHE" --guest-bin "$guest"
+}
+
+GARAGE_ROOT="$HATCH_CACHE/garage-install"
+GARAGE="$GARAGE_ROOT/bin/garage"
+
+# Garage, the S3 server used locally and in tests (built once, ~15 min on 2 cores).
+install_garage() {
+  if [ ! -x "$GARAGE" ]; then
+    log "building Garage (once; cached in $GARAGE_ROOT)"
+    cargo install garage --locked --quiet --root "$GARAGE_ROOT"
+  fi
+}
+
+# Start a single-node Garage with its state in $1 unless it already runs, and
+# make sure bucket "hatch" and key "hatch" exist. Prints shell exports of the
+# HATCH_S3_* settings.
+start_garage() {
+  local dir=$1 cfg="$1/garage.toml"
+  mkdir -p "$dir/meta" "$dir/data"
+  if [ ! -f "$cfg" ]; then
+    cat >"$cfg" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:3901"
+rpc_public_addr = "127.0.0.1:3901"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:3900"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:3903"
+TOML
+  fi
+  local g=("$GARAGE" -c "$cfg")
+  if ! "${g[@]}" status >/dev/null 2>&1; then
+    log "starting Garage (S3 on 127.0.0.1:3900)"
+    nohup "${g[@]}" server >"$dir/garage.log" 2>&1 &
+    for _ in $(seq 100); do "${g[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
+  fi
+  if "${g[@]}" status 2>/dev/null | grep -q "NO ROLE ASSIGNED"; then
+    local node
+    node=$("${g[@]}" node id -q 2>/dev/null | cut -d@ -f1)
+    "${g[@]}" layout assign -z dc1 -c 1G "$node" >/dev/null
+    "${g[@]}" layout apply --version 1 >/dev/null
+  fi
+  "${g[@]}" bucket info hatch >/dev/null 2>&1 || "${g[@]}" bucket create hatch >/dev/null
+  if ! "${g[@]}" key info hatch >/dev/null 2>&1; then
+    "${g[@]}" key create hatch >/dev/null
+    "${g[@]}" bucket allow --read --write --owner hatch --key hatch >/dev/null
+  fi
+  local info
+  info=$("${g[@]}" key info hatch --show-secret)
+  echo "export HATCH_S3_ENDPOINT=http://127.0.0.1:3900"
+  echo "export HATCH_S3_BUCKET=hatch"
+  echo "export HATCH_S3_REGION=garage"
+  echo "export HATCH_S3_ACCESS_KEY_ID=$(awk '/Key ID:/ {print $3}' <<<"$info")"
+  echo "export HATCH_S3_SECRET_ACCESS_KEY=$(awk '/Secret key:/ {print $3}' <<<"$info")"
+}
