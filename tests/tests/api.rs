@@ -223,5 +223,8 @@ async fn openapi_and_metrics_describe_the_service() {
         .unwrap();
     assert!(text.contains("hatch_vms{state=\"running\"} 0"), "{text}");
     assert!(text.contains("hatch_boot_duration_seconds"), "{text}");
-    assert!(text.contains("# TYPE hatch_proxy_requests counter"), "{text}");
+    assert!(
+        text.contains("# TYPE hatch_proxy_requests counter"),
+        "{text}"
+    );
 }

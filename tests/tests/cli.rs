@@ -1,0 +1,115 @@
+//! The `hatch` CLI against a real daemon.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use hatch_e2e::{Daemon, KEY, hatch_bin};
+
+fn hatch(d: &Daemon, key: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(hatch_bin());
+    cmd.args(args)
+        .env("HATCH_API", format!("http://{}", d.api_addr))
+        .env_remove("HATCH_API_KEY");
+    if let Some(k) = key {
+        cmd.env("HATCH_API_KEY", k);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cli_manages_vms_and_routes_with_tables_json_and_clear_errors() {
+    let d = Daemon::start().await;
+
+    let (ok, _, err) = hatch(&d, None, &["vm", "list"]);
+    assert!(!ok);
+    assert!(err.contains("no API key"), "{err}");
+    let (ok, _, err) = hatch(&d, Some("hatch_wrong_key_wrong_key"), &["vm", "list"]);
+    assert!(!ok);
+    assert!(err.contains("(unauthorized, HTTP 401)"), "{err}");
+    let (ok, _, err) = hatch(&d, Some(KEY), &["vm", "create", "--vcpus", "999"]);
+    assert!(!ok);
+    assert!(err.contains("vcpus must be between 1 and"), "{err}");
+
+    let (ok, out, err) = hatch(
+        &d,
+        Some(KEY),
+        &[
+            "vm", "create", "--name", "cli-vm", "--memory", "128", "--wait", "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let vm: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["memory_mib"], 128);
+
+    let (ok, out, _) = hatch(&d, Some(KEY), &["vm", "list"]);
+    assert!(ok);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("STATE"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("cli-vm") && lines[1].contains("running"),
+        "{out}"
+    );
+
+    let (ok, out, err) = hatch(
+        &d,
+        Some(KEY),
+        &[
+            "route",
+            "create",
+            "--host",
+            "cli.localhost",
+            "--vm",
+            "cli-vm",
+            "--idle-timeout",
+            "5m",
+            "--no-auto-wake",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("idle_timeout_seconds  300"), "{out}");
+    let (ok, out, _) = hatch(&d, Some(KEY), &["route", "list"]);
+    assert!(ok);
+    assert!(
+        out.lines().nth(1).unwrap().contains("cli.localhost"),
+        "{out}"
+    );
+    assert!(
+        out.contains("running"),
+        "route listing shows the VM state: {out}"
+    );
+
+    d.wait_http("cli.localhost", "/").await;
+    let (ok, out, _) = hatch(&d, Some(KEY), &["vm", "logs", "cli-vm"]);
+    assert!(ok);
+    assert!(out.contains("hatch-guest: listening"), "console log: {out}");
+
+    let (ok, _, err) = hatch(&d, Some(KEY), &["vm", "get", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("no vm with id or name 'nope'"), "{err}");
+
+    let (ok, out, _) = hatch(&d, Some(KEY), &["vm", "stop", "cli-vm", "--wait", "--json"]);
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["state"],
+        "stopped"
+    );
+    let (ok, out, _) = hatch(&d, Some(KEY), &["vm", "rm", "cli-vm"]);
+    assert!(ok);
+    assert!(out.starts_with("deleted vm-"), "{out}");
+    let (ok, out, _) = hatch(&d, Some(KEY), &["vm", "list", "--json"]);
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["vms"],
+        serde_json::json!([])
+    );
+}
