@@ -17,4 +17,10 @@ cargo fmt --all -- --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 
 log "tests"
-cargo test --workspace
+# nextest runs test binaries in parallel processes and ends with one summary
+# line; plain cargo test is the fallback where nextest is missing.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --all-targets --no-fail-fast
+fi
