@@ -44,9 +44,9 @@ impl Reply {
     }
 }
 
-/// Binds the listener and answers requests on `cfg.threads` worker threads until the
-/// server fails.
-pub fn serve(cfg: &Config) -> Result<(), String> {
+/// Binds the listener, calls `on_listening`, and answers requests on `cfg.threads`
+/// worker threads until the server fails.
+pub fn serve(cfg: &Config, on_listening: impl FnOnce()) -> Result<(), String> {
     let addr = format!("0.0.0.0:{}", cfg.port);
     let server = Server::http(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let server = Arc::new(server);
@@ -64,6 +64,7 @@ pub fn serve(cfg: &Config) -> Result<(), String> {
         app.kv_dir.display(),
         uptime.split_whitespace().next().unwrap_or("?")
     );
+    on_listening();
     let mut workers = Vec::with_capacity(cfg.threads);
     for i in 0..cfg.threads {
         let server = Arc::clone(&server);

@@ -9,7 +9,8 @@
 //! - `GET /disk/read?name=N`: `value=V\n`, or 404 `not_found\n`
 //!
 //! As a guest agent it grows the data filesystem online to the size of its block device
-//! when the kernel command line contains `hatch.disk_grow=1`.
+//! when the kernel command line contains `hatch.disk_grow=1`, and probes TCP
+//! reachability of the addresses in `hatch.netprobe=` (see `netprobe`).
 //!
 //! It must be linked statically (the initramfs has no libc):
 //! `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p hatch-guest
@@ -17,6 +18,7 @@
 
 mod grow;
 mod http;
+mod netprobe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,7 +116,22 @@ fn main() -> ExitCode {
             }
         }
     }
-    match http::serve(&cfg) {
+    let agent = cfg.agent;
+    // Probe once the listener is up, so that the guest's own port can serve
+    // as a positive control.
+    let on_listening = move || {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if !agent || netprobe::targets(&cmdline).is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("netprobe".into())
+            .spawn(move || netprobe::run(&cmdline));
+        if let Err(e) = spawned {
+            eprintln!("hatch-guest: cannot start netprobe thread: {e}");
+        }
+    };
+    match http::serve(&cfg, on_listening) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hatch-guest: {e}");
