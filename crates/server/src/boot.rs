@@ -263,7 +263,7 @@ async fn http_answers(port: u16) -> bool {
         Ok::<bool, std::io::Error>(buf[..n].starts_with(b"HTTP/1."))
     };
     matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        tokio::time::timeout(Duration::from_millis(250), attempt).await,
         Ok(Ok(true))
     )
 }
