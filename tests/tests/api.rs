@@ -228,3 +228,29 @@ async fn openapi_and_metrics_describe_the_service() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_dir_is_refused() {
+    let d = Daemon::start().await;
+    let out = std::process::Command::new(hatch_e2e::hatch_bin())
+        .args([
+            "serve",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--proxy-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(d.data_dir.path())
+        .env("HATCH_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another `hatch serve` is using data dir"),
+        "{stderr}"
+    );
+    // The first daemon is unaffected.
+    assert_eq!(d.call(Method::GET, "/vms", None).await.0, StatusCode::OK);
+}

@@ -32,8 +32,13 @@ async fn killed_daemon_reattaches_to_running_vms_and_marks_dead_ones() {
     d.kill_daemon();
     // While the daemon is down one VM dies.
     kill_pid(lose_pid);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while process_alive(lose_pid) {
-        tokio::task::yield_now().await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "QEMU survived SIGKILL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     d.restart().await;
 

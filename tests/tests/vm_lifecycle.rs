@@ -57,9 +57,20 @@ async fn vm_boots_serves_through_the_proxy_keeps_its_disk_and_is_deleted() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    // Boot time was measured; console was captured.
-    let vm = d.vm(&id).await;
-    assert!(vm["boot_ms"].as_u64().unwrap() > 0, "{vm}");
+    // Boot time was measured (the daemon's probe records it on its own
+    // schedule, so wait for it); console was captured.
+    let deadline = tokio::time::Instant::now() + hatch_e2e::PATIENCE;
+    let boot_ms = loop {
+        if let Some(ms) = d.vm(&id).await["boot_ms"].as_u64() {
+            break ms;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "boot_ms never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(boot_ms > 0);
     let (s, _) = d.call(Method::GET, &format!("/vms/{id}/logs"), None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(!d.console(&id).is_empty());

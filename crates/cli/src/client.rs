@@ -37,7 +37,11 @@ impl Client {
             );
         };
         Ok(Client {
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .timeout(std::time::Duration::from_secs(120))
+                .build()
+                .context("building the HTTP client")?,
             base: args.api.trim_end_matches('/').to_string(),
             key,
         })

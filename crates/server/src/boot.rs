@@ -25,26 +25,24 @@ impl VmManager {
         let started = Instant::now();
         match self.launch(&rt).await {
             Ok(machine) => {
-                let forwards = rt.lock().forwards.clone();
-                let recorded = self
-                    .db
-                    .set_vm_started(&rt.id, &now_rfc3339(), &forwards)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|_| {
-                        self.transition(&rt, VmState::Running, None)
-                            .map_err(|e| anyhow::anyhow!("{e}"))
-                    });
-                if let Err(e) = recorded {
-                    tracing::error!(vm = %rt.id, error = format!("{e:#}"), "recording boot failed");
+                if let Err(e) = self.transition(&rt, VmState::Running, None) {
+                    tracing::error!(vm = %rt.id, error = %e, "recording boot failed");
+                }
+                if let Err(e) = self.db.set_vm_started(&rt.id, &now_rfc3339()) {
+                    tracing::error!(vm = %rt.id, error = %e, "recording start time failed");
                 }
                 tracing::info!(vm = %rt.id, pid = machine.pid(), launch_ms = started.elapsed().as_millis() as u64, "qemu launched");
                 self.watch(rt.clone(), machine.clone());
                 drop(guard);
-                self.measure_boot(rt, started).await;
+                // Not a tracked operation: shutdown need not wait for a guest
+                // that may never answer HTTP (custom images).
+                let this = self.clone();
+                tokio::spawn(async move { this.measure_boot(rt, started).await });
             }
             Err(e) => {
                 let reason = format!("boot failed: {e:#}");
                 tracing::error!(vm = %rt.id, %reason);
+                self.clear_forwards(&rt);
                 self.remove_runtime_files(&rt.id);
                 if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
                     tracing::error!(vm = %rt.id, error = %e, "recording failure failed");
@@ -63,8 +61,10 @@ impl VmManager {
         let paths = self.paths(&vm.id);
         std::fs::create_dir_all(&self.cfg.run_dir)
             .with_context(|| format!("creating {}", self.cfg.run_dir.display()))?;
-        // A cold boot starts from zeroed RAM.
+        // A cold boot starts from zeroed RAM and a fresh console log (the
+        // previous boot's log stays readable until the next boot).
         let _ = std::fs::remove_file(&paths.mem);
+        let _ = std::fs::remove_file(&paths.console_log);
 
         let mut guest_ports: BTreeSet<u16> = self.routes.ports_of(&vm.id);
         guest_ports.insert(model::DEFAULT_GUEST_PORT);
@@ -100,12 +100,15 @@ impl VmManager {
                 tsc_khz: self.tsc_khz,
                 extra_cmdline: extra_cmdline.clone(),
             };
+            // Recorded before the launch: if the daemon dies right after it,
+            // the next daemon re-adopts this QEMU with these ports, not with
+            // ports of an earlier boot that may now belong to another VM.
+            rt.lock().forwards = forwards.clone();
+            self.db.set_vm_forwards(&vm.id, &forwards)?;
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
                     let machine = Arc::new(machine);
-                    let mut inner = rt.lock();
-                    inner.forwards = forwards;
-                    inner.machine = Some(machine.clone());
+                    rt.lock().machine = Some(machine.clone());
                     return Ok(machine);
                 }
                 Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
@@ -132,13 +135,13 @@ impl VmManager {
                 return;
             }
             inner.machine = None;
-            inner.forwards.clear();
             let state = inner.state;
             drop(inner);
             // Stop, delete and other operations handle the exits they cause.
             if !matches!(state, VmState::Running | VmState::Starting) {
                 return;
             }
+            this.clear_forwards(&rt);
             this.remove_runtime_files(&rt.id);
             let (to, reason) = unexpected_exit(&exit);
             if let Err(e) = this.transition(&rt, to, Some(reason)) {
@@ -220,7 +223,7 @@ impl VmManager {
                             )),
                         )
                     };
-                    rt.lock().forwards.clear();
+                    self.clear_forwards(&rt);
                     self.remove_runtime_files(&vm.id);
                     self.transition(&rt, to, reason)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;

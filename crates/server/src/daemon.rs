@@ -24,6 +24,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating run dir {}", cfg.run_dir.display()))?;
     let db = Arc::new(Db::open(&cfg.data_dir.join("hatch.db")).context("opening the database")?);
@@ -95,4 +96,26 @@ fn setup_keys(db: &Db, from_env: Option<&str>) -> anyhow::Result<KeyRing> {
     // Printed, not logged: shown once to the operator, never in log files.
     println!("Generated API key (shown only once; set HATCH_API_KEY to use it):\n{key}");
     Ok(KeyRing::load(db)?)
+}
+
+/// One daemon per data dir: two would fight over the same VMs. The lock is
+/// released when the returned file is dropped (or the process dies).
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("hatch.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `hatch serve` is using data dir {}",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
 }

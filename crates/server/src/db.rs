@@ -66,6 +66,9 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // With WAL, NORMAL stays consistent after a crash and avoids an fsync
+        // per state change on the async workers.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let db = Db {
@@ -152,17 +155,10 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_vm_started(
-        &self,
-        id: &str,
-        started_at: &str,
-        forwards: &[PortForward],
-    ) -> Result<(), DbError> {
-        let forwards =
-            serde_json::to_string(forwards).map_err(|e| DbError::Corrupt(e.to_string()))?;
+    pub fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), DbError> {
         self.conn().execute(
-            "UPDATE vms SET started_at = ?2, forwards = ?3, boot_ms = NULL WHERE id = ?1",
-            params![id, started_at, forwards],
+            "UPDATE vms SET started_at = ?2, boot_ms = NULL WHERE id = ?1",
+            params![id, started_at],
         )?;
         Ok(())
     }
@@ -323,9 +319,9 @@ mod tests {
             let db = Db::open(&path).unwrap();
             db.insert_vm(&vm("vm-1", "web")).unwrap();
             assert!(db.vm_name_taken("web").unwrap());
-            db.set_vm_started(
+            db.set_vm_started("vm-1", "t").unwrap();
+            db.set_vm_forwards(
                 "vm-1",
-                "t",
                 &[PortForward {
                     host: 4000,
                     guest: 8080,

@@ -184,14 +184,17 @@ impl VmManager {
             )));
         }
         let memory_mib = req.memory_mib.unwrap_or(model::DEFAULT_MEMORY_MIB);
-        let max_mem = hatch_vmm::host::memory_mib()
+        // Guest RAM lives in the run dir (tmpfs): it must fit there too.
+        let host_limit = hatch_vmm::host::memory_mib()
             .unwrap_or(0)
-            .saturating_sub(1024)
-            .max(model::MIN_MEMORY_MIB);
+            .saturating_sub(1024);
+        let ram_fs_limit = hatch_vmm::host::fs_size_mib(&self.cfg.run_dir).unwrap_or(u64::MAX);
+        let max_mem = host_limit.min(ram_fs_limit).max(model::MIN_MEMORY_MIB);
         if !(model::MIN_MEMORY_MIB..=max_mem).contains(&memory_mib) {
             return Err(ApiError::invalid(format!(
-                "memory_mib must be between {} and {max_mem} (host memory less 1 GiB), got {memory_mib}",
-                model::MIN_MEMORY_MIB
+                "memory_mib must be between {} and {max_mem} (host memory less 1 GiB, and the size of the RAM file system {}), got {memory_mib}",
+                model::MIN_MEMORY_MIB,
+                self.cfg.run_dir.display()
             )));
         }
         let disk_mib = req.disk_mib.unwrap_or(image.disk_mib);
@@ -304,6 +307,10 @@ impl VmManager {
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         let rt = self.runtime(id)?;
         let _guard = rt.try_begin("delete")?;
+        if rt.state().has_process() {
+            // So that the exit watcher does not record the quit as a failure.
+            self.transition(&rt, VmState::Stopping, None)?;
+        }
         self.halt(&rt).await;
         let hostnames = self.db.delete_vm(id)?;
         for h in hostnames {
@@ -337,11 +344,17 @@ impl VmManager {
                 }
             }
         }
-        let mut inner = rt.lock();
-        inner.machine = None;
-        inner.forwards.clear();
-        drop(inner);
+        rt.lock().machine = None;
+        self.clear_forwards(rt);
         self.remove_runtime_files(&rt.id);
+    }
+
+    /// Forget a VM's port forwards (its QEMU is gone; the ports are free).
+    pub(crate) fn clear_forwards(&self, rt: &VmRuntime) {
+        rt.lock().forwards.clear();
+        if let Err(e) = self.db.set_vm_forwards(&rt.id, &[]) {
+            tracing::warn!(vm = %rt.id, error = %e, "clearing forwards failed");
+        }
     }
 
     pub(crate) fn remove_runtime_files(&self, id: &str) {

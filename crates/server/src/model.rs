@@ -166,12 +166,15 @@ pub fn validate_vm_name(name: &str) -> Result<(), ApiError> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
-        && !name.ends_with('-');
+        && !name.ends_with('-')
+        // Ids start with "vm-"; names must not look like them, so that a
+        // name or an id identifies one VM unambiguously.
+        && !name.starts_with("vm-");
     if ok {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
-            "invalid name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+            "invalid name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-' and not starting with 'vm-'"
         )))
     }
 }
@@ -205,7 +208,16 @@ mod tests {
         for ok in ["a", "web-1", "x".repeat(63).as_str()] {
             assert!(validate_vm_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "Web", "a_b", "a.b", "x".repeat(64).as_str()] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Web",
+            "a_b",
+            "a.b",
+            "vm-web",
+            "x".repeat(64).as_str(),
+        ] {
             assert!(validate_vm_name(bad).is_err(), "{bad}");
         }
     }

@@ -73,11 +73,18 @@ impl VmManager {
             )));
         }
         let rt = self.runtime(&req.vm_id)?;
+        // Under the VM's operation lock: a boot picks its forwards from the
+        // route table, and a delete removes the VM's routes; neither may
+        // interleave with this. The forward is added before anything is
+        // recorded, so a failure leaves no route behind.
+        let _guard = rt.begin("route update").await;
+        self.runtime(&rt.id)?; // deleted while we waited?
         if self.routes.get(&hostname).is_some() {
             return Err(ApiError::conflict(format!(
                 "a route for host '{hostname}' already exists"
             )));
         }
+        self.ensure_forward(&rt, port).await?;
         let route = Route {
             id: new_id("rt"),
             hostname,
@@ -103,11 +110,6 @@ impl VmManager {
         }
         self.routes.insert(route.clone());
         tracing::info!(route = %route.id, host = %route.hostname, vm = %route.vm_id, port, "route created");
-        // A boot reads the route table when it picks forwards; waiting for
-        // any running operation means either it saw this route or we add the
-        // forward now.
-        let _guard = rt.begin("route update").await;
-        self.ensure_forward(&rt, port).await?;
         Ok(route)
     }
 

@@ -202,7 +202,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 stdout.flush().await?;
                 let caught_up = next == offset;
                 offset = next;
-                if !follow {
+                if caught_up && !follow {
                     break;
                 }
                 if caught_up {

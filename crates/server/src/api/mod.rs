@@ -43,6 +43,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/snapshot", post(vms::snapshot))
         .route("/vms/{id}/restore", post(vms::restore))
         .route("/vms/{id}/snapshots", get(vms::snapshots))
+        .route(
+            "/vms/{id}/snapshots/{sid}",
+            get(vms::snapshot_item).delete(vms::snapshot_item),
+        )
         .route("/vms/{id}/retention", put(vms::retention))
         .route("/routes", post(routes::create).get(routes::list))
         .route("/routes/{id}", get(routes::get).delete(routes::delete))

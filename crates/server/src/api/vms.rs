@@ -98,3 +98,9 @@ pub async fn snapshots(app: App, Path(id): Path<String>) -> Result<Response, Api
 pub async fn retention(app: App, Path(id): Path<String>) -> Result<Response, ApiError> {
     needs_storage(app, id).await
 }
+pub async fn snapshot_item(
+    app: App,
+    Path((id, _sid)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    needs_storage(app, id).await
+}
