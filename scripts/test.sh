@@ -7,6 +7,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 
 install_packages
+install_garage   # real S3 for the snapshot tests
+export HATCH_GARAGE="$GARAGE"
 log "building hatch"
 cargo build --quiet --bin hatch
 export HATCH_TEST_IMAGES_DIR="$HATCH_CACHE/images"

@@ -315,3 +315,138 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A single-node Garage (real S3) in a temporary directory, for one test.
+pub struct Garage {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+    pub key_id: String,
+    pub secret: String,
+    config: PathBuf,
+}
+
+pub fn garage_bin() -> PathBuf {
+    std::env::var_os("HATCH_GARAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/hatch/garage-install/bin/garage")
+        })
+}
+
+impl Garage {
+    pub async fn start() -> Garage {
+        let dir = tempfile::Builder::new()
+            .prefix("hatch-garage-")
+            .tempdir()
+            .unwrap();
+        let (rpc, s3, admin) = (free_addr(), free_addr(), free_addr());
+        let config = dir.path().join("garage.toml");
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 7 + 3) as u8))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"{rpc}\"\nrpc_public_addr = \"{rpc}\"\n\
+                 rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"{s3}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n[admin]\napi_bind_addr = \"{admin}\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
+        let child = Command::new(garage_bin())
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("garage not installed: run scripts/test.sh");
+        let mut g = Garage {
+            child,
+            _dir: dir,
+            endpoint: format!("http://{s3}"),
+            key_id: String::new(),
+            secret: String::new(),
+            config,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let node = loop {
+            let out = g.cli(&["node", "id", "-q"]);
+            if let Some(id) = out
+                .as_ref()
+                .ok()
+                .and_then(|s| s.split('@').next().map(str::to_string))
+                && !id.trim().is_empty()
+            {
+                break id.trim().to_string();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "garage did not start: {out:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
+            .unwrap();
+        g.cli(&["layout", "apply", "--version", "1"]).unwrap();
+        g.cli(&["bucket", "create", "hatch"]).unwrap();
+        let info = g.cli(&["key", "create", "hatch"]).unwrap();
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", "hatch", "--key", "hatch",
+        ])
+        .unwrap();
+        let info = if info.contains("Secret key") {
+            info
+        } else {
+            g.cli(&["key", "info", "hatch", "--show-secret"]).unwrap()
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+                .unwrap_or_else(|| panic!("no {name} in {info}"))
+        };
+        g.key_id = field("Key ID:");
+        g.secret = field("Secret key:");
+        g
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(garage_bin())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// The daemon's S3 settings for this Garage.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("HATCH_S3_ENDPOINT", self.endpoint.as_str()),
+            ("HATCH_S3_BUCKET", "hatch"),
+            ("HATCH_S3_REGION", "garage"),
+            ("HATCH_S3_ACCESS_KEY_ID", self.key_id.as_str()),
+            ("HATCH_S3_SECRET_ACCESS_KEY", self.secret.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

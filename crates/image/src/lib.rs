@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use build::{BuildOptions, DEFAULT_CMDLINE, build_default};
+/// Sparse file copy (holes stay holes), also used for guest RAM files.
+pub use util::copy_sparse;
 
 /// File name of an image's metadata inside its directory.
 pub const IMAGE_JSON: &str = "image.json";

@@ -97,3 +97,91 @@ impl Command for HumanMonitorCommand {
     const NAME: &'static str = "human-monitor-command";
     type Response = String;
 }
+
+/// One migration capability and whether it is on.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationCapability {
+    pub capability: String,
+    pub state: bool,
+}
+
+/// Turn migration capabilities on or off (e.g. `x-ignore-shared`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateSetCapabilities {
+    pub capabilities: Vec<MigrationCapability>,
+}
+
+impl Command for MigrateSetCapabilities {
+    const NAME: &'static str = "migrate-set-capabilities";
+    type Response = Empty;
+}
+
+/// Migration tunables. QEMU's default bandwidth cap (128 MiB/s) throttles
+/// even a paused VM's state, so snapshots raise it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateSetParameters {
+    #[serde(rename = "max-bandwidth")]
+    pub max_bandwidth: u64,
+}
+
+impl Command for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    type Response = Empty;
+}
+
+/// Start an outgoing migration to `uri` (e.g. `exec:cat > FILE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Migrate {
+    pub uri: String,
+}
+
+impl Command for Migrate {
+    const NAME: &'static str = "migrate";
+    type Response = Empty;
+}
+
+/// Start the incoming side of a migration of a QEMU run with `-incoming defer`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateIncoming {
+    pub uri: String,
+}
+
+impl Command for MigrateIncoming {
+    const NAME: &'static str = "migrate-incoming";
+    type Response = Empty;
+}
+
+/// The state of the current or last migration.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryMigrate;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct MigrationInfo {
+    /// "setup", "active", "completed", "failed", ...; absent before any migration.
+    pub status: Option<String>,
+    #[serde(rename = "error-desc")]
+    pub error_desc: Option<String>,
+}
+
+impl Command for QueryMigrate {
+    const NAME: &'static str = "query-migrate";
+    type Response = MigrationInfo;
+}
+
+/// Freeze the active disk layer: new writes go to a new qcow2 overlay whose
+/// backing file is the old top.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockdevSnapshotSync {
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    #[serde(rename = "snapshot-file")]
+    pub snapshot_file: String,
+    #[serde(rename = "snapshot-node-name")]
+    pub snapshot_node_name: String,
+    pub format: String,
+}
+
+impl Command for BlockdevSnapshotSync {
+    const NAME: &'static str = "blockdev-snapshot-sync";
+    type Response = Empty;
+}

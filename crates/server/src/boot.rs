@@ -23,7 +23,7 @@ impl VmManager {
     /// The boot operation: launch QEMU and record the outcome.
     pub(crate) async fn boot(self: Arc<Self>, rt: Arc<VmRuntime>, guard: OpGuard) {
         let started = Instant::now();
-        match self.launch(&rt).await {
+        match self.launch(&rt, false).await {
             Ok(machine) => {
                 if let Err(e) = self.transition(&rt, VmState::Running, None) {
                     tracing::error!(vm = %rt.id, error = %e, "recording boot failed");
@@ -51,7 +51,13 @@ impl VmManager {
         }
     }
 
-    async fn launch(&self, rt: &VmRuntime) -> anyhow::Result<Arc<Machine>> {
+    /// Launch QEMU for the VM. `restore`: RAM file and console log are kept
+    /// and QEMU waits for its CPU and device state (`-incoming defer`).
+    pub(crate) async fn launch(
+        &self,
+        rt: &VmRuntime,
+        restore: bool,
+    ) -> anyhow::Result<Arc<Machine>> {
         let rec = self.db.get_vm(&rt.id)?.context("vm record vanished")?;
         let vm = rec.vm;
         let image = self
@@ -61,10 +67,14 @@ impl VmManager {
         let paths = self.paths(&vm.id);
         std::fs::create_dir_all(&self.cfg.run_dir)
             .with_context(|| format!("creating {}", self.cfg.run_dir.display()))?;
-        // A cold boot starts from zeroed RAM and a fresh console log (the
-        // previous boot's log stays readable until the next boot).
-        let _ = std::fs::remove_file(&paths.mem);
-        let _ = std::fs::remove_file(&paths.console_log);
+        if !restore {
+            // A cold boot starts from zeroed RAM and a fresh console log (the
+            // previous boot's log stays readable until the next boot).
+            let _ = std::fs::remove_file(&paths.mem);
+            let _ = std::fs::remove_file(&paths.console_log);
+        }
+        let layers = self.db.disk_layers(&vm.id)?;
+        let top = layers.last().context("vm has no disk layer")?;
 
         let mut guest_ports: BTreeSet<u16> = self.routes.ports_of(&vm.id);
         guest_ports.insert(model::DEFAULT_GUEST_PORT);
@@ -91,7 +101,9 @@ impl VmManager {
                 kernel: image.kernel.clone(),
                 initrd: image.initrd.clone(),
                 cmdline: image.cmdline.clone(),
-                disk: paths.disk.clone(),
+                disk: paths.dir.join(top),
+                disk_node: crate::snapshot::node_name(top),
+                incoming: restore,
                 mem_path: paths.mem.clone(),
                 qmp_socket: paths.qmp_socket.clone(),
                 console_log: paths.console_log.clone(),

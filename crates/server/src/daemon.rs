@@ -33,7 +33,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("opening images dir {}", cfg.images_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
     let cfg = Arc::new(cfg);
-    let vms = VmManager::new(cfg.clone(), db, images, metrics.clone())?;
+    let storage = match &cfg.s3 {
+        Some(s3) => {
+            let store = hatch_chunks::s3::connect(&hatch_chunks::s3::S3Settings {
+                endpoint: s3.endpoint.clone(),
+                bucket: s3.bucket.clone(),
+                region: s3.region.clone(),
+                access_key_id: s3.access_key_id.clone(),
+                secret_access_key: s3.secret_access_key.clone(),
+            })
+            .context("configuring S3")?;
+            tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, "snapshot storage: S3");
+            Some(Arc::new(hatch_chunks::ChunkStore::new(store, "")))
+        }
+        None => {
+            tracing::warn!("no S3 configured: snapshots are unavailable");
+            None
+        }
+    };
+    let vms = VmManager::new(cfg.clone(), db, images, metrics.clone(), storage)?;
     tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
     vms.recover().await.context("re-attaching to VMs")?;
 

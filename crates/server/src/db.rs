@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::model::{Route, Vm, VmState};
+use crate::model::{Route, Snapshot, SnapshotStatus, Vm, VmState};
 use hatch_vmm::PortForward;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,8 @@ pub enum DbError {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE vms (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -49,7 +50,28 @@ CREATE TABLE api_keys (
     hash BLOB NOT NULL UNIQUE,
     created_at TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE vms ADD COLUMN disk_layers TEXT NOT NULL DEFAULT '["disk.qcow2"]';
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    memory_bytes INTEGER NOT NULL DEFAULT 0,
+    disk_bytes INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    pause_ms INTEGER,
+    error TEXT,
+    -- the local copy (state, memory, disk layers) is complete
+    local INTEGER NOT NULL DEFAULT 0,
+    -- disk layer files, oldest first
+    layers TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX snapshots_by_vm ON snapshots (vm_id, created_at);
+"#,
+];
 
 pub struct Db {
     conn: Mutex<Connection>,
@@ -191,9 +213,107 @@ impl Db {
             rows.collect::<Result<Vec<_>, _>>()?
         };
         tx.execute("DELETE FROM routes WHERE vm_id = ?1", [id])?;
+        tx.execute("DELETE FROM snapshots WHERE vm_id = ?1", [id])?;
         tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(hostnames)
+    }
+
+    // --- disk layers and snapshots ---
+
+    pub fn disk_layers(&self, vm_id: &str) -> Result<Vec<String>, DbError> {
+        let text: String =
+            self.conn()
+                .query_row("SELECT disk_layers FROM vms WHERE id = ?1", [vm_id], |r| {
+                    r.get(0)
+                })?;
+        serde_json::from_str(&text).map_err(|e| DbError::Corrupt(format!("disk layers: {e}")))
+    }
+
+    pub fn set_disk_layers(&self, vm_id: &str, layers: &[String]) -> Result<(), DbError> {
+        let text = serde_json::to_string(layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "UPDATE vms SET disk_layers = ?2 WHERE id = ?1",
+            params![vm_id, text],
+        )?;
+        Ok(())
+    }
+
+    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), DbError> {
+        let layers =
+            serde_json::to_string(&s.layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let snap = &s.snap;
+        self.conn().execute(
+            "INSERT INTO snapshots (id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
+                stored_bytes, pause_ms, error, local, layers)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                snap.id,
+                snap.vm_id,
+                snap.status.as_str(),
+                snap.trigger,
+                snap.created_at,
+                snap.memory_bytes,
+                snap.disk_bytes,
+                snap.stored_bytes,
+                snap.pause_ms,
+                snap.error,
+                s.local,
+                layers
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Write back every mutable field of a snapshot.
+    pub fn update_snapshot(&self, s: &SnapshotRecord) -> Result<(), DbError> {
+        let layers =
+            serde_json::to_string(&s.layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let snap = &s.snap;
+        self.conn().execute(
+            "UPDATE snapshots SET status = ?2, memory_bytes = ?3, disk_bytes = ?4, stored_bytes = ?5,
+                pause_ms = ?6, error = ?7, local = ?8, layers = ?9 WHERE id = ?1",
+            params![
+                snap.id,
+                snap.status.as_str(),
+                snap.memory_bytes,
+                snap.disk_bytes,
+                snap.stored_bytes,
+                snap.pause_ms,
+                snap.error,
+                s.local,
+                layers
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A VM's snapshots, newest first.
+    pub fn list_snapshots(&self, vm_id: &str) -> Result<Vec<SnapshotRecord>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SNAP_SELECT} WHERE vm_id = ?1 ORDER BY created_at DESC, rowid DESC"
+        ))?;
+        let rows = stmt.query_map([vm_id], snapshot_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("{SNAP_SELECT} WHERE id = ?1"))?;
+        stmt.query_row([id], snapshot_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+        Ok(())
     }
 
     // --- routes ---
@@ -258,6 +378,49 @@ impl Db {
         )?;
         Ok(())
     }
+}
+
+/// A snapshot row: the API record plus what only the daemon needs.
+#[derive(Debug, Clone)]
+pub struct SnapshotRecord {
+    pub snap: Snapshot,
+    /// The local copy is complete (restorable without S3).
+    pub local: bool,
+    /// Disk layer files (in the VM's directory), oldest first.
+    pub layers: Vec<String>,
+}
+
+const SNAP_SELECT: &str = "SELECT id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
+    stored_bytes, pause_ms, error, local, layers FROM snapshots";
+
+fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, DbError>> {
+    let status: String = r.get(2)?;
+    let layers: String = r.get(11)?;
+    let Some(status) = SnapshotStatus::parse(&status) else {
+        return Ok(Err(DbError::Corrupt(format!(
+            "unknown snapshot status {status:?}"
+        ))));
+    };
+    let layers = match serde_json::from_str(&layers) {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(DbError::Corrupt(format!("bad layers: {e}")))),
+    };
+    Ok(Ok(SnapshotRecord {
+        snap: Snapshot {
+            id: r.get(0)?,
+            vm_id: r.get(1)?,
+            status,
+            trigger: r.get(3)?,
+            created_at: r.get(4)?,
+            memory_bytes: r.get(5)?,
+            disk_bytes: r.get(6)?,
+            stored_bytes: r.get(7)?,
+            pause_ms: r.get(8)?,
+            error: r.get(9)?,
+        },
+        local: r.get(10)?,
+        layers,
+    }))
 }
 
 const VM_SELECT: &str = "SELECT id, name, state, state_reason, image, vcpus, memory_mib, disk_mib,

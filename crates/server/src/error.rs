@@ -22,6 +22,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("snapshot storage is unavailable: no S3 storage is configured")]
     SnapshotStorageUnavailable,
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -45,6 +47,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::SnapshotStorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::SnapshotStorageUnavailable => "snapshot_storage_unavailable",
+            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod resolver;
 pub mod routes;
 pub mod runtime;
+pub mod snapshot;
 
 pub use config::{Config, S3Config};
 pub use daemon::run;

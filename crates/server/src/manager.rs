@@ -30,6 +30,10 @@ pub struct VmManager {
     runtimes: Mutex<HashMap<String, Arc<VmRuntime>>>,
     /// Background operations (boots, stops) that shutdown waits for.
     pub(crate) tasks: TaskTracker,
+    /// Snapshot storage (S3); None when not configured.
+    pub(crate) storage: Option<Arc<hatch_chunks::ChunkStore>>,
+    /// `qemu-system-x86_64 --version`, recorded in snapshot manifests.
+    pub(crate) qemu_version: String,
 }
 
 /// Files of one VM.
@@ -61,7 +65,15 @@ impl VmManager {
         db: Arc<Db>,
         images: ImageStore,
         metrics: Arc<Metrics>,
+        storage: Option<Arc<hatch_chunks::ChunkStore>>,
     ) -> anyhow::Result<Arc<VmManager>> {
+        let qemu_version = std::process::Command::new(&cfg.qemu_binary)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_default();
         let accel = cfg.accel.resolve();
         let routes = RouteTable::load(&db)?;
         Ok(Arc::new(VmManager {
@@ -73,6 +85,8 @@ impl VmManager {
             routes,
             runtimes: Mutex::default(),
             tasks: TaskTracker::new(),
+            storage,
+            qemu_version,
             cfg,
         }))
     }
@@ -312,7 +326,11 @@ impl VmManager {
             self.transition(&rt, VmState::Stopping, None)?;
         }
         self.halt(&rt).await;
+        let snapshots = self.db.list_snapshots(id)?;
         let hostnames = self.db.delete_vm(id)?;
+        for s in snapshots {
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(&s.snap.id));
+        }
         for h in hostnames {
             self.routes.remove(&h);
         }

@@ -69,12 +69,13 @@ impl VmState {
         }
         matches!(
             (self, to),
-            (Stopped | Failed, Starting)
+            (Stopped | Failed, Starting | Restoring)
                 | (Starting, Running | Stopped)
                 | (Running, Stopping | Snapshotting | Stopped | Restoring)
                 | (Snapshotting, Running | Snapshotted)
                 | (Snapshotted, Restoring | Starting)
-                | (Restoring, Running)
+                // A failed restore leaves the VM as restorable as before.
+                | (Restoring, Running | Snapshotted | Stopped)
                 | (Stopping, Stopped)
         )
     }
@@ -150,6 +151,81 @@ pub struct CreateRoute {
     /// Default true.
     pub auto_wake: Option<bool>,
     pub idle_timeout_seconds: Option<u64>,
+}
+
+/// Progress of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    Pending,
+    Capturing,
+    Uploading,
+    Ready,
+    Failed,
+}
+
+impl SnapshotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::Pending => "pending",
+            SnapshotStatus::Capturing => "capturing",
+            SnapshotStatus::Uploading => "uploading",
+            SnapshotStatus::Ready => "ready",
+            SnapshotStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SnapshotStatus> {
+        [
+            SnapshotStatus::Pending,
+            SnapshotStatus::Capturing,
+            SnapshotStatus::Uploading,
+            SnapshotStatus::Ready,
+            SnapshotStatus::Failed,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+/// A saved state of a VM: memory, CPU and devices, disk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    /// "snap-" followed by 12 random characters.
+    pub id: String,
+    pub vm_id: String,
+    pub status: SnapshotStatus,
+    pub created_at: String,
+    /// "manual" or "idle".
+    pub trigger: String,
+    /// Guest RAM size (logical bytes).
+    pub memory_bytes: u64,
+    /// Bytes of the disk layers this snapshot references (logical).
+    pub disk_bytes: u64,
+    /// Bytes this snapshot newly wrote to S3 (after dedup and compression).
+    pub stored_bytes: u64,
+    /// How long the guest was not running for the capture.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Body of `POST /vms/{id}/snapshot`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// true: suspend (the VM ends `snapshotted`, its memory freed);
+    /// false (default): checkpoint (the VM runs on).
+    pub stop: Option<bool>,
+}
+
+/// Body of `POST /vms/{id}/restore`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Default: the newest restorable snapshot.
+    pub snapshot_id: Option<String>,
 }
 
 pub const DEFAULT_VCPUS: u32 = 1;

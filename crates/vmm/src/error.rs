@@ -26,6 +26,8 @@ pub enum VmmError {
     SocketPathTooLong(PathBuf),
     #[error("unknown accelerator {0:?} (expected auto, kvm or tcg)")]
     UnknownAccel(String),
+    #[error("saving or loading machine state failed: {0}")]
+    Migration(String),
     #[error(transparent)]
     Qmp(#[from] hatch_qmp::QmpError),
     #[error("i/o error on {path}")]

@@ -7,6 +7,7 @@ pub mod disk;
 mod error;
 pub mod host;
 pub mod machine;
+mod snapshot;
 pub mod spec;
 
 pub use accel::{Accel, AccelChoice};

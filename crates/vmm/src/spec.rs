@@ -31,7 +31,10 @@ pub struct MachineSpec {
     pub initrd: PathBuf,
     /// Kernel command line from the image; Hatch appends its own parameters.
     pub cmdline: String,
+    /// The disk's active (writable) qcow2 layer; older layers are its backing chain.
     pub disk: PathBuf,
+    /// Block node name of the active layer (needed to freeze it later).
+    pub disk_node: String,
     /// Guest RAM file (memory-backend-file, share=on), so that RAM can later be
     /// captured without streaming it through the migration channel.
     pub mem_path: PathBuf,
@@ -43,6 +46,8 @@ pub struct MachineSpec {
     pub tsc_khz: Option<u64>,
     /// Extra kernel parameters, e.g. `hatch.disk_grow=1`.
     pub extra_cmdline: Vec<String>,
+    /// Wait for an incoming migration (`-incoming defer`): a restore.
+    pub incoming: bool,
 }
 
 /// Network device id used by `hostfwd_add` at run time.
@@ -93,11 +98,12 @@ impl MachineSpec {
         push(self.kernel_cmdline());
         push("-blockdev".into());
         push(format!(
-            "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+            "driver=qcow2,node-name={},file.driver=file,file.filename={}",
+            self.disk_node,
             escape(&self.disk)
         ));
         push("-device".into());
-        push("virtio-blk-device,drive=disk0".into());
+        push(format!("virtio-blk-device,drive={}", self.disk_node));
         // restrict=on: the guest reaches nothing outside (not the host's
         // loopback services through 10.0.2.2, not the internet); only the
         // host-to-guest forwards below exist.
@@ -122,6 +128,10 @@ impl MachineSpec {
             "unix:{},server=on,wait=off",
             escape(&self.qmp_socket)
         ));
+        if self.incoming {
+            push("-incoming".into());
+            push("defer".into());
+        }
         push("-pidfile".into());
         push(self.pid_file.display().to_string());
         for fixed in [
@@ -160,6 +170,7 @@ mod tests {
             initrd: "/img/initrd".into(),
             cmdline: "console=ttyS0 quiet".into(),
             disk: "/vm/disk,1.qcow2".into(),
+            disk_node: "disk0".into(),
             mem_path: "/run/vm/mem".into(),
             qmp_socket: "/vm/qmp.sock".into(),
             console_log: "/vm/console.log".into(),
@@ -176,6 +187,7 @@ mod tests {
             ],
             tsc_khz: Some(2_599_998),
             extra_cmdline: vec!["hatch.disk_grow=1".into()],
+            incoming: false,
         }
     }
 
@@ -211,6 +223,14 @@ mod tests {
         );
         assert!(a.contains(&"-daemonize".to_string()));
         assert!(a.contains(&"-no-reboot".to_string()));
+        assert!(value_of(&a, "-incoming").is_empty());
+    }
+
+    #[test]
+    fn a_restore_waits_for_its_incoming_state() {
+        let mut s = spec(Accel::Tcg);
+        s.incoming = true;
+        assert_eq!(value_of(&args(&s), "-incoming"), ["defer"]);
     }
 
     #[test]

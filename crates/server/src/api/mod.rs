@@ -45,7 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/snapshots", get(vms::snapshots))
         .route(
             "/vms/{id}/snapshots/{sid}",
-            get(vms::snapshot_item).delete(vms::snapshot_item),
+            get(vms::get_snapshot).delete(vms::delete_snapshot),
         )
         .route("/vms/{id}/retention", put(vms::retention))
         .route("/routes", post(routes::create).get(routes::list))

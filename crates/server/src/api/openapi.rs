@@ -4,7 +4,10 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::model::{CreateRoute, CreateVm, Route, Vm, VmState};
+use crate::model::{
+    CreateRoute, CreateSnapshot, CreateVm, RestoreRequest, Route, Snapshot, SnapshotStatus, Vm,
+    VmState,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -12,9 +15,12 @@ use crate::model::{CreateRoute, CreateVm, Route, Vm, VmState};
     paths(
         super::vms::create, super::vms::list, super::vms::get, super::vms::delete,
         super::vms::start, super::vms::stop, super::vms::logs,
+        super::vms::snapshot, super::vms::restore, super::vms::snapshots,
+        super::vms::get_snapshot, super::vms::delete_snapshot,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
     ),
-    components(schemas(Vm, VmState, CreateVm, Route, CreateRoute)),
+    components(schemas(Vm, VmState, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
+        CreateSnapshot, RestoreRequest)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, App};
 use crate::error::ApiError;
-use crate::model::{CreateVm, Vm};
+use crate::model::{CreateSnapshot, CreateVm, RestoreRequest, Snapshot, Vm};
 
 #[utoipa::path(post, path = "/vms", request_body = CreateVm,
     responses((status = 201, body = Vm, description = "created; booting"),
@@ -80,27 +80,59 @@ pub async fn logs(
         .into_response())
 }
 
-/// Snapshots need S3 storage, which this milestone does not configure yet.
-async fn needs_storage(app: App, id: String) -> Result<Response, ApiError> {
-    app.0.vms.get(&id)?;
-    Err(ApiError::SnapshotStorageUnavailable)
+#[utoipa::path(post, path = "/vms/{id}/snapshot", request_body = CreateSnapshot,
+    responses((status = 202, body = Snapshot), (status = 404), (status = 409),
+        (status = 503, description = "no snapshot storage configured")))]
+pub async fn snapshot(
+    State(app): App,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CreateSnapshot>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(app.vms.snapshot(&id, req, "manual")?),
+    ))
 }
 
-pub async fn snapshot(app: App, Path(id): Path<String>) -> Result<Response, ApiError> {
-    needs_storage(app, id).await
+#[utoipa::path(post, path = "/vms/{id}/restore", request_body = RestoreRequest,
+    responses((status = 202, body = Vm), (status = 404), (status = 409), (status = 503)))]
+pub async fn restore(
+    State(app): App,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RestoreRequest>,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req)?)))
 }
-pub async fn restore(app: App, Path(id): Path<String>) -> Result<Response, ApiError> {
-    needs_storage(app, id).await
+
+#[utoipa::path(get, path = "/vms/{id}/snapshots",
+    responses((status = 200, description = "{\"snapshots\": [Snapshot]}, newest first"), (status = 404), (status = 503)))]
+pub async fn snapshots(State(app): App, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "snapshots": app.vms.list_snapshots(&id)? })))
 }
-pub async fn snapshots(app: App, Path(id): Path<String>) -> Result<Response, ApiError> {
-    needs_storage(app, id).await
+
+#[utoipa::path(get, path = "/vms/{id}/snapshots/{sid}", responses((status = 200, body = Snapshot), (status = 404), (status = 503)))]
+pub async fn get_snapshot(
+    State(app): App,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<Json<Snapshot>, ApiError> {
+    Ok(Json(app.vms.get_snapshot(&id, &sid)?))
 }
-pub async fn retention(app: App, Path(id): Path<String>) -> Result<Response, ApiError> {
-    needs_storage(app, id).await
+
+#[utoipa::path(delete, path = "/vms/{id}/snapshots/{sid}", responses((status = 204), (status = 404), (status = 409), (status = 503)))]
+pub async fn delete_snapshot(
+    State(app): App,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.vms.delete_snapshot(&id, &sid).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
-pub async fn snapshot_item(
-    app: App,
-    Path((id, _sid)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    needs_storage(app, id).await
+
+/// Retention policies come with the retention milestone; until then the
+/// endpoint exists and reports what is missing.
+pub async fn retention(State(app): App, Path(id): Path<String>) -> Result<Response, ApiError> {
+    app.vms.storage()?;
+    app.vms.get(&id)?;
+    Err(ApiError::NotImplemented(
+        "retention policies are not implemented yet".into(),
+    ))
 }

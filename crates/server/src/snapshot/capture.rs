@@ -1,0 +1,243 @@
+//! Capture: freeze what must be frozen while the guest is paused, let it go
+//! (checkpoint) or end it (suspend), then upload while it runs or is gone.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use hatch_chunks::ChunkStore;
+use hatch_vmm::Machine;
+
+use super::manifest::{Layer, MANIFEST_VERSION, Manifest, manifest_key};
+use super::{new_layer_name, node_name};
+use crate::db::SnapshotRecord;
+use crate::manager::VmManager;
+use crate::model::{SnapshotStatus, Vm, VmState};
+use crate::runtime::{OpGuard, VmRuntime};
+
+impl VmManager {
+    pub(super) async fn run_snapshot(
+        self: Arc<Self>,
+        rt: Arc<VmRuntime>,
+        guard: OpGuard,
+        mut rec: SnapshotRecord,
+        stop: bool,
+        store: Arc<ChunkStore>,
+        vm: Vm,
+    ) {
+        rec.snap.status = SnapshotStatus::Capturing;
+        self.save_record(&rec);
+        let captured = if stop {
+            self.capture_suspend(&rt, &mut rec).await
+        } else {
+            self.capture_checkpoint(&rt, &mut rec).await
+        };
+        if let Err(e) = captured {
+            let reason = format!("capture failed: {e:#}");
+            tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, %reason);
+            rec.snap.status = SnapshotStatus::Failed;
+            rec.snap.error = Some(reason);
+            self.save_record(&rec);
+            // The guest was resumed (or never paused) if its QEMU lives.
+            let to = if rt.machine().is_some() {
+                VmState::Running
+            } else {
+                VmState::Failed
+            };
+            let _ = self.transition(&rt, to, rec.snap.error.clone());
+            return;
+        }
+        rec.local = true;
+        rec.snap.status = SnapshotStatus::Uploading;
+        self.save_record(&rec);
+        let to = if stop {
+            VmState::Snapshotted
+        } else {
+            VmState::Running
+        };
+        if let Err(e) = self.transition(&rt, to, None) {
+            tracing::error!(vm = %rt.id, error = %e, "recording snapshot state failed");
+        }
+        // The VM is free for other operations while the upload runs.
+        drop(guard);
+        tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, pause_ms = rec.snap.pause_ms, "captured");
+
+        let started = Instant::now();
+        match self.upload(&rec, &store, &vm).await {
+            Ok(stored) => {
+                rec.snap.stored_bytes = stored;
+                rec.snap.status = SnapshotStatus::Ready;
+                tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, stored_bytes = stored,
+                    upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
+            }
+            Err(e) => {
+                rec.snap.status = SnapshotStatus::Failed;
+                rec.snap.error = Some(format!(
+                    "upload failed: {e:#}; the local copy stays restorable on this host"
+                ));
+                tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, error = format!("{e:#}"), "upload failed");
+            }
+        }
+        self.save_record(&rec);
+    }
+
+    pub(crate) fn save_record(&self, rec: &SnapshotRecord) {
+        if let Err(e) = self.db.update_snapshot(rec) {
+            tracing::error!(snapshot = %rec.snap.id, error = %e, "recording snapshot failed");
+        }
+    }
+
+    /// Suspend: pause, save device state, end QEMU; keep RAM and disk locally.
+    async fn capture_suspend(
+        &self,
+        rt: &VmRuntime,
+        rec: &mut SnapshotRecord,
+    ) -> anyhow::Result<()> {
+        let machine = rt.machine().context("vm has no running QEMU")?;
+        let dir = self.snapshot_dir(&rec.snap.id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let paths = self.paths(&rt.id);
+        let t0 = Instant::now();
+        machine.pause().await?;
+        if let Err(e) = machine.save_state(&dir.join("state")).await {
+            resume_guest(&machine).await;
+            return Err(e.into());
+        }
+        // Past this point the guest never runs again in this QEMU: quitting
+        // flushes the active disk layer, which becomes frozen.
+        rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
+        self.halt_keeping_ram(rt, &machine).await;
+        rec.layers = self.db.disk_layers(&rt.id)?;
+        rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
+        // Move RAM out of the run dir's tmpfs: a suspended VM frees its memory.
+        let (src, dst) = (paths.mem.clone(), dir.join("mem"));
+        tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
+            .await
+            .context("copy task")??;
+        self.remove_runtime_files(&rt.id);
+        Ok(())
+    }
+
+    /// Checkpoint: while paused, switch the disk to a new layer, save device
+    /// state and copy RAM; then let the guest run on.
+    async fn capture_checkpoint(
+        &self,
+        rt: &VmRuntime,
+        rec: &mut SnapshotRecord,
+    ) -> anyhow::Result<()> {
+        let machine = rt.machine().context("vm has no running QEMU")?;
+        let dir = self.snapshot_dir(&rec.snap.id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let paths = self.paths(&rt.id);
+        let layers = self.db.disk_layers(&rt.id)?;
+        let top = layers.last().context("vm has no disk layer")?.clone();
+        let new_layer = new_layer_name();
+
+        let t0 = Instant::now();
+        machine.pause().await?;
+        let result: anyhow::Result<()> = async {
+            // Order matters: freeze the disk layer before saving state. Once
+            // the state is saved QEMU has inactivated its block devices until
+            // `cont`, and a layer switch would fail.
+            machine
+                .freeze_disk(
+                    &node_name(&top),
+                    &paths.dir.join(&new_layer),
+                    &node_name(&new_layer),
+                )
+                .await?;
+            let mut all = layers.clone();
+            all.push(new_layer.clone());
+            self.db.set_disk_layers(&rt.id, &all)?;
+            machine.save_state(&dir.join("state")).await?;
+            // RAM must be copied before the guest changes it again.
+            let (src, dst) = (paths.mem.clone(), dir.join("mem"));
+            tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
+                .await
+                .context("copy task")??;
+            Ok(())
+        }
+        .await;
+        resume_guest(&machine).await;
+        rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
+        result?;
+        rec.layers = layers;
+        rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
+        Ok(())
+    }
+
+    /// Quit QEMU but keep the RAM file (it is the memory image).
+    async fn halt_keeping_ram(&self, rt: &VmRuntime, machine: &Machine) {
+        if let Err(e) = machine.quit().await {
+            tracing::warn!(vm = %rt.id, error = %e, "quit failed; killing QEMU");
+            machine.kill();
+            machine.wait_exit().await;
+        }
+        rt.lock().machine = None;
+        self.clear_forwards(rt);
+    }
+
+    /// Upload state, memory and disk layers, then the manifest (the commit
+    /// point). Returns the bytes newly stored.
+    async fn upload(
+        &self,
+        rec: &SnapshotRecord,
+        store: &ChunkStore,
+        vm: &Vm,
+    ) -> anyhow::Result<u64> {
+        let dir = self.snapshot_dir(&rec.snap.id);
+        let vm_dir = self.paths(&vm.id).dir;
+        let mut stored = 0;
+        let (device_state, r) = store.upload_file(&dir.join("state")).await?;
+        stored += r.stored_bytes;
+        let (memory, r) = store.upload_file(&dir.join("mem")).await?;
+        stored += r.stored_bytes;
+        let mut disk_layers = Vec::new();
+        for name in &rec.layers {
+            let (chunks, r) = store.upload_file(&vm_dir.join(name)).await?;
+            stored += r.stored_bytes;
+            disk_layers.push(Layer {
+                name: name.clone(),
+                chunks,
+            });
+        }
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            snapshot_id: rec.snap.id.clone(),
+            vm_id: vm.id.clone(),
+            created_at: rec.snap.created_at.clone(),
+            image: vm.image.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_mib: vm.disk_mib,
+            qemu_version: self.qemu_version.clone(),
+            device_state,
+            memory,
+            disk_layers,
+        };
+        let bytes = manifest.encode().context("encoding manifest")?;
+        stored += bytes.len() as u64;
+        store
+            .put(&manifest_key(&vm.id, &rec.snap.id), Bytes::from(bytes))
+            .await?;
+        Ok(stored)
+    }
+}
+
+/// Resume a paused guest: at the end of every checkpoint, and when a
+/// suspend fails before the point of no return.
+async fn resume_guest(machine: &Machine) {
+    if let Err(e) = machine.resume().await {
+        tracing::error!(pid = machine.pid(), error = %e, "could not resume the guest");
+    }
+}
+
+fn layers_size(dir: &Path, layers: &[String]) -> u64 {
+    layers
+        .iter()
+        .filter_map(|l| std::fs::metadata(dir.join(l)).ok())
+        .map(|m| m.len())
+        .sum()
+}

@@ -1,0 +1,197 @@
+//! Restore: bring the snapshot's files here (local copy, else S3 with every
+//! chunk verified), give the VM a fresh RAM file and disk layer, launch QEMU
+//! waiting for its state, load it, run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use hatch_chunks::{ChunkError, ChunkStore};
+use hatch_vmm::Machine;
+
+use super::manifest::{Manifest, manifest_key};
+use super::new_layer_name;
+use crate::db::SnapshotRecord;
+use crate::manager::{VmManager, now_rfc3339};
+use crate::model::VmState;
+use crate::runtime::{OpGuard, VmRuntime};
+
+impl VmManager {
+    pub(super) async fn run_restore(
+        self: Arc<Self>,
+        rt: Arc<VmRuntime>,
+        guard: OpGuard,
+        rec: SnapshotRecord,
+        prior: VmState,
+        store: Arc<ChunkStore>,
+    ) {
+        let started = Instant::now();
+        match self.restore_from(&rt, &rec, &store).await {
+            Ok(machine) => {
+                if let Err(e) = self.transition(&rt, VmState::Running, None) {
+                    tracing::error!(vm = %rt.id, error = %e, "recording restore failed");
+                }
+                if let Err(e) = self.db.set_vm_started(&rt.id, &now_rfc3339()) {
+                    tracing::warn!(vm = %rt.id, error = %e, "recording start time failed");
+                }
+                self.watch(rt.clone(), machine);
+                tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
+                    restore_ms = started.elapsed().as_millis() as u64, "restored");
+            }
+            Err(e) => {
+                let corrupt = e.chain().any(|c| {
+                    c.downcast_ref::<ChunkError>()
+                        .is_some_and(ChunkError::is_corruption)
+                });
+                let reason = if corrupt {
+                    format!("snapshot_corrupt: restore of {} failed: {e:#}", rec.snap.id)
+                } else {
+                    format!("restore of {} failed: {e:#}", rec.snap.id)
+                };
+                tracing::error!(vm = %rt.id, %reason);
+                if let Some(m) = rt.machine() {
+                    m.kill();
+                    m.wait_exit().await;
+                }
+                rt.lock().machine = None;
+                self.clear_forwards(&rt);
+                self.remove_runtime_files(&rt.id);
+                // The VM stays as restorable as it was: its snapshots are intact.
+                let to = match prior {
+                    VmState::Running | VmState::Snapshotted => VmState::Snapshotted,
+                    other => other,
+                };
+                if let Err(e) = self.transition(&rt, to, Some(reason)) {
+                    tracing::error!(vm = %rt.id, error = %e, "recording restore failure failed");
+                }
+            }
+        }
+        drop(guard);
+    }
+
+    async fn restore_from(
+        &self,
+        rt: &VmRuntime,
+        rec: &SnapshotRecord,
+        store: &ChunkStore,
+    ) -> anyhow::Result<Arc<Machine>> {
+        // A rollback first ends the running guest.
+        if rt.machine().is_some() {
+            self.halt(rt).await;
+        }
+        let dir = self.snapshot_dir(&rec.snap.id);
+        let paths = self.paths(&rt.id);
+        let complete = rec.local
+            && dir.join("state").exists()
+            && dir.join("mem").exists()
+            && rec.layers.iter().all(|l| paths.dir.join(l).exists());
+        let layers = if complete {
+            rec.layers.clone()
+        } else {
+            self.fetch(rt, rec, store).await?
+        };
+
+        // Fresh RAM file from the snapshot's (which stays intact for later restores).
+        std::fs::create_dir_all(&self.cfg.run_dir)?;
+        let _ = std::fs::remove_file(&paths.mem);
+        let (src, dst) = (dir.join("mem"), paths.mem.clone());
+        tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
+            .await
+            .context("copy task")??;
+
+        // A new writable disk layer over the snapshot's frozen ones.
+        let top = layers.last().context("snapshot has no disk layer")?;
+        let vm = self.get(&rt.id)?;
+        let new_layer = new_layer_name();
+        hatch_vmm::disk::create_overlay(
+            &paths.dir.join(top),
+            "qcow2",
+            &paths.dir.join(&new_layer),
+            vm.disk_mib,
+        )
+        .await?;
+        let mut all = layers.clone();
+        all.push(new_layer);
+        self.db.set_disk_layers(&rt.id, &all)?;
+
+        let machine = self.launch(rt, true).await?;
+        machine
+            .load_state(&dir.join("state"))
+            .await
+            .context("loading the saved CPU and device state")?;
+        Ok(machine)
+    }
+
+    /// Download a snapshot from S3: state and memory into its local
+    /// directory, missing disk layers into the VM's directory, each rebased
+    /// onto this host's paths. Returns the layer names.
+    async fn fetch(
+        &self,
+        rt: &VmRuntime,
+        rec: &SnapshotRecord,
+        store: &ChunkStore,
+    ) -> anyhow::Result<Vec<String>> {
+        let started = Instant::now();
+        let bytes = store
+            .get(&manifest_key(&rt.id, &rec.snap.id))
+            .await
+            .context("reading the snapshot manifest")?;
+        let manifest = Manifest::decode(&bytes).map_err(|reason| ChunkError::Corrupt {
+            id: format!("manifest of {}", rec.snap.id),
+            reason,
+        })?;
+        let dir = self.snapshot_dir(&rec.snap.id);
+        let tmp = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let mut fetched = store
+            .download_file(&manifest.device_state, &tmp.join("state"))
+            .await?
+            .fetched_bytes;
+        fetched += store
+            .download_file(&manifest.memory, &tmp.join("mem"))
+            .await?
+            .fetched_bytes;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)?;
+
+        let image = self.images.get(&manifest.image)?;
+        let vm_dir = self.paths(&rt.id).dir;
+        let mut backing = (image.disk.clone(), image.disk_format.clone());
+        for layer in &manifest.disk_layers {
+            let path = vm_dir.join(&layer.name);
+            if !path.exists() {
+                let part = vm_dir.join(format!("{}.partial", layer.name));
+                fetched += store
+                    .download_file(&layer.chunks, &part)
+                    .await?
+                    .fetched_bytes;
+                rebase(&part, &backing.0, &backing.1).await?;
+                std::fs::rename(&part, &path)?;
+            }
+            backing = (path, "qcow2".to_string());
+        }
+        tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, fetched_bytes = fetched,
+            ms = started.elapsed().as_millis() as u64, "fetched snapshot from S3");
+        Ok(manifest.disk_layers.into_iter().map(|l| l.name).collect())
+    }
+}
+
+/// Point a downloaded qcow2 layer at its backing file on this host (the
+/// header holds the absolute path of wherever it was captured).
+async fn rebase(layer: &Path, backing: &Path, backing_format: &str) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b"])
+        .arg(backing)
+        .arg(layer)
+        .output()
+        .await
+        .context("running qemu-img rebase")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "qemu-img rebase failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Saving and loading a machine's CPU and device state.
+//!
+//! Guest RAM is a shared file (memory-backend-file, share=on), and the
+//! `x-ignore-shared` migration capability leaves it out of the migration
+//! stream: what is saved is only CPU and device state (~60 KiB), written in
+//! milliseconds. The RAM file itself is the memory image. The same capability
+//! must be on for the incoming side of a restore, which then maps the RAM file
+//! instead of reading memory from the stream.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hatch_qmp::commands::{
+    BlockdevSnapshotSync, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
+    MigrationCapability, QueryMigrate, QueryStatus, Stop,
+};
+
+use crate::{Machine, VmmError};
+
+/// Longest a state save or load may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Migration bandwidth cap: effectively none (the default 128 MiB/s
+/// throttles even a paused VM).
+const MAX_BANDWIDTH: u64 = 64 << 30;
+
+impl Machine {
+    pub async fn pause(&self) -> Result<(), VmmError> {
+        self.qmp().execute(&Stop).await?;
+        Ok(())
+    }
+
+    pub async fn resume(&self) -> Result<(), VmmError> {
+        self.qmp().execute(&Cont).await?;
+        Ok(())
+    }
+
+    async fn ignore_shared_ram(&self) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(&MigrateSetCapabilities {
+                capabilities: vec![
+                    MigrationCapability {
+                        capability: "x-ignore-shared".into(),
+                        state: true,
+                    },
+                    // MIGRATION events wake `wait_migration`.
+                    MigrationCapability {
+                        capability: "events".into(),
+                        state: true,
+                    },
+                ],
+            })
+            .await?;
+        self.qmp()
+            .execute(&MigrateSetParameters {
+                max_bandwidth: MAX_BANDWIDTH,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Write CPU and device state (not RAM) to `path`. The caller has paused
+    /// the machine. Afterwards QEMU's block devices are inactive until `cont`.
+    pub async fn save_state(&self, path: &Path) -> Result<(), VmmError> {
+        self.ignore_shared_ram().await?;
+        let uri = format!("exec:cat > {}", shell_quote(path));
+        self.qmp()
+            .execute(&hatch_qmp::commands::Migrate { uri })
+            .await?;
+        self.wait_migration().await
+    }
+
+    /// Load CPU and device state from `path` into a machine launched with
+    /// `incoming`, and let it run.
+    pub async fn load_state(&self, path: &Path) -> Result<(), VmmError> {
+        self.ignore_shared_ram().await?;
+        let uri = format!("exec:cat {}", shell_quote(path));
+        self.qmp().execute(&MigrateIncoming { uri }).await?;
+        self.wait_migration().await?;
+        // QEMU starts the guest when the incoming migration completes; make
+        // sure of it in case autostart was off.
+        let status = self.qmp().execute(&QueryStatus).await?;
+        if !status.running {
+            self.resume().await?;
+        }
+        Ok(())
+    }
+
+    /// Freeze the disk's active layer `node`: writes go on in a new qcow2
+    /// overlay `new_file` (node `new_node`) backed by it.
+    pub async fn freeze_disk(
+        &self,
+        node: &str,
+        new_file: &Path,
+        new_node: &str,
+    ) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(&BlockdevSnapshotSync {
+                node_name: node.to_string(),
+                snapshot_file: new_file.display().to_string(),
+                snapshot_node_name: new_node.to_string(),
+                format: "qcow2".into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_migration(&self) -> Result<(), VmmError> {
+        let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+        let mut events = self.qmp().events();
+        loop {
+            let info = self.qmp().execute(&QueryMigrate).await?;
+            match info.status.as_deref() {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(VmmError::Migration(
+                        info.error_desc.unwrap_or_else(|| "migration failed".into()),
+                    ));
+                }
+                _ => {}
+            }
+            // Wake on the next MIGRATION event (or re-check after a short
+            // while: an event may have come before we subscribed).
+            let wait = async {
+                while let Ok(ev) = events.recv().await {
+                    if ev.event == "MIGRATION" {
+                        return;
+                    }
+                }
+            };
+            if tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(20)),
+                wait,
+            )
+            .await
+            .is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return Err(VmmError::Migration("timed out".into()));
+            }
+        }
+    }
+}
+
+/// Quote a path for the shell that QEMU's `exec:` migration runs.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_paths_for_the_shell() {
+        assert_eq!(shell_quote(Path::new("/a b/c")), "'/a b/c'");
+        assert_eq!(shell_quote(Path::new("/it's")), r"'/it'\''s'");
+    }
+}

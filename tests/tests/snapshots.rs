@@ -1,0 +1,163 @@
+//! Snapshots against a real Garage: suspend and wake, checkpoint and
+//! rollback, restore from S3 alone; memory, CPU and disk state survive.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use hatch_e2e::{Daemon, Garage, PATIENCE, kv, process_alive};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+async fn wait_snapshot(d: &Daemon, vm: &str, sid: &str, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (s, snap) = d
+            .call(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{snap}");
+        if snap["status"] == status {
+            return snap;
+        }
+        assert_ne!(snap["status"], "failed", "{snap}\n{}", d.daemon_log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "snapshot never {status}: {snap}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn snapshot(d: &Daemon, vm: &str, stop: bool) -> String {
+    let (s, snap) = d
+        .call(
+            Method::POST,
+            &format!("/vms/{vm}/snapshot"),
+            Some(json!({ "stop": stop })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{snap}");
+    assert_eq!(snap["status"], "pending");
+    assert_eq!(snap["trigger"], "manual");
+    assert!(snap["id"].as_str().unwrap().starts_with("snap-"));
+    snap["id"].as_str().unwrap().to_string()
+}
+
+async fn restore(d: &Daemon, vm: &str, body: Value) {
+    let (s, v) = d
+        .call(Method::POST, &format!("/vms/{vm}/restore"), Some(body))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    d.wait_state(vm, "running").await;
+}
+
+async fn get(d: &Daemon, path: &str) -> String {
+    let (s, body) = d.proxy_get("app.localhost", path).await;
+    assert_eq!(s, StatusCode::OK, "{path}: {body}");
+    body
+}
+
+#[tokio::test]
+async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
+    let garage = Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+    let vm = d.create_vm(json!({ "name": "app" })).await;
+    let id = vm["id"].as_str().unwrap().to_string();
+    d.wait_state(&id, "running").await;
+    d.create_route("app.localhost", &id).await;
+    let boot_id = kv(&d.wait_http("app.localhost", "/").await, "boot_id");
+    assert_eq!(get(&d, "/counter").await, "counter=1\n");
+    assert_eq!(get(&d, "/disk/write?name=k&value=v1").await, "ok\n");
+
+    // Nothing to restore yet; a running VM cannot be "woken" from nothing.
+    let (s, b) = d
+        .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("conflict"))
+    );
+
+    // Suspend: QEMU ends, the VM is snapshotted, the snapshot reaches S3.
+    let pid = d.qemu_pids()[0];
+    let s1 = snapshot(&d, &id, true).await;
+    d.wait_state(&id, "snapshotted").await;
+    assert!(!process_alive(pid));
+    let snap = wait_snapshot(&d, &id, &s1, "ready").await;
+    assert!(snap["pause_ms"].as_u64().is_some(), "{snap}");
+    assert!(snap["stored_bytes"].as_u64().unwrap() > 0, "{snap}");
+    assert_eq!(snap["memory_bytes"], 256u64 << 20);
+    let (s, b) = d.proxy_get("app.localhost", "/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    let (s, _) = d
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/snapshot"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "a snapshotted vm cannot be snapshotted"
+    );
+
+    // Wake: same boot, counter and disk continue.
+    restore(&d, &id, json!({})).await;
+    let root = get(&d, "/").await;
+    assert_eq!(kv(&root, "boot_id"), boot_id, "a restore is not a reboot");
+    assert_eq!(get(&d, "/counter").await, "counter=2\n");
+    assert_eq!(get(&d, "/disk/read?name=k").await, "value=v1\n");
+
+    // Checkpoint: the VM runs on; later changes are rolled back.
+    let s2 = snapshot(&d, &id, false).await;
+    let snap = wait_snapshot(&d, &id, &s2, "ready").await;
+    assert!(snap["pause_ms"].as_u64().is_some());
+    assert_eq!(d.vm(&id).await["state"], "running");
+    assert_eq!(get(&d, "/counter").await, "counter=3\n");
+    assert_eq!(get(&d, "/disk/write?name=k&value=v2").await, "ok\n");
+    assert_eq!(get(&d, "/disk/write?name=later&value=x").await, "ok\n");
+    restore(&d, &id, json!({ "snapshot_id": s2 })).await;
+    assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(
+        get(&d, "/counter").await,
+        "counter=3\n",
+        "counter rolled back to the checkpoint"
+    );
+    assert_eq!(
+        get(&d, "/disk/read?name=k").await,
+        "value=v1\n",
+        "disk rolled back"
+    );
+    let (s, _) = d.proxy_get("app.localhost", "/disk/read?name=later").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Listing: newest first.
+    let (_, list) = d
+        .call(Method::GET, &format!("/vms/{id}/snapshots"), None)
+        .await;
+    let ids: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [s2.as_str(), s1.as_str()]);
+
+    // Suspend again, then wipe every local copy: the restore comes from S3 only.
+    assert_eq!(get(&d, "/counter").await, "counter=4\n");
+    let s3 = snapshot(&d, &id, true).await;
+    wait_snapshot(&d, &id, &s3, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    std::fs::remove_dir_all(d.data_dir.path().join("snapshots")).unwrap();
+    for entry in std::fs::read_dir(d.data_dir.path().join("vms").join(&id)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    restore(&d, &id, json!({})).await;
+    assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(get(&d, "/counter").await, "counter=5\n");
+    assert_eq!(get(&d, "/disk/read?name=k").await, "value=v1\n");
+}
