@@ -268,6 +268,51 @@ impl Daemon {
         }
     }
 
+    /// Start a snapshot; returns its id.
+    pub async fn snapshot(&self, vm: &str, stop: bool) -> String {
+        let (s, snap) = self
+            .call(
+                Method::POST,
+                &format!("/vms/{vm}/snapshot"),
+                Some(serde_json::json!({ "stop": stop })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{snap}");
+        assert_eq!(snap["status"], "pending");
+        snap["id"].as_str().unwrap().to_string()
+    }
+
+    /// Wait until the snapshot has `status` (a failure panics unless awaited).
+    pub async fn wait_snapshot(&self, vm: &str, sid: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (s, snap) = self
+                .call(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{snap}");
+            if snap["status"] == status {
+                return snap;
+            }
+            if snap["status"] == "failed" {
+                panic!("snapshot failed: {snap}\n{}", self.daemon_log());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "snapshot never {status}: {snap}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ask for a restore (202) and wait until the VM is running again.
+    pub async fn restore(&self, vm: &str, body: Value) {
+        let (s, v) = self
+            .call(Method::POST, &format!("/vms/{vm}/restore"), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        self.wait_state(vm, "running").await;
+    }
+
     /// PIDs of QEMU processes this daemon started (from their pid files).
     pub fn qemu_pids(&self) -> Vec<i32> {
         let Ok(dir) = std::fs::read_dir(&self.run_dir) else {
@@ -357,15 +402,7 @@ impl Garage {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
-        let child = Command::new(garage_bin())
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("garage not installed: run scripts/test.sh");
+        let child = spawn_garage(&config, dir.path());
         let mut g = Garage {
             child,
             _dir: dir,
@@ -415,6 +452,27 @@ impl Garage {
         g
     }
 
+    /// Take S3 down (as an outage would).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Bring S3 back with the same data, and wait until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_garage(&self.config, self.config.parent().unwrap());
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "garage did not come back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(garage_bin())
             .arg("-c")
@@ -449,4 +507,20 @@ impl Drop for Garage {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn_garage(config: &Path, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("garage.log"))
+        .unwrap();
+    Command::new(garage_bin())
+        .arg("-c")
+        .arg(config)
+        .arg("server")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("garage not installed: run scripts/test.sh")
 }

@@ -3,53 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
-use hatch_e2e::{Daemon, Garage, PATIENCE, kv, process_alive};
+use hatch_e2e::{Daemon, Garage, kv, process_alive};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
-
-async fn wait_snapshot(d: &Daemon, vm: &str, sid: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (s, snap) = d
-            .call(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{snap}");
-        if snap["status"] == status {
-            return snap;
-        }
-        assert_ne!(snap["status"], "failed", "{snap}\n{}", d.daemon_log());
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "snapshot never {status}: {snap}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn snapshot(d: &Daemon, vm: &str, stop: bool) -> String {
-    let (s, snap) = d
-        .call(
-            Method::POST,
-            &format!("/vms/{vm}/snapshot"),
-            Some(json!({ "stop": stop })),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{snap}");
-    assert_eq!(snap["status"], "pending");
-    assert_eq!(snap["trigger"], "manual");
-    assert!(snap["id"].as_str().unwrap().starts_with("snap-"));
-    snap["id"].as_str().unwrap().to_string()
-}
-
-async fn restore(d: &Daemon, vm: &str, body: Value) {
-    let (s, v) = d
-        .call(Method::POST, &format!("/vms/{vm}/restore"), Some(body))
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    d.wait_state(vm, "running").await;
-}
+use serde_json::json;
 
 async fn get(d: &Daemon, path: &str) -> String {
     let (s, body) = d.proxy_get("app.localhost", path).await;
@@ -80,13 +36,15 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
 
     // Suspend: QEMU ends, the VM is snapshotted, the snapshot reaches S3.
     let pid = d.qemu_pids()[0];
-    let s1 = snapshot(&d, &id, true).await;
+    let s1 = d.snapshot(&id, true).await;
     d.wait_state(&id, "snapshotted").await;
     assert!(!process_alive(pid));
-    let snap = wait_snapshot(&d, &id, &s1, "ready").await;
+    let snap = d.wait_snapshot(&id, &s1, "ready").await;
     assert!(snap["pause_ms"].as_u64().is_some(), "{snap}");
     assert!(snap["stored_bytes"].as_u64().unwrap() > 0, "{snap}");
     assert_eq!(snap["memory_bytes"], 256u64 << 20);
+    assert_eq!(snap["trigger"], "manual");
+    assert_eq!(snap["vm_id"], id.as_str());
     let (s, b) = d.proxy_get("app.localhost", "/").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     let (s, _) = d
@@ -103,21 +61,21 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
     );
 
     // Wake: same boot, counter and disk continue.
-    restore(&d, &id, json!({})).await;
+    d.restore(&id, json!({})).await;
     let root = get(&d, "/").await;
     assert_eq!(kv(&root, "boot_id"), boot_id, "a restore is not a reboot");
     assert_eq!(get(&d, "/counter").await, "counter=2\n");
     assert_eq!(get(&d, "/disk/read?name=k").await, "value=v1\n");
 
     // Checkpoint: the VM runs on; later changes are rolled back.
-    let s2 = snapshot(&d, &id, false).await;
-    let snap = wait_snapshot(&d, &id, &s2, "ready").await;
+    let s2 = d.snapshot(&id, false).await;
+    let snap = d.wait_snapshot(&id, &s2, "ready").await;
     assert!(snap["pause_ms"].as_u64().is_some());
     assert_eq!(d.vm(&id).await["state"], "running");
     assert_eq!(get(&d, "/counter").await, "counter=3\n");
     assert_eq!(get(&d, "/disk/write?name=k&value=v2").await, "ok\n");
     assert_eq!(get(&d, "/disk/write?name=later&value=x").await, "ok\n");
-    restore(&d, &id, json!({ "snapshot_id": s2 })).await;
+    d.restore(&id, json!({ "snapshot_id": s2 })).await;
     assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(
         get(&d, "/counter").await,
@@ -146,8 +104,8 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
 
     // Suspend again, then wipe every local copy: the restore comes from S3 only.
     assert_eq!(get(&d, "/counter").await, "counter=4\n");
-    let s3 = snapshot(&d, &id, true).await;
-    wait_snapshot(&d, &id, &s3, "ready").await;
+    let s3 = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &s3, "ready").await;
     d.wait_state(&id, "snapshotted").await;
     std::fs::remove_dir_all(d.data_dir.path().join("snapshots")).unwrap();
     for entry in std::fs::read_dir(d.data_dir.path().join("vms").join(&id)).unwrap() {
@@ -156,7 +114,7 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
             std::fs::remove_file(path).unwrap();
         }
     }
-    restore(&d, &id, json!({})).await;
+    d.restore(&id, json!({})).await;
     assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(get(&d, "/counter").await, "counter=5\n");
     assert_eq!(get(&d, "/disk/read?name=k").await, "value=v1\n");

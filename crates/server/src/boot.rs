@@ -193,6 +193,47 @@ impl VmManager {
         }
     }
 
+    /// A snapshot or restore was cut short by a daemon restart while QEMU ran.
+    async fn recover_interrupted(
+        &self,
+        rt: &Arc<VmRuntime>,
+        machine: &Machine,
+        state: VmState,
+    ) -> anyhow::Result<()> {
+        let status = machine
+            .qmp()
+            .execute(&hatch_qmp::commands::QueryStatus)
+            .await?;
+        let restored = state == VmState::Restoring && status.running;
+        let snapshotting = state == VmState::Snapshotting;
+        if snapshotting || restored {
+            // A capture pauses the guest; let it run again.
+            if !status.running {
+                machine.resume().await?;
+            }
+            self.transition(rt, VmState::Running, None)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else {
+            // A restore that had not loaded its state: start it over later.
+            machine.kill();
+            machine.wait_exit().await;
+            rt.lock().machine = None;
+            self.clear_forwards(rt);
+            self.remove_runtime_files(&rt.id);
+            self.transition(
+                rt,
+                VmState::Snapshotted,
+                Some("restore interrupted by a daemon restart; restore again".into()),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
+    }
+
+    fn has_local_snapshot(&self, vm_id: &str) -> anyhow::Result<bool> {
+        Ok(self.db.list_snapshots(vm_id)?.iter().any(|r| r.local))
+    }
+
     /// At start-up: re-attach to VMs whose QEMU still runs, and record the
     /// others as stopped or failed with the reason.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
@@ -209,7 +250,7 @@ impl VmManager {
                     let machine = Arc::new(machine);
                     rt.lock().machine = Some(machine.clone());
                     tracing::info!(vm = %vm.id, pid = machine.pid(), "re-attached to running vm");
-                    self.watch(rt.clone(), machine);
+                    self.watch(rt.clone(), machine.clone());
                     match vm.state {
                         VmState::Stopping => {
                             // The stop was interrupted: finish it.
@@ -221,12 +262,28 @@ impl VmManager {
                             self.transition(&rt, VmState::Running, None)
                                 .map_err(|e| anyhow::anyhow!("{e}"))?;
                         }
+                        VmState::Snapshotting | VmState::Restoring => {
+                            self.recover_interrupted(&rt, &machine, vm.state).await?;
+                        }
                         _ => {}
                     }
                 }
                 Err(e) => {
+                    let restorable = (vm.state == VmState::Snapshotting
+                        && self.complete_interrupted_capture(&vm.id).await?)
+                        || self.has_local_snapshot(&vm.id)?;
                     let (to, reason) = if vm.state == VmState::Stopping {
                         (VmState::Stopped, None)
+                    } else if restorable
+                        && matches!(vm.state, VmState::Snapshotting | VmState::Restoring)
+                    {
+                        (
+                            VmState::Snapshotted,
+                            Some(
+                                "interrupted by a daemon restart; restorable from its snapshots"
+                                    .into(),
+                            ),
+                        )
                     } else {
                         (
                             VmState::Failed,

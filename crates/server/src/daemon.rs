@@ -54,6 +54,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let vms = VmManager::new(cfg.clone(), db, images, metrics.clone(), storage)?;
     tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
     vms.recover().await.context("re-attaching to VMs")?;
+    vms.recover_snapshots()
+        .await
+        .context("recovering interrupted snapshots")?;
 
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await

@@ -64,12 +64,22 @@ impl VmManager {
         drop(guard);
         tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, pause_ms = rec.snap.pause_ms, "captured");
 
+        self.finish_upload(rec, store, vm).await;
+    }
+
+    /// Upload a captured snapshot and record the outcome.
+    pub(super) async fn finish_upload(
+        &self,
+        mut rec: SnapshotRecord,
+        store: Arc<ChunkStore>,
+        vm: Vm,
+    ) {
         let started = Instant::now();
         match self.upload(&rec, &store, &vm).await {
             Ok(stored) => {
                 rec.snap.stored_bytes = stored;
                 rec.snap.status = SnapshotStatus::Ready;
-                tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, stored_bytes = stored,
+                tracing::info!(vm = %vm.id, snapshot = %rec.snap.id, stored_bytes = stored,
                     upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
             }
             Err(e) => {
@@ -77,7 +87,7 @@ impl VmManager {
                 rec.snap.error = Some(format!(
                     "upload failed: {e:#}; the local copy stays restorable on this host"
                 ));
-                tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, error = format!("{e:#}"), "upload failed");
+                tracing::error!(vm = %vm.id, snapshot = %rec.snap.id, error = format!("{e:#}"), "upload failed");
             }
         }
         self.save_record(&rec);
@@ -101,7 +111,17 @@ impl VmManager {
         let paths = self.paths(&rt.id);
         let t0 = Instant::now();
         machine.pause().await?;
-        if let Err(e) = machine.save_state(&dir.join("state")).await {
+        // `state` appears only once complete: recovery treats its presence as
+        // "the device state is saved".
+        let part = dir.join("state.partial");
+        let saved = async {
+            machine.save_state(&part).await?;
+            std::fs::rename(&part, dir.join("state")).map_err(|source| hatch_vmm::VmmError::Io {
+                path: part.clone(),
+                source,
+            })
+        };
+        if let Err(e) = saved.await {
             resume_guest(&machine).await;
             return Err(e.into());
         }
@@ -111,13 +131,53 @@ impl VmManager {
         self.halt_keeping_ram(rt, &machine).await;
         rec.layers = self.db.disk_layers(&rt.id)?;
         rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
-        // Move RAM out of the run dir's tmpfs: a suspended VM frees its memory.
-        let (src, dst) = (paths.mem.clone(), dir.join("mem"));
-        tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
+        self.keep_ram(&rt.id, &rec.snap.id).await?;
+        Ok(())
+    }
+
+    /// Move a suspended VM's RAM file out of the run dir's tmpfs into the
+    /// snapshot (a suspended VM frees its memory). Copied under a temporary
+    /// name and renamed, so `mem` is always whole; the source is removed last.
+    async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
+        let src = self.paths(vm_id).mem;
+        let dir = self.snapshot_dir(snapshot_id);
+        let (part, dst) = (dir.join("mem.partial"), dir.join("mem"));
+        let _ = std::fs::remove_file(&part);
+        let (s, p) = (src.clone(), part.clone());
+        tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&s, &p))
             .await
             .context("copy task")??;
-        self.remove_runtime_files(&rt.id);
+        std::fs::rename(&part, &dst).with_context(|| format!("renaming {}", part.display()))?;
+        self.remove_runtime_files(vm_id);
         Ok(())
+    }
+
+    /// After a restart: a suspend that had saved the device state and ended
+    /// QEMU but not yet kept its RAM is finished now. Returns whether the VM
+    /// has a complete local snapshot afterwards.
+    pub(crate) async fn complete_interrupted_capture(&self, vm_id: &str) -> anyhow::Result<bool> {
+        for mut rec in self.db.list_snapshots(vm_id)? {
+            if rec.snap.status != SnapshotStatus::Capturing {
+                continue;
+            }
+            let dir = self.snapshot_dir(&rec.snap.id);
+            let ram_kept = dir.join("mem").exists();
+            let ram_live = self.paths(vm_id).mem.exists();
+            if !dir.join("state").exists() || !(ram_kept || ram_live) {
+                continue;
+            }
+            if !ram_kept {
+                self.keep_ram(vm_id, &rec.snap.id).await?;
+            }
+            rec.layers = self.db.disk_layers(vm_id)?;
+            rec.local = true;
+            // Uploading: recover_snapshots resumes the upload.
+            rec.snap.status = SnapshotStatus::Uploading;
+            self.save_record(&rec);
+            tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "finished an interrupted suspend");
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Checkpoint: while paused, switch the disk to a new layer, save device

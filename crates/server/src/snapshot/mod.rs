@@ -33,6 +33,41 @@ pub(crate) fn new_layer_name() -> String {
 }
 
 impl VmManager {
+    /// At start-up, after VMs are recovered: snapshots cut short by a restart
+    /// either resume their upload (the local copy is complete) or fail.
+    pub async fn recover_snapshots(self: &Arc<Self>) -> anyhow::Result<()> {
+        for vm in self.db.list_vms()? {
+            for mut rec in self.db.list_snapshots(&vm.vm.id)? {
+                match rec.snap.status {
+                    SnapshotStatus::Ready | SnapshotStatus::Failed => {}
+                    SnapshotStatus::Uploading if rec.local => match self.storage.clone() {
+                        Some(store) => {
+                            tracing::info!(snapshot = %rec.snap.id, "resuming interrupted upload");
+                            let this = self.clone();
+                            let vm = vm.vm.clone();
+                            self.tasks
+                                .spawn(async move { this.finish_upload(rec, store, vm).await });
+                        }
+                        None => {
+                            rec.snap.status = SnapshotStatus::Failed;
+                            rec.snap.error = Some(
+                                "S3 is no longer configured; the local copy stays restorable"
+                                    .into(),
+                            );
+                            self.save_record(&rec);
+                        }
+                    },
+                    _ => {
+                        rec.snap.status = SnapshotStatus::Failed;
+                        rec.snap.error = Some("interrupted by a daemon restart".into());
+                        self.save_record(&rec);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn storage(&self) -> Result<Arc<ChunkStore>, ApiError> {
         self.storage
             .clone()

@@ -1,0 +1,216 @@
+//! Faults around snapshots: S3 outages, corrupt chunks, a daemon killed at
+//! any moment. A VM never ends without a restorable state.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use hatch_e2e::{Daemon, Garage, kv};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+async fn app(d: &Daemon, path: &str) -> String {
+    let (s, body) = d.proxy_get("app.localhost", path).await;
+    assert_eq!(s, StatusCode::OK, "{path}: {body}");
+    body
+}
+
+async fn booted_app(d: &Daemon) -> (String, String) {
+    let id = d.create_vm(json!({ "name": "app" })).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "running").await;
+    d.create_route("app.localhost", &id).await;
+    let boot_id = kv(&d.wait_http("app.localhost", "/").await, "boot_id");
+    (id, boot_id)
+}
+
+/// Remove every local copy of snapshots and disk layers of a suspended VM.
+fn wipe_local(d: &Daemon, vm: &str) {
+    let _ = std::fs::remove_dir_all(d.data_dir.path().join("snapshots"));
+    for entry in std::fs::read_dir(d.data_dir.path().join("vms").join(vm)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn s3_outage_during_upload_keeps_the_vm_restorable_and_a_retry_succeeds() {
+    let mut garage = Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+    let (id, boot_id) = booted_app(&d).await;
+    assert_eq!(app(&d, "/counter").await, "counter=1\n");
+
+    garage.stop();
+    let sid = d.snapshot(&id, true).await;
+    d.wait_state(&id, "snapshotted").await;
+    let snap = d.wait_snapshot(&id, &sid, "failed").await;
+    let err = snap["error"].as_str().unwrap();
+    assert!(
+        err.contains("upload failed") && err.contains("local copy"),
+        "{snap}"
+    );
+
+    // The local copy wakes the VM although S3 is down.
+    d.restore(&id, json!({})).await;
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+
+    // S3 is back: the next snapshot succeeds and restores from S3 alone.
+    garage.restart().await;
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    wipe_local(&d, &id);
+    d.restore(&id, json!({ "snapshot_id": sid })).await;
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(app(&d, "/counter").await, "counter=3\n");
+}
+
+#[tokio::test]
+async fn s3_outage_during_restore_fails_clearly_and_a_later_restore_works() {
+    let mut garage = Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+    let (id, boot_id) = booted_app(&d).await;
+    assert_eq!(app(&d, "/counter").await, "counter=1\n");
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    wipe_local(&d, &id);
+
+    garage.stop();
+    let (s, _) = d
+        .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let vm = d.wait_state(&id, "snapshotted").await;
+    let reason = vm["state_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("restore of") && reason.contains("manifest"),
+        "{vm}"
+    );
+    assert!(d.qemu_pids().is_empty(), "a failed restore leaves no QEMU");
+
+    garage.restart().await;
+    d.restore(&id, json!({})).await;
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+}
+
+#[tokio::test]
+async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
+    let garage = Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+    let (id, boot_id) = booted_app(&d).await;
+    assert_eq!(app(&d, "/counter").await, "counter=1\n");
+    let old = d.snapshot(&id, false).await;
+    d.wait_snapshot(&id, &old, "ready").await;
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+    let new = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &new, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+
+    // Overwrite, in S3, a memory chunk that only the newer snapshot has.
+    let s3: Arc<dyn ObjectStore> = Arc::new(
+        AmazonS3Builder::new()
+            .with_endpoint(&garage.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name("hatch")
+            .with_region("garage")
+            .with_access_key_id(&garage.key_id)
+            .with_secret_access_key(&garage.secret)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .unwrap(),
+    );
+    let manifest = |sid: String| {
+        let s3 = s3.clone();
+        let id = id.clone();
+        async move {
+            let bytes = s3
+                .get(&ObjPath::from(format!("manifests/{id}/{sid}.json")))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap()["manifest"].clone()
+        }
+    };
+    let chunks = |m: &Value| -> Vec<String> {
+        m["memory"]["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.as_str().map(String::from))
+            .collect()
+    };
+    let old_chunks = chunks(&manifest(old.clone()).await);
+    let victim = chunks(&manifest(new.clone()).await)
+        .into_iter()
+        .find(|c| !old_chunks.contains(c))
+        .expect("the newer snapshot has a chunk of its own");
+    let key = ObjPath::from(format!("chunks/{}/{victim}", &victim[..2]));
+    s3.put(&key, bytes::Bytes::from(zstd_garbage()).into())
+        .await
+        .unwrap();
+
+    wipe_local(&d, &id);
+    let (s, _) = d
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/restore"),
+            Some(json!({ "snapshot_id": new })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let vm = d.wait_state(&id, "snapshotted").await;
+    let reason = vm["state_reason"].as_str().unwrap();
+    assert!(reason.starts_with("snapshot_corrupt"), "{vm}");
+    assert!(reason.contains(&victim), "the bad chunk is named: {reason}");
+
+    // The older snapshot is intact and restores.
+    d.restore(&id, json!({ "snapshot_id": old })).await;
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+}
+
+/// Valid zstd whose content is not what the chunk's name promises.
+fn zstd_garbage() -> Vec<u8> {
+    zstd::bulk::compress(&[0x5a; 4096], 1).unwrap()
+}
+
+#[tokio::test]
+async fn a_daemon_killed_right_after_a_suspend_request_leaves_the_vm_restorable() {
+    let garage = Garage::start().await;
+    let mut d = Daemon::start_with_env(garage.env()).await;
+    let (id, boot_id) = booted_app(&d).await;
+    assert_eq!(app(&d, "/counter").await, "counter=1\n");
+    let sid = d.snapshot(&id, true).await;
+    // Killed wherever the snapshot is: capturing, keeping RAM, uploading, done.
+    d.kill_daemon();
+    d.restart().await;
+
+    let vm = d.vm(&id).await;
+    match vm["state"].as_str().unwrap() {
+        // Interrupted before QEMU ended: the guest runs on.
+        "running" => {}
+        "snapshotted" => {
+            let (_, snap) = d
+                .call(Method::GET, &format!("/vms/{id}/snapshots/{sid}"), None)
+                .await;
+            if snap["status"] != "failed" {
+                d.wait_snapshot(&id, &sid, "ready").await;
+            }
+            d.restore(&id, json!({})).await;
+        }
+        other => panic!("vm is {other} after the restart: {vm}\n{}", d.daemon_log()),
+    }
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+}
