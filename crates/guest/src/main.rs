@@ -16,6 +16,7 @@
 //! `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p hatch-guest
 //! --target x86_64-unknown-linux-gnu`.
 
+mod agent;
 mod grow;
 mod http;
 mod netprobe;
@@ -114,6 +115,14 @@ fn main() -> ExitCode {
             if let Err(e) = spawned {
                 eprintln!("hatch-guest: cannot start disk grow thread: {e}");
             }
+        }
+    }
+    if cfg.agent {
+        let spawned = std::thread::Builder::new()
+            .name("agent".into())
+            .spawn(agent::run);
+        if let Err(e) = spawned {
+            eprintln!("hatch-guest: cannot start the agent thread: {e}");
         }
     }
     let agent = cfg.agent;

@@ -33,6 +33,13 @@ impl VmManager {
                 }
                 tracing::info!(vm = %rt.id, pid = machine.pid(), launch_ms = started.elapsed().as_millis() as u64, "qemu launched");
                 self.watch(rt.clone(), machine.clone());
+                // Hold the agent channel open so the guest agent can block
+                // on it (it polls while no host is connected).
+                if let Ok(agent) =
+                    hatch_vmm::agent::Agent::connect(&self.paths(&rt.id).agent_socket).await
+                {
+                    rt.lock().agent = Some(agent);
+                }
                 drop(guard);
                 // Not a tracked operation: shutdown need not wait for a guest
                 // that may never answer HTTP (custom images).
@@ -106,6 +113,7 @@ impl VmManager {
                 incoming: restore,
                 mem_path: paths.mem.clone(),
                 qmp_socket: paths.qmp_socket.clone(),
+                agent_socket: paths.agent_socket.clone(),
                 console_log: paths.console_log.clone(),
                 pid_file: paths.pid_file.clone(),
                 forwards: forwards.clone(),

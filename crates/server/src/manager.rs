@@ -43,6 +43,7 @@ pub struct VmPaths {
     pub console_log: PathBuf,
     pub mem: PathBuf,
     pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
     pub pid_file: PathBuf,
 }
 
@@ -105,6 +106,7 @@ impl VmManager {
             // path for the unix socket whatever the data dir's length.
             mem: run.join(format!("{id}.mem")),
             qmp_socket: run.join(format!("{id}.qmp")),
+            agent_socket: run.join(format!("{id}.agent")),
             pid_file: run.join(format!("{id}.pid")),
             dir,
         }
@@ -362,7 +364,11 @@ impl VmManager {
                 }
             }
         }
-        rt.lock().machine = None;
+        {
+            let mut inner = rt.lock();
+            inner.machine = None;
+            inner.agent = None;
+        }
         self.clear_forwards(rt);
         self.remove_runtime_files(&rt.id);
     }
@@ -377,7 +383,7 @@ impl VmManager {
 
     pub(crate) fn remove_runtime_files(&self, id: &str) {
         let p = self.paths(id);
-        for f in [&p.mem, &p.qmp_socket, &p.pid_file] {
+        for f in [&p.mem, &p.qmp_socket, &p.agent_socket, &p.pid_file] {
             if let Err(e) = std::fs::remove_file(f)
                 && e.kind() != std::io::ErrorKind::NotFound
             {

@@ -26,6 +26,8 @@ pub struct Inner {
     pub state: VmState,
     pub forwards: Vec<PortForward>,
     pub machine: Option<Arc<Machine>>,
+    /// Connection to the guest agent, held open while the VM runs.
+    pub agent: Option<hatch_vmm::agent::Agent>,
     /// The operation holding `op`, for the 409 message.
     pub busy_with: Option<&'static str>,
 }
@@ -69,6 +71,7 @@ impl VmRuntime {
                 state,
                 forwards,
                 machine: None,
+                agent: None,
                 busy_with: None,
             }),
         })

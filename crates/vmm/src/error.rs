@@ -26,6 +26,8 @@ pub enum VmmError {
     SocketPathTooLong(PathBuf),
     #[error("unknown accelerator {0:?} (expected auto, kvm or tcg)")]
     UnknownAccel(String),
+    #[error("guest agent: {0}")]
+    Agent(String),
     #[error("saving or loading machine state failed: {0}")]
     Migration(String),
     #[error(transparent)]

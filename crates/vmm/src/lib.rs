@@ -3,6 +3,7 @@
 //! host facts (accelerator, TSC frequency, free ports) a launch depends on.
 
 pub mod accel;
+pub mod agent;
 pub mod disk;
 mod error;
 pub mod host;

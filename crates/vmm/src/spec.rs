@@ -39,6 +39,8 @@ pub struct MachineSpec {
     /// captured without streaming it through the migration channel.
     pub mem_path: PathBuf,
     pub qmp_socket: PathBuf,
+    /// Unix socket of the guest agent's virtio-serial port.
+    pub agent_socket: PathBuf,
     pub console_log: PathBuf,
     pub pid_file: PathBuf,
     pub forwards: Vec<PortForward>,
@@ -123,6 +125,19 @@ impl MachineSpec {
         ));
         push("-serial".into());
         push("chardev:console".into());
+        // The guest agent channel (clock and RNG after a restore).
+        push("-device".into());
+        push("virtio-serial-device".into());
+        push("-chardev".into());
+        push(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            escape(&self.agent_socket)
+        ));
+        push("-device".into());
+        push(format!(
+            "virtserialport,chardev=agent,name={}",
+            crate::agent::PORT_NAME
+        ));
         push("-qmp".into());
         push(format!(
             "unix:{},server=on,wait=off",
@@ -173,6 +188,7 @@ mod tests {
             disk_node: "disk0".into(),
             mem_path: "/run/vm/mem".into(),
             qmp_socket: "/vm/qmp.sock".into(),
+            agent_socket: "/vm/agent.sock".into(),
             console_log: "/vm/console.log".into(),
             pid_file: "/vm/qemu.pid".into(),
             forwards: vec![
@@ -269,7 +285,14 @@ mod tests {
         let a = args(&spec(Accel::Tcg));
         assert_eq!(
             value_of(&a, "-chardev"),
-            ["file,id=console,path=/vm/console.log,append=on"]
+            [
+                "file,id=console,path=/vm/console.log,append=on",
+                "socket,id=agent,path=/vm/agent.sock,server=on,wait=off"
+            ]
+        );
+        assert!(
+            value_of(&a, "-device")
+                .contains(&"virtserialport,chardev=agent,name=org.hatch.agent".to_string())
         );
         assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
         assert_eq!(

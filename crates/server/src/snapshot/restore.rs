@@ -120,6 +120,18 @@ impl VmManager {
             .load_state(&dir.join("state"))
             .await
             .context("loading the saved CPU and device state")?;
+        // The guest's clock stood still since the capture and its RNG state
+        // is shared with every other restore of this snapshot: fix both
+        // before anyone talks to it. Images without the agent go without.
+        match hatch_vmm::agent::Agent::connect(&paths.agent_socket).await {
+            Ok(mut agent) => {
+                if let Err(e) = agent.sync_clock_and_rng().await {
+                    tracing::warn!(vm = %rt.id, error = %e, "clock and RNG not synced");
+                }
+                rt.lock().agent = Some(agent);
+            }
+            Err(e) => tracing::warn!(vm = %rt.id, error = %e, "no guest agent channel"),
+        }
         Ok(machine)
     }
 

@@ -1,0 +1,156 @@
+//! The guest side of Hatch's agent channel: a virtio-serial port named
+//! `org.hatch.agent`. After a restore the host sends
+//! `sync <unix seconds>.<nanoseconds> <64 hex digits>`; the agent sets the
+//! wall clock (which stood still while the VM was suspended) and mixes the
+//! seed into the kernel RNG and reseeds it (so restored copies of one
+//! snapshot do not share random streams). It answers `ok` or `error <why>`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const PORT_NAME: &str = "org.hatch.agent";
+
+/// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// The device node of the agent port, found through sysfs (no udev here).
+fn find_port() -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    for e in entries.flatten() {
+        let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if name.trim() == PORT_NAME {
+            return Some(PathBuf::from("/dev").join(e.file_name()));
+        }
+    }
+    None
+}
+
+/// Serve the agent port forever (in its own thread).
+pub fn run() {
+    let Some(port) = find_port() else {
+        eprintln!("hatch-guest: no agent port; clock and RNG are not managed");
+        return;
+    };
+    loop {
+        if let Err(e) = serve(&port) {
+            eprintln!("hatch-guest: agent: {e}");
+        }
+        // The port reads end-of-file while no host is connected (e.g.
+        // during a daemon restart); wait for one.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn serve(port: &PathBuf) -> std::io::Result<()> {
+    let file = File::options().read(true).write(true).open(port)?;
+    let mut writer = file.try_clone()?;
+    for line in BufReader::new(file).lines() {
+        let reply = match handle(&line?) {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("error {e}\n"),
+        };
+        writer.write_all(reply.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn handle(line: &str) -> Result<(), String> {
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("sync") => {
+            let time = words.next().ok_or("missing time")?;
+            let seed = words.next().ok_or("missing seed")?;
+            set_clock(parse_time(time)?)?;
+            reseed(&parse_hex(seed)?)
+        }
+        Some(other) => Err(format!("unknown command {other:?}")),
+        None => Err("empty line".into()),
+    }
+}
+
+fn parse_time(s: &str) -> Result<(i64, i64), String> {
+    let (secs, nanos) = s.split_once('.').unwrap_or((s, "0"));
+    let secs: i64 = secs.parse().map_err(|_| format!("bad time {s:?}"))?;
+    let nanos: i64 = nanos.parse().map_err(|_| format!("bad time {s:?}"))?;
+    if !(0..1_000_000_000).contains(&nanos) {
+        return Err(format!("bad nanoseconds in {s:?}"));
+    }
+    Ok((secs, nanos))
+}
+
+fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) || s.len() > 512 {
+        return Err("bad seed length".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| "bad seed hex".to_string()))
+        .collect()
+}
+
+fn set_clock((secs, nanos): (i64, i64)) -> Result<(), String> {
+    let ts = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    // SAFETY: `ts` is a valid timespec on the stack for the call's duration.
+    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+    if rc != 0 {
+        return Err(format!(
+            "clock_settime: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn reseed(seed: &[u8]) -> Result<(), String> {
+    let random = File::options()
+        .write(true)
+        .open("/dev/random")
+        .map_err(|e| format!("/dev/random: {e}"))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info: Vec<u8> = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    // SAFETY: `info` is laid out as struct rand_pool_info with `buf_size`
+    // bytes of buffer following the header, and outlives the call.
+    let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc != 0 {
+        return Err(format!(
+            "RNDADDENTROPY: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        return Err(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sync_arguments() {
+        assert_eq!(parse_time("1700000000.000000500"), Ok((1_700_000_000, 500)));
+        assert_eq!(parse_time("12"), Ok((12, 0)));
+        assert!(parse_time("x.1").is_err());
+        assert!(parse_time("1.1000000000").is_err());
+        assert_eq!(parse_hex("00ff10"), Ok(vec![0, 255, 16]));
+        assert!(parse_hex("abc").is_err());
+        assert!(handle("dance").is_err());
+    }
+}
