@@ -88,6 +88,21 @@ async fn s3_outage_during_restore_fails_clearly_and_a_later_restore_works() {
         .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
         .await;
     assert_eq!(s, StatusCode::ACCEPTED);
+    // While the restore runs (S3 requests are being retried), every other
+    // operation on the VM is refused.
+    for (method, path) in [
+        (Method::POST, format!("/vms/{id}/restore")),
+        (Method::POST, format!("/vms/{id}/snapshot")),
+        (Method::POST, format!("/vms/{id}/start")),
+        (Method::DELETE, format!("/vms/{id}")),
+    ] {
+        let (s, b) = d.call(method.clone(), &path, Some(json!({}))).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("conflict")),
+            "{method} {path}: {b}"
+        );
+    }
     let vm = d.wait_state(&id, "snapshotted").await;
     let reason = vm["state_reason"].as_str().unwrap();
     assert!(

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::model::{Route, Snapshot, SnapshotStatus, Vm, VmState};
+use crate::model::{Retention, Route, Snapshot, SnapshotStatus, Vm, VmState};
 use hatch_vmm::PortForward;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,10 @@ CREATE TABLE snapshots (
     layers TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX snapshots_by_vm ON snapshots (vm_id, created_at);
+"#,
+    r#"
+ALTER TABLE vms ADD COLUMN keep_last INTEGER;
+ALTER TABLE vms ADD COLUMN max_age_seconds INTEGER;
 "#,
 ];
 
@@ -313,6 +317,27 @@ impl Db {
     pub fn delete_snapshot(&self, id: &str) -> Result<(), DbError> {
         self.conn()
             .execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn retention(&self, vm_id: &str) -> Result<Retention, DbError> {
+        Ok(self.conn().query_row(
+            "SELECT keep_last, max_age_seconds FROM vms WHERE id = ?1",
+            [vm_id],
+            |r| {
+                Ok(Retention {
+                    keep_last: r.get(0)?,
+                    max_age_seconds: r.get(1)?,
+                })
+            },
+        )?)
+    }
+
+    pub fn set_retention(&self, vm_id: &str, r: &Retention) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE vms SET keep_last = ?2, max_age_seconds = ?3 WHERE id = ?1",
+            params![vm_id, r.keep_last, r.max_age_seconds],
+        )?;
         Ok(())
     }
 

@@ -228,6 +228,41 @@ pub struct RestoreRequest {
     pub snapshot_id: Option<String>,
 }
 
+/// Body and answer of `PUT /vms/{id}/retention`: which snapshots to keep.
+/// A snapshot goes when it is beyond the newest `keep_last` or older than
+/// `max_age_seconds`, except the VM's newest restorable one, which stays.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub max_age_seconds: Option<u64>,
+}
+
+/// S3 use of one VM's snapshots (ready ones).
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct StorageUsage {
+    pub snapshots: u64,
+    /// Sum of the snapshots' memory and disk sizes.
+    pub logical_bytes: u64,
+    /// Bytes the snapshots wrote to S3 after dedup and compression.
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VmStorage {
+    pub vm_id: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub usage: StorageUsage,
+}
+
+/// Answer of `GET /storage`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Storage {
+    pub total: StorageUsage,
+    pub vms: Vec<VmStorage>,
+}
+
 pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 pub const MIN_MEMORY_MIB: u64 = 64;

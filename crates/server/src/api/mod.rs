@@ -47,7 +47,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/vms/{id}/snapshots/{sid}",
             get(vms::get_snapshot).delete(vms::delete_snapshot),
         )
-        .route("/vms/{id}/retention", put(vms::retention))
+        .route(
+            "/vms/{id}/retention",
+            put(vms::retention).get(vms::get_retention),
+        )
+        .route("/storage", get(vms::storage))
         .route("/routes", post(routes::create).get(routes::list))
         .route("/routes/{id}", get(routes::get).delete(routes::delete))
         .route("/metrics", get(system::metrics))

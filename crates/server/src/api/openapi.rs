@@ -5,8 +5,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::model::{
-    CreateRoute, CreateSnapshot, CreateVm, RestoreRequest, Route, Snapshot, SnapshotStatus, Vm,
-    VmState,
+    CreateRoute, CreateSnapshot, CreateVm, RestoreRequest, Retention, Route, Snapshot,
+    SnapshotStatus, Storage, StorageUsage, Vm, VmState, VmStorage,
 };
 
 #[derive(OpenApi)]
@@ -17,10 +17,11 @@ use crate::model::{
         super::vms::start, super::vms::stop, super::vms::logs,
         super::vms::snapshot, super::vms::restore, super::vms::snapshots,
         super::vms::get_snapshot, super::vms::delete_snapshot,
+        super::vms::retention, super::vms::get_retention, super::vms::storage,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
     ),
     components(schemas(Vm, VmState, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
-        CreateSnapshot, RestoreRequest)),
+        CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, App};
 use crate::error::ApiError;
-use crate::model::{CreateSnapshot, CreateVm, RestoreRequest, Snapshot, Vm};
+use crate::model::{CreateSnapshot, CreateVm, RestoreRequest, Retention, Snapshot, Storage, Vm};
 
 #[utoipa::path(post, path = "/vms", request_body = CreateVm,
     responses((status = 201, body = Vm, description = "created; booting"),
@@ -127,12 +127,25 @@ pub async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Retention policies come with the retention milestone; until then the
-/// endpoint exists and reports what is missing.
-pub async fn retention(State(app): App, Path(id): Path<String>) -> Result<Response, ApiError> {
-    app.vms.storage()?;
-    app.vms.get(&id)?;
-    Err(ApiError::NotImplemented(
-        "retention policies are not implemented yet".into(),
-    ))
+#[utoipa::path(put, path = "/vms/{id}/retention", request_body = Retention,
+    responses((status = 200, body = Retention), (status = 404), (status = 422), (status = 503)))]
+pub async fn retention(
+    State(app): App,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<Retention>,
+) -> Result<Json<Retention>, ApiError> {
+    Ok(Json(app.vms.set_retention(&id, req).await?))
+}
+
+#[utoipa::path(get, path = "/vms/{id}/retention", responses((status = 200, body = Retention), (status = 404), (status = 503)))]
+pub async fn get_retention(
+    State(app): App,
+    Path(id): Path<String>,
+) -> Result<Json<Retention>, ApiError> {
+    Ok(Json(app.vms.retention(&id)?))
+}
+
+#[utoipa::path(get, path = "/storage", responses((status = 200, body = Storage), (status = 503)))]
+pub async fn storage(State(app): App) -> Result<Json<Storage>, ApiError> {
+    Ok(Json(app.vms.storage_usage()?))
 }

@@ -79,6 +79,9 @@ impl VmManager {
             Ok(stored) => {
                 rec.snap.stored_bytes = stored;
                 rec.snap.status = SnapshotStatus::Ready;
+                if let Err(e) = self.apply_retention(&vm.id, Some(&rec)).await {
+                    tracing::warn!(vm = %vm.id, error = %e, "retention failed");
+                }
                 tracing::info!(vm = %vm.id, snapshot = %rec.snap.id, stored_bytes = stored,
                     upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
             }

@@ -8,6 +8,7 @@
 mod capture;
 pub mod manifest;
 mod restore;
+mod retention;
 
 use std::path::PathBuf;
 use std::sync::Arc;

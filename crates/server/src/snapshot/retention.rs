@@ -1,0 +1,152 @@
+//! Retention policies and storage accounting.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::manifest::manifest_key;
+use crate::db::SnapshotRecord;
+use crate::error::ApiError;
+use crate::manager::VmManager;
+use crate::model::{Retention, SnapshotStatus, Storage, StorageUsage, VmStorage};
+
+const MAX_KEEP_LAST: u32 = 10_000;
+/// How often age-based retention runs in the background.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
+impl VmManager {
+    pub async fn set_retention(
+        self: &Arc<Self>,
+        vm_id: &str,
+        r: Retention,
+    ) -> Result<Retention, ApiError> {
+        self.storage()?;
+        self.runtime(vm_id)?;
+        if let Some(k) = r.keep_last
+            && !(1..=MAX_KEEP_LAST).contains(&k)
+        {
+            return Err(ApiError::invalid(format!(
+                "keep_last must be between 1 and {MAX_KEEP_LAST}, got {k}"
+            )));
+        }
+        if r.max_age_seconds == Some(0) {
+            return Err(ApiError::invalid("max_age_seconds must be at least 1"));
+        }
+        self.db.set_retention(vm_id, &r)?;
+        self.apply_retention(vm_id, None).await?;
+        Ok(r)
+    }
+
+    pub fn retention(&self, vm_id: &str) -> Result<Retention, ApiError> {
+        self.storage()?;
+        self.runtime(vm_id)?;
+        Ok(self.db.retention(vm_id)?)
+    }
+
+    /// Delete the snapshots the VM's policy no longer keeps. `just_ready` is
+    /// a snapshot whose upload has succeeded but which is not recorded as
+    /// ready yet: retention runs before anyone can see it ready, so that it
+    /// never holds the VM's operation lock after the caller saw "ready".
+    pub async fn apply_retention(
+        &self,
+        vm_id: &str,
+        just_ready: Option<&SnapshotRecord>,
+    ) -> Result<(), ApiError> {
+        let policy = self.db.retention(vm_id)?;
+        if policy == Retention::default() {
+            return Ok(());
+        }
+        let store = self.storage()?;
+        let rt = self.runtime(vm_id)?;
+        // Not during a restore that may read one of these snapshots.
+        let _guard = rt.begin("retention").await;
+        let mut snapshots = self.db.list_snapshots(vm_id)?; // newest first
+        if let Some(ready) = just_ready {
+            for r in snapshots.iter_mut().filter(|r| r.snap.id == ready.snap.id) {
+                *r = ready.clone();
+            }
+        }
+        let newest_restorable = snapshots
+            .iter()
+            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
+            .map(|r| r.snap.id.clone());
+        let now = SystemTime::now();
+        let finished = snapshots.into_iter().filter(|r| {
+            matches!(
+                r.snap.status,
+                SnapshotStatus::Ready | SnapshotStatus::Failed
+            )
+        });
+        for (i, rec) in finished.enumerate() {
+            if Some(&rec.snap.id) == newest_restorable.as_ref() {
+                continue;
+            }
+            let beyond_count = policy.keep_last.is_some_and(|k| i >= k as usize);
+            let too_old = policy.max_age_seconds.is_some_and(|max| {
+                humantime::parse_rfc3339(&rec.snap.created_at)
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age.as_secs() > max)
+            });
+            if !(beyond_count || too_old) {
+                continue;
+            }
+            store
+                .delete(&manifest_key(vm_id, &rec.snap.id))
+                .await
+                .map_err(|e| {
+                    ApiError::Internal(anyhow::Error::new(e).context("deleting manifest"))
+                })?;
+            self.db.delete_snapshot(&rec.snap.id)?;
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
+            tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "retention deleted snapshot");
+        }
+        Ok(())
+    }
+
+    /// Apply every VM's retention policy once a minute (for `max_age_seconds`).
+    pub async fn retention_worker(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            }
+            let Ok(vms) = self.db.list_vms() else {
+                continue;
+            };
+            for vm in vms {
+                if let Err(e) = self.apply_retention(&vm.vm.id, None).await {
+                    tracing::warn!(vm = %vm.vm.id, error = %e, "retention failed");
+                }
+            }
+        }
+    }
+
+    /// S3 use by VM, from the ready snapshots' records.
+    pub fn storage_usage(&self) -> Result<Storage, ApiError> {
+        self.storage()?;
+        let mut total = StorageUsage::default();
+        let mut vms = Vec::new();
+        for vm in self.db.list_vms()? {
+            let mut usage = StorageUsage::default();
+            for rec in self.db.list_snapshots(&vm.vm.id)? {
+                if rec.snap.status != SnapshotStatus::Ready {
+                    continue;
+                }
+                usage.snapshots += 1;
+                usage.logical_bytes += rec.snap.memory_bytes + rec.snap.disk_bytes;
+                usage.stored_bytes += rec.snap.stored_bytes;
+            }
+            total.snapshots += usage.snapshots;
+            total.logical_bytes += usage.logical_bytes;
+            total.stored_bytes += usage.stored_bytes;
+            vms.push(VmStorage {
+                vm_id: vm.vm.id,
+                name: vm.vm.name,
+                usage,
+            });
+        }
+        Ok(Storage { total, vms })
+    }
+}
