@@ -113,3 +113,67 @@ async fn cli_manages_vms_and_routes_with_tables_json_and_clear_errors() {
         serde_json::json!([])
     );
 }
+
+#[tokio::test]
+async fn cli_snapshots_restores_and_shows_storage() {
+    let garage = hatch_e2e::Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+    let (ok, _, err) = hatch(
+        &d,
+        Some(KEY),
+        &["vm", "create", "--name", "snap-cli", "--wait"],
+    );
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = hatch(
+        &d,
+        Some(KEY),
+        &[
+            "snapshot", "create", "snap-cli", "--stop", "--wait", "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let snap: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(snap["status"], "ready");
+    let sid = snap["id"].as_str().unwrap();
+
+    let (ok, out, _) = hatch(&d, Some(KEY), &["snapshot", "list", "snap-cli"]);
+    assert!(ok);
+    assert!(out.lines().nth(1).unwrap().starts_with(sid), "{out}");
+    assert!(out.contains("ready") && out.contains("manual"), "{out}");
+
+    let (ok, out, err) = hatch(
+        &d,
+        Some(KEY),
+        &["vm", "restore", "snap-cli", "--wait", "--json"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["state"],
+        "running"
+    );
+
+    let (ok, out, _) = hatch(&d, Some(KEY), &["storage"]);
+    assert!(ok);
+    assert!(out.contains("snap-cli") && out.contains("TOTAL"), "{out}");
+
+    let (ok, out, err) = hatch(
+        &d,
+        Some(KEY),
+        &[
+            "vm",
+            "retention",
+            "snap-cli",
+            "--keep-last",
+            "3",
+            "--max-age",
+            "7d",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("keep_last") && out.contains("604800"), "{out}");
+
+    let (ok, _, err) = hatch(&d, Some(KEY), &["snapshot", "get", "snap-cli", "snap-nope"]);
+    assert!(!ok);
+    assert!(err.contains("not found"), "{err}");
+}

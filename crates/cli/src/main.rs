@@ -26,6 +26,14 @@ enum Command {
     /// Create, inspect and control VMs.
     #[command(subcommand)]
     Vm(commands::vm::VmCommand),
+    /// Save VM state to S3 and list, inspect or delete snapshots.
+    #[command(subcommand)]
+    Snapshot(commands::snapshot::SnapshotCommand),
+    /// S3 space used by snapshots, in total and per VM.
+    Storage {
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
     /// Route host names to VMs through the proxy.
     #[command(subcommand)]
     Route(commands::route::RouteCommand),
@@ -48,6 +56,8 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Vm(cmd) => commands::vm::run(cmd).await,
             Command::Route(cmd) => commands::route::run(cmd).await,
+            Command::Snapshot(cmd) => commands::snapshot::run(cmd).await,
+            Command::Storage { api } => commands::vm::storage(api).await,
             Command::Image(cmd) => commands::image::run(cmd),
         }
     });

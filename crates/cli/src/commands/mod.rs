@@ -1,3 +1,4 @@
 pub mod image;
 pub mod route;
+pub mod snapshot;
 pub mod vm;

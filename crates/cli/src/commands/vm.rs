@@ -66,6 +66,30 @@ pub enum VmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Wake a suspended VM, or roll a running one back, from a snapshot.
+    Restore {
+        vm: String,
+        /// Default: the newest restorable snapshot.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Wait until the VM runs, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show or set which snapshots are kept.
+    Retention {
+        vm: String,
+        /// Keep the newest N snapshots.
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Delete snapshots older than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_age: Option<Duration>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Print the VM's serial console.
     Logs {
         vm: String,
@@ -178,6 +202,56 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 println!("deleted {id}");
             }
         }
+        VmCommand::Restore {
+            vm,
+            snapshot,
+            wait,
+            api,
+        } => {
+            let c = Client::new(&api)?;
+            let id = c.vm_id(&vm).await?;
+            let body = match snapshot {
+                Some(s) => json!({ "snapshot_id": s }),
+                None => json!({}),
+            };
+            let mut vm = c
+                .json(Method::POST, &format!("/vms/{id}/restore"), Some(&body))
+                .await?;
+            if wait {
+                let bar = super::snapshot::spinner(api.json);
+                bar.set_message(format!("restoring {id}"));
+                // Until the restore ends: running, or back where it was.
+                loop {
+                    vm = c.json(Method::GET, &format!("/vms/{id}"), None).await?;
+                    if output::field(&vm, "state") != "restoring" {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                bar.finish_and_clear();
+                if output::field(&vm, "state") != "running" {
+                    bail!("restore failed: {}", output::field(&vm, "state_reason"));
+                }
+            }
+            show_vm(&api, &vm);
+        }
+        VmCommand::Retention {
+            vm,
+            keep_last,
+            max_age,
+            api,
+        } => {
+            let c = Client::new(&api)?;
+            let id = c.vm_id(&vm).await?;
+            let path = format!("/vms/{id}/retention");
+            let r = if keep_last.is_none() && max_age.is_none() {
+                c.json(Method::GET, &path, None).await?
+            } else {
+                let body = json!({ "keep_last": keep_last, "max_age_seconds": max_age.map(|d| d.as_secs()) });
+                c.json(Method::PUT, &path, Some(&body)).await?
+            };
+            show_vm(&api, &r);
+        }
         VmCommand::Logs { vm, follow, api } => {
             let c = Client::new(&api)?;
             let id = c.vm_id(&vm).await?;
@@ -240,4 +314,42 @@ async fn wait_for(c: &Client, id: &str, states: &[&str]) -> anyhow::Result<Value
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `hatch storage`.
+pub async fn storage(api: ApiArgs) -> anyhow::Result<()> {
+    let c = Client::new(&api)?;
+    let usage = c.json(Method::GET, "/storage", None).await?;
+    if api.json {
+        output::json(&usage);
+        return Ok(());
+    }
+    let mib = |v: &Value| format!("{:.1} MiB", v.as_u64().unwrap_or(0) as f64 / 1048576.0);
+    let mut rows: Vec<Vec<String>> = usage["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            vec![
+                output::field(v, "vm_id"),
+                output::field(v, "name"),
+                output::field(v, "snapshots"),
+                mib(&v["logical_bytes"]),
+                mib(&v["stored_bytes"]),
+            ]
+        })
+        .collect();
+    let t = &usage["total"];
+    rows.push(vec![
+        "TOTAL".into(),
+        "".into(),
+        output::field(t, "snapshots"),
+        mib(&t["logical_bytes"]),
+        mib(&t["stored_bytes"]),
+    ]);
+    output::table(
+        &["VM", "NAME", "SNAPSHOTS", "LOGICAL", "STORED IN S3"],
+        rows,
+    );
+    Ok(())
 }
