@@ -20,6 +20,7 @@ mod agent;
 mod grow;
 mod http;
 mod netprobe;
+mod touch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,6 +124,17 @@ fn main() -> ExitCode {
             .spawn(agent::run);
         if let Err(e) = spawned {
             eprintln!("hatch-guest: cannot start the agent thread: {e}");
+        }
+    }
+    if cfg.agent {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if let Some(mib) = touch::requested(&cmdline) {
+            let spawned = std::thread::Builder::new()
+                .name("touch".into())
+                .spawn(move || touch::touch(mib));
+            if let Err(e) = spawned {
+                eprintln!("hatch-guest: cannot start the touch thread: {e}");
+            }
         }
     }
     let agent = cfg.agent;

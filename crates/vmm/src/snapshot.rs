@@ -35,13 +35,13 @@ impl Machine {
         Ok(())
     }
 
-    async fn ignore_shared_ram(&self) -> Result<(), VmmError> {
+    async fn set_migration(&self, ignore_shared: bool) -> Result<(), VmmError> {
         self.qmp()
             .execute(&MigrateSetCapabilities {
                 capabilities: vec![
                     MigrationCapability {
                         capability: "x-ignore-shared".into(),
-                        state: true,
+                        state: ignore_shared,
                     },
                     // MIGRATION events wake `wait_migration`.
                     MigrationCapability {
@@ -62,7 +62,16 @@ impl Machine {
     /// Write CPU and device state (not RAM) to `path`. The caller has paused
     /// the machine. Afterwards QEMU's block devices are inactive until `cont`.
     pub async fn save_state(&self, path: &Path) -> Result<(), VmmError> {
-        self.ignore_shared_ram().await?;
+        self.save_to(path, true).await
+    }
+
+    /// The plain way (a benchmark baseline): RAM goes into the stream too.
+    pub async fn migrate_to_file(&self, path: &Path) -> Result<(), VmmError> {
+        self.save_to(path, false).await
+    }
+
+    async fn save_to(&self, path: &Path, ignore_shared: bool) -> Result<(), VmmError> {
+        self.set_migration(ignore_shared).await?;
         let uri = format!("exec:cat > {}", shell_quote(path));
         self.qmp()
             .execute(&hatch_qmp::commands::Migrate { uri })
@@ -73,7 +82,16 @@ impl Machine {
     /// Load CPU and device state from `path` into a machine launched with
     /// `incoming`, and let it run.
     pub async fn load_state(&self, path: &Path) -> Result<(), VmmError> {
-        self.ignore_shared_ram().await?;
+        self.load_from(path, true).await
+    }
+
+    /// Load a stream written by [`Machine::migrate_to_file`].
+    pub async fn migrate_from_file(&self, path: &Path) -> Result<(), VmmError> {
+        self.load_from(path, false).await
+    }
+
+    async fn load_from(&self, path: &Path, ignore_shared: bool) -> Result<(), VmmError> {
+        self.set_migration(ignore_shared).await?;
         let uri = format!("exec:cat {}", shell_quote(path));
         self.qmp().execute(&MigrateIncoming { uri }).await?;
         self.wait_migration().await?;

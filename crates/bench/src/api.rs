@@ -1,0 +1,157 @@
+//! The few API calls the benchmark makes, and its waits.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const PATIENCE: Duration = Duration::from_secs(300);
+/// Poll interval: short, since the waits are what is being measured.
+const POLL: Duration = Duration::from_millis(5);
+
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    proxy: String,
+}
+
+impl Api {
+    pub fn new(base: &str, key: &str, proxy: &str) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+            proxy: proxy.to_string(),
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{method} {path}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create_vm(&self, body: Value) -> anyhow::Result<String> {
+        let vm = self.call(Method::POST, "/vms", Some(body)).await?;
+        let id = vm["id"].as_str().context("no vm id")?.to_string();
+        self.wait_state(&id, "running").await?;
+        Ok(id)
+    }
+
+    pub async fn delete_vm(&self, id: &str) -> anyhow::Result<()> {
+        self.call(Method::DELETE, &format!("/vms/{id}"), None)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn route(&self, host: &str, vm: &str) -> anyhow::Result<()> {
+        self.call(
+            Method::POST,
+            "/routes",
+            Some(json!({ "hostname": host, "vm_id": vm })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn wait_state(&self, id: &str, state: &str) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let vm = self.call(Method::GET, &format!("/vms/{id}"), None).await?;
+            if vm["state"] == state {
+                return Ok(vm);
+            }
+            if vm["state"] == "failed" || tokio::time::Instant::now() > deadline {
+                bail!("vm {id} did not become {state}: {vm}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Wait for the first 200 through the proxy.
+    pub async fn wait_http(&self, host: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let r = self
+                .http
+                .get(format!("http://{}/", self.proxy))
+                .header("host", host)
+                .send()
+                .await;
+            if matches!(&r, Ok(r) if r.status() == StatusCode::OK) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{host} never answered");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub async fn wait_console(&self, id: &str, needle: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let resp = self
+                .http
+                .get(format!("{}/vms/{id}/logs", self.base))
+                .bearer_auth(&self.key)
+                .send()
+                .await?;
+            if resp.text().await?.contains(needle) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("console of {id} never showed {needle:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn snapshot(&self, vm: &str, stop: bool) -> anyhow::Result<String> {
+        let s = self
+            .call(
+                Method::POST,
+                &format!("/vms/{vm}/snapshot"),
+                Some(json!({ "stop": stop })),
+            )
+            .await?;
+        Ok(s["id"].as_str().context("no snapshot id")?.to_string())
+    }
+
+    pub async fn wait_snapshot(&self, vm: &str, sid: &str) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let s = self
+                .call(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
+                .await?;
+            match s["status"].as_str() {
+                Some("ready") => return Ok(s),
+                Some("failed") => bail!("snapshot failed: {s}"),
+                _ if tokio::time::Instant::now() > deadline => bail!("snapshot stuck: {s}"),
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    pub async fn restore(&self, vm: &str) -> anyhow::Result<()> {
+        self.call(Method::POST, &format!("/vms/{vm}/restore"), Some(json!({})))
+            .await?;
+        Ok(())
+    }
+}

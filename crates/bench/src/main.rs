@@ -1,0 +1,185 @@
+//! `hatch-bench`: measures, in one run and side by side, a 1 GiB VM with
+//! 400 MiB touched (defaults): cold boot; pause for a checkpoint and for a
+//! suspend; restore to the first proxied HTTP answer from the local cache and
+//! from S3 only; bytes stored by a first and a second (idle) snapshot; and the
+//! baseline a user would script by hand: QEMU `migrate` to a file, then
+//! `-incoming` from it. Run through `scripts/bench.sh`, which starts Garage
+//! and a daemon for it.
+
+mod api;
+mod baseline;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::json;
+
+use api::Api;
+use stats::Samples;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, env = "HATCH_API", default_value = "http://127.0.0.1:17070")]
+    api: String,
+    #[arg(long, env = "HATCH_API_KEY")]
+    api_key: String,
+    /// The daemon's proxy address.
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    proxy: String,
+    /// The daemon's data dir (to empty the local snapshot cache).
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    images_dir: PathBuf,
+    /// Image whose command line touches memory (`hatch.touch_mib=`).
+    #[arg(long, default_value = "bench-touch")]
+    image: String,
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    #[arg(long, default_value_t = 400)]
+    touch_mib: u64,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let api = Api::new(&args.api, &args.api_key, &args.proxy);
+    let n = args.runs;
+    println!(
+        "hatch-bench: {} MiB guest, {} MiB touched, {n} runs each, accel {}",
+        args.memory_mib,
+        args.touch_mib,
+        hatch_vmm::AccelChoice::Auto.resolve()
+    );
+
+    // Cold boot to the first proxied answer.
+    let mut boot = Samples::default();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let vm = api
+            .create_vm(json!({ "memory_mib": args.memory_mib }))
+            .await?;
+        let host = format!("boot-{i}.bench.localhost");
+        api.route(&host, &vm).await?;
+        api.wait_http(&host).await?;
+        boot.push(t0.elapsed());
+        api.delete_vm(&vm).await?;
+    }
+
+    // The VM under test: a working set of touch_mib.
+    let vm = api
+        .create_vm(json!({ "image": args.image, "memory_mib": args.memory_mib }))
+        .await?;
+    let host = "app.bench.localhost";
+    api.route(host, &vm).await?;
+    api.wait_http(host).await?;
+    api.wait_console(&vm, "hatch-guest: touched").await?;
+
+    // Checkpoints: pause, and what the first and an idle second one store.
+    let mut checkpoint_pause = Samples::default();
+    let mut stored = Vec::new();
+    let mut upload_mbps = Samples::default();
+    for _ in 0..n.max(2) {
+        let t0 = Instant::now();
+        let snap = api.snapshot(&vm, false).await?;
+        let snap = api.wait_snapshot(&vm, &snap).await?;
+        let pause = Duration::from_millis(snap["pause_ms"].as_u64().unwrap_or(0));
+        checkpoint_pause.push(pause);
+        let bytes = snap["stored_bytes"].as_u64().unwrap_or(0);
+        stored.push(bytes);
+        let upload = t0.elapsed().saturating_sub(pause).as_secs_f64();
+        if bytes > 10 << 20 {
+            upload_mbps.push_value(bytes as f64 / 1e6 / upload);
+        }
+    }
+
+    // Suspend and wake from the local cache.
+    let mut suspend_pause = Samples::default();
+    let mut restore_local = Samples::default();
+    for _ in 0..n {
+        let snap = api.snapshot(&vm, true).await?;
+        let snap = api.wait_snapshot(&vm, &snap).await?;
+        api.wait_state(&vm, "snapshotted").await?;
+        suspend_pause.push(Duration::from_millis(
+            snap["pause_ms"].as_u64().unwrap_or(0),
+        ));
+        let t0 = Instant::now();
+        api.restore(&vm).await?;
+        api.wait_http(host).await?;
+        restore_local.push(t0.elapsed());
+    }
+
+    // Suspend and wake from S3 only.
+    let mut restore_s3 = Samples::default();
+    let mut download_mbps = Samples::default();
+    for _ in 0..n {
+        let snap = api.snapshot(&vm, true).await?;
+        let snap = api.wait_snapshot(&vm, &snap).await?;
+        api.wait_state(&vm, "snapshotted").await?;
+        wipe_local(&args.data_dir, &vm)?;
+        let t0 = Instant::now();
+        api.restore(&vm).await?;
+        api.wait_http(host).await?;
+        restore_s3.push(t0.elapsed());
+        let data = snap["memory_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            .min(args.touch_mib << 20);
+        download_mbps.push_value(data as f64 / 1e6 / t0.elapsed().as_secs_f64());
+    }
+    api.delete_vm(&vm).await?;
+
+    // The baseline, in the same run, with the same image and size.
+    let base = baseline::run(&args.images_dir, &args.image, args.memory_mib, n).await?;
+
+    println!();
+    println!("| measurement | min | median | max |");
+    println!("|---|---|---|---|");
+    boot.row("cold boot to first HTTP response");
+    checkpoint_pause.row("checkpoint pause (`stop: false`)");
+    suspend_pause.row("suspend pause (`stop: true`)");
+    base.pause.row("baseline pause: `migrate` to a file");
+    restore_local.row("restore to first HTTP response, local cache");
+    restore_s3.row("restore to first HTTP response, S3 only");
+    base.restore
+        .row("baseline restore: `-incoming` from the file");
+    upload_mbps.row_value("upload MB/s (compressed)");
+    download_mbps.row_value("restore from S3, touched MB/s");
+    println!();
+    let (first, second) = (stored[0], stored[1]);
+    println!(
+        "stored by the first snapshot: {:.1} MiB; by a second of the idle VM: {:.2} MiB ({:.1}%)",
+        first as f64 / 1048576.0,
+        second as f64 / 1048576.0,
+        100.0 * second as f64 / first.max(1) as f64
+    );
+    println!(
+        "ratios to the baseline (median): suspend pause {:.3}x, checkpoint pause {:.3}x, restore local {:.3}x, restore S3 {:.3}x; restore local / cold boot {:.3}x",
+        suspend_pause.median() / base.pause.median(),
+        checkpoint_pause.median() / base.pause.median(),
+        restore_local.median() / base.restore.median(),
+        restore_s3.median() / base.restore.median(),
+        restore_local.median() / boot.median(),
+    );
+    Ok(())
+}
+
+/// Remove the local snapshot copies and disk layers of a suspended VM.
+fn wipe_local(data_dir: &std::path::Path, vm: &str) -> anyhow::Result<()> {
+    let snaps = data_dir.join("snapshots");
+    if snaps.exists() {
+        std::fs::remove_dir_all(&snaps).context("removing snapshots")?;
+    }
+    for entry in std::fs::read_dir(data_dir.join("vms").join(vm))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    Ok(())
+}
