@@ -524,3 +524,17 @@ fn spawn_garage(config: &Path, dir: &Path) -> Child {
         .spawn()
         .expect("garage not installed: run scripts/test.sh")
 }
+
+/// Assert that the guest's `time=` (from the demo app's `/`) is within
+/// `tolerance` seconds of the host's clock.
+pub fn assert_guest_clock(root: &str, tolerance: f64) {
+    let guest: f64 = kv(root, "time").parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (host - guest).abs() < tolerance,
+        "guest clock {guest} is off host clock {host} by more than {tolerance}s"
+    );
+}

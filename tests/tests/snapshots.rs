@@ -68,15 +68,7 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
     d.restore(&id, json!({})).await;
     let root = get(&d, "/").await;
     assert_eq!(kv(&root, "boot_id"), boot_id, "a restore is not a reboot");
-    let guest_time: f64 = kv(&root, "time").parse().unwrap();
-    let host_time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    assert!(
-        (host_time - guest_time).abs() < 1.0,
-        "guest clock {guest_time} is off host clock {host_time}"
-    );
+    hatch_e2e::assert_guest_clock(&root, 1.0);
     assert!(!d.daemon_log().contains("not synced"), "{}", d.daemon_log());
     assert_eq!(get(&d, "/counter").await, "counter=2\n");
     assert_eq!(get(&d, "/disk/read?name=k").await, "value=v1\n");

@@ -243,43 +243,25 @@ impl Db {
         Ok(())
     }
 
-    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), DbError> {
+    /// Insert a snapshot, or write back every mutable field of an existing one.
+    pub fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), DbError> {
         let layers =
             serde_json::to_string(&s.layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
         let snap = &s.snap;
         self.conn().execute(
             "INSERT INTO snapshots (id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
                 stored_bytes, pause_ms, error, local, layers)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+                memory_bytes = excluded.memory_bytes, disk_bytes = excluded.disk_bytes,
+                stored_bytes = excluded.stored_bytes, pause_ms = excluded.pause_ms,
+                error = excluded.error, local = excluded.local, layers = excluded.layers",
             params![
                 snap.id,
                 snap.vm_id,
                 snap.status.as_str(),
                 snap.trigger,
                 snap.created_at,
-                snap.memory_bytes,
-                snap.disk_bytes,
-                snap.stored_bytes,
-                snap.pause_ms,
-                snap.error,
-                s.local,
-                layers
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Write back every mutable field of a snapshot.
-    pub fn update_snapshot(&self, s: &SnapshotRecord) -> Result<(), DbError> {
-        let layers =
-            serde_json::to_string(&s.layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
-        let snap = &s.snap;
-        self.conn().execute(
-            "UPDATE snapshots SET status = ?2, memory_bytes = ?3, disk_bytes = ?4, stored_bytes = ?5,
-                pause_ms = ?6, error = ?7, local = ?8, layers = ?9 WHERE id = ?1",
-            params![
-                snap.id,
-                snap.status.as_str(),
                 snap.memory_bytes,
                 snap.disk_bytes,
                 snap.stored_bytes,

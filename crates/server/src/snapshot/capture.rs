@@ -97,7 +97,7 @@ impl VmManager {
     }
 
     pub(crate) fn save_record(&self, rec: &SnapshotRecord) {
-        if let Err(e) = self.db.update_snapshot(rec) {
+        if let Err(e) = self.db.save_snapshot(rec) {
             tracing::error!(snapshot = %rec.snap.id, error = %e, "recording snapshot failed");
         }
     }

@@ -112,7 +112,7 @@ impl VmManager {
             local: false,
             layers: Vec::new(),
         };
-        self.db.insert_snapshot(&rec)?;
+        self.db.save_snapshot(&rec)?;
         self.transition(&rt, VmState::Snapshotting, None)?;
         let snap = rec.snap.clone();
         let stop = req.stop.unwrap_or(false);
