@@ -428,20 +428,20 @@ impl Garage {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
-            .unwrap();
-        g.cli(&["layout", "apply", "--version", "1"]).unwrap();
-        g.cli(&["bucket", "create", "hatch"]).unwrap();
-        let info = g.cli(&["key", "create", "hatch"]).unwrap();
-        g.cli(&[
+        // A fresh node may refuse a step until the previous one has taken
+        // effect; each step is retried until it succeeds.
+        g.cli_retry(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
+            .await;
+        g.cli_retry(&["layout", "apply", "--version", "1"]).await;
+        g.cli_retry(&["bucket", "create", "hatch"]).await;
+        g.cli_retry(&["key", "create", "hatch"]).await;
+        g.cli_retry(&[
             "bucket", "allow", "--read", "--write", "--owner", "hatch", "--key", "hatch",
         ])
-        .unwrap();
-        let info = if info.contains("Secret key") {
-            info
-        } else {
-            g.cli(&["key", "info", "hatch", "--show-secret"]).unwrap()
-        };
+        .await;
+        let info = g
+            .cli_retry(&["key", "info", "hatch", "--show-secret"])
+            .await;
         let field = |name: &str| {
             info.lines()
                 .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
@@ -470,6 +470,22 @@ impl Garage {
                 "garage did not come back"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn cli_retry(&self, args: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.cli(args) {
+                Ok(out) => return out,
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "garage {args:?} failed: {e}\n--- garage log ---\n{}",
+                    std::fs::read_to_string(self.config.with_file_name("garage.log"))
+                        .unwrap_or_default()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
