@@ -142,16 +142,21 @@ impl VmManager {
     /// snapshot (a suspended VM frees its memory). Copied under a temporary
     /// name and renamed, so `mem` is always whole; the source is removed last.
     async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
-        let src = self.paths(vm_id).mem;
+        self.store_ram(&self.paths(vm_id).mem, snapshot_id).await?;
+        self.remove_runtime_files(vm_id);
+        Ok(())
+    }
+
+    /// Copy a RAM image (sparse) into the snapshot as `mem`, durably.
+    async fn store_ram(&self, src: &Path, snapshot_id: &str) -> anyhow::Result<()> {
         let dir = self.snapshot_dir(snapshot_id);
         let (part, dst) = (dir.join("mem.partial"), dir.join("mem"));
         let _ = std::fs::remove_file(&part);
-        let (s, p) = (src.clone(), part.clone());
+        let (s, p) = (src.to_path_buf(), part.clone());
         tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&s, &p))
             .await
             .context("copy task")??;
         std::fs::rename(&part, &dst).with_context(|| format!("renaming {}", part.display()))?;
-        self.remove_runtime_files(vm_id);
         Ok(())
     }
 
@@ -197,6 +202,7 @@ impl VmManager {
         let layers = self.db.disk_layers(&rt.id)?;
         let top = layers.last().context("vm has no disk layer")?.clone();
         let new_layer = new_layer_name();
+        let ram_copy = self.cfg.run_dir.join(format!("{}.mem", rec.snap.id));
 
         let t0 = Instant::now();
         machine.pause().await?;
@@ -215,8 +221,11 @@ impl VmManager {
             all.push(new_layer.clone());
             self.db.set_disk_layers(&rt.id, &all)?;
             machine.save_state(&dir.join("state")).await?;
-            // RAM must be copied before the guest changes it again.
-            let (src, dst) = (paths.mem.clone(), dir.join("mem"));
+            // RAM must be copied before the guest changes it again. The copy
+            // goes to the run dir's tmpfs (memory speed, nothing to flush);
+            // moving it to disk waits until the guest runs again.
+            let (src, dst) = (paths.mem.clone(), ram_copy.clone());
+            let _ = std::fs::remove_file(&dst);
             tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
                 .await
                 .context("copy task")??;
@@ -225,7 +234,12 @@ impl VmManager {
         .await;
         resume_guest(&machine).await;
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
-        result?;
+        let stored = match result {
+            Ok(()) => self.store_ram(&ram_copy, &rec.snap.id).await,
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&ram_copy);
+        stored?;
         rec.layers = layers;
         rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
         Ok(())
