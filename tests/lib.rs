@@ -313,6 +313,18 @@ impl Daemon {
         self.wait_state(vm, "running").await;
     }
 
+    /// Remove every local copy of a suspended VM's snapshots and disk
+    /// layers, so that a restore must come from S3 alone.
+    pub fn wipe_local_snapshots(&self, vm: &str) {
+        let _ = std::fs::remove_dir_all(self.data_dir.path().join("snapshots"));
+        for entry in std::fs::read_dir(self.data_dir.path().join("vms").join(vm)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "qcow2") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+
     /// PIDs of QEMU processes this daemon started (from their pid files).
     pub fn qemu_pids(&self) -> Vec<i32> {
         let Ok(dir) = std::fs::read_dir(&self.run_dir) else {

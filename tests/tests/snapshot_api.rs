@@ -213,3 +213,62 @@ async fn listing_deletion_retention_and_storage_usage() {
         .await;
     assert_eq!((s, code(&b)), (StatusCode::CONFLICT, "conflict"), "{b}");
 }
+
+#[tokio::test]
+async fn garbage_collection_frees_only_unreferenced_chunks() {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_GC_GRACE_SECONDS".into(), "0".into()));
+    let d = Daemon::start_with_env(env).await;
+    let id = d.create_vm(json!({ "name": "gc" })).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "running").await;
+    d.create_route("gc.localhost", &id).await;
+    d.wait_http("gc.localhost", "/").await;
+
+    let old = d.snapshot(&id, false).await;
+    d.wait_snapshot(&id, &old, "ready").await;
+    // Change memory and disk so that the next snapshot has chunks of its own
+    // and the old one keeps some that only it references.
+    for i in 0..20 {
+        let (s, _) = d
+            .proxy_get("gc.localhost", &format!("/disk/write?name=k{i}&value=v{i}"))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let (_, c) = d.proxy_get("gc.localhost", "/counter").await;
+    assert_eq!(c, "counter=1\n");
+    let new = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &new, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+
+    // Nothing is garbage while both manifests exist.
+    let (s, r) = d.call(Method::POST, "/storage/gc", None).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["manifests"].as_u64(), r["deleted_chunks"].as_u64()),
+        (Some(2), Some(0)),
+        "{r}"
+    );
+
+    let (s, _) = d
+        .call(Method::DELETE, &format!("/vms/{id}/snapshots/{old}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, r) = d.call(Method::POST, "/storage/gc", None).await;
+    assert_eq!(r["manifests"], 1);
+    assert!(r["deleted_chunks"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["freed_bytes"].as_u64().unwrap() > 0, "{r}");
+    let (_, again) = d.call(Method::POST, "/storage/gc", None).await;
+    assert_eq!(again["deleted_chunks"], 0, "{again}");
+
+    // The surviving snapshot restores from S3 alone.
+    d.wipe_local_snapshots(&id);
+    d.restore(&id, json!({})).await;
+    let (_, c) = d.proxy_get("gc.localhost", "/counter").await;
+    assert_eq!(c, "counter=2\n");
+    let (_, v) = d.proxy_get("gc.localhost", "/disk/read?name=k19").await;
+    assert_eq!(v, "value=v19\n");
+}

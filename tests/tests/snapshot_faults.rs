@@ -29,17 +29,6 @@ async fn booted_app(d: &Daemon) -> (String, String) {
     (id, boot_id)
 }
 
-/// Remove every local copy of snapshots and disk layers of a suspended VM.
-fn wipe_local(d: &Daemon, vm: &str) {
-    let _ = std::fs::remove_dir_all(d.data_dir.path().join("snapshots"));
-    for entry in std::fs::read_dir(d.data_dir.path().join("vms").join(vm)).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "qcow2") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn s3_outage_during_upload_keeps_the_vm_restorable_and_a_retry_succeeds() {
     let mut garage = Garage::start().await;
@@ -66,7 +55,7 @@ async fn s3_outage_during_upload_keeps_the_vm_restorable_and_a_retry_succeeds() 
     garage.restart().await;
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
-    wipe_local(&d, &id);
+    d.wipe_local_snapshots(&id);
     d.restore(&id, json!({ "snapshot_id": sid })).await;
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(app(&d, "/counter").await, "counter=3\n");
@@ -81,7 +70,7 @@ async fn s3_outage_during_restore_fails_clearly_and_a_later_restore_works() {
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
     d.wait_state(&id, "snapshotted").await;
-    wipe_local(&d, &id);
+    d.wipe_local_snapshots(&id);
 
     garage.stop();
     let (s, _) = d
@@ -175,7 +164,7 @@ async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
         .await
         .unwrap();
 
-    wipe_local(&d, &id);
+    d.wipe_local_snapshots(&id);
     let (s, _) = d
         .call(
             Method::POST,

@@ -113,13 +113,7 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
     let s3 = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &s3, "ready").await;
     d.wait_state(&id, "snapshotted").await;
-    std::fs::remove_dir_all(d.data_dir.path().join("snapshots")).unwrap();
-    for entry in std::fs::read_dir(d.data_dir.path().join("vms").join(&id)).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "qcow2") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+    d.wipe_local_snapshots(&id);
     d.restore(&id, json!({})).await;
     assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(get(&d, "/counter").await, "counter=5\n");

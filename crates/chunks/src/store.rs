@@ -297,6 +297,33 @@ impl ChunkStore {
         }
     }
 
+    /// Stored chunks: (id, size, last modified as unix seconds).
+    pub async fn list_chunks(&self) -> Result<Vec<(String, u64, i64)>, ChunkError> {
+        let full = format!("{}chunks/", self.prefix);
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.path(&full)))
+            .try_collect()
+            .await
+            .map_err(|source| ChunkError::Store {
+                key: full.clone(),
+                source,
+            })?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let id = m.location.filename()?.to_string();
+                Some((id, m.size, m.last_modified.timestamp()))
+            })
+            .collect())
+    }
+
+    /// Delete a chunk (garbage collection).
+    pub async fn delete_chunk(&self, id: &str) -> Result<(), ChunkError> {
+        self.forget(id);
+        self.delete(&self.chunk_key(id)).await
+    }
+
     /// Keys under `prefix` (relative to the store prefix).
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ChunkError> {
         let full = format!("{}{prefix}", self.prefix);

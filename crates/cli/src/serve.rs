@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// auto (KVM where the CPU has vmx/svm, else TCG), kvm or tcg.
     #[arg(long, env = "HATCH_ACCEL")]
     accel: Option<String>,
+    /// Unreferenced chunks younger than this many seconds survive garbage
+    /// collection (protects uploads of other daemons sharing the bucket).
+    #[arg(long, env = "HATCH_GC_GRACE_SECONDS")]
+    gc_grace_seconds: Option<u64>,
 }
 
 /// The TOML file: every field optional.
@@ -99,6 +103,9 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(s) = file.stop_timeout_seconds {
         cfg.stop_timeout = Duration::from_secs(s);
+    }
+    if let Some(g) = args.gc_grace_seconds {
+        cfg.gc_grace = Duration::from_secs(g);
     }
     cfg.api_key = std::env::var("HATCH_API_KEY")
         .ok()

@@ -4,7 +4,14 @@
 
 /// Fill and keep `mib` MiB; prints `hatch-guest: touched N MiB` when done.
 pub fn touch(mib: usize) {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Seeded per boot, so that two VMs (or two benchmark runs) do not share
+    // content that the snapshot store would deduplicate.
+    let mut seed = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut seed);
+    }
+    // xorshift needs a non-zero state.
+    let mut state = u64::from_ne_bytes(seed) | 1;
     let mut mem: Vec<u64> = Vec::with_capacity(mib * (1 << 20) / 8);
     for _ in 0..mem.capacity() {
         // xorshift64: cheap, and random enough that zstd cannot shrink it.

@@ -23,8 +23,10 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// API key from the environment; when set its hash is added to the key ring.
     pub api_key: Option<String>,
-    /// S3 settings; snapshots need them (a later milestone).
+    /// S3 settings; snapshots need them.
     pub s3: Option<S3Config>,
+    /// Unreferenced chunks younger than this are kept by garbage collection.
+    pub gc_grace: Duration,
 }
 
 #[derive(Clone)]
@@ -63,6 +65,7 @@ impl Config {
             stop_timeout: Duration::from_secs(10),
             api_key: None,
             s3: None,
+            gc_grace: Duration::from_secs(3600),
         }
     }
 }

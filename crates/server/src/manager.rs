@@ -34,6 +34,8 @@ pub struct VmManager {
     pub(crate) storage: Option<Arc<hatch_chunks::ChunkStore>>,
     /// `qemu-system-x86_64 --version`, recorded in snapshot manifests.
     pub(crate) qemu_version: String,
+    /// Uploads hold it shared, chunk garbage collection exclusively.
+    pub(crate) gc_lock: tokio::sync::RwLock<()>,
 }
 
 /// Files of one VM.
@@ -88,6 +90,7 @@ impl VmManager {
             tasks: TaskTracker::new(),
             storage,
             qemu_version,
+            gc_lock: tokio::sync::RwLock::new(()),
             cfg,
         }))
     }

@@ -52,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(vms::retention).get(vms::get_retention),
         )
         .route("/storage", get(vms::storage))
+        .route("/storage/gc", post(vms::gc))
         .route("/routes", post(routes::create).get(routes::list))
         .route("/routes/{id}", get(routes::get).delete(routes::delete))
         .route("/metrics", get(system::metrics))

@@ -17,11 +17,12 @@ use crate::model::{
         super::vms::start, super::vms::stop, super::vms::logs,
         super::vms::snapshot, super::vms::restore, super::vms::snapshots,
         super::vms::get_snapshot, super::vms::delete_snapshot,
-        super::vms::retention, super::vms::get_retention, super::vms::storage,
+        super::vms::retention, super::vms::get_retention, super::vms::storage, super::vms::gc,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
     ),
     components(schemas(Vm, VmState, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
-        CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage)),
+        CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
+        crate::snapshot::gc::GcReport)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

@@ -149,3 +149,8 @@ pub async fn get_retention(
 pub async fn storage(State(app): App) -> Result<Json<Storage>, ApiError> {
     Ok(Json(app.vms.storage_usage()?))
 }
+
+#[utoipa::path(post, path = "/storage/gc", responses((status = 200, body = crate::snapshot::gc::GcReport), (status = 503)))]
+pub async fn gc(State(app): App) -> Result<Json<crate::snapshot::gc::GcReport>, ApiError> {
+    Ok(Json(app.vms.collect_garbage().await?))
+}

@@ -264,6 +264,8 @@ impl VmManager {
         store: &ChunkStore,
         vm: &Vm,
     ) -> anyhow::Result<u64> {
+        // Shared with other uploads; garbage collection waits for it.
+        let _gc = self.gc_lock.read().await;
         let dir = self.snapshot_dir(&rec.snap.id);
         let vm_dir = self.paths(&vm.id).dir;
         let mut stored = 0;

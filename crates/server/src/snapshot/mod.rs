@@ -6,6 +6,7 @@
 //! snapshots that reference them.
 
 mod capture;
+pub mod gc;
 pub mod manifest;
 mod restore;
 mod retention;

@@ -107,7 +107,16 @@ impl VmManager {
 
     /// Apply every VM's retention policy once a minute (for `max_age_seconds`).
     pub async fn retention_worker(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut rounds: u64 = 0;
         loop {
+            rounds += 1;
+            // Chunk garbage collection once an hour.
+            if rounds.is_multiple_of(60)
+                && self.storage.is_some()
+                && let Err(e) = self.collect_garbage().await
+            {
+                tracing::warn!(error = %e, "garbage collection failed");
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
