@@ -271,4 +271,11 @@ async fn garbage_collection_frees_only_unreferenced_chunks() {
     assert_eq!(c, "counter=2\n");
     let (_, v) = d.proxy_get("gc.localhost", "/disk/read?name=k19").await;
     assert_eq!(v, "value=v19\n");
+
+    // Deleting the VM deletes its manifests: everything becomes garbage.
+    let (s, _) = d.call(Method::DELETE, &format!("/vms/{id}"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, r) = d.call(Method::POST, "/storage/gc", None).await;
+    assert_eq!(r["manifests"], 0, "{r}");
+    assert_eq!(r["deleted_chunks"], r["chunks"], "{r}");
 }

@@ -335,6 +335,13 @@ impl VmManager {
         let hostnames = self.db.delete_vm(id)?;
         for s in snapshots {
             let _ = std::fs::remove_dir_all(self.snapshot_dir(&s.snap.id));
+            // Their chunks become garbage for the collector to free.
+            if let Some(store) = &self.storage {
+                let key = crate::snapshot::manifest::manifest_key(id, &s.snap.id);
+                if let Err(e) = store.delete(&key).await {
+                    tracing::warn!(vm = %id, key, error = %e, "could not delete manifest");
+                }
+            }
         }
         for h in hostnames {
             self.routes.remove(&h);

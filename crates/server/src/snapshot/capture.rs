@@ -97,6 +97,10 @@ impl VmManager {
     }
 
     pub(crate) fn save_record(&self, rec: &SnapshotRecord) {
+        // A snapshot deleted meanwhile (with its VM) is not brought back.
+        if !matches!(self.db.get_snapshot(&rec.snap.id), Ok(Some(_))) {
+            return;
+        }
         if let Err(e) = self.db.save_snapshot(rec) {
             tracing::error!(snapshot = %rec.snap.id, error = %e, "recording snapshot failed");
         }
