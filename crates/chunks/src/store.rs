@@ -176,7 +176,8 @@ impl ChunkStore {
     }
 
     /// Recreate a chunked file at `path` (sparse: zero chunks are holes),
-    /// verifying every chunk's hash.
+    /// verifying every chunk's hash. The file is not fsynced: callers that
+    /// need it durable (rather than re-downloadable) sync it themselves.
     pub async fn download_file(
         &self,
         chunks: &FileChunks,
@@ -218,7 +219,6 @@ impl ChunkStore {
             .buffer_unordered(self.concurrency)
             .try_collect()
             .await?;
-        file.sync_all().map_err(|e| ChunkError::io(path, e))?;
         Ok(DownloadReport {
             fetched_bytes: fetched.iter().sum(),
             chunks: fetched.len() as u64,

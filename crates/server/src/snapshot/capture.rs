@@ -139,6 +139,7 @@ impl VmManager {
         rec.layers = self.db.disk_layers(&rt.id)?;
         rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
         self.keep_ram(&rt.id, &rec.snap.id).await?;
+        sync_file(&dir.join("state"))?;
         Ok(())
     }
 
@@ -244,6 +245,7 @@ impl VmManager {
         };
         let _ = std::fs::remove_file(&ram_copy);
         stored?;
+        sync_file(&dir.join("state"))?;
         rec.layers = layers;
         rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
         Ok(())
@@ -323,4 +325,12 @@ fn layers_size(dir: &Path, layers: &[String]) -> u64 {
         .filter_map(|l| std::fs::metadata(dir.join(l)).ok())
         .map(|m| m.len())
         .sum()
+}
+
+/// QEMU writes the state through `cat`; make it durable before the snapshot
+/// counts as a local copy.
+fn sync_file(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
 }

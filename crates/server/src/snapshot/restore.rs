@@ -89,7 +89,16 @@ impl VmManager {
         let layers = if complete {
             rec.layers.clone()
         } else {
-            self.fetch(rt, rec, store).await?
+            if rec.local {
+                // The local copy is gone: stop trusting it until a fetched
+                // one is durable again.
+                let mut gone = rec.clone();
+                gone.local = false;
+                self.save_record(&gone);
+            }
+            let layers = self.fetch(rt, rec, store).await?;
+            self.trust_fetched_copy_when_durable(&rec.snap.id);
+            layers
         };
 
         // Fresh RAM file from the snapshot's (which stays intact for later restores).
@@ -135,6 +144,29 @@ impl VmManager {
         Ok(machine)
     }
 
+    /// Fetched state and memory are written without fsync (the restore does
+    /// not wait for the disk); once they are durable, in the background, the
+    /// snapshot's local copy is trusted for the next restore.
+    fn trust_fetched_copy_when_durable(&self, snapshot_id: &str) {
+        let dir = self.snapshot_dir(snapshot_id);
+        let db = self.db.clone();
+        let id = snapshot_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let synced = ["mem", "state", ""]
+                .iter()
+                .all(|f| std::fs::File::open(dir.join(f)).and_then(|f| f.sync_all()).is_ok());
+            if !synced {
+                return;
+            }
+            if let Ok(Some(mut rec)) = db.get_snapshot(&id) {
+                rec.local = true;
+                if let Err(e) = db.save_snapshot(&rec) {
+                    tracing::warn!(snapshot = %id, error = %e, "recording local copy failed");
+                }
+            }
+        });
+    }
+
     /// Download a snapshot from S3: state and memory into its local
     /// directory, missing disk layers into the VM's directory, each rebased
     /// onto this host's paths. Returns the layer names.
@@ -153,6 +185,9 @@ impl VmManager {
             id: format!("manifest of {}", rec.snap.id),
             reason,
         })?;
+        // State and memory land in the snapshot's local directory as a
+        // cache, unsynced: the record is not marked local, so after a crash
+        // they are fetched again rather than trusted.
         let dir = self.snapshot_dir(&rec.snap.id);
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
@@ -180,6 +215,10 @@ impl VmManager {
                     .await?
                     .fetched_bytes;
                 rebase(&part, &backing.0, &backing.1).await?;
+                // The layer becomes part of the VM's disk chain: make it durable.
+                std::fs::File::open(&part)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("syncing {}", part.display()))?;
                 std::fs::rename(&part, &path)?;
             }
             backing = (path, "qcow2".to_string());
