@@ -152,9 +152,11 @@ impl VmManager {
         let db = self.db.clone();
         let id = snapshot_id.to_string();
         tokio::task::spawn_blocking(move || {
-            let synced = ["mem", "state", ""]
-                .iter()
-                .all(|f| std::fs::File::open(dir.join(f)).and_then(|f| f.sync_all()).is_ok());
+            let synced = ["mem", "state", ""].iter().all(|f| {
+                std::fs::File::open(dir.join(f))
+                    .and_then(|f| f.sync_all())
+                    .is_ok()
+            });
             if !synced {
                 return;
             }
