@@ -106,6 +106,39 @@ async fn s3_outage_during_restore_fails_clearly_and_a_later_restore_works() {
     assert_eq!(app(&d, "/counter").await, "counter=2\n");
 }
 
+/// A wake takes the snapshot's RAM image instead of copying it; a wake that
+/// fails must give the image back, or the local copy would be lost.
+#[tokio::test]
+async fn a_failed_wake_gives_the_local_copy_back() {
+    let mut garage = Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+    let (id, boot_id) = booted_app(&d).await;
+    assert_eq!(app(&d, "/counter").await, "counter=1\n");
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+
+    // Break the saved device state, and take S3 away: only the local copy
+    // can restore this VM.
+    let state = d.data_dir.path().join("snapshots").join(&sid).join("state");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"not a QEMU migration stream").unwrap();
+    garage.stop();
+    let (s, b) = d
+        .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let vm = d.wait_state(&id, "snapshotted").await;
+    let reason = vm["state_reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("restore of {sid} failed")), "{vm}");
+    assert!(d.qemu_pids().is_empty(), "a failed wake leaves no QEMU");
+
+    std::fs::write(&state, good).unwrap();
+    d.restore(&id, json!({})).await;
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+}
+
 #[tokio::test]
 async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
     let garage = Garage::start().await;

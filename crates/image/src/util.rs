@@ -140,6 +140,16 @@ fn seek_data_hole(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Opti
 /// Copies `src` to the new file `dst`, keeping holes (and punching new ones for runs of zeros)
 /// so that sparse disk images stay sparse. Fsyncs `dst`.
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64, ImageError> {
+    copy_sparse_inner(src, dst, true)
+}
+
+/// [`copy_sparse`] without the fsync: for copies whose durability the caller
+/// handles later (or never needs, like a RAM file for a guest about to run).
+pub fn copy_sparse_unsynced(src: &Path, dst: &Path) -> Result<u64, ImageError> {
+    copy_sparse_inner(src, dst, false)
+}
+
+fn copy_sparse_inner(src: &Path, dst: &Path, sync: bool) -> Result<u64, ImageError> {
     let ctx = || format!("copying {} to {}", src.display(), dst.display());
     let res = (|| -> io::Result<u64> {
         let s = File::open(src)?;
@@ -172,7 +182,9 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64, ImageError> {
             }
             off = hole.max(off + 1);
         }
-        d.sync_all()?;
+        if sync {
+            d.sync_all()?;
+        }
         Ok(len)
     })();
     res.map_err(|e| {

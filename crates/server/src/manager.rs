@@ -105,9 +105,12 @@ impl VmManager {
         VmPaths {
             disk: dir.join("disk.qcow2"),
             console_log: dir.join("console.log"),
-            // Runtime files live in the run dir: RAM on tmpfs, and a short
-            // path for the unix socket whatever the data dir's length.
-            mem: run.join(format!("{id}.mem")),
+            // Guest RAM is a shared file next to the disk, on the same file
+            // system as the snapshots: a suspend keeps it and a wake takes it
+            // back by renaming, no copy (docs/ARCHITECTURE.md, "Memory").
+            mem: dir.join("mem"),
+            // Sockets and pid file live in the run dir: a short path for
+            // the unix sockets whatever the data dir's length.
             qmp_socket: run.join(format!("{id}.qmp")),
             agent_socket: run.join(format!("{id}.agent")),
             pid_file: run.join(format!("{id}.pid")),
@@ -203,17 +206,14 @@ impl VmManager {
             )));
         }
         let memory_mib = req.memory_mib.unwrap_or(model::DEFAULT_MEMORY_MIB);
-        // Guest RAM lives in the run dir (tmpfs): it must fit there too.
-        let host_limit = hatch_vmm::host::memory_mib()
+        let max_mem = hatch_vmm::host::memory_mib()
             .unwrap_or(0)
-            .saturating_sub(1024);
-        let ram_fs_limit = hatch_vmm::host::fs_size_mib(&self.cfg.run_dir).unwrap_or(u64::MAX);
-        let max_mem = host_limit.min(ram_fs_limit).max(model::MIN_MEMORY_MIB);
+            .saturating_sub(1024)
+            .max(model::MIN_MEMORY_MIB);
         if !(model::MIN_MEMORY_MIB..=max_mem).contains(&memory_mib) {
             return Err(ApiError::invalid(format!(
-                "memory_mib must be between {} and {max_mem} (host memory less 1 GiB, and the size of the RAM file system {}), got {memory_mib}",
+                "memory_mib must be between {} and {max_mem} (host memory less 1 GiB), got {memory_mib}",
                 model::MIN_MEMORY_MIB,
-                self.cfg.run_dir.display()
             )));
         }
         let disk_mib = req.disk_mib.unwrap_or(image.disk_mib);

@@ -143,26 +143,14 @@ impl VmManager {
         Ok(())
     }
 
-    /// Move a suspended VM's RAM file out of the run dir's tmpfs into the
-    /// snapshot (a suspended VM frees its memory). Copied under a temporary
-    /// name and renamed, so `mem` is always whole; the source is removed last.
+    /// Move a suspended VM's RAM file into the snapshot as `mem`: a rename
+    /// (both live in the data dir), then an fsync, so `mem` is always whole
+    /// and durable once the capture counts as done.
     async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
-        self.store_ram(&self.paths(vm_id).mem, snapshot_id).await?;
+        let dst = self.snapshot_dir(snapshot_id).join("mem");
+        move_file(&self.paths(vm_id).mem, &dst).await?;
         self.remove_runtime_files(vm_id);
-        Ok(())
-    }
-
-    /// Copy a RAM image (sparse) into the snapshot as `mem`, durably.
-    async fn store_ram(&self, src: &Path, snapshot_id: &str) -> anyhow::Result<()> {
-        let dir = self.snapshot_dir(snapshot_id);
-        let (part, dst) = (dir.join("mem.partial"), dir.join("mem"));
-        let _ = std::fs::remove_file(&part);
-        let (s, p) = (src.to_path_buf(), part.clone());
-        tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&s, &p))
-            .await
-            .context("copy task")??;
-        std::fs::rename(&part, &dst).with_context(|| format!("renaming {}", part.display()))?;
-        Ok(())
+        sync_file_async(&dst).await
     }
 
     /// After a restart: a suspend that had saved the device state and ended
@@ -179,7 +167,9 @@ impl VmManager {
             if !dir.join("state").exists() || !(ram_kept || ram_live) {
                 continue;
             }
-            if !ram_kept {
+            if ram_kept {
+                sync_file_async(&dir.join("mem")).await?;
+            } else {
                 self.keep_ram(vm_id, &rec.snap.id).await?;
             }
             rec.layers = self.db.disk_layers(vm_id)?;
@@ -207,7 +197,7 @@ impl VmManager {
         let layers = self.db.disk_layers(&rt.id)?;
         let top = layers.last().context("vm has no disk layer")?.clone();
         let new_layer = new_layer_name();
-        let ram_copy = self.cfg.run_dir.join(format!("{}.mem", rec.snap.id));
+        let ram_copy = dir.join("mem.partial");
 
         let t0 = Instant::now();
         machine.pause().await?;
@@ -226,12 +216,12 @@ impl VmManager {
             all.push(new_layer.clone());
             self.db.set_disk_layers(&rt.id, &all)?;
             machine.save_state(&dir.join("state")).await?;
-            // RAM must be copied before the guest changes it again. The copy
-            // goes to the run dir's tmpfs (memory speed, nothing to flush);
-            // moving it to disk waits until the guest runs again.
+            // RAM must be copied before the guest changes it again: a page
+            // cache copy while paused; making it durable waits until the
+            // guest runs again.
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
             let _ = std::fs::remove_file(&dst);
-            tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
+            tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))
                 .await
                 .context("copy task")??;
             Ok(())
@@ -240,10 +230,19 @@ impl VmManager {
         resume_guest(&machine).await;
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
         let stored = match result {
-            Ok(()) => self.store_ram(&ram_copy, &rec.snap.id).await,
+            Ok(()) => {
+                async {
+                    sync_file_async(&ram_copy).await?;
+                    std::fs::rename(&ram_copy, dir.join("mem"))
+                        .with_context(|| format!("renaming {}", ram_copy.display()))
+                }
+                .await
+            }
             Err(e) => Err(e),
         };
-        let _ = std::fs::remove_file(&ram_copy);
+        if stored.is_err() {
+            let _ = std::fs::remove_file(&ram_copy);
+        }
         stored?;
         sync_file(&dir.join("state"))?;
         rec.layers = layers;
@@ -333,4 +332,30 @@ fn sync_file(path: &Path) -> anyhow::Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", path.display()))
+}
+
+/// [`sync_file`] off the async threads (a RAM image takes a while).
+async fn sync_file_async(path: &Path) -> anyhow::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || sync_file(&path))
+        .await
+        .context("sync task")?
+}
+
+/// Rename `src` to `dst`; across file systems, copy (sparse) then remove.
+pub(super) async fn move_file(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    match std::fs::rename(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            let part = dst.with_extension("partial");
+            let _ = std::fs::remove_file(&part);
+            let (s, p) = (src.to_path_buf(), part.clone());
+            tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&s, &p))
+                .await
+                .context("copy task")??;
+            std::fs::rename(&part, dst).with_context(|| format!("renaming {}", part.display()))?;
+            std::fs::remove_file(src).with_context(|| format!("removing {}", src.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("moving {} to {}", src.display(), dst.display())),
+    }
 }

@@ -10,11 +10,12 @@ use anyhow::Context;
 use hatch_chunks::{ChunkError, ChunkStore};
 use hatch_vmm::Machine;
 
+use super::capture::move_file;
 use super::manifest::{Manifest, manifest_key};
 use super::new_layer_name;
 use crate::db::SnapshotRecord;
 use crate::manager::{VmManager, now_rfc3339};
-use crate::model::VmState;
+use crate::model::{SnapshotStatus, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
 
 impl VmManager {
@@ -27,7 +28,7 @@ impl VmManager {
         store: Arc<ChunkStore>,
     ) {
         let started = Instant::now();
-        match self.restore_from(&rt, &rec, &store).await {
+        match self.restore_from(&rt, &rec, prior, &store).await {
             Ok(machine) => {
                 if let Err(e) = self.transition(&rt, VmState::Running, None) {
                     tracing::error!(vm = %rt.id, error = %e, "recording restore failed");
@@ -74,6 +75,7 @@ impl VmManager {
         &self,
         rt: &VmRuntime,
         rec: &SnapshotRecord,
+        prior: VmState,
         store: &ChunkStore,
     ) -> anyhow::Result<Arc<Machine>> {
         // A rollback first ends the running guest.
@@ -86,6 +88,10 @@ impl VmManager {
             && dir.join("state").exists()
             && dir.join("mem").exists()
             && rec.layers.iter().all(|l| paths.dir.join(l).exists());
+        // A wake from a snapshot that S3 holds takes its RAM image instead of
+        // copying it (the guest's RAM file is the image); a rollback, or a
+        // snapshot still uploading from this copy, gets a copy.
+        let consume = prior == VmState::Snapshotted && rec.snap.status == SnapshotStatus::Ready;
         let layers = if complete {
             rec.layers.clone()
         } else {
@@ -97,18 +103,51 @@ impl VmManager {
                 self.save_record(&gone);
             }
             let layers = self.fetch(rt, rec, store).await?;
-            self.trust_fetched_copy_when_durable(&rec.snap.id);
+            if !consume {
+                self.trust_fetched_copy_when_durable(&rec.snap.id);
+            }
             layers
         };
 
-        // Fresh RAM file from the snapshot's (which stays intact for later restores).
-        std::fs::create_dir_all(&self.cfg.run_dir)?;
         let _ = std::fs::remove_file(&paths.mem);
-        let (src, dst) = (dir.join("mem"), paths.mem.clone());
-        tokio::task::spawn_blocking(move || hatch_image::copy_sparse(&src, &dst))
-            .await
-            .context("copy task")??;
+        if consume {
+            if rec.local {
+                let mut taken = rec.clone();
+                taken.local = false;
+                self.save_record(&taken);
+            }
+            move_file(&dir.join("mem"), &paths.mem).await?;
+        } else {
+            // A fresh RAM file; the snapshot's stays intact for later restores.
+            let (src, dst) = (dir.join("mem"), paths.mem.clone());
+            tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))
+                .await
+                .context("copy task")??;
+        }
 
+        let started = self.start_from(rt, &dir, &layers).await;
+        if started.is_err() && consume {
+            // The guest never ran: its RAM file is still the snapshot's image.
+            if let Some(m) = rt.machine() {
+                m.kill();
+                m.wait_exit().await;
+            }
+            if move_file(&paths.mem, &dir.join("mem")).await.is_ok() && complete {
+                self.save_record(rec);
+            }
+        }
+        started
+    }
+
+    /// Launch QEMU over a new disk layer and load the snapshot's state
+    /// (its RAM file is in place).
+    async fn start_from(
+        &self,
+        rt: &VmRuntime,
+        dir: &Path,
+        layers: &[String],
+    ) -> anyhow::Result<Arc<Machine>> {
+        let paths = self.paths(&rt.id);
         // A new writable disk layer over the snapshot's frozen ones.
         let top = layers.last().context("snapshot has no disk layer")?;
         let vm = self.get(&rt.id)?;
@@ -120,7 +159,7 @@ impl VmManager {
             vm.disk_mib,
         )
         .await?;
-        let mut all = layers.clone();
+        let mut all = layers.to_vec();
         all.push(new_layer);
         self.db.set_disk_layers(&rt.id, &all)?;
 
