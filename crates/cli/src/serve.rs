@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// collection (protects uploads of other daemons sharing the bucket).
     #[arg(long, env = "HATCH_GC_GRACE_SECONDS")]
     gc_grace_seconds: Option<u64>,
+    /// How long a request for a snapshotted VM waits for its wake (seconds).
+    #[arg(long, env = "HATCH_WAKE_TIMEOUT_SECONDS")]
+    wake_timeout_seconds: Option<u64>,
 }
 
 /// The TOML file: every field optional.
@@ -103,6 +106,9 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(s) = file.stop_timeout_seconds {
         cfg.stop_timeout = Duration::from_secs(s);
+    }
+    if let Some(w) = args.wake_timeout_seconds {
+        cfg.wake_timeout = Duration::from_secs(w.max(1));
     }
     if let Some(g) = args.gc_grace_seconds {
         cfg.gc_grace = Duration::from_secs(g);

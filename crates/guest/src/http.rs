@@ -98,6 +98,10 @@ fn worker(server: &Server, app: &App) {
 }
 
 fn respond(req: Request, app: &App) {
+    if req.url() == "/ws" && *req.method() == Method::Get {
+        crate::ws::upgrade(req);
+        return;
+    }
     // HEAD is fine for the read-only endpoints; anything that changes state needs GET.
     let path = req.url().split('?').next().unwrap_or_default();
     let read_only = matches!(path, "/" | "/disk/read");

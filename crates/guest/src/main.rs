@@ -21,6 +21,7 @@ mod grow;
 mod http;
 mod netprobe;
 mod touch;
+mod ws;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

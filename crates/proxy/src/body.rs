@@ -14,8 +14,8 @@ use crate::metrics::ProxyMetrics;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Brackets one request to a VM: `on_request_start` on creation,
-/// `on_request_end` exactly once when finished or dropped.
+/// Brackets one request to a VM (its start was counted by the resolver):
+/// `on_request_end` exactly once when finished or dropped, if tracked.
 pub(crate) struct ActivityGuard {
     end: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -24,9 +24,9 @@ impl ActivityGuard {
     pub(crate) fn start<R: Resolver>(
         resolver: &Arc<R>,
         vm_id: &str,
+        track: bool,
         metrics: &ProxyMetrics,
     ) -> Self {
-        resolver.on_request_start(vm_id);
         metrics.active_inc();
         let resolver = Arc::clone(resolver);
         let metrics = metrics.clone();
@@ -34,7 +34,9 @@ impl ActivityGuard {
         Self {
             end: Some(Box::new(move || {
                 metrics.active_dec();
-                resolver.on_request_end(&vm_id);
+                if track {
+                    resolver.on_request_end(&vm_id);
+                }
             })),
         }
     }

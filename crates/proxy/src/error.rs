@@ -20,6 +20,13 @@ pub(crate) enum ProxyError {
     UnknownHost(String),
     #[error("VM '{vm_id}' is not running (state: {state})")]
     NotRunning { vm_id: String, state: String },
+    #[error("VM '{vm_id}' is unavailable: {message}")]
+    Unavailable {
+        vm_id: String,
+        code: &'static str,
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("could not connect to VM '{vm_id}'")]
     BackendConnect { vm_id: String },
     #[error("VM '{vm_id}' closed the connection or sent an invalid response")]
@@ -38,7 +45,7 @@ impl ProxyError {
             Self::MissingHost | Self::InvalidHost => StatusCode::BAD_REQUEST,
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnknownHost(_) => StatusCode::NOT_FOUND,
-            Self::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotRunning { .. } | Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BackendConnect { .. }
             | Self::BackendFailed { .. }
             | Self::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
@@ -52,6 +59,7 @@ impl ProxyError {
             Self::ConnectNotSupported => "method_not_allowed",
             Self::UnknownHost(_) => "not_found",
             Self::NotRunning { .. } => "vm_not_running",
+            Self::Unavailable { code, .. } => code,
             Self::BackendConnect { .. }
             | Self::BackendFailed { .. }
             | Self::UnexpectedUpgrade { .. } => "bad_gateway",
@@ -65,7 +73,7 @@ impl ProxyError {
                 Outcome::BadRequest
             }
             Self::UnknownHost(_) => Outcome::UnknownHost,
-            Self::NotRunning { .. } => Outcome::NotRunning,
+            Self::NotRunning { .. } | Self::Unavailable { .. } => Outcome::NotRunning,
             Self::BackendConnect { .. }
             | Self::BackendFailed { .. }
             | Self::UnexpectedUpgrade { .. } => Outcome::BadGateway,
@@ -90,6 +98,15 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Self::Unavailable {
+            retry_after_secs, ..
+        } = &self
+        {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(*retry_after_secs),
+            );
+        }
         if matches!(self, Self::ConnectNotSupported) {
             headers.insert(
                 http::header::ALLOW,

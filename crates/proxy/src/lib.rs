@@ -15,10 +15,12 @@
 //! - Requests are forwarded over pooled HTTP/1.1 connections with streaming bodies
 //!   in both directions; `Upgrade` requests (WebSocket and others) are spliced
 //!   byte-for-byte once the backend answers `101 Switching Protocols`.
-//! - Every request routed to a backend is bracketed by
-//!   [`Resolver::on_request_start`] / [`Resolver::on_request_end`]; the end is
-//!   reported when the response body has been sent (or dropped), or, for an
-//!   upgraded connection, when the spliced stream closes.
+//! - A request the resolver routes to a backend with `track: true` counts as
+//!   started when [`Resolver::resolve`] returns; [`Resolver::on_request_end`]
+//!   reports its end when the response body has been sent (or dropped), or,
+//!   for an upgraded connection, when the spliced stream closes.
+//! - The resolver may answer [`Resolution::Unavailable`] (e.g. a wake failed):
+//!   503 with its error code and a `Retry-After` header.
 
 mod body;
 mod error;
@@ -41,6 +43,10 @@ pub enum Resolution {
         addr: SocketAddr,
         /// The VM serving this host; passed to the activity callbacks.
         vm_id: String,
+        /// The resolver counted this request as activity of the VM and wants
+        /// [`Resolver::on_request_end`] when it is over. False for requests
+        /// that must not keep a VM awake (health checks).
+        track: bool,
     },
     /// No route for this host: 404 `not_found`.
     UnknownHost,
@@ -51,6 +57,18 @@ pub enum Resolution {
         vm_id: String,
         /// Its current state, e.g. `stopped` or `snapshotted`.
         state: String,
+    },
+    /// The VM could not be made ready in time (its wake failed or took too
+    /// long): 503 with this error code and `Retry-After: retry_after_secs`.
+    Unavailable {
+        /// The VM behind the route.
+        vm_id: String,
+        /// snake_case error code, e.g. `wake_failed`.
+        code: &'static str,
+        /// Human-readable reason.
+        message: String,
+        /// Seconds the client should wait before retrying.
+        retry_after_secs: u64,
     },
 }
 
@@ -65,14 +83,16 @@ pub trait Resolver: Send + Sync + 'static {
     /// May wait (for example while a snapshotted VM is restored); the time spent
     /// here counts toward the proxy's latency histogram. Dropped without
     /// completion if the client goes away or the proxy is hard-stopped.
-    fn resolve(&self, host: &str) -> impl Future<Output = Resolution> + Send;
+    /// `path` is the request's path (no query), for decisions such as "health
+    /// checks do not count as activity".
+    ///
+    /// Returning [`Resolution::Backend`] with `track: true` marks the start
+    /// of a request to that VM (counted before the proxy forwards it, so
+    /// that idle detection never acts in between).
+    fn resolve(&self, host: &str, path: &str) -> impl Future<Output = Resolution> + Send;
 
-    /// Called when a request resolved to [`Resolution::Backend`] is about to be
-    /// forwarded to `vm_id`. Must not block.
-    fn on_request_start(&self, vm_id: &str);
-
-    /// Called exactly once for each [`Resolver::on_request_start`], when that
-    /// request is over: its response body was fully sent or dropped, the backend
+    /// Called exactly once for each [`Resolution::Backend`] with
+    /// `track: true`, when that request is over: its response body was fully sent or dropped, the backend
     /// failed (502), or, for an upgraded (WebSocket) connection, the spliced
     /// stream closed. May be called from a `Drop` implementation, so it must not
     /// block or panic.

@@ -292,7 +292,8 @@ async fn proxy_request<R: Resolver>(
         }
     };
     let req = Request::from_parts(parts, body);
-    match shared.resolver.resolve(&target.route).await {
+    let path = req.uri().path().to_owned();
+    match shared.resolver.resolve(&target.route, &path).await {
         Resolution::UnknownHost => {
             debug!(host = %target.route, "no route");
             Err(ProxyError::UnknownHost(target.route))
@@ -301,8 +302,22 @@ async fn proxy_request<R: Resolver>(
             debug!(host = %target.route, %vm_id, %state, "VM not running");
             Err(ProxyError::NotRunning { vm_id, state })
         }
-        Resolution::Backend { addr, vm_id } => {
-            forward(shared, req, peer, target, addr, vm_id).await
+        Resolution::Unavailable {
+            vm_id,
+            code,
+            message,
+            retry_after_secs,
+        } => {
+            debug!(host = %target.route, %vm_id, code, "VM unavailable");
+            Err(ProxyError::Unavailable {
+                vm_id,
+                code,
+                message,
+                retry_after_secs,
+            })
+        }
+        Resolution::Backend { addr, vm_id, track } => {
+            forward(shared, req, peer, target, addr, vm_id, track).await
         }
     }
 }
@@ -314,8 +329,9 @@ async fn forward<R: Resolver>(
     target: TargetHost,
     addr: SocketAddr,
     vm_id: String,
+    track: bool,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
-    let guard = ActivityGuard::start(&shared.resolver, &vm_id, &shared.metrics);
+    let guard = ActivityGuard::start(&shared.resolver, &vm_id, track, &shared.metrics);
 
     let upgrade = hdr::is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

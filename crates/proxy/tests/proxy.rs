@@ -130,6 +130,54 @@ async fn not_running_is_503_json() {
 }
 
 #[tokio::test]
+async fn unavailable_is_503_with_its_code_and_retry_after() {
+    let resolver = FakeResolver::new();
+    resolver.route(
+        "broken.test",
+        Resolution::Unavailable {
+            vm_id: "vm-broken".into(),
+            code: "wake_failed",
+            message: "restore failed".into(),
+            retry_after_secs: 7,
+        },
+    );
+    let proxy = Proxy::start(resolver.clone()).await;
+
+    let resp = get(proxy.addr, "broken.test", "/").await;
+    assert_json_error(&resp, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    let json = body_json(resp).await;
+    assert_eq!(json["error"]["code"], "wake_failed");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("vm-broken") && message.contains("restore failed"),
+        "{message}"
+    );
+    assert_eq!(resolver.activity("vm-broken"), (0, 0));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn untracked_requests_are_forwarded_without_activity() {
+    let backend = Backend::spawn("health").await;
+    let resolver = FakeResolver::new();
+    resolver.route(
+        "health.test",
+        Resolution::Backend {
+            addr: backend.addr,
+            vm_id: "vm-health".into(),
+            track: false,
+        },
+    );
+    let proxy = Proxy::start(resolver.clone()).await;
+    let resp = get(proxy.addr, "health.test", "/").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = body_text(resp).await;
+    assert_eq!(resolver.activity("vm-health"), (0, 0));
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn backend_down_is_502_json() {
     let resolver = FakeResolver::new();
     resolver.backend("down.test", dead_addr().await, "vm-down");

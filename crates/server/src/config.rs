@@ -14,8 +14,8 @@ pub struct Config {
     pub proxy_addr: SocketAddr,
     /// Where images live; default `<data-dir>/images`.
     pub images_dir: PathBuf,
-    /// Where guest RAM files live; default a tmpfs directory (guest RAM must
-    /// be RAM, not page cache written back to disk).
+    /// Where QMP and agent sockets and pid files live; default a tmpfs
+    /// directory (short paths for unix sockets).
     pub run_dir: PathBuf,
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
@@ -27,6 +27,10 @@ pub struct Config {
     pub s3: Option<S3Config>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub gc_grace: Duration,
+    /// How long a proxied request waits for its VM to wake before 503.
+    pub wake_timeout: Duration,
+    /// Requests held per VM while it wakes; more get 503 at once.
+    pub wake_queue: usize,
 }
 
 #[derive(Clone)]
@@ -66,6 +70,8 @@ impl Config {
             api_key: None,
             s3: None,
             gc_grace: Duration::from_secs(3600),
+            wake_timeout: Duration::from_secs(30),
+            wake_queue: 4096,
         }
     }
 }

@@ -72,6 +72,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics: metrics.clone(),
     }));
     tokio::spawn(vms.clone().retention_worker(shutdown.clone()));
+    tokio::spawn(vms.clone().idle_worker(shutdown.clone()));
     let api_shutdown = shutdown.clone();
     let api = tokio::spawn(async move {
         axum::serve(api_listener, app)

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::model::{Retention, Route, Snapshot, SnapshotStatus, Vm, VmState};
+use crate::model::{Retention, Route, Snapshot, SnapshotStatus, Vm, VmEvent, VmState};
 use hatch_vmm::PortForward;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +75,29 @@ CREATE INDEX snapshots_by_vm ON snapshots (vm_id, created_at);
 ALTER TABLE vms ADD COLUMN keep_last INTEGER;
 ALTER TABLE vms ADD COLUMN max_age_seconds INTEGER;
 "#,
+    r#"
+-- path prefixes whose requests neither wake the VM nor keep it awake (JSON list)
+ALTER TABLE routes ADD COLUMN idle_ignore_paths TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE vm_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    duration_ms INTEGER,
+    snapshot_id TEXT,
+    error TEXT
+);
+CREATE INDEX vm_events_by_vm ON vm_events (vm_id, seq);
+"#,
 ];
 
 pub struct Db {
     conn: Mutex<Connection>,
 }
+
+/// Events kept per VM.
+const EVENTS_KEPT: i64 = 100;
 
 /// A VM row: the API record plus what the runtime needs after a restart.
 #[derive(Debug, Clone)]
@@ -218,6 +236,7 @@ impl Db {
         };
         tx.execute("DELETE FROM routes WHERE vm_id = ?1", [id])?;
         tx.execute("DELETE FROM snapshots WHERE vm_id = ?1", [id])?;
+        tx.execute("DELETE FROM vm_events WHERE vm_id = ?1", [id])?;
         tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(hostnames)
@@ -296,6 +315,51 @@ impl Db {
             .transpose()
     }
 
+    /// Append an event to a VM's history (the newest `EVENTS_KEPT` are kept).
+    pub fn add_event(&self, e: &VmEvent) -> Result<(), DbError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO vm_events (vm_id, at, kind, trigger, duration_ms, snapshot_id, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                e.vm_id,
+                e.at,
+                e.kind,
+                e.trigger,
+                e.duration_ms,
+                e.snapshot_id,
+                e.error
+            ],
+        )?;
+        conn.execute(
+            "DELETE FROM vm_events WHERE vm_id = ?1 AND seq <= (SELECT seq FROM vm_events
+             WHERE vm_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+            params![e.vm_id, EVENTS_KEPT],
+        )?;
+        Ok(())
+    }
+
+    /// A VM's events, newest first.
+    pub fn list_events(&self, vm_id: &str) -> Result<Vec<VmEvent>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT vm_id, at, kind, trigger, duration_ms, snapshot_id, error
+             FROM vm_events WHERE vm_id = ?1 ORDER BY seq DESC",
+        )?;
+        let rows = stmt.query_map([vm_id], |r| {
+            Ok(VmEvent {
+                vm_id: r.get(0)?,
+                at: r.get(1)?,
+                kind: r.get(2)?,
+                trigger: r.get(3)?,
+                duration_ms: r.get(4)?,
+                snapshot_id: r.get(5)?,
+                error: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     pub fn delete_snapshot(&self, id: &str) -> Result<(), DbError> {
         self.conn()
             .execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
@@ -327,8 +391,8 @@ impl Db {
 
     pub fn insert_route(&self, route: &Route) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT INTO routes (id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO routes (id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at, idle_ignore_paths)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 route.id,
                 route.hostname,
@@ -336,7 +400,8 @@ impl Db {
                 route.port,
                 route.auto_wake,
                 route.idle_timeout_seconds,
-                route.created_at
+                route.created_at,
+                serde_json::to_string(&route.idle_ignore_paths).unwrap_or_else(|_| "[]".into())
             ],
         )?;
         Ok(())
@@ -345,7 +410,7 @@ impl Db {
     pub fn list_routes(&self) -> Result<Vec<Route>, DbError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at
+            "SELECT id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at, idle_ignore_paths
              FROM routes ORDER BY created_at, id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -357,6 +422,9 @@ impl Db {
                 auto_wake: r.get(4)?,
                 idle_timeout_seconds: r.get(5)?,
                 created_at: r.get(6)?,
+                idle_ignore_paths: serde_json::from_str(&r.get::<_, String>(7)?)
+                    .unwrap_or_default(),
+                vm_state: None,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -506,7 +574,9 @@ mod tests {
                 port: 8080,
                 auto_wake: true,
                 idle_timeout_seconds: Some(30),
+                idle_ignore_paths: vec!["/healthz".into()],
                 created_at: "t".into(),
+                vm_state: None,
             })
             .unwrap();
         }
@@ -523,7 +593,29 @@ mod tests {
         let routes = db.list_routes().unwrap();
         assert_eq!(routes.len(), 1);
         assert_eq!(routes[0].idle_timeout_seconds, Some(30));
+        assert_eq!(routes[0].idle_ignore_paths, ["/healthz"]);
+        assert!(routes[0].tracks("/counter") && !routes[0].tracks("/healthz/deep"));
+        for i in 0..(EVENTS_KEPT + 5) {
+            db.add_event(&VmEvent {
+                vm_id: "vm-1".into(),
+                at: format!("t{i}"),
+                kind: "wake".into(),
+                trigger: "request".into(),
+                duration_ms: Some(i as u64),
+                snapshot_id: None,
+                error: None,
+            })
+            .unwrap();
+        }
+        let events = db.list_events("vm-1").unwrap();
+        assert_eq!(events.len() as i64, EVENTS_KEPT, "only the newest are kept");
+        assert_eq!(
+            events[0].at,
+            format!("t{}", EVENTS_KEPT + 4),
+            "newest first"
+        );
         assert_eq!(db.delete_vm("vm-1").unwrap(), ["a.localhost"]);
+        assert!(db.list_events("vm-1").unwrap().is_empty());
         assert!(db.list_routes().unwrap().is_empty());
         assert!(db.get_vm("vm-1").unwrap().is_none());
     }

@@ -5,7 +5,9 @@
 //! - [`manager`] with [`boot`] and [`routes`]: the core that owns VMs, their
 //!   lifecycle and proxy routes; [`runtime`] is one VM's in-memory side.
 //! - [`db`]: SQLite state; [`auth`]: API keys; [`metrics`]: Prometheus.
-//! - [`resolver`]: how the proxy finds a VM for a host name.
+//! - [`resolver`]: how the proxy finds a VM for a host name; [`wake`]: auto-wake
+//!   of suspended VMs for held requests; [`idle`]: suspending idle VMs;
+//!   [`events`]: wakes and idle suspends as events, metrics and logs.
 
 pub mod api;
 pub mod auth;
@@ -14,6 +16,8 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod events;
+pub mod idle;
 pub mod manager;
 pub mod metrics;
 pub mod model;
@@ -21,6 +25,7 @@ pub mod resolver;
 pub mod routes;
 pub mod runtime;
 pub mod snapshot;
+pub mod wake;
 
 pub use config::{Config, S3Config};
 pub use daemon::run;

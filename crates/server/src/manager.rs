@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use hatch_image::ImageStore;
-use hatch_vmm::{Accel, PortForward};
+use hatch_vmm::Accel;
 use rand::Rng;
 use tokio_util::task::TaskTracker;
 
@@ -141,6 +141,15 @@ impl VmManager {
             .remove(id);
     }
 
+    pub(crate) fn all_runtimes(&self) -> Vec<Arc<VmRuntime>> {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn states(&self) -> Vec<VmState> {
         self.runtimes
             .lock()
@@ -166,7 +175,7 @@ impl VmManager {
             )));
         }
         self.db.set_vm_state(&rt.id, to, reason.as_deref())?;
-        inner.state = to;
+        rt.publish_state(&mut inner, to);
         match &reason {
             Some(r) => tracing::info!(vm = %rt.id, %from, %to, reason = %r, "vm state"),
             None => tracing::info!(vm = %rt.id, %from, %to, "vm state"),
@@ -421,23 +430,6 @@ impl VmManager {
             .context("reading console log")?;
         let next = start + buf.len() as u64;
         Ok((buf, next))
-    }
-
-    pub(crate) fn forward_for(
-        &self,
-        vm_id: &str,
-        guest_port: u16,
-    ) -> Option<(VmState, Option<PortForward>)> {
-        let rt = self.runtime(vm_id).ok()?;
-        let inner = rt.lock();
-        Some((
-            inner.state,
-            inner
-                .forwards
-                .iter()
-                .find(|f| f.guest == guest_port)
-                .copied(),
-        ))
     }
 
     /// Wait for in-flight operations to finish (bounded by the caller).

@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -15,11 +16,30 @@ pub struct StateLabel {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WakeLabels {
+    pub trigger: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    pub trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub vms: Family<StateLabel, Gauge>,
     pub boot_seconds: Histogram,
     pub proxy: hatch_proxy::ProxyMetrics,
+    wakes: Family<WakeLabels, Counter>,
+    wake_seconds: Family<TriggerLabel, Histogram>,
+    idle_suspends: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -35,12 +55,64 @@ impl Metrics {
             boot_seconds.clone(),
         );
         let proxy = hatch_proxy::ProxyMetrics::register(&mut registry);
+        let wakes = Family::<WakeLabels, Counter>::default();
+        registry.register(
+            "hatch_wakes",
+            "Wakes of suspended VMs by trigger (request, api) and result",
+            wakes.clone(),
+        );
+        let wake_seconds = Family::<TriggerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(
+                [
+                    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+                ]
+                .into_iter(),
+            )
+        });
+        registry.register(
+            "hatch_wake_duration_seconds",
+            "Wake latency: first held request (or API call) until the VM runs",
+            wake_seconds.clone(),
+        );
+        let idle_suspends = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "hatch_idle_suspends",
+            "Suspends of idle VMs by result",
+            idle_suspends.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             vms,
             boot_seconds,
             proxy,
+            wakes,
+            wake_seconds,
+            idle_suspends,
         }
+    }
+
+    pub fn record_wake(&self, trigger: &str, result: &str, took: std::time::Duration) {
+        self.wakes
+            .get_or_create(&WakeLabels {
+                trigger: trigger.into(),
+                result: result.into(),
+            })
+            .inc();
+        if result == "ok" {
+            self.wake_seconds
+                .get_or_create(&TriggerLabel {
+                    trigger: trigger.into(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn record_idle_suspend(&self, result: &str) {
+        self.idle_suspends
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// Set the per-state gauges and render the text exposition format.

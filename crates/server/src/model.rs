@@ -137,7 +137,52 @@ pub struct Route {
     pub auto_wake: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<u64>,
+    /// Path prefixes (health checks) whose requests neither wake the VM nor
+    /// keep it awake.
+    #[serde(default)]
+    pub idle_ignore_paths: Vec<String>,
     pub created_at: String,
+    /// The VM's state, filled in listings and lookups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<VmState>,
+}
+
+impl Route {
+    /// Whether a request for `path` counts as activity (and may wake the VM).
+    pub fn tracks(&self, path: &str) -> bool {
+        !self
+            .idle_ignore_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
+    }
+}
+
+/// Something that happened to a VM: a wake or an idle suspend.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VmEvent {
+    #[serde(skip)]
+    pub vm_id: String,
+    pub at: String,
+    /// `wake` or `idle_suspend`.
+    pub kind: String,
+    /// What caused it: `request` (a proxied request woke the VM), `api`
+    /// (POST /vms/{id}/restore) or `idle`.
+    pub trigger: String,
+    /// Wake: from the first held request (or the API call) until the VM ran.
+    /// Idle suspend: the guest's pause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// Set when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Answer of `GET /vms/{id}/events`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    pub events: Vec<VmEvent>,
 }
 
 /// Body of `POST /routes`.
@@ -151,6 +196,8 @@ pub struct CreateRoute {
     /// Default true.
     pub auto_wake: Option<bool>,
     pub idle_timeout_seconds: Option<u64>,
+    /// Path prefixes (e.g. "/healthz") that neither wake nor keep awake.
+    pub idle_ignore_paths: Option<Vec<String>>,
 }
 
 /// Progress of a snapshot.

@@ -13,6 +13,8 @@ use crate::model::{self, CreateRoute, Route, VmState};
 
 /// Longest idle timeout accepted: 30 days.
 const MAX_IDLE_TIMEOUT_SECONDS: u64 = 30 * 24 * 3600;
+/// Most path prefixes a route may exclude from idle detection.
+const MAX_IGNORED_PATHS: usize = 16;
 
 #[derive(Default)]
 pub struct RouteTable {
@@ -48,6 +50,17 @@ impl RouteTable {
         self.read().get(hostname).cloned()
     }
 
+    /// The idle timeout of a VM: the longest of its routes' (a VM is idle
+    /// only when every route is); None when no route sets one.
+    pub fn idle_timeout_of(&self, vm_id: &str) -> Option<std::time::Duration> {
+        self.read()
+            .values()
+            .filter(|r| r.vm_id == vm_id)
+            .filter_map(|r| r.idle_timeout_seconds)
+            .max()
+            .map(std::time::Duration::from_secs)
+    }
+
     /// Guest ports that routes to `vm_id` need forwarded.
     pub fn ports_of(&self, vm_id: &str) -> BTreeSet<u16> {
         self.read()
@@ -72,6 +85,16 @@ impl VmManager {
                 "idle_timeout_seconds must be between 1 and {MAX_IDLE_TIMEOUT_SECONDS}, got {t}"
             )));
         }
+        let idle_ignore_paths = req.idle_ignore_paths.clone().unwrap_or_default();
+        if idle_ignore_paths.len() > MAX_IGNORED_PATHS
+            || idle_ignore_paths
+                .iter()
+                .any(|p| !p.starts_with('/') || p.len() > 256)
+        {
+            return Err(ApiError::invalid(format!(
+                "idle_ignore_paths must be at most {MAX_IGNORED_PATHS} path prefixes, each starting with '/' and at most 256 bytes"
+            )));
+        }
         let rt = self.runtime(&req.vm_id)?;
         // Under the VM's operation lock: a boot picks its forwards from the
         // route table, and a delete removes the VM's routes; neither may
@@ -92,7 +115,9 @@ impl VmManager {
             port,
             auto_wake: req.auto_wake.unwrap_or(true),
             idle_timeout_seconds: req.idle_timeout_seconds,
+            idle_ignore_paths,
             created_at: now_rfc3339(),
+            vm_state: None,
         };
         if let Err(e) = self.db.insert_route(&route) {
             if self
@@ -110,7 +135,7 @@ impl VmManager {
         }
         self.routes.insert(route.clone());
         tracing::info!(route = %route.id, host = %route.hostname, vm = %route.vm_id, port, "route created");
-        Ok(route)
+        Ok(self.with_vm_state(route))
     }
 
     /// Forward `guest_port` of a running VM if it is not forwarded yet.
@@ -142,13 +167,22 @@ impl VmManager {
         Ok(())
     }
 
+    fn with_vm_state(&self, mut route: Route) -> Route {
+        route.vm_state = self.runtime(&route.vm_id).ok().map(|rt| rt.state());
+        route
+    }
+
     pub fn list_routes(&self) -> Result<Vec<Route>, ApiError> {
-        Ok(self.db.list_routes()?)
+        Ok(self
+            .db
+            .list_routes()?
+            .into_iter()
+            .map(|r| self.with_vm_state(r))
+            .collect())
     }
 
     pub fn get_route(&self, id: &str) -> Result<Route, ApiError> {
-        self.db
-            .list_routes()?
+        self.list_routes()?
             .into_iter()
             .find(|r| r.id == id)
             .ok_or_else(|| ApiError::not_found("route", id))

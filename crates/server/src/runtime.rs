@@ -1,12 +1,11 @@
 //! The in-memory side of one VM: its lifecycle state (mirrored in SQLite), its
 //! port forwards, its QEMU machine, and the lock that serializes operations.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hatch_vmm::{Machine, PortForward};
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::ApiError;
 use crate::model::VmState;
@@ -15,6 +14,15 @@ pub struct VmRuntime {
     pub id: String,
     /// Proxied traffic to this VM.
     pub activity: Activity,
+    /// The lifecycle state, for waiters (held requests of an auto-wake).
+    state_tx: watch::Sender<VmState>,
+    /// The wake in flight, if any (single-flight: requests share it).
+    pub wake: Mutex<Option<crate::wake::WakeWatch>>,
+    /// Proxied requests held while the VM wakes (bounded).
+    pub waiting: std::sync::atomic::AtomicUsize,
+    /// When the last wake failed and why: requests fail fast for a while
+    /// instead of starting one failing restore after another.
+    pub wake_failure: Mutex<Option<(Instant, String)>>,
     /// Held for the whole of an operation (boot, stop, delete, ...). Taken with
     /// `try_lock`: a second operation on a busy VM is answered 409 at once.
     op: Arc<tokio::sync::Mutex<()>>,
@@ -32,20 +40,70 @@ pub struct Inner {
     pub busy_with: Option<&'static str>,
 }
 
-/// Proxied requests in flight and the time of the last request event.
-#[derive(Default)]
+/// Proxied requests in flight, the time of the last request event, and
+/// whether an idle suspend has claimed the VM (no new requests go in).
 pub struct Activity {
-    pub inflight: AtomicU64,
-    last: Mutex<Option<Instant>>,
+    inner: Mutex<ActivityInner>,
+}
+
+struct ActivityInner {
+    inflight: u64,
+    last: Instant,
+    suspending: bool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            inner: Mutex::new(ActivityInner {
+                inflight: 0,
+                last: Instant::now(),
+                suspending: false,
+            }),
+        }
+    }
 }
 
 impl Activity {
-    pub fn touch(&self) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    fn lock(&self) -> MutexGuard<'_, ActivityInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn last(&self) -> Option<Instant> {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    /// Restart the idle clock (a request, or the VM just started running).
+    pub fn touch(&self) {
+        self.lock().last = Instant::now();
+    }
+
+    /// A tracked request is over.
+    pub fn end(&self) {
+        let mut a = self.lock();
+        // Saturating: never wrap below zero, whatever happened in between.
+        a.inflight = a.inflight.saturating_sub(1);
+        a.last = Instant::now();
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.lock().inflight
+    }
+
+    /// Claim the VM for an idle suspend if nothing is in flight and nothing
+    /// happened for `timeout`. From then on requests are held, not admitted.
+    pub fn claim_idle(&self, timeout: Duration) -> bool {
+        let mut a = self.lock();
+        if a.suspending || a.inflight > 0 || a.last.elapsed() < timeout {
+            return false;
+        }
+        a.suspending = true;
+        true
+    }
+
+    pub fn claimed_for_suspend(&self) -> bool {
+        self.lock().suspending
+    }
+
+    /// The idle suspend is over (done or given up).
+    pub fn release_idle(&self) {
+        self.lock().suspending = false;
     }
 }
 
@@ -66,6 +124,10 @@ impl VmRuntime {
         Arc::new(VmRuntime {
             id,
             activity: Activity::default(),
+            state_tx: watch::Sender::new(state),
+            wake: Mutex::new(None),
+            waiting: Default::default(),
+            wake_failure: Mutex::new(None),
             op: Arc::default(),
             inner: Mutex::new(Inner {
                 state,
@@ -83,6 +145,42 @@ impl VmRuntime {
 
     pub fn state(&self) -> VmState {
         self.lock().state
+    }
+
+    /// Record a new state (the caller holds `inner`) and tell waiters.
+    pub fn publish_state(&self, inner: &mut Inner, to: VmState) {
+        inner.state = to;
+        self.state_tx.send_replace(to);
+        if to == VmState::Running {
+            // A VM that just started gets a full idle timeout.
+            self.activity.touch();
+        }
+    }
+
+    pub fn watch_state(&self) -> watch::Receiver<VmState> {
+        self.state_tx.subscribe()
+    }
+
+    /// Admit a proxied request to `guest_port` if the VM serves now: running,
+    /// not claimed by an idle suspend, the port forwarded. Returns the host
+    /// port. A tracked request counts as in flight from here on.
+    pub fn admit(&self, guest_port: u16, track: bool) -> Option<u16> {
+        let mut act = self.activity.lock();
+        if act.suspending {
+            return None;
+        }
+        let host = {
+            let inner = self.lock();
+            if inner.state != VmState::Running {
+                return None;
+            }
+            inner.forwards.iter().find(|f| f.guest == guest_port)?.host
+        };
+        if track {
+            act.inflight += 1;
+            act.last = Instant::now();
+        }
+        Some(host)
     }
 
     pub fn machine(&self) -> Option<Arc<Machine>> {

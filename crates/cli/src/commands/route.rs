@@ -24,6 +24,10 @@ pub enum RouteCommand {
         /// Suspend the VM after this long without traffic, e.g. 5m.
         #[arg(long, value_parser = humantime::parse_duration)]
         idle_timeout: Option<std::time::Duration>,
+        /// A path prefix (e.g. /healthz) whose requests neither wake the VM
+        /// nor keep it awake; repeatable.
+        #[arg(long = "idle-ignore-path")]
+        idle_ignore_paths: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -50,6 +54,7 @@ pub async fn run(cmd: RouteCommand) -> anyhow::Result<()> {
             port,
             no_auto_wake,
             idle_timeout,
+            idle_ignore_paths,
             api,
         } => {
             let c = Client::new(&api)?;
@@ -60,6 +65,9 @@ pub async fn run(cmd: RouteCommand) -> anyhow::Result<()> {
             }
             if let Some(t) = idle_timeout {
                 body["idle_timeout_seconds"] = t.as_secs().into();
+            }
+            if !idle_ignore_paths.is_empty() {
+                body["idle_ignore_paths"] = idle_ignore_paths.into();
             }
             let route = c.json(Method::POST, "/routes", Some(&body)).await?;
             if api.json {
@@ -75,27 +83,16 @@ pub async fn run(cmd: RouteCommand) -> anyhow::Result<()> {
                 output::json(&routes);
                 return Ok(());
             }
-            let vms = c.json(Method::GET, "/vms", None).await?;
-            let state_of = |id: &str| {
-                vms["vms"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|v| v["id"] == id)
-                    .map(|v| output::field(v, "state"))
-                    .unwrap_or_else(|| "-".into())
-            };
             let rows = routes["routes"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .map(|r: &Value| {
-                    let vm = output::field(r, "vm_id");
                     vec![
                         output::field(r, "id"),
                         output::field(r, "hostname"),
-                        vm.clone(),
-                        state_of(&vm),
+                        output::field(r, "vm_id"),
+                        output::field(r, "vm_state"),
                         output::field(r, "port"),
                         output::field(r, "auto_wake"),
                         output::field(r, "idle_timeout_seconds"),

@@ -90,6 +90,12 @@ pub enum VmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Wakes and idle suspends of the VM, newest first.
+    Events {
+        vm: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Print the VM's serial console.
     Logs {
         vm: String,
@@ -251,6 +257,36 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 c.json(Method::PUT, &path, Some(&body)).await?
             };
             show_vm(&api, &r);
+        }
+        VmCommand::Events { vm, api } => {
+            let c = Client::new(&api)?;
+            let id = c.vm_id(&vm).await?;
+            let events = c
+                .json(Method::GET, &format!("/vms/{id}/events"), None)
+                .await?;
+            if api.json {
+                output::json(&events);
+                return Ok(());
+            }
+            let rows = events["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    [
+                        "at",
+                        "kind",
+                        "trigger",
+                        "duration_ms",
+                        "snapshot_id",
+                        "error",
+                    ]
+                    .iter()
+                    .map(|f| output::field(e, f))
+                    .collect()
+                })
+                .collect();
+            output::table(&["AT", "KIND", "TRIGGER", "MS", "SNAPSHOT", "ERROR"], rows);
         }
         VmCommand::Logs { vm, follow, api } => {
             let c = Client::new(&api)?;

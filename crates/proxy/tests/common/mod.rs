@@ -284,6 +284,7 @@ impl FakeResolver {
             Resolution::Backend {
                 addr,
                 vm_id: vm_id.to_owned(),
+                track: true,
             },
         );
     }
@@ -321,19 +322,23 @@ impl FakeResolver {
 }
 
 impl Resolver for FakeResolver {
-    async fn resolve(&self, host: &str) -> Resolution {
+    async fn resolve(&self, host: &str, _path: &str) -> Resolution {
         self.resolved.lock().unwrap().push(host.to_owned());
-        self.routes
+        let resolution = self
+            .routes
             .lock()
             .unwrap()
             .get(host)
             .cloned()
-            .unwrap_or(Resolution::UnknownHost)
-    }
-
-    fn on_request_start(&self, vm_id: &str) {
-        self.activity
-            .send_modify(|m| m.entry(vm_id.to_owned()).or_default().0 += 1);
+            .unwrap_or(Resolution::UnknownHost);
+        if let Resolution::Backend {
+            vm_id, track: true, ..
+        } = &resolution
+        {
+            self.activity
+                .send_modify(|m| m.entry(vm_id.clone()).or_default().0 += 1);
+        }
+        resolution
     }
 
     fn on_request_end(&self, vm_id: &str) {

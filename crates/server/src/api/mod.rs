@@ -43,6 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/snapshot", post(vms::snapshot))
         .route("/vms/{id}/restore", post(vms::restore))
         .route("/vms/{id}/snapshots", get(vms::snapshots))
+        .route("/vms/{id}/events", get(vms::events))
         .route(
             "/vms/{id}/snapshots/{sid}",
             get(vms::get_snapshot).delete(vms::delete_snapshot),

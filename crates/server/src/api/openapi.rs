@@ -5,8 +5,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::model::{
-    CreateRoute, CreateSnapshot, CreateVm, RestoreRequest, Retention, Route, Snapshot,
-    SnapshotStatus, Storage, StorageUsage, Vm, VmState, VmStorage,
+    CreateRoute, CreateSnapshot, CreateVm, EventList, RestoreRequest, Retention, Route, Snapshot,
+    SnapshotStatus, Storage, StorageUsage, Vm, VmEvent, VmState, VmStorage,
 };
 
 #[derive(OpenApi)]
@@ -15,12 +15,12 @@ use crate::model::{
     paths(
         super::vms::create, super::vms::list, super::vms::get, super::vms::delete,
         super::vms::start, super::vms::stop, super::vms::logs,
-        super::vms::snapshot, super::vms::restore, super::vms::snapshots,
+        super::vms::snapshot, super::vms::restore, super::vms::snapshots, super::vms::events,
         super::vms::get_snapshot, super::vms::delete_snapshot,
         super::vms::retention, super::vms::get_retention, super::vms::storage, super::vms::gc,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
     ),
-    components(schemas(Vm, VmState, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
+    components(schemas(Vm, VmState, VmEvent, EventList, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
         CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
         crate::snapshot::gc::GcReport)),
     modifiers(&BearerAuth),

@@ -8,7 +8,9 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, App};
 use crate::error::ApiError;
-use crate::model::{CreateSnapshot, CreateVm, RestoreRequest, Retention, Snapshot, Storage, Vm};
+use crate::model::{
+    CreateSnapshot, CreateVm, EventList, RestoreRequest, Retention, Snapshot, Storage, Vm,
+};
 
 #[utoipa::path(post, path = "/vms", request_body = CreateVm,
     responses((status = 201, body = Vm, description = "created; booting"),
@@ -102,6 +104,14 @@ pub async fn restore(
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req)?)))
+}
+
+#[utoipa::path(get, path = "/vms/{id}/events",
+    responses((status = 200, body = EventList, description = "wakes and idle suspends, newest first (the last 100)"), (status = 404)))]
+pub async fn events(State(app): App, Path(id): Path<String>) -> Result<Json<EventList>, ApiError> {
+    Ok(Json(EventList {
+        events: app.vms.events(&id)?,
+    }))
 }
 
 #[utoipa::path(get, path = "/vms/{id}/snapshots",

@@ -47,6 +47,10 @@ impl VmManager {
                 VmState::Failed
             };
             let _ = self.transition(&rt, to, rec.snap.error.clone());
+            rt.activity.release_idle();
+            if rec.snap.trigger == "idle" {
+                self.record_idle_suspend(&rt.id, &rec.snap.id, None, rec.snap.error.clone());
+            }
             return;
         }
         rec.local = true;
@@ -59,6 +63,10 @@ impl VmManager {
         };
         if let Err(e) = self.transition(&rt, to, None) {
             tracing::error!(vm = %rt.id, error = %e, "recording snapshot state failed");
+        }
+        rt.activity.release_idle();
+        if rec.snap.trigger == "idle" {
+            self.record_idle_suspend(&rt.id, &rec.snap.id, rec.snap.pause_ms, None);
         }
         // The VM is free for other operations while the upload runs.
         drop(guard);
@@ -197,7 +205,9 @@ impl VmManager {
         let layers = self.db.disk_layers(&rt.id)?;
         let top = layers.last().context("vm has no disk layer")?.clone();
         let new_layer = new_layer_name();
-        let ram_copy = dir.join("mem.partial");
+        // The copy taken while paused goes to tmpfs: writing hundreds of MiB
+        // into a disk file's page cache can stall on dirty-page throttling.
+        let ram_copy = self.cfg.run_dir.join(format!("{}.mem", rec.snap.id));
 
         let t0 = Instant::now();
         machine.pause().await?;
@@ -216,9 +226,9 @@ impl VmManager {
             all.push(new_layer.clone());
             self.db.set_disk_layers(&rt.id, &all)?;
             machine.save_state(&dir.join("state")).await?;
-            // RAM must be copied before the guest changes it again: a page
-            // cache copy while paused; making it durable waits until the
-            // guest runs again.
+            // RAM must be copied before the guest changes it again (tmpfs,
+            // split across threads); moving it to disk and making it durable
+            // waits until the guest runs again.
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
             let _ = std::fs::remove_file(&dst);
             tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))

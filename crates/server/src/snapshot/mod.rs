@@ -20,6 +20,7 @@ use crate::db::SnapshotRecord;
 use crate::error::ApiError;
 use crate::manager::{VmManager, new_id, now_rfc3339};
 use crate::model::{CreateSnapshot, RestoreRequest, Snapshot, SnapshotStatus, Vm, VmState};
+use crate::runtime::VmRuntime;
 
 /// QEMU block node name for a disk layer file: its stem ("disk", "layer-…").
 pub fn node_name(layer_file: &str) -> String {
@@ -190,9 +191,28 @@ impl VmManager {
 
     /// Start restoring; answers at once with the VM (`restoring`).
     pub fn restore(self: &Arc<Self>, vm_id: &str, req: RestoreRequest) -> Result<Vm, ApiError> {
+        let since = std::time::Instant::now();
         let store = self.storage()?;
         let rt = self.runtime(vm_id)?;
         let guard = rt.try_begin("restore")?;
+        let (rec, prior) = self.begin_restore(&rt, req.snapshot_id.as_deref())?;
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            this.run_restore(rt, guard, rec, prior, store, WakeCause::api(since))
+                .await;
+        });
+        self.get(vm_id)
+    }
+
+    /// Under the operation lock: check the VM can be restored, pick the
+    /// snapshot (`snapshot_id`, else the newest restorable) and enter
+    /// `restoring`. Returns the snapshot and the state before.
+    pub(crate) fn begin_restore(
+        &self,
+        rt: &VmRuntime,
+        snapshot_id: Option<&str>,
+    ) -> Result<(SnapshotRecord, VmState), ApiError> {
+        let vm_id = rt.id.as_str();
         let state = rt.state();
         if !matches!(
             state,
@@ -202,7 +222,7 @@ impl VmManager {
                 "vm '{vm_id}' is {state} and cannot be restored now"
             )));
         }
-        let rec = match &req.snapshot_id {
+        let rec = match snapshot_id {
             Some(sid) => {
                 let rec = self.snapshot_record(vm_id, sid)?;
                 if rec.snap.status != SnapshotStatus::Ready && !rec.local {
@@ -222,11 +242,25 @@ impl VmManager {
                     ApiError::conflict(format!("vm '{vm_id}' has no restorable snapshot"))
                 })?,
         };
-        self.transition(&rt, VmState::Restoring, None)?;
-        let this = self.clone();
-        self.tasks.spawn(async move {
-            this.run_restore(rt, guard, rec, state, store).await;
-        });
-        self.get(vm_id)
+        self.transition(rt, VmState::Restoring, None)?;
+        Ok((rec, state))
+    }
+}
+
+/// Why a restore runs, for the wake event of a suspended VM.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WakeCause {
+    /// `api` or `request`.
+    pub trigger: &'static str,
+    /// When the wake was asked for (the first held request, or the API call).
+    pub since: std::time::Instant,
+}
+
+impl WakeCause {
+    pub fn api(since: std::time::Instant) -> Self {
+        WakeCause {
+            trigger: "api",
+            since,
+        }
     }
 }

@@ -12,20 +12,21 @@ use hatch_vmm::Machine;
 
 use super::capture::move_file;
 use super::manifest::{Manifest, manifest_key};
-use super::new_layer_name;
+use super::{WakeCause, new_layer_name};
 use crate::db::SnapshotRecord;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
 
 impl VmManager {
-    pub(super) async fn run_restore(
+    pub(crate) async fn run_restore(
         self: Arc<Self>,
         rt: Arc<VmRuntime>,
         guard: OpGuard,
         rec: SnapshotRecord,
         prior: VmState,
         store: Arc<ChunkStore>,
+        cause: WakeCause,
     ) {
         let started = Instant::now();
         match self.restore_from(&rt, &rec, prior, &store).await {
@@ -39,6 +40,9 @@ impl VmManager {
                 self.watch(rt.clone(), machine);
                 tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
                     restore_ms = started.elapsed().as_millis() as u64, "restored");
+                if prior == VmState::Snapshotted {
+                    self.record_wake(&rt.id, cause, &rec.snap.id, None);
+                }
             }
             Err(e) => {
                 let corrupt = e.chain().any(|c| {
@@ -63,6 +67,9 @@ impl VmManager {
                     VmState::Running | VmState::Snapshotted => VmState::Snapshotted,
                     other => other,
                 };
+                if prior == VmState::Snapshotted {
+                    self.record_wake(&rt.id, cause, &rec.snap.id, Some(reason.clone()));
+                }
                 if let Err(e) = self.transition(&rt, to, Some(reason)) {
                     tracing::error!(vm = %rt.id, error = %e, "recording restore failure failed");
                 }

@@ -1,0 +1,185 @@
+//! Auto-wake: a proxied request for a VM that cannot serve right now (it is
+//! suspended, being suspended, checkpointed or restored) is held until the VM
+//! runs. However many requests arrive, one wake (restore) runs per VM; every
+//! held request waits for its outcome, bounded in number and in time.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::manager::VmManager;
+use crate::model::VmState;
+use crate::runtime::VmRuntime;
+use crate::snapshot::WakeCause;
+
+/// Outcome of a wake, shared by every request it holds: `None` while it runs.
+pub type WakeWatch = watch::Receiver<Option<Result<(), String>>>;
+
+/// After a failed wake, requests are answered 503 at once for this long
+/// rather than each starting another restore that fails the same way.
+pub const WAKE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a held request cannot be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WakeError {
+    /// The VM is not running and will not be woken (stopped, or the route
+    /// does not auto-wake).
+    NotRunning(VmState),
+    /// The wake failed (the VM stays restorable).
+    Failed(String),
+    /// The VM did not come up within the wake timeout.
+    Timeout(Duration),
+    /// Too many requests are already held for this VM.
+    QueueFull(usize),
+}
+
+/// Counts a held request; the count drops when the request stops waiting.
+struct Held<'a>(&'a VmRuntime);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl VmManager {
+    /// The host port to forward a proxied request to, once the VM serves:
+    /// at once if it runs, else after waking it (`auto_wake` routes, tracked
+    /// requests only). A tracked request counts as in flight from here on.
+    pub async fn admit_or_wake(
+        self: &Arc<Self>,
+        rt: &Arc<VmRuntime>,
+        guest_port: u16,
+        track: bool,
+        auto_wake: bool,
+    ) -> Result<u16, WakeError> {
+        if let Some(port) = rt.admit(guest_port, track) {
+            return Ok(port);
+        }
+        let state = rt.state();
+        let wakeable = !matches!(
+            state,
+            VmState::Stopped | VmState::Stopping | VmState::Failed
+        );
+        if !auto_wake || !track || !wakeable || self.storage.is_none() {
+            return Err(WakeError::NotRunning(state));
+        }
+        let limit = self.cfg.wake_queue;
+        if rt.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+            rt.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(WakeError::QueueFull(limit));
+        }
+        let _held = Held(rt);
+        let timeout = self.cfg.wake_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut states = rt.watch_state();
+        loop {
+            states.borrow_and_update();
+            if let Some(port) = rt.admit(guest_port, track) {
+                return Ok(port);
+            }
+            let state = rt.state();
+            match state {
+                VmState::Stopped | VmState::Stopping | VmState::Failed => {
+                    return Err(WakeError::NotRunning(state));
+                }
+                // Running, yet not admitted and not claimed by a suspend:
+                // the port is not forwarded; waiting will not help.
+                VmState::Running if !rt.activity.claimed_for_suspend() => {
+                    return Err(WakeError::NotRunning(state));
+                }
+                _ => {}
+            }
+            if state == VmState::Snapshotted
+                && rt.wake.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+                && let Some((at, why)) = rt
+                    .wake_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                && at.elapsed() < WAKE_RETRY_AFTER
+            {
+                return Err(WakeError::Failed(why));
+            }
+            let mut wake = self.wake(rt);
+            tokio::select! {
+                outcome = wake.wait_for(Option::is_some) => {
+                    if let Ok(outcome) = outcome
+                        && let Some(Err(why)) = outcome.as_ref()
+                    {
+                        return Err(WakeError::Failed(why.clone()));
+                    }
+                }
+                // A state change (e.g. a checkpoint ended) may admit us first.
+                _ = states.changed() => {}
+                () = tokio::time::sleep_until(deadline) => return Err(WakeError::Timeout(timeout)),
+            }
+        }
+    }
+
+    /// Join the wake in flight for this VM, or start one.
+    fn wake(self: &Arc<Self>, rt: &Arc<VmRuntime>) -> WakeWatch {
+        let mut slot = rt.wake.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = slot.as_ref() {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        drop(slot);
+        let (this, rt) = (self.clone(), rt.clone());
+        let since = Instant::now();
+        self.tasks.spawn(async move {
+            let result = this.run_wake(&rt, since).await;
+            *rt.wake_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                result.as_ref().err().map(|e| (Instant::now(), e.clone()));
+            *rt.wake.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// Wait for the operation in progress (a suspend finishing, a restore),
+    /// then restore the VM if it is suspended.
+    async fn run_wake(self: &Arc<Self>, rt: &Arc<VmRuntime>, since: Instant) -> Result<(), String> {
+        let store = self.storage().map_err(|e| e.to_string())?;
+        let mut states = rt.watch_state();
+        loop {
+            let guard = rt.begin("wake").await;
+            states.borrow_and_update();
+            match rt.state() {
+                VmState::Running => return Ok(()),
+                VmState::Snapshotted => {
+                    let (rec, prior) = self.begin_restore(rt, None).map_err(|e| e.to_string())?;
+                    let cause = WakeCause {
+                        trigger: "request",
+                        since,
+                    };
+                    self.clone()
+                        .run_restore(rt.clone(), guard, rec, prior, store, cause)
+                        .await;
+                    return match rt.state() {
+                        VmState::Running => Ok(()),
+                        state => Err(self
+                            .get(&rt.id)
+                            .ok()
+                            .and_then(|vm| vm.state_reason)
+                            .unwrap_or_else(|| format!("vm is {state}"))),
+                    };
+                }
+                state @ (VmState::Stopped | VmState::Failed) => {
+                    return Err(format!("vm is {state}"));
+                }
+                // Starting, restoring, stopping or snapshotting without the
+                // operation lock: wait for its next state.
+                _ => {
+                    drop(guard);
+                    if states.changed().await.is_err() {
+                        return Err("vm was deleted".into());
+                    }
+                }
+            }
+        }
+    }
+}
