@@ -20,7 +20,10 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
     let vm = d.create_vm(json!({ "name": "app" })).await;
     let id = vm["id"].as_str().unwrap().to_string();
     d.wait_state(&id, "running").await;
-    d.create_route("app.localhost", &id).await;
+    // This test drives wakes through the API; the proxy must not wake the VM.
+    let body = json!({ "hostname": "app.localhost", "vm_id": id, "auto_wake": false });
+    let (s, r) = d.call(Method::POST, "/routes", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
     let boot_id = kv(&d.wait_http("app.localhost", "/").await, "boot_id");
     assert_eq!(get(&d, "/counter").await, "counter=1\n");
     assert_eq!(get(&d, "/disk/write?name=k&value=v1").await, "ok\n");

@@ -242,17 +242,15 @@ impl VmManager {
         let stored = match result {
             Ok(()) => {
                 async {
-                    sync_file_async(&ram_copy).await?;
-                    std::fs::rename(&ram_copy, dir.join("mem"))
-                        .with_context(|| format!("renaming {}", ram_copy.display()))
+                    let mem = dir.join("mem");
+                    move_file(&ram_copy, &mem).await?;
+                    sync_file_async(&mem).await
                 }
                 .await
             }
             Err(e) => Err(e),
         };
-        if stored.is_err() {
-            let _ = std::fs::remove_file(&ram_copy);
-        }
+        let _ = std::fs::remove_file(&ram_copy);
         stored?;
         sync_file(&dir.join("state"))?;
         rec.layers = layers;
