@@ -2,9 +2,15 @@
 # Runs the snapshot benchmark: starts Garage and a daemon of its own (ports
 # 17070/18080, a temporary data dir), then `hatch-bench`, which prints min /
 # median / max of Hatch's operations next to a plain QEMU migrate-to-file
-# baseline measured in the same run. Usage: scripts/bench.sh [--runs N] ...
+# baseline measured in the same run (`snapshot`, the default), or wake latency
+# after idle suspends and proxy throughput (`wake`).
+# Usage: scripts/bench.sh [snapshot|wake] [--runs N] ...
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+SCENARIO=snapshot
+case "${1:-}" in
+  snapshot|wake) SCENARIO=$1; shift ;;
+esac
 cd "$REPO"
 
 install_packages
@@ -41,5 +47,5 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 100); do curl -fsS http://127.0.0.1:17070/healthz >/dev/null 2>&1 && break; sleep 0.1; done
 
-"$REPO/target/release/hatch-bench" --data-dir "$DATA" --images-dir "$IMAGES" \
+"$REPO/target/release/hatch-bench" "$SCENARIO" --data-dir "$DATA" --images-dir "$IMAGES" \
   --memory-mib 1024 --touch-mib "$TOUCH_MIB" "$@"

@@ -149,6 +149,48 @@ impl Api {
         }
     }
 
+    pub async fn call_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
+        self.call(method, path, Some(body)).await
+    }
+
+    /// The host port forwarded to `guest` of a running VM.
+    pub async fn guest_port(&self, vm: &str, guest: u16) -> anyhow::Result<u16> {
+        let v = self.call(Method::GET, &format!("/vms/{vm}"), None).await?;
+        v["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["guest"] == guest)
+            .and_then(|p| p["host"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .with_context(|| format!("vm {vm} forwards no port {guest}: {v}"))
+    }
+
+    pub async fn newest_snapshot(&self, vm: &str) -> anyhow::Result<Value> {
+        let list = self
+            .call(Method::GET, &format!("/vms/{vm}/snapshots"), None)
+            .await?;
+        Ok(list["snapshots"][0].clone())
+    }
+
+    /// One GET through the proxy; its status.
+    pub async fn proxy_get(&self, host: &str, path: &str) -> anyhow::Result<u16> {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.proxy))
+            .header("host", host)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        resp.bytes().await?;
+        Ok(status)
+    }
+
     pub async fn restore(&self, vm: &str) -> anyhow::Result<()> {
         self.call(Method::POST, &format!("/vms/{vm}/restore"), Some(json!({})))
             .await?;

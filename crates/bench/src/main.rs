@@ -1,14 +1,18 @@
-//! `hatch-bench`: measures, in one run and side by side, a 1 GiB VM with
-//! 400 MiB touched (defaults): cold boot; pause for a checkpoint and for a
-//! suspend; restore to the first proxied HTTP answer from the local cache and
-//! from S3 only; bytes stored by a first and a second (idle) snapshot; and the
-//! baseline a user would script by hand: QEMU `migrate` to a file, then
-//! `-incoming` from it. Run through `scripts/bench.sh`, which starts Garage
-//! and a daemon for it.
+//! `hatch-bench`, run through `scripts/bench.sh`, which starts Garage and a
+//! daemon for it. For a 1 GiB VM with 400 MiB touched (defaults):
+//!
+//! - `snapshot`: measures, in one run and side by side: cold boot; pause for
+//!   a checkpoint and for a suspend; restore to the first proxied HTTP answer
+//!   from the local cache and from S3 only; bytes stored by a first and a
+//!   second (idle) snapshot; and the baseline a user would script by hand:
+//!   QEMU `migrate` to a file, then `-incoming` from it.
+//! - `wake`: the first proxied answer after an idle suspend (local cache and
+//!   S3 only), and proxy throughput next to a direct connection to the VM.
 
 mod api;
 mod baseline;
 mod stats;
+mod wake;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,7 +25,21 @@ use api::Api;
 use stats::Samples;
 
 #[derive(Parser)]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(clap::Subcommand)]
+enum Bench {
+    /// Snapshot pauses, restores and storage, next to the QEMU baseline.
+    Snapshot(Args),
+    /// Wake latency through the proxy after idle suspends, and throughput.
+    Wake(wake::WakeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct Args {
     #[arg(long, env = "HATCH_API", default_value = "http://127.0.0.1:17070")]
     api: String,
     #[arg(long, env = "HATCH_API_KEY")]
@@ -47,7 +65,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    match Cli::parse().bench {
+        Bench::Snapshot(args) => snapshot(args).await,
+        Bench::Wake(args) => wake::run(args).await,
+    }
+}
+
+async fn snapshot(args: Args) -> anyhow::Result<()> {
     let api = Api::new(&args.api, &args.api_key, &args.proxy);
     let n = args.runs;
     println!(
@@ -170,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Remove the local snapshot copies and disk layers of a suspended VM.
-fn wipe_local(data_dir: &std::path::Path, vm: &str) -> anyhow::Result<()> {
+pub fn wipe_local(data_dir: &std::path::Path, vm: &str) -> anyhow::Result<()> {
     let snaps = data_dir.join("snapshots");
     if snaps.exists() {
         std::fs::remove_dir_all(&snaps).context("removing snapshots")?;

@@ -507,7 +507,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, DbError>> {
     let Some(state) = VmState::parse(&state) else {
         return Ok(Err(DbError::Corrupt(format!("unknown VM state {state:?}"))));
     };
-    let forwards = match serde_json::from_str(&forwards) {
+    let forwards: Vec<PortForward> = match serde_json::from_str(&forwards) {
         Ok(f) => f,
         Err(e) => return Ok(Err(DbError::Corrupt(format!("bad forwards: {e}")))),
     };
@@ -524,6 +524,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, DbError>> {
             created_at: r.get(8)?,
             started_at: r.get(9)?,
             boot_ms: r.get(10)?,
+            ports: forwards.clone(),
         },
         forwards,
     }))
@@ -546,6 +547,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             started_at: None,
             boot_ms: None,
+            ports: Vec::new(),
         }
     }
 

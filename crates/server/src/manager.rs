@@ -272,6 +272,7 @@ impl VmManager {
             created_at: now_rfc3339(),
             started_at: None,
             boot_ms: None,
+            ports: Vec::new(),
         };
         if let Err(e) = self.db.insert_vm(&vm) {
             let _ = std::fs::remove_dir_all(&paths.dir);

@@ -108,6 +108,11 @@ pub struct Vm {
     /// port 8080 (measured for the last cold boot).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_ms: Option<u64>,
+    /// Guest ports reachable on the host's loopback while the VM runs
+    /// (`{"host": 41234, "guest": 8080}`), for direct access and debugging.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub ports: Vec<hatch_vmm::PortForward>,
 }
 
 /// Body of `POST /vms`.
