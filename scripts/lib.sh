@@ -62,6 +62,10 @@ metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
 db_engine = "sqlite"
 replication_factor = 1
+# Hatch's chunks are zstd-compressed objects of ~1 MiB: store them as they
+# are, in one block each.
+block_size = "4M"
+compression_level = "none"
 rpc_bind_addr = "127.0.0.1:3901"
 rpc_public_addr = "127.0.0.1:3901"
 rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"

@@ -407,7 +407,7 @@ impl Garage {
             &config,
             format!(
                 "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-                 replication_factor = 1\nrpc_bind_addr = \"{rpc}\"\nrpc_public_addr = \"{rpc}\"\n\
+                 replication_factor = 1\nblock_size = \"4M\"\ncompression_level = \"none\"\nrpc_bind_addr = \"{rpc}\"\nrpc_public_addr = \"{rpc}\"\n\
                  rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"{s3}\"\n\
                  root_domain = \".s3.garage.localhost\"\n[admin]\napi_bind_addr = \"{admin}\"\n",
                 d = dir.path().display()

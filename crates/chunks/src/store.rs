@@ -57,6 +57,12 @@ impl ChunkStore {
         }
     }
 
+    /// How many chunks move at once (default 16).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
     pub fn chunk_key(&self, id: &str) -> String {
         let shard = id.get(..2).unwrap_or("xx");
         format!("{}chunks/{shard}/{id}", self.prefix)
@@ -199,16 +205,21 @@ impl ChunkStore {
                 let (start, end) = chunks.range(i);
                 let path = path.to_path_buf();
                 async move {
-                    let data = self.get_chunk(&id).await?;
-                    let fetched = data.0;
-                    let plain = data.1;
-                    if plain.len() as u64 != end - start {
-                        return Err(ChunkError::Corrupt {
-                            id,
-                            reason: format!("expected {} bytes, got {}", end - start, plain.len()),
-                        });
-                    }
+                    let compressed = self.fetch_chunk(&id).await?;
+                    let fetched = compressed.len() as u64;
+                    // Decompress, verify and write in one blocking hop.
                     blocking(move || {
+                        let plain = decode_verified(&id, &compressed)?;
+                        if plain.len() as u64 != end - start {
+                            return Err(ChunkError::Corrupt {
+                                id,
+                                reason: format!(
+                                    "expected {} bytes, got {}",
+                                    end - start,
+                                    plain.len()
+                                ),
+                            });
+                        }
                         file.write_all_at(&plain, start)
                             .map_err(|e| ChunkError::io(&path, e))
                     })
@@ -227,37 +238,26 @@ impl ChunkStore {
 
     /// Fetch, decompress and verify one chunk. Returns (compressed size, data).
     pub async fn get_chunk(&self, id: &str) -> Result<(u64, Vec<u8>), ChunkError> {
-        let key = self.chunk_key(id);
-        let compressed = match self.get(&key).await {
-            Ok(b) => b,
+        let compressed = self.fetch_chunk(id).await?;
+        let fetched = compressed.len() as u64;
+        let id_owned = id.to_string();
+        let plain = blocking(move || decode_verified(&id_owned, &compressed)).await?;
+        Ok((fetched, plain))
+    }
+
+    /// The compressed bytes of a chunk; `Missing` if the store lacks it.
+    async fn fetch_chunk(&self, id: &str) -> Result<Bytes, ChunkError> {
+        match self.get(&self.chunk_key(id)).await {
+            Ok(b) => Ok(b),
             Err(ChunkError::Store {
                 source: object_store::Error::NotFound { .. },
                 ..
             }) => {
                 self.forget(id);
-                return Err(ChunkError::Missing { id: id.to_string() });
+                Err(ChunkError::Missing { id: id.to_string() })
             }
-            Err(e) => return Err(e),
-        };
-        let fetched = compressed.len() as u64;
-        let id_owned = id.to_string();
-        let plain = blocking(move || {
-            let plain =
-                zstd::stream::decode_all(&compressed[..]).map_err(|e| ChunkError::Corrupt {
-                    id: id_owned.clone(),
-                    reason: format!("cannot decompress: {e}"),
-                })?;
-            let actual = blake3::hash(&plain).to_hex().to_string();
-            if actual != id_owned {
-                return Err(ChunkError::Corrupt {
-                    id: id_owned,
-                    reason: format!("content hashes to {actual}"),
-                });
-            }
-            Ok(plain)
-        })
-        .await?;
-        Ok((fetched, plain))
+            Err(e) => Err(e),
+        }
     }
 
     /// Write a small object (manifest, device state) under the prefix.
@@ -343,6 +343,22 @@ impl ChunkStore {
             .filter_map(|k| k.strip_prefix(&self.prefix).map(String::from))
             .collect())
     }
+}
+
+/// Decompress a chunk and check that it hashes to its name.
+fn decode_verified(id: &str, compressed: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let plain = zstd::stream::decode_all(compressed).map_err(|e| ChunkError::Corrupt {
+        id: id.to_string(),
+        reason: format!("cannot decompress: {e}"),
+    })?;
+    let actual = blake3::hash(&plain).to_hex();
+    if actual.as_str() != id {
+        return Err(ChunkError::Corrupt {
+            id: id.to_string(),
+            reason: format!("content hashes to {actual}"),
+        });
+    }
+    Ok(plain)
 }
 
 async fn blocking<T: Send + 'static>(

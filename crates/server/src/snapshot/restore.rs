@@ -240,20 +240,42 @@ impl VmManager {
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let mut fetched = store
-            .download_file(&manifest.device_state, &tmp.join("state"))
-            .await?
-            .fetched_bytes;
-        fetched += store
-            .download_file(&manifest.memory, &tmp.join("mem"))
-            .await?
-            .fetched_bytes;
+        let state_and_memory = async {
+            let state = store
+                .download_file(&manifest.device_state, &tmp.join("state"))
+                .await?;
+            let mem = store
+                .download_file(&manifest.memory, &tmp.join("mem"))
+                .await?;
+            anyhow::Ok(state.fetched_bytes + mem.fetched_bytes)
+        };
+        // Disk layers come down at the same time as memory.
+        let (a, b) = tokio::try_join!(
+            state_and_memory,
+            self.fetch_layers(&rt.id, &manifest, store)
+        )?;
+        let fetched = a + b;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir)?;
+        tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, fetched_bytes = fetched,
+            ms = started.elapsed().as_millis() as u64, "fetched snapshot from S3");
+        Ok(manifest.disk_layers.into_iter().map(|l| l.name).collect())
+    }
+}
 
+impl VmManager {
+    /// Download the disk layers this host lacks into the VM's directory,
+    /// each rebased onto this host's paths. Returns the bytes fetched.
+    async fn fetch_layers(
+        &self,
+        vm_id: &str,
+        manifest: &Manifest,
+        store: &ChunkStore,
+    ) -> anyhow::Result<u64> {
         let image = self.images.get(&manifest.image)?;
-        let vm_dir = self.paths(&rt.id).dir;
+        let vm_dir = self.paths(vm_id).dir;
         let mut backing = (image.disk.clone(), image.disk_format.clone());
+        let mut fetched = 0;
         for layer in &manifest.disk_layers {
             let path = vm_dir.join(&layer.name);
             if !path.exists() {
@@ -271,9 +293,7 @@ impl VmManager {
             }
             backing = (path, "qcow2".to_string());
         }
-        tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, fetched_bytes = fetched,
-            ms = started.elapsed().as_millis() as u64, "fetched snapshot from S3");
-        Ok(manifest.disk_layers.into_iter().map(|l| l.name).collect())
+        Ok(fetched)
     }
 }
 
