@@ -122,3 +122,96 @@ async fn suspend_wake_checkpoint_rollback_and_restore_from_s3_keep_state() {
     assert_eq!(get(&d, "/counter").await, "counter=5\n");
     assert_eq!(get(&d, "/disk/read?name=k").await, "value=v1\n");
 }
+
+/// The qcow2 files of the running VM's disk chain (active layer first), as
+/// QEMU opened them.
+fn disk_chain(d: &Daemon) -> Vec<String> {
+    let pid = d.qemu_pids()[0];
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let active = String::from_utf8_lossy(&cmdline)
+        .split(['\0', ','])
+        .find_map(|a| a.strip_prefix("file.filename=").map(str::to_string))
+        .unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json", &active])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn repeated_wakes_keep_the_disk_chain_short_and_the_data_intact() {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_MAX_DISK_LAYERS".into(), "2".into()));
+    let d = Daemon::start_with_env(env).await;
+    let id = d.create_vm(json!({ "name": "app" })).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "running").await;
+    let body = json!({ "hostname": "app.localhost", "vm_id": id, "auto_wake": false });
+    assert_eq!(
+        d.call(Method::POST, "/routes", Some(body)).await.0,
+        StatusCode::CREATED
+    );
+    let boot_id = kv(&d.wait_http("app.localhost", "/").await, "boot_id");
+
+    // Each suspend freezes a layer and each wake adds one.
+    for i in 1..=4 {
+        let w = format!("/disk/write?name=k{i}&value=v{i}");
+        assert_eq!(get(&d, &w).await, "ok\n");
+        let sid = d.snapshot(&id, true).await;
+        d.wait_snapshot(&id, &sid, "ready").await;
+        d.wait_state(&id, "snapshotted").await;
+        d.restore(&id, json!({})).await;
+    }
+    // Past two layers the chain is flattened, live: the active layer sits
+    // directly on the image's base disk.
+    let deadline = tokio::time::Instant::now() + hatch_e2e::PATIENCE;
+    loop {
+        let chain = disk_chain(&d);
+        if chain.len() == 2 {
+            assert!(chain[1].ends_with(".raw"), "{chain:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never compacted: {chain:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for i in 1..=4 {
+        assert_eq!(
+            get(&d, &format!("/disk/read?name=k{i}")).await,
+            format!("value=v{i}\n")
+        );
+    }
+    assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
+
+    // A snapshot of the flattened disk restores from S3 alone.
+    assert_eq!(get(&d, "/disk/write?name=k5&value=v5").await, "ok\n");
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    d.wipe_local_snapshots(&id);
+    d.restore(&id, json!({ "snapshot_id": sid })).await;
+    for i in 1..=5 {
+        assert_eq!(
+            get(&d, &format!("/disk/read?name=k{i}")).await,
+            format!("value=v{i}\n")
+        );
+    }
+    assert_eq!(kv(&get(&d, "/").await, "boot_id"), boot_id);
+}

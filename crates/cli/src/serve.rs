@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// How long a request for a snapshotted VM waits for its wake (seconds).
     #[arg(long, env = "HATCH_WAKE_TIMEOUT_SECONDS")]
     wake_timeout_seconds: Option<u64>,
+    /// Flatten a VM's qcow2 disk chain after a restore once it is longer.
+    #[arg(long, env = "HATCH_MAX_DISK_LAYERS")]
+    max_disk_layers: Option<usize>,
 }
 
 /// The TOML file: every field optional.
@@ -106,6 +109,9 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(s) = file.stop_timeout_seconds {
         cfg.stop_timeout = Duration::from_secs(s);
+    }
+    if let Some(n) = args.max_disk_layers {
+        cfg.max_disk_layers = n.max(1);
     }
     if let Some(w) = args.wake_timeout_seconds {
         cfg.wake_timeout = Duration::from_secs(w.max(1));

@@ -151,6 +151,24 @@ impl Command for MigrateIncoming {
     type Response = Empty;
 }
 
+/// Copy the data of a disk's backing layers (above `base`) into the node
+/// `device`, live, then drop those layers from its chain: a long qcow2
+/// chain becomes one layer over `base`. Completion is the event
+/// `BLOCK_JOB_COMPLETED` with this `job-id`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockStream {
+    #[serde(rename = "job-id")]
+    pub job_id: String,
+    pub device: String,
+    /// File name of the image that stays the backing file.
+    pub base: String,
+}
+
+impl Command for BlockStream {
+    const NAME: &'static str = "block-stream";
+    type Response = Empty;
+}
+
 /// The state of the current or last migration.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct QueryMigrate;

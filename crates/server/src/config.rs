@@ -31,6 +31,8 @@ pub struct Config {
     pub wake_timeout: Duration,
     /// Requests held per VM while it wakes; more get 503 at once.
     pub wake_queue: usize,
+    /// A disk chain longer than this is flattened after a restore.
+    pub max_disk_layers: usize,
 }
 
 #[derive(Clone)]
@@ -72,6 +74,7 @@ impl Config {
             gc_grace: Duration::from_secs(3600),
             wake_timeout: Duration::from_secs(30),
             wake_queue: 4096,
+            max_disk_layers: 8,
         }
     }
 }

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use hatch_qmp::commands::{
-    BlockdevSnapshotSync, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
-    MigrationCapability, QueryMigrate, QueryStatus, Stop,
+    BlockStream, BlockdevSnapshotSync, Cont, MigrateIncoming, MigrateSetCapabilities,
+    MigrateSetParameters, MigrationCapability, QueryMigrate, QueryStatus, Stop,
 };
 
 use crate::{Machine, VmmError};
@@ -121,6 +121,45 @@ impl Machine {
             })
             .await?;
         Ok(())
+    }
+
+    /// Flatten the disk chain under the active layer `node` onto `base` (the
+    /// image's base disk) while the guest runs, and wait until it is done.
+    pub async fn stream_disk(&self, node: &str, base: &Path) -> Result<(), VmmError> {
+        let job_id = format!("stream-{node}");
+        let mut events = self.qmp().events();
+        self.qmp()
+            .execute(&BlockStream {
+                job_id: job_id.clone(),
+                device: node.to_string(),
+                base: base.display().to_string(),
+            })
+            .await?;
+        let done = async {
+            loop {
+                let Ok(ev) = events.recv().await else {
+                    return Err(VmmError::Migration(
+                        "QMP closed during disk streaming".into(),
+                    ));
+                };
+                let ours = ev.data["device"] == job_id.as_str();
+                match ev.event.as_str() {
+                    "BLOCK_JOB_COMPLETED" if ours => {
+                        return match ev.data["error"].as_str() {
+                            Some(e) => Err(VmmError::Migration(format!("disk streaming: {e}"))),
+                            None => Ok(()),
+                        };
+                    }
+                    "BLOCK_JOB_CANCELLED" if ours => {
+                        return Err(VmmError::Migration("disk streaming cancelled".into()));
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(MIGRATION_TIMEOUT, done)
+            .await
+            .map_err(|_| VmmError::Migration("disk streaming timed out".into()))?
     }
 
     async fn wait_migration(&self) -> Result<(), VmmError> {

@@ -6,6 +6,7 @@
 //! snapshots that reference them.
 
 mod capture;
+mod compact;
 pub mod gc;
 pub mod manifest;
 mod restore;

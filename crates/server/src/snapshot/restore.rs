@@ -38,6 +38,7 @@ impl VmManager {
                     tracing::warn!(vm = %rt.id, error = %e, "recording start time failed");
                 }
                 self.watch(rt.clone(), machine);
+                self.compact_disk_if_long(rt.clone());
                 tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
                     restore_ms = started.elapsed().as_millis() as u64, "restored");
                 if prior == VmState::Snapshotted {
@@ -265,7 +266,10 @@ impl VmManager {
 
 impl VmManager {
     /// Download the disk layers this host lacks into the VM's directory,
-    /// each rebased onto this host's paths. Returns the bytes fetched.
+    /// each rebased onto this host's paths (all at once: a rebase only
+    /// rewrites the header, it does not need the backing file yet), and make
+    /// them durable before they join the VM's disk chain. Returns the bytes
+    /// fetched.
     async fn fetch_layers(
         &self,
         vm_id: &str,
@@ -275,25 +279,30 @@ impl VmManager {
         let image = self.images.get(&manifest.image)?;
         let vm_dir = self.paths(vm_id).dir;
         let mut backing = (image.disk.clone(), image.disk_format.clone());
-        let mut fetched = 0;
+        let mut missing = Vec::new();
         for layer in &manifest.disk_layers {
             let path = vm_dir.join(&layer.name);
             if !path.exists() {
-                let part = vm_dir.join(format!("{}.partial", layer.name));
-                fetched += store
-                    .download_file(&layer.chunks, &part)
-                    .await?
-                    .fetched_bytes;
-                rebase(&part, &backing.0, &backing.1).await?;
-                // The layer becomes part of the VM's disk chain: make it durable.
-                std::fs::File::open(&part)
-                    .and_then(|f| f.sync_all())
-                    .with_context(|| format!("syncing {}", part.display()))?;
-                std::fs::rename(&part, &path)?;
+                missing.push((layer, path.clone(), backing.clone()));
             }
             backing = (path, "qcow2".to_string());
         }
-        Ok(fetched)
+        let fetched = futures_util::future::try_join_all(missing.into_iter().map(
+            |(layer, path, (backing, backing_format))| async move {
+                let part = path.with_extension("partial");
+                let report = store.download_file(&layer.chunks, &part).await?;
+                rebase(&part, &backing, &backing_format).await?;
+                let p = part.clone();
+                tokio::task::spawn_blocking(move || std::fs::File::open(&p)?.sync_all())
+                    .await
+                    .context("sync task")?
+                    .with_context(|| format!("syncing {}", part.display()))?;
+                std::fs::rename(&part, &path)?;
+                anyhow::Ok(report.fetched_bytes)
+            },
+        ))
+        .await?;
+        Ok(fetched.iter().sum())
     }
 }
 

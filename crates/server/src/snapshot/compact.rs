@@ -1,0 +1,85 @@
+//! Disk chain compaction. Every restore puts a new active qcow2 layer over
+//! the snapshot's frozen ones, so a VM woken again and again grows a long
+//! chain: slower to open, slower to read, and one more file to fetch per
+//! layer on a restore from S3. Past `max_disk_layers`, the chain is
+//! flattened live with QEMU's `block-stream` (the layers' data is copied
+//! into the active layer, which then sits directly on the image), and layer
+//! files no snapshot needs any more are removed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::manager::VmManager;
+use crate::model::VmState;
+use crate::runtime::VmRuntime;
+
+impl VmManager {
+    /// After a restore: flatten the VM's disk chain in the background if it
+    /// is longer than the limit. Holds the VM's operation lock meanwhile
+    /// (a capture cannot switch layers during a stream job).
+    pub(crate) fn compact_disk_if_long(self: &Arc<Self>, rt: Arc<VmRuntime>) {
+        if !self.disk_chain_is_long(&rt.id) {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let _guard = rt.begin("disk compaction").await;
+            if rt.state() != VmState::Running || !this.disk_chain_is_long(&rt.id) {
+                return;
+            }
+            if let Err(e) = this.compact_disk(&rt).await {
+                tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "disk compaction failed; the chain stays as it was");
+            }
+        });
+    }
+
+    fn disk_chain_is_long(&self, vm_id: &str) -> bool {
+        self.db
+            .disk_layers(vm_id)
+            .is_ok_and(|l| l.len() > self.cfg.max_disk_layers)
+    }
+
+    async fn compact_disk(&self, rt: &VmRuntime) -> anyhow::Result<()> {
+        let Some(machine) = rt.machine() else {
+            return Ok(());
+        };
+        let layers = self.db.disk_layers(&rt.id)?;
+        let Some(top) = layers.last().cloned() else {
+            return Ok(());
+        };
+        let vm = self.get(&rt.id)?;
+        let image = self.images.get(&vm.image)?;
+        let started = std::time::Instant::now();
+        machine
+            .stream_disk(&super::node_name(&top), &image.disk)
+            .await?;
+        // Recorded only once QEMU finished: until then the chain on disk
+        // and in the database is the old one, intact.
+        self.db
+            .set_disk_layers(&rt.id, std::slice::from_ref(&top))?;
+        tracing::info!(vm = %rt.id, from_layers = layers.len(),
+            ms = started.elapsed().as_millis() as u64, "disk chain compacted");
+        self.prune_layers(&rt.id, &top)?;
+        Ok(())
+    }
+
+    /// Remove layer files of a VM that neither its chain nor any of its
+    /// snapshots uses. Call under the VM's operation lock (a capture creates
+    /// layer files before it records them).
+    fn prune_layers(&self, vm_id: &str, active: &str) -> anyhow::Result<()> {
+        let mut keep: HashSet<String> = self.db.disk_layers(vm_id)?.into_iter().collect();
+        keep.insert(active.to_string());
+        for rec in self.db.list_snapshots(vm_id)? {
+            keep.extend(rec.layers);
+        }
+        let dir = self.paths(vm_id).dir;
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let unused = name.ends_with(".qcow2") && !keep.contains(&name);
+            if unused && let Err(e) = std::fs::remove_file(dir.join(&name)) {
+                tracing::warn!(vm = %vm_id, layer = %name, error = %e, "could not remove layer");
+            }
+        }
+        Ok(())
+    }
+}
