@@ -39,6 +39,7 @@ export HATCH_API_KEY="hatch_bench_$(head -c 12 /dev/urandom | od -An -tx1 | tr -
 DAEMON=$!
 cleanup() {
   kill "$DAEMON" 2>/dev/null || true
+  cp "$DATA/hatch.log" /tmp/hatch-bench-daemon.log 2>/dev/null || true
   for p in "$RUN"/*.pid; do
     [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true
   done

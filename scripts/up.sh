@@ -46,7 +46,7 @@ case "$state" in
   *) log "demo VM is $state" ;;
 esac
 if ! "$HATCH" route list --json | grep -q '"demo.localhost"'; then
-  "$HATCH" route create --host demo.localhost --vm demo >/dev/null
+  "$HATCH" route create --host demo.localhost --vm demo --idle-timeout 5m >/dev/null
 fi
 log "waiting for the demo app to answer through the proxy"
 for _ in $(seq 600); do
@@ -60,6 +60,9 @@ Hatch is running.
   API:   http://$API_ADDR    (key in $DATA/api-key)
   Proxy: http://$PROXY_ADDR
   S3:    Garage at http://127.0.0.1:3900, bucket hatch
+
+The demo VM is suspended to S3 after 5 minutes without requests; the next
+request wakes it (same boot id, the counter goes on).
 
 Try:
   curl -H 'Host: demo.localhost' http://$PROXY_ADDR/

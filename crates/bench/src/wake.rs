@@ -48,7 +48,10 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
     api.wait_http(host).await?;
     api.wait_console(&vm, "hatch-guest: touched").await?;
 
-    // Throughput while it runs, alternating direct and proxied runs.
+    // Throughput while it runs, alternating direct and proxied runs. Direct
+    // requests bypass the proxy, so nothing would count them as activity:
+    // an open WebSocket through the proxy keeps the VM awake meanwhile.
+    let keep_awake = open_websocket(&c.proxy, host).await?;
     let direct_port = api.guest_port(&vm, 8080).await?;
     let direct_url = format!("http://127.0.0.1:{direct_port}/");
     let proxy_url = format!("http://{}/", c.proxy);
@@ -59,6 +62,8 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
         proxied
             .push_value(throughput(&proxy_url, Some(host), args.requests, args.concurrency).await?);
     }
+
+    drop(keep_awake);
 
     // Wake after an idle suspend, from the local cache and from S3 only.
     let mut local = Samples::default();
@@ -101,6 +106,29 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
         proxied.median() / direct.median()
     );
     Ok(())
+}
+
+/// A WebSocket to the guest's `/ws` through the proxy, open until dropped.
+async fn open_websocket(proxy: &str, host: &str) -> anyhow::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await?;
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: aGF0Y2gtYmVuY2gta2V5MQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await? == 0 {
+            bail!("WebSocket closed during the handshake");
+        }
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!("no WebSocket: {}", String::from_utf8_lossy(&head));
+    }
+    Ok(s)
 }
 
 /// Requests per second for `total` GETs of `url` over `concurrency`
