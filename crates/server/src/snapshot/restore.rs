@@ -156,6 +156,7 @@ impl VmManager {
         layers: &[String],
     ) -> anyhow::Result<Arc<Machine>> {
         let paths = self.paths(&rt.id);
+        let t0 = Instant::now();
         // A new writable disk layer over the snapshot's frozen ones.
         let top = layers.last().context("snapshot has no disk layer")?;
         let vm = self.get(&rt.id)?;
@@ -171,11 +172,14 @@ impl VmManager {
         all.push(new_layer);
         self.db.set_disk_layers(&rt.id, &all)?;
 
+        let t_overlay = t0.elapsed();
         let machine = self.launch(rt, true).await?;
+        let t_launch = t0.elapsed();
         machine
             .load_state(&dir.join("state"))
             .await
             .context("loading the saved CPU and device state")?;
+        let t_load = t0.elapsed();
         // The guest's clock stood still since the capture and its RNG state
         // is shared with every other restore of this snapshot: fix both
         // before anyone talks to it. Images without the agent go without.
@@ -188,6 +192,9 @@ impl VmManager {
             }
             Err(e) => tracing::warn!(vm = %rt.id, error = %e, "no guest agent channel"),
         }
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        tracing::debug!(vm = %rt.id, overlay_ms = ms(t_overlay), launch_done_ms = ms(t_launch),
+            state_loaded_ms = ms(t_load), agent_done_ms = ms(t0.elapsed()), "restore steps");
         Ok(machine)
     }
 
