@@ -313,6 +313,40 @@ impl Daemon {
         self.wait_state(vm, "running").await;
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.api_url("/metrics"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Overwrite the local copy of a snapshot's device state with garbage
+    /// (a restore from it fails); returns the good bytes to put back.
+    pub fn break_local_state(&self, sid: &str) -> Vec<u8> {
+        let path = self.local_state_path(sid);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, b"not a QEMU migration stream").unwrap();
+        good
+    }
+
+    pub fn repair_local_state(&self, sid: &str, good: Vec<u8>) {
+        std::fs::write(self.local_state_path(sid), good).unwrap();
+    }
+
+    fn local_state_path(&self, sid: &str) -> PathBuf {
+        self.data_dir
+            .path()
+            .join("snapshots")
+            .join(sid)
+            .join("state")
+    }
+
     /// Remove every local copy of a suspended VM's snapshots and disk
     /// layers, so that a restore must come from S3 alone.
     pub fn wipe_local_snapshots(&self, vm: &str) {

@@ -211,16 +211,7 @@ async fn openapi_and_metrics_describe_the_service() {
     }
     assert!(doc["components"]["schemas"]["Vm"].is_object());
 
-    let text = d
-        .http
-        .get(d.api_url("/metrics"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics_text().await;
     assert!(text.contains("hatch_vms{state=\"running\"} 0"), "{text}");
     assert!(text.contains("hatch_boot_duration_seconds"), "{text}");
     assert!(

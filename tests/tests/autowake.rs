@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use hatch_e2e::{Daemon, Garage, KEY, PATIENCE, kv};
+use hatch_e2e::{Daemon, Garage, PATIENCE, kv};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,16 +119,7 @@ async fn an_idle_vm_is_suspended_and_200_concurrent_requests_wake_it_once() {
     assert_eq!(idle[0]["snapshot_id"], newest["id"]);
 
     assert_eq!(kv(&app(&d, "app.localhost", "/").await, "boot_id"), boot_id);
-    let text = d
-        .http
-        .get(d.api_url("/metrics"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics_text().await;
     assert!(
         text.contains(r#"hatch_wakes_total{trigger="request",result="ok"} 1"#),
         "{text}"
@@ -189,9 +180,7 @@ async fn a_failed_wake_answers_503_with_retry_after_and_the_vm_stays_restorable(
 
     // The wake cannot succeed: the saved device state is broken and S3 is
     // gone.
-    let state = d.data_dir.path().join("snapshots").join(&sid).join("state");
-    let good = std::fs::read(&state).unwrap();
-    std::fs::write(&state, b"not a QEMU migration stream").unwrap();
+    let good = d.break_local_state(&sid);
     garage.stop();
     let resp = d
         .http
@@ -226,7 +215,7 @@ async fn a_failed_wake_answers_503_with_retry_after_and_the_vm_stays_restorable(
 
     // Nothing was lost: with the state repaired the VM restores from its
     // local copy alone and continues.
-    std::fs::write(&state, good).unwrap();
+    d.repair_local_state(&sid, good);
     d.restore(&id, json!({})).await;
     assert_eq!(kv(&app(&d, "app.localhost", "/").await, "boot_id"), boot_id);
     assert_eq!(app(&d, "app.localhost", "/counter").await, "counter=2\n");

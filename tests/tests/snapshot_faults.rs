@@ -120,9 +120,7 @@ async fn a_failed_wake_gives_the_local_copy_back() {
 
     // Break the saved device state, and take S3 away: only the local copy
     // can restore this VM.
-    let state = d.data_dir.path().join("snapshots").join(&sid).join("state");
-    let good = std::fs::read(&state).unwrap();
-    std::fs::write(&state, b"not a QEMU migration stream").unwrap();
+    let good = d.break_local_state(&sid);
     garage.stop();
     let (s, b) = d
         .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
@@ -133,7 +131,7 @@ async fn a_failed_wake_gives_the_local_copy_back() {
     assert!(reason.contains(&format!("restore of {sid} failed")), "{vm}");
     assert!(d.qemu_pids().is_empty(), "a failed wake leaves no QEMU");
 
-    std::fs::write(&state, good).unwrap();
+    d.repair_local_state(&sid, good);
     d.restore(&id, json!({})).await;
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(app(&d, "/counter").await, "counter=2\n");
