@@ -169,6 +169,34 @@ impl Command for BlockStream {
     type Response = Empty;
 }
 
+/// Stop a block job (its partial work is kept where harmless, e.g. data a
+/// stream already copied into the top layer).
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockJobCancel {
+    /// The job id.
+    pub device: String,
+}
+
+impl Command for BlockJobCancel {
+    const NAME: &'static str = "block-job-cancel";
+    type Response = Empty;
+}
+
+/// The block jobs running now.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryBlockJobs;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct BlockJobInfo {
+    /// The job id (QEMU calls it `device`).
+    pub device: String,
+}
+
+impl Command for QueryBlockJobs {
+    const NAME: &'static str = "query-block-jobs";
+    type Response = Vec<BlockJobInfo>;
+}
+
 /// The state of the current or last migration.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct QueryMigrate;

@@ -238,8 +238,13 @@ impl VmManager {
         Ok(())
     }
 
-    fn has_local_snapshot(&self, vm_id: &str) -> anyhow::Result<bool> {
-        Ok(self.db.list_snapshots(vm_id)?.iter().any(|r| r.local))
+    /// A snapshot to restore from: a complete local copy, or one in S3.
+    fn has_restorable_snapshot(&self, vm_id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .db
+            .list_snapshots(vm_id)?
+            .iter()
+            .any(|r| r.local || r.snap.status == crate::model::SnapshotStatus::Ready))
     }
 
     /// At start-up: re-attach to VMs whose QEMU still runs, and record the
@@ -279,7 +284,7 @@ impl VmManager {
                 Err(e) => {
                     let restorable = (vm.state == VmState::Snapshotting
                         && self.complete_interrupted_capture(&vm.id).await?)
-                        || self.has_local_snapshot(&vm.id)?;
+                        || self.has_restorable_snapshot(&vm.id)?;
                     let (to, reason) = if vm.state == VmState::Stopping {
                         (VmState::Stopped, None)
                     } else if restorable

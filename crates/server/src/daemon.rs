@@ -53,6 +53,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let vms = VmManager::new(cfg.clone(), db, images, metrics.clone(), storage)?;
     tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
+    remove_stale_ram_copies(&cfg.run_dir);
     vms.recover().await.context("re-attaching to VMs")?;
     vms.recover_snapshots()
         .await
@@ -119,6 +120,21 @@ fn setup_keys(db: &Db, from_env: Option<&str>) -> anyhow::Result<KeyRing> {
     // Printed, not logged: shown once to the operator, never in log files.
     println!("Generated API key (shown only once; set HATCH_API_KEY to use it):\n{key}");
     Ok(KeyRing::load(db)?)
+}
+
+/// RAM copies a checkpoint left in the run dir when the daemon died mid-way
+/// (the checkpoint was not recorded; nothing refers to them).
+fn remove_stale_ram_copies(run_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "mem") {
+            tracing::info!(file = %path.display(), "removing a stale checkpoint RAM copy");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// One daemon per data dir: two would fight over the same VMs. The lock is

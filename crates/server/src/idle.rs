@@ -44,7 +44,7 @@ impl VmManager {
             // when the capture does.
             let req = CreateSnapshot { stop: Some(true) };
             if let Err(e) = self.snapshot(&rt.id, req, "idle") {
-                rt.activity.release_idle();
+                rt.release_idle();
                 tracing::debug!(vm = %rt.id, error = %e, "idle suspend not started");
             }
         }

@@ -166,6 +166,11 @@ impl VmManager {
         to: VmState,
         reason: Option<String>,
     ) -> Result<(), ApiError> {
+        if to == VmState::Running {
+            // A VM that starts running gets a full idle timeout. Touched
+            // before `inner` is taken: the lock order is activity, then inner.
+            rt.activity.touch();
+        }
         let mut inner = rt.lock();
         let from = inner.state;
         if from != to && !from.can_become(to) {

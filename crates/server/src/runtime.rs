@@ -102,7 +102,7 @@ impl Activity {
     }
 
     /// The idle suspend is over (done or given up).
-    pub fn release_idle(&self) {
+    fn release_idle(&self) {
         self.lock().suspending = false;
     }
 }
@@ -148,13 +148,18 @@ impl VmRuntime {
     }
 
     /// Record a new state (the caller holds `inner`) and tell waiters.
+    /// Lock order is `activity` before `inner` (see [`VmRuntime::admit`]):
+    /// nothing here may take `activity`.
     pub fn publish_state(&self, inner: &mut Inner, to: VmState) {
         inner.state = to;
         self.state_tx.send_replace(to);
-        if to == VmState::Running {
-            // A VM that just started gets a full idle timeout.
-            self.activity.touch();
-        }
+    }
+
+    /// The idle suspend claim is over (done or given up); requests held
+    /// because of it look again.
+    pub fn release_idle(&self) {
+        self.activity.release_idle();
+        self.state_tx.send_modify(|_| {});
     }
 
     pub fn watch_state(&self) -> watch::Receiver<VmState> {

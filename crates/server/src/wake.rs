@@ -44,6 +44,15 @@ impl Drop for Held<'_> {
     }
 }
 
+/// Clears a VM's wake slot when dropped.
+struct WakeSlot<'a>(&'a VmRuntime);
+
+impl Drop for WakeSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.wake.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 impl VmManager {
     /// The host port to forward a proxied request to, once the VM serves:
     /// at once if it runs, else after waking it (`auto_wake` routes, tracked
@@ -105,13 +114,14 @@ impl VmManager {
             }
             let mut wake = self.wake(rt);
             tokio::select! {
-                outcome = wake.wait_for(Option::is_some) => {
-                    if let Ok(outcome) = outcome
-                        && let Some(Err(why)) = outcome.as_ref()
-                    {
-                        return Err(WakeError::Failed(why.clone()));
+                outcome = wake.wait_for(Option::is_some) => match outcome {
+                    Ok(outcome) => {
+                        if let Some(Err(why)) = outcome.as_ref() {
+                            return Err(WakeError::Failed(why.clone()));
+                        }
                     }
-                }
+                    Err(_) => return Err(WakeError::Failed("the wake ended unexpectedly".into())),
+                },
                 // A state change (e.g. a checkpoint ended) may admit us first.
                 _ = states.changed() => {}
                 () = tokio::time::sleep_until(deadline) => return Err(WakeError::Timeout(timeout)),
@@ -131,6 +141,9 @@ impl VmManager {
         let (this, rt) = (self.clone(), rt.clone());
         let since = Instant::now();
         self.tasks.spawn(async move {
+            // Frees the slot however the task ends (even by a panic), so
+            // that a later request can start a new wake.
+            let _slot = WakeSlot(&rt);
             let result = this.run_wake(&rt, since).await;
             *rt.wake_failure.lock().unwrap_or_else(|p| p.into_inner()) =
                 result.as_ref().err().map(|e| (Instant::now(), e.clone()));

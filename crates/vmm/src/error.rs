@@ -30,6 +30,9 @@ pub enum VmmError {
     Agent(String),
     #[error("saving or loading machine state failed: {0}")]
     Migration(String),
+    /// QEMU refused or failed to load a saved state: the guest never ran.
+    #[error("QEMU could not load the saved state: {0}")]
+    StateRejected(String),
     #[error(transparent)]
     Qmp(#[from] hatch_qmp::QmpError),
     #[error("i/o error on {path}")]

@@ -41,6 +41,23 @@ pub fn memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
+/// Free space in MiB on the file system holding `path` (e.g. the tmpfs a
+/// checkpoint copies guest RAM into).
+pub fn fs_free_mib(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `st` points to
+    // writable memory of the right type, which statvfs fills on success.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize) / (1024 * 1024))
+}
+
 /// A TCP port on 127.0.0.1 that is free right now. Another process may take it
 /// before QEMU binds it; the caller retries the launch in that rare case.
 pub fn free_port() -> std::io::Result<u16> {
@@ -64,5 +81,7 @@ mod tests {
         assert!(cpu_count() >= 1);
         assert!(memory_mib().unwrap() > 0);
         assert_ne!(free_port().unwrap(), 0);
+        assert!(fs_free_mib(std::path::Path::new("/")).unwrap() > 0);
+        assert_eq!(fs_free_mib(std::path::Path::new("/no/such/dir")), None);
     }
 }

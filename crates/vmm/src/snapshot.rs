@@ -10,15 +10,20 @@
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::sync::broadcast;
+
 use hatch_qmp::commands::{
-    BlockStream, BlockdevSnapshotSync, Cont, MigrateIncoming, MigrateSetCapabilities,
-    MigrateSetParameters, MigrationCapability, QueryMigrate, QueryStatus, Stop,
+    BlockJobCancel, BlockStream, BlockdevSnapshotSync, Cont, MigrateIncoming,
+    MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, QueryBlockJobs,
+    QueryMigrate, QueryStatus, Stop,
 };
 
 use crate::{Machine, VmmError};
 
 /// Longest a state save or load may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+const TIMED_OUT: &str = "timed out";
 
 /// Migration bandwidth cap: effectively none (the default 128 MiB/s
 /// throttles even a paused VM).
@@ -90,11 +95,24 @@ impl Machine {
         self.load_from(path, false).await
     }
 
+    /// Errors before the incoming migration completed are
+    /// [`VmmError::StateRejected`] (QEMU starts the guest only once it has
+    /// loaded everything), except a timeout, after which nobody knows.
     async fn load_from(&self, path: &Path, ignore_shared: bool) -> Result<(), VmmError> {
-        self.set_migration(ignore_shared).await?;
         let uri = format!("exec:cat {}", shell_quote(path));
-        self.qmp().execute(&MigrateIncoming { uri }).await?;
-        self.wait_migration().await?;
+        let incoming = async {
+            self.set_migration(ignore_shared).await?;
+            self.qmp().execute(&MigrateIncoming { uri }).await?;
+            self.wait_migration().await
+        };
+        match incoming.await {
+            Ok(()) => {}
+            Err(VmmError::Migration(m)) if m == TIMED_OUT => return Err(VmmError::Migration(m)),
+            Err(VmmError::Migration(m)) => return Err(VmmError::StateRejected(m)),
+            // QEMU exits when it cannot load the state.
+            Err(VmmError::Qmp(e)) => return Err(VmmError::StateRejected(e.to_string())),
+            Err(e) => return Err(e),
+        }
         // QEMU starts the guest when the incoming migration completes; make
         // sure of it in case autostart was off.
         let status = self.qmp().execute(&QueryStatus).await?;
@@ -125,7 +143,14 @@ impl Machine {
 
     /// Flatten the disk chain under the active layer `node` onto `base` (the
     /// image's base disk) while the guest runs, and wait until it is done.
-    pub async fn stream_disk(&self, node: &str, base: &Path) -> Result<(), VmmError> {
+    /// On failure or timeout the job is cancelled: the chain stays as it was
+    /// (data already copied into the top layer is the same data).
+    pub async fn stream_disk(
+        &self,
+        node: &str,
+        base: &Path,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
         let job_id = format!("stream-{node}");
         let mut events = self.qmp().events();
         self.qmp()
@@ -137,10 +162,22 @@ impl Machine {
             .await?;
         let done = async {
             loop {
-                let Ok(ev) = events.recv().await else {
-                    return Err(VmmError::Migration(
-                        "QMP closed during disk streaming".into(),
-                    ));
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    // Missed events: the job's own end may be among them.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if self.block_job_running(&job_id).await? {
+                            continue;
+                        }
+                        return Err(VmmError::Migration(
+                            "disk streaming ended unobserved".into(),
+                        ));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(VmmError::Migration(
+                            "QMP closed during disk streaming".into(),
+                        ));
+                    }
                 };
                 let ours = ev.data["device"] == job_id.as_str();
                 match ev.event.as_str() {
@@ -157,9 +194,24 @@ impl Machine {
                 }
             }
         };
-        tokio::time::timeout(MIGRATION_TIMEOUT, done)
-            .await
-            .map_err(|_| VmmError::Migration("disk streaming timed out".into()))?
+        let result = match tokio::time::timeout(timeout, done).await {
+            Ok(r) => r,
+            Err(_) => Err(VmmError::Migration("disk streaming timed out".into())),
+        };
+        if result.is_err() {
+            let _ = self
+                .qmp()
+                .execute(&BlockJobCancel {
+                    device: job_id.clone(),
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn block_job_running(&self, job_id: &str) -> Result<bool, VmmError> {
+        let jobs = self.qmp().execute(&QueryBlockJobs).await?;
+        Ok(jobs.iter().any(|j| j.device == job_id))
     }
 
     async fn wait_migration(&self) -> Result<(), VmmError> {
@@ -193,7 +245,7 @@ impl Machine {
             .is_err()
                 && tokio::time::Instant::now() >= deadline
             {
-                return Err(VmmError::Migration("timed out".into()));
+                return Err(VmmError::Migration(TIMED_OUT.into()));
             }
         }
     }

@@ -47,7 +47,7 @@ impl VmManager {
                 VmState::Failed
             };
             let _ = self.transition(&rt, to, rec.snap.error.clone());
-            rt.activity.release_idle();
+            rt.release_idle();
             if rec.snap.trigger == "idle" {
                 self.record_idle_suspend(&rt.id, &rec.snap.id, None, rec.snap.error.clone());
             }
@@ -64,7 +64,7 @@ impl VmManager {
         if let Err(e) = self.transition(&rt, to, None) {
             tracing::error!(vm = %rt.id, error = %e, "recording snapshot state failed");
         }
-        rt.activity.release_idle();
+        rt.release_idle();
         if rec.snap.trigger == "idle" {
             self.record_idle_suspend(&rt.id, &rec.snap.id, rec.snap.pause_ms, None);
         }
@@ -205,9 +205,17 @@ impl VmManager {
         let layers = self.db.disk_layers(&rt.id)?;
         let top = layers.last().context("vm has no disk layer")?.clone();
         let new_layer = new_layer_name();
-        // The copy taken while paused goes to tmpfs: writing hundreds of MiB
-        // into a disk file's page cache can stall on dirty-page throttling.
-        let ram_copy = self.cfg.run_dir.join(format!("{}.mem", rec.snap.id));
+        // The copy taken while paused goes to tmpfs when it fits: writing
+        // hundreds of MiB into a disk file's page cache can stall on
+        // dirty-page throttling. Otherwise straight into the snapshot.
+        let vm_mib = self.get(&rt.id)?.memory_mib;
+        let fits =
+            hatch_vmm::host::fs_free_mib(&self.cfg.run_dir).is_some_and(|free| free > vm_mib + 256);
+        let ram_copy = if fits {
+            self.cfg.run_dir.join(format!("{}.mem", rec.snap.id))
+        } else {
+            dir.join("mem.partial")
+        };
 
         let t0 = Instant::now();
         machine.pause().await?;

@@ -10,6 +10,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::manager::VmManager;
+
+/// Longest a flattening may take (it copies the VM's written disk data)
+/// before it is cancelled and the chain kept.
+const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 use crate::model::VmState;
 use crate::runtime::VmRuntime;
 
@@ -51,7 +55,7 @@ impl VmManager {
         let image = self.images.get(&vm.image)?;
         let started = std::time::Instant::now();
         machine
-            .stream_disk(&super::node_name(&top), &image.disk)
+            .stream_disk(&super::node_name(&top), &image.disk, STREAM_TIMEOUT)
             .await?;
         // Recorded only once QEMU finished: until then the chain on disk
         // and in the database is the old one, intact.

@@ -134,8 +134,12 @@ impl VmManager {
         }
 
         let started = self.start_from(rt, &dir, &layers).await;
-        if started.is_err() && consume {
-            // The guest never ran: its RAM file is still the snapshot's image.
+        let never_ran = started
+            .as_ref()
+            .err()
+            .is_some_and(|e| e.downcast_ref::<GuestNeverRan>().is_some());
+        if consume && never_ran {
+            // Its RAM file is still the snapshot's image: give it back.
             if let Some(m) = rt.machine() {
                 m.kill();
                 m.wait_exit().await;
@@ -157,28 +161,34 @@ impl VmManager {
     ) -> anyhow::Result<Arc<Machine>> {
         let paths = self.paths(&rt.id);
         let t0 = Instant::now();
-        // A new writable disk layer over the snapshot's frozen ones.
-        let top = layers.last().context("snapshot has no disk layer")?;
-        let vm = self.get(&rt.id)?;
-        let new_layer = new_layer_name();
-        hatch_vmm::disk::create_overlay(
-            &paths.dir.join(top),
-            "qcow2",
-            &paths.dir.join(&new_layer),
-            vm.disk_mib,
-        )
-        .await?;
-        let mut all = layers.to_vec();
-        all.push(new_layer);
-        self.db.set_disk_layers(&rt.id, &all)?;
-
-        let t_overlay = t0.elapsed();
-        let machine = self.launch(rt, true).await?;
+        let prepare = async {
+            // A new writable disk layer over the snapshot's frozen ones.
+            let top = layers.last().context("snapshot has no disk layer")?;
+            let vm = self.get(&rt.id)?;
+            let new_layer = new_layer_name();
+            hatch_vmm::disk::create_overlay(
+                &paths.dir.join(top),
+                "qcow2",
+                &paths.dir.join(&new_layer),
+                vm.disk_mib,
+            )
+            .await?;
+            let mut all = layers.to_vec();
+            all.push(new_layer);
+            self.db.set_disk_layers(&rt.id, &all)?;
+            self.launch(rt, true).await
+        };
+        let machine = prepare.await.context(GuestNeverRan)?;
         let t_launch = t0.elapsed();
-        machine
-            .load_state(&dir.join("state"))
-            .await
-            .context("loading the saved CPU and device state")?;
+        match machine.load_state(&dir.join("state")).await {
+            Ok(()) => {}
+            Err(e @ hatch_vmm::VmmError::StateRejected(_)) => {
+                return Err(anyhow::Error::new(e).context(GuestNeverRan));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context("loading the saved CPU and device state"));
+            }
+        }
         let t_load = t0.elapsed();
         // The guest's clock stood still since the capture and its RNG state
         // is shared with every other restore of this snapshot: fix both
@@ -193,7 +203,7 @@ impl VmManager {
             Err(e) => tracing::warn!(vm = %rt.id, error = %e, "no guest agent channel"),
         }
         let ms = |d: std::time::Duration| d.as_millis() as u64;
-        tracing::debug!(vm = %rt.id, overlay_ms = ms(t_overlay), launch_done_ms = ms(t_launch),
+        tracing::debug!(vm = %rt.id, launch_done_ms = ms(t_launch),
             state_loaded_ms = ms(t_load), agent_done_ms = ms(t0.elapsed()), "restore steps");
         Ok(machine)
     }
@@ -310,6 +320,17 @@ impl VmManager {
         ))
         .await?;
         Ok(fetched.iter().sum())
+    }
+}
+
+/// Marks a restore that failed before the guest ran (its RAM file is
+/// untouched).
+#[derive(Debug)]
+struct GuestNeverRan;
+
+impl std::fmt::Display for GuestNeverRan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("restore stopped before the guest ran")
     }
 }
 
