@@ -7,20 +7,72 @@ GUEST_TARGET=x86_64-unknown-linux-gnu
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-# Debian packages the VMs need: QEMU, qemu-img, busybox for the initramfs,
+# Debian packages the VMs need: QEMU and qemu-img (one release: bookworm's
+# 7.2, the version Hatch is tested with), busybox for the initramfs,
 # mkfs.ext4 for the base disk, dpkg-deb to unpack the kernel package.
+# Machine images may ship other versions (e.g. qemu-utils 10.0 from
+# backports, which installing bookworm's qemu-system-x86 removes), so what is
+# installed is checked afterwards, not assumed.
+QEMU_SUITE=bookworm
+
+qemu_version_of() { "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | head -1; }
+
+# Both QEMU programs run and come from the same QEMU release.
+qemu_consistent() {
+  local sys img
+  sys=$(qemu_version_of qemu-system-x86_64) img=$(qemu_version_of qemu-img)
+  [ -n "$sys" ] && [ "$sys" = "$img" ]
+}
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  if [ -z "${HATCH_APT_UPDATED:-}" ]; then
+    apt-get update -qq
+    HATCH_APT_UPDATED=1
+  fi
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "$@" >/dev/null
+}
+
 install_packages() {
-  local pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs curl ca-certificates)
+  local pkgs=(busybox-static e2fsprogs curl ca-certificates)
   local missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
   fi
+  if ! qemu_consistent; then
+    log "installing QEMU from $QEMU_SUITE (qemu-system-x86_64 $(qemu_version_of qemu-system-x86_64 || true), qemu-img $(qemu_version_of qemu-img || true) found)"
+    apt_install "qemu-system-x86/$QEMU_SUITE" "qemu-utils/$QEMU_SUITE"
+  fi
+  check_programs
+}
+
+# Fail loudly unless every program Hatch runs is there and works.
+check_programs() {
+  local failed=0
+  local checks=(
+    "qemu-system-x86_64 --version"
+    "qemu-img --version"
+    "busybox --help"
+    "mkfs.ext4 -V"
+    "dpkg-deb --version"
+    "curl --version"
+  )
+  for c in "${checks[@]}"; do
+    if ! $c >/dev/null 2>&1; then
+      echo "error: \`$c\` does not run" >&2
+      failed=1
+    fi
+  done
+  if ! qemu_consistent; then
+    echo "error: qemu-system-x86_64 ($(qemu_version_of qemu-system-x86_64)) and qemu-img ($(qemu_version_of qemu-img)) are from different QEMU releases" >&2
+    failed=1
+  fi
+  [ "$failed" = 0 ] || { echo "error: set-up incomplete; see above" >&2; exit 1; }
+  log "QEMU $(qemu_version_of qemu-system-x86_64), busybox, e2fsprogs: ok"
 }
 
 # The statically linked program that runs inside the guest (demo app, agent).
