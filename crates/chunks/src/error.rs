@@ -18,6 +18,12 @@ pub enum ChunkError {
     Missing { id: String },
     #[error("chunk {id} is corrupt: {reason}")]
     Corrupt { id: String, reason: String },
+    #[error("object {key} is {size} bytes, more than the {max} allowed")]
+    TooLarge { key: String, size: u64, max: u64 },
+    #[error("invalid chunk list: {0}")]
+    InvalidChunks(String),
+    #[error("the bucket is locked: {0}")]
+    Locked(String),
     #[error("invalid S3 settings: {0}")]
     Config(String),
     #[error("background task failed: {0}")]
@@ -37,7 +43,10 @@ impl ChunkError {
     pub fn is_corruption(&self) -> bool {
         matches!(
             self,
-            ChunkError::Missing { .. } | ChunkError::Corrupt { .. }
+            ChunkError::Missing { .. }
+                | ChunkError::Corrupt { .. }
+                | ChunkError::TooLarge { .. }
+                | ChunkError::InvalidChunks(_)
         )
     }
 }

@@ -10,9 +10,13 @@
 
 mod error;
 mod file;
+mod gc;
+mod lock;
 pub mod s3;
 mod store;
 
 pub use error::ChunkError;
-pub use file::{CHUNK_SIZE, FileChunks};
+pub use file::{CHUNK_SIZE, FileChunks, is_chunk_id};
+pub use gc::GcReport;
+pub use lock::{BucketLock, LockKind};
 pub use store::{ChunkStore, DownloadReport, UploadReport};

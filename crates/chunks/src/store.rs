@@ -38,12 +38,14 @@ pub struct DownloadReport {
 
 /// Chunks and small objects (manifests, device state) under one key prefix.
 pub struct ChunkStore {
-    store: Arc<dyn ObjectStore>,
-    prefix: String,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) prefix: String,
     concurrency: usize,
     /// Chunks known to exist in the store (uploaded or seen by this process),
     /// which saves a HEAD request per chunk on repeated snapshots.
     known: Mutex<HashSet<String>>,
+    /// The garbage collection epoch `known` was filled in (see `lock.rs`).
+    pub(crate) gc_epoch: Mutex<Option<Bytes>>,
 }
 
 impl ChunkStore {
@@ -54,6 +56,7 @@ impl ChunkStore {
             prefix: prefix.to_string(),
             concurrency: 16,
             known: Mutex::default(),
+            gc_epoch: Mutex::default(),
         }
     }
 
@@ -68,7 +71,7 @@ impl ChunkStore {
         format!("{}chunks/{shard}/{id}", self.prefix)
     }
 
-    fn path(&self, key: &str) -> ObjPath {
+    pub(crate) fn path(&self, key: &str) -> ObjPath {
         ObjPath::from(key)
     }
 
@@ -86,6 +89,15 @@ impl ChunkStore {
             .insert(id.to_string());
     }
 
+    /// Forget everything cached about the store's chunks (another daemon's
+    /// garbage collection may have deleted any of them).
+    pub(crate) fn forget_all(&self) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Forget cached knowledge (after garbage collection deleted chunks).
     pub fn forget(&self, id: &str) {
         self.known
@@ -94,7 +106,11 @@ impl ChunkStore {
             .remove(id);
     }
 
-    /// Split `path` into chunks and upload the ones the store lacks.
+    /// Split `path` into chunks and upload the ones the store lacks. Call it
+    /// under an upload lock ([`ChunkStore::lock_for_upload`]) held until the
+    /// manifest referencing the chunks is written: a chunk found present is
+    /// not uploaded again, and only the lock keeps a collection from
+    /// deleting it meanwhile.
     pub async fn upload_file(&self, path: &Path) -> Result<(FileChunks, UploadReport), ChunkError> {
         let file = std::fs::File::open(path).map_err(|e| ChunkError::io(path, e))?;
         let len = file.metadata().map_err(|e| ChunkError::io(path, e))?.len();
@@ -189,6 +205,9 @@ impl ChunkStore {
         chunks: &FileChunks,
         path: &Path,
     ) -> Result<DownloadReport, ChunkError> {
+        // Bounds are the caller's business; the structure is checked here
+        // again because chunk ids become object keys.
+        chunks.validate(u64::MAX).map_err(ChunkError::InvalidChunks)?;
         let file = std::fs::File::create(path).map_err(|e| ChunkError::io(path, e))?;
         file.set_len(chunks.len)
             .map_err(|e| ChunkError::io(path, e))?;
@@ -209,17 +228,7 @@ impl ChunkStore {
                     let fetched = compressed.len() as u64;
                     // Decompress, verify and write in one blocking hop.
                     blocking(move || {
-                        let plain = decode_verified(&id, &compressed)?;
-                        if plain.len() as u64 != end - start {
-                            return Err(ChunkError::Corrupt {
-                                id,
-                                reason: format!(
-                                    "expected {} bytes, got {}",
-                                    end - start,
-                                    plain.len()
-                                ),
-                            });
-                        }
+                        let plain = decode_verified(&id, &compressed, (end - start) as usize)?;
                         file.write_all_at(&plain, start)
                             .map_err(|e| ChunkError::io(&path, e))
                     })
@@ -236,18 +245,9 @@ impl ChunkStore {
         })
     }
 
-    /// Fetch, decompress and verify one chunk. Returns (compressed size, data).
-    pub async fn get_chunk(&self, id: &str) -> Result<(u64, Vec<u8>), ChunkError> {
-        let compressed = self.fetch_chunk(id).await?;
-        let fetched = compressed.len() as u64;
-        let id_owned = id.to_string();
-        let plain = blocking(move || decode_verified(&id_owned, &compressed)).await?;
-        Ok((fetched, plain))
-    }
-
     /// The compressed bytes of a chunk; `Missing` if the store lacks it.
     async fn fetch_chunk(&self, id: &str) -> Result<Bytes, ChunkError> {
-        match self.get(&self.chunk_key(id)).await {
+        match self.get(&self.chunk_key(id), max_compressed_chunk()).await {
             Ok(b) => Ok(b),
             Err(ChunkError::Store {
                 source: object_store::Error::NotFound { .. },
@@ -272,19 +272,27 @@ impl ChunkStore {
         Ok(())
     }
 
-    pub async fn get(&self, key: &str) -> Result<Bytes, ChunkError> {
-        let result = self
-            .store
-            .get(&self.path(key))
-            .await
-            .map_err(|source| ChunkError::Store {
-                key: key.to_string(),
-                source,
-            })?;
-        result.bytes().await.map_err(|source| ChunkError::Store {
+    /// Read an object of at most `max` bytes (what is read back from the
+    /// bucket is not trusted to be of a sane size).
+    pub async fn get(&self, key: &str, max: u64) -> Result<Bytes, ChunkError> {
+        let store_err = |source| ChunkError::Store {
             key: key.to_string(),
             source,
-        })
+        };
+        let result = self.store.get(&self.path(key)).await.map_err(store_err)?;
+        let too_large = |size| ChunkError::TooLarge {
+            key: key.to_string(),
+            size,
+            max,
+        };
+        if result.meta.size > max {
+            return Err(too_large(result.meta.size));
+        }
+        let bytes = result.bytes().await.map_err(store_err)?;
+        if bytes.len() as u64 > max {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), ChunkError> {
@@ -295,27 +303,6 @@ impl ChunkStore {
                 source,
             }),
         }
-    }
-
-    /// Stored chunks: (id, size, last modified as unix seconds).
-    pub async fn list_chunks(&self) -> Result<Vec<(String, u64, i64)>, ChunkError> {
-        let full = format!("{}chunks/", self.prefix);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&self.path(&full)))
-            .try_collect()
-            .await
-            .map_err(|source| ChunkError::Store {
-                key: full.clone(),
-                source,
-            })?;
-        Ok(metas
-            .into_iter()
-            .filter_map(|m| {
-                let id = m.location.filename()?.to_string();
-                Some((id, m.size, m.last_modified.timestamp()))
-            })
-            .collect())
     }
 
     /// Delete a chunk (garbage collection).
@@ -345,12 +332,25 @@ impl ChunkStore {
     }
 }
 
-/// Decompress a chunk and check that it hashes to its name.
-fn decode_verified(id: &str, compressed: &[u8]) -> Result<Vec<u8>, ChunkError> {
-    let plain = zstd::stream::decode_all(compressed).map_err(|e| ChunkError::Corrupt {
+/// Largest compressed chunk a well-formed store holds: zstd's bound for a
+/// full chunk of incompressible data.
+fn max_compressed_chunk() -> u64 {
+    zstd::zstd_safe::compress_bound(CHUNK_SIZE as usize) as u64
+}
+
+/// Decompress a chunk of `len` bytes and check that it hashes to its name.
+/// Decompression stops at `len` bytes: a chunk that would inflate beyond
+/// what the file needs is corrupt, not a reason to allocate gigabytes.
+fn decode_verified(id: &str, compressed: &[u8], len: usize) -> Result<Vec<u8>, ChunkError> {
+    let corrupt = |reason: String| ChunkError::Corrupt {
         id: id.to_string(),
-        reason: format!("cannot decompress: {e}"),
-    })?;
+        reason,
+    };
+    let plain = zstd::bulk::decompress(compressed, len)
+        .map_err(|e| corrupt(format!("cannot decompress into {len} bytes: {e}")))?;
+    if plain.len() != len {
+        return Err(corrupt(format!("expected {len} bytes, got {}", plain.len())));
+    }
     let actual = blake3::hash(&plain).to_hex();
     if actual.as_str() != id {
         return Err(ChunkError::Corrupt {

@@ -85,8 +85,42 @@ async fn corrupt_and_missing_chunks_are_detected() {
 
     // Garbage that is not zstd at all.
     std::fs::write(&object, b"garbage").unwrap();
-    let err = store.get_chunk(&first).await.unwrap_err();
+    let err = store
+        .download_file(&chunks, &dir.path().join("out"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ChunkError::Corrupt { .. }), "{err:?}");
+
+    // A bomb: valid zstd of the right content's hash would need exactly the
+    // chunk's size; 64 MiB of zeros must not be inflated into memory.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    std::fs::write(&object, bomb).unwrap();
+    let err = store
+        .download_file(&chunks, &dir.path().join("out"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ChunkError::Corrupt { ref reason, .. } if reason.contains("cannot decompress")),
+        "{err:?}"
+    );
+
+    // An object larger than any chunk can be is refused before it is read.
+    std::fs::write(&object, vec![7u8; 3 << 20]).unwrap();
+    let err = store
+        .download_file(&chunks, &dir.path().join("out"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChunkError::TooLarge { .. }), "{err:?}");
+    assert!(err.is_corruption());
+
+    // Chunk lists that Hatch never writes are refused before any request.
+    let mut hostile = chunks.clone();
+    hostile.chunks[0] = Some("../../../etc/passwd".into());
+    let err = store
+        .download_file(&hostile, &dir.path().join("out"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChunkError::InvalidChunks(_)), "{err:?}");
 
     std::fs::remove_file(&object).unwrap();
     let err = store

@@ -3,7 +3,11 @@
 //! `sync <unix seconds>.<nanoseconds> <64 hex digits>`; the agent sets the
 //! wall clock (which stood still while the VM was suspended) and mixes the
 //! seed into the kernel RNG and reseeds it (so restored copies of one
-//! snapshot do not share random streams). It answers `ok` or `error <why>`.
+//! snapshot do not share random streams). A request may end with an id
+//! (`sync <time> <seed> <id>`): the answer then repeats it and carries the
+//! clock just set, `ok <id> <secs>.<nanos>` (or `error <id> <why>`), so the
+//! host can tell answers to retried requests apart and check the clock.
+//! Without an id the answer is `ok` or `error <why>`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -50,13 +54,25 @@ fn serve(port: &PathBuf) -> std::io::Result<()> {
     let file = File::options().read(true).write(true).open(port)?;
     let mut writer = file.try_clone()?;
     for line in BufReader::new(file).lines() {
-        let reply = match handle(&line?) {
-            Ok(()) => "ok\n".to_string(),
-            Err(e) => format!("error {e}\n"),
-        };
-        writer.write_all(reply.as_bytes())?;
+        writer.write_all(answer(&line?).as_bytes())?;
     }
     Ok(())
+}
+
+/// The reply line to a request line.
+fn answer(line: &str) -> String {
+    let id = line.split_whitespace().nth(3);
+    match (handle(line), id) {
+        (Ok(()), Some(id)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            format!("ok {id} {}.{:09}\n", now.as_secs(), now.subsec_nanos())
+        }
+        (Ok(()), None) => "ok\n".to_string(),
+        (Err(e), Some(id)) => format!("error {id} {e}\n"),
+        (Err(e), None) => format!("error {e}\n"),
+    }
 }
 
 fn handle(line: &str) -> Result<(), String> {
@@ -65,6 +81,11 @@ fn handle(line: &str) -> Result<(), String> {
         Some("sync") => {
             let time = words.next().ok_or("missing time")?;
             let seed = words.next().ok_or("missing seed")?;
+            if let Some(id) = words.next()
+                && (id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err("bad request id".into());
+            }
             set_clock(parse_time(time)?)?;
             reseed(&parse_hex(seed)?)
         }
@@ -152,5 +173,7 @@ mod tests {
         assert_eq!(parse_hex("00ff10"), Ok(vec![0, 255, 16]));
         assert!(parse_hex("abc").is_err());
         assert!(handle("dance").is_err());
+        assert_eq!(answer("dance"), "error unknown command \"dance\"\n");
+        assert!(answer("sync 1.0 00 7x").starts_with("error 7x bad request id"));
     }
 }

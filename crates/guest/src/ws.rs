@@ -1,10 +1,14 @@
-//! `GET /ws`: a WebSocket handshake, then an echo of every byte received.
-//! Enough to hold a long-lived upgraded connection open through the proxy
-//! (idle detection must count it); frames are echoed as they are, unparsed.
+//! `GET /ws`: a WebSocket that echoes every text and binary message. It
+//! holds a long-lived upgraded connection open through the proxy (idle
+//! detection must count it). Frames are parsed and written by `tungstenite`:
+//! clients mask their frames and servers must not (RFC 6455 5.1), so
+//! echoing the client's bytes as they came would be refused by real clients.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 
 use base64::Engine;
+use tungstenite::protocol::Role;
+use tungstenite::{Message, WebSocket};
 use tiny_http::{Header, Request, Response, StatusCode};
 
 /// RFC 6455: the server proves it read the key by hashing it with this GUID.
@@ -49,8 +53,7 @@ pub fn upgrade(req: Request) {
     let spawned = std::thread::Builder::new()
         .name("ws-echo".into())
         .spawn(move || {
-            let mut stream = stream;
-            if let Err(e) = echo(&mut stream) {
+            if let Err(e) = echo(WebSocket::from_raw_socket(stream, Role::Server, None)) {
                 eprintln!("hatch-guest: websocket: {e}");
             }
         });
@@ -59,21 +62,66 @@ pub fn upgrade(req: Request) {
     }
 }
 
-fn echo(stream: &mut (impl Read + Write + ?Sized)) -> io::Result<()> {
-    let mut buf = [0u8; 4096];
+/// Echo text and binary messages until the client closes. Pings are
+/// answered and a close is returned by tungstenite itself.
+fn echo<S: Read + Write>(mut ws: WebSocket<S>) -> tungstenite::Result<()> {
     loop {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
+        match ws.read() {
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => ws.send(msg)?,
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
-        stream.write_all(&buf[..n])?;
-        stream.flush()?;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client frame (masked, as clients must send) comes back as a server
+    /// frame: unmasked, same payload.
+    #[test]
+    fn echoes_messages_unmasked() {
+        let mut client = WebSocket::from_raw_socket(Pipe::default(), Role::Client, None);
+        client.send(Message::text("hello")).unwrap();
+        let sent = std::mem::take(&mut client.get_mut().out);
+        assert_ne!(sent[1] & 0x80, 0, "clients mask");
+        let server_side = Pipe {
+            input: std::io::Cursor::new(sent),
+            out: Vec::new(),
+        };
+        let mut server = WebSocket::from_raw_socket(server_side, Role::Server, None);
+        let msg = server.read().unwrap();
+        server.send(msg).unwrap();
+        let echoed = server.get_ref().out.clone();
+        assert_eq!(echoed[1] & 0x80, 0, "servers must not mask");
+        assert_eq!(&echoed[2..], b"hello");
+    }
+
+    #[derive(Default)]
+    struct Pipe {
+        input: std::io::Cursor<Vec<u8>>,
+        out: Vec<u8>,
+    }
+
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     #[test]
     fn accept_key_matches_the_rfc_example() {

@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,11 +26,17 @@ type Reply = Result<Value, (String, String)>;
 // A std Mutex: it is held only to insert or remove one entry, never across an await.
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
+/// How long a command may take by default before [`QmpError::Timeout`].
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connected, capability-negotiated QMP session.
 pub struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     next_id: AtomicU64,
+    /// Per-command timeout in milliseconds (every command has one: a QEMU
+    /// that hangs must not hang its caller).
+    timeout_ms: AtomicU64,
     events: broadcast::Sender<Event>,
     closed: watch::Receiver<bool>,
 }
@@ -71,6 +78,7 @@ impl Qmp {
             writer: tokio::sync::Mutex::new(write),
             pending,
             next_id: AtomicU64::new(1),
+            timeout_ms: AtomicU64::new(DEFAULT_COMMAND_TIMEOUT.as_millis() as u64),
             events,
             closed,
         };
@@ -78,6 +86,16 @@ impl Qmp {
             .await
             .map_err(|e| QmpError::Handshake(e.to_string()))?;
         Ok(qmp)
+    }
+
+    /// Set how long each command may take.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
     /// Run a typed command and decode its answer.
@@ -114,23 +132,30 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        let written = {
-            let mut writer = self.writer.lock().await;
-            writer.write_all(line.as_bytes()).await
+        let exchange = async {
+            {
+                let mut writer = self.writer.lock().await;
+                writer.write_all(line.as_bytes()).await?;
+            }
+            match rx.await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err((class, desc))) => Err(QmpError::Command {
+                    command,
+                    class,
+                    desc,
+                }),
+                Err(_) => Err(QmpError::Disconnected),
+            }
         };
-        if let Err(e) = written {
+        let after = self.timeout();
+        let result = match tokio::time::timeout(after, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(QmpError::Timeout { command, after }),
+        };
+        if result.is_err() {
             lock(&self.pending).remove(&id);
-            return Err(e.into());
         }
-        match rx.await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err((class, desc))) => Err(QmpError::Command {
-                command,
-                class,
-                desc,
-            }),
-            Err(_) => Err(QmpError::Disconnected),
-        }
+        result
     }
 
     /// Subscribe to asynchronous events from now on.

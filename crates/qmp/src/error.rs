@@ -27,4 +27,10 @@ pub enum QmpError {
     },
     #[error("QMP connection closed")]
     Disconnected,
+    /// QEMU did not answer in time: it hangs (or is stopped).
+    #[error("QEMU did not answer {command} within {} s", .after.as_secs_f64())]
+    Timeout {
+        command: &'static str,
+        after: std::time::Duration,
+    },
 }

@@ -145,3 +145,29 @@ async fn rejects_a_peer_that_is_not_qmp() {
     let err = Qmp::connect(&path).await.err().unwrap();
     assert!(matches!(err, QmpError::Handshake(_)), "{err:?}");
 }
+
+/// A QEMU that negotiates, then never answers again (hung, or SIGSTOPped):
+/// every command fails with a timeout instead of waiting forever.
+#[tokio::test]
+async fn a_command_without_an_answer_times_out() {
+    let (_dir, path, listener) = socket();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        send(&mut write, &json!({"QMP": {"version": {}, "capabilities": []}})).await;
+        let mut lines = BufReader::new(read).lines();
+        let cap: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        send(&mut write, &json!({"return": {}, "id": cap["id"]})).await;
+        // Read on, answer nothing, keep the connection open.
+        while let Ok(Some(_)) = lines.next_line().await {}
+        drop(write);
+    });
+    let qmp = Qmp::connect(&path).await.unwrap();
+    qmp.set_timeout(std::time::Duration::from_millis(200));
+    let err = qmp.execute(&Stop).await.unwrap_err();
+    assert!(
+        matches!(err, QmpError::Timeout { command: "stop", .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("did not answer stop"), "{err}");
+}

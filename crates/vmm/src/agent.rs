@@ -14,14 +14,20 @@ use crate::VmmError;
 /// The guest's name for the port.
 pub const PORT_NAME: &str = "org.hatch.agent";
 
-/// How long the guest agent may take to answer.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// A connection to a VM's agent port. Holding it open also lets the guest
 /// agent block on reads instead of polling for a host.
 pub struct Agent {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    next_id: u64,
+}
+
+/// What a confirmed sync tells.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Synced {
+    /// Host time minus the guest's wall clock right after it was set, in
+    /// seconds, when the guest reports it (older guests answer a bare `ok`).
+    pub offset: Option<f64>,
 }
 
 impl Agent {
@@ -36,11 +42,17 @@ impl Agent {
         Ok(Agent {
             reader: BufReader::new(r),
             writer: w,
+            next_id: 1,
         })
     }
 
-    /// Set the guest's wall clock to the host's and reseed its RNG.
-    pub async fn sync_clock_and_rng(&mut self) -> Result<(), VmmError> {
+    /// Set the guest's wall clock to the host's and reseed its RNG, waiting
+    /// at most `timeout` for the guest's confirmation. Each request carries
+    /// an id, so a late answer to an earlier attempt is never taken for
+    /// this one's. The guest answers `ok <id> <its clock>`; the offset tells
+    /// whether the clock it set is still right (a request the guest took
+    /// seconds to read set a clock that many seconds behind).
+    pub async fn sync_clock_and_rng(&mut self, timeout: Duration) -> Result<Synced, VmmError> {
         let mut seed = [0u8; 32];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut seed))
@@ -49,25 +61,93 @@ impl Agent {
                 source,
             })?;
         let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let line = format!("sync {}.{:09} {hex}\n", now.as_secs(), now.subsec_nanos());
+        let id = self.next_id;
+        self.next_id += 1;
+        let now = unix_now();
+        let line = format!(
+            "sync {}.{:09} {hex} {id}\n",
+            now.as_secs(),
+            now.subsec_nanos()
+        );
         let exchange = async {
             self.writer.write_all(line.as_bytes()).await?;
-            let mut reply = String::new();
-            self.reader.read_line(&mut reply).await?;
-            Ok::<String, std::io::Error>(reply)
+            loop {
+                let mut reply = String::new();
+                if self.reader.read_line(&mut reply).await? == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the agent channel closed",
+                    ));
+                }
+                if let Some(answer) = parse_reply(reply.trim(), id) {
+                    return Ok(answer);
+                }
+                // An answer to an earlier, timed-out attempt: skip it.
+            }
         };
-        let reply = tokio::time::timeout(REPLY_TIMEOUT, exchange)
+        let answer = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| VmmError::Agent("the guest agent did not answer".into()))?
+            .map_err(|_| {
+                VmmError::Agent(format!(
+                    "the guest agent did not answer within {} ms",
+                    timeout.as_millis()
+                ))
+            })?
             .map_err(|e| VmmError::Agent(e.to_string()))?;
-        match reply.trim() {
-            "ok" => Ok(()),
-            other => Err(VmmError::Agent(format!(
-                "the guest agent answered {other:?}"
-            ))),
+        match answer {
+            Reply::Ok(guest_clock) => Ok(Synced {
+                offset: guest_clock.map(|g| unix_now().as_secs_f64() - g),
+            }),
+            Reply::Error(why) => Err(VmmError::Agent(format!("the guest agent failed: {why}"))),
         }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Reply {
+    /// The guest's clock after it was set, if it said.
+    Ok(Option<f64>),
+    Error(String),
+}
+
+/// The answer to request `id`: `ok <id> <secs.nanos>`, `error <id> <why>`,
+/// or from guests that predate ids a bare `ok` / `error <why>`. None for an
+/// answer to another request.
+fn parse_reply(line: &str, id: u64) -> Option<Reply> {
+    let mut words = line.splitn(3, ' ');
+    let status = words.next()?;
+    let second = words.next();
+    let rest = words.next();
+    let id_text = id.to_string();
+    match (status, second) {
+        ("ok", None) => Some(Reply::Ok(None)),
+        ("ok", Some(i)) if i == id_text => Some(Reply::Ok(rest.and_then(|t| t.parse().ok()))),
+        ("error", Some(i)) if i == id_text => Some(Reply::Error(rest.unwrap_or("").to_string())),
+        ("error", Some(i)) if i.parse::<u64>().is_err() => {
+            Some(Reply::Error(line.trim_start_matches("error ").to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_matched_to_their_request() {
+        assert_eq!(parse_reply("ok 3 1700000000.5", 3), Some(Reply::Ok(Some(1_700_000_000.5))));
+        assert_eq!(parse_reply("ok 2 1700000000.5", 3), None, "a late answer to attempt 2");
+        assert_eq!(parse_reply("ok", 3), Some(Reply::Ok(None)), "an older guest");
+        assert_eq!(parse_reply("error 3 clock_settime: EPERM", 3), Some(Reply::Error("clock_settime: EPERM".into())));
+        assert_eq!(parse_reply("error 1 x", 3), None);
+        assert_eq!(parse_reply("error bad seed", 3), Some(Reply::Error("bad seed".into())));
+        assert_eq!(parse_reply("", 3), None);
     }
 }

@@ -33,6 +33,12 @@ pub enum VmmError {
     /// QEMU refused or failed to load a saved state: the guest never ran.
     #[error("QEMU could not load the saved state: {0}")]
     StateRejected(String),
+    /// QEMU stopped answering QMP; it was killed.
+    #[error("QEMU stopped answering ({command} got no answer within {} s) and was killed", .after.as_secs_f64())]
+    Hung {
+        command: &'static str,
+        after: std::time::Duration,
+    },
     #[error(transparent)]
     Qmp(#[from] hatch_qmp::QmpError),
     #[error("i/o error on {path}")]

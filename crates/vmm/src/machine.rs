@@ -136,6 +136,32 @@ impl Machine {
         &self.qmp
     }
 
+    /// How long any one QMP command may take before QEMU counts as hung.
+    pub fn set_command_timeout(&self, timeout: Duration) {
+        self.qmp.set_timeout(timeout);
+    }
+
+    /// Run a QMP command. A QEMU that does not answer in time hangs: it is
+    /// killed (it would otherwise hold the VM's disk and memory while being
+    /// of no use), and the command fails with [`VmmError::Hung`].
+    pub async fn command<C: hatch_qmp::Command>(&self, c: &C) -> Result<C::Response, VmmError> {
+        match self.qmp.execute(c).await {
+            Ok(r) => Ok(r),
+            Err(hatch_qmp::QmpError::Timeout { command, after }) => {
+                tracing::error!(pid = self.pid, command, "QEMU hangs; killing it");
+                self.kill();
+                self.wait_exit().await;
+                Err(VmmError::Hung { command, after })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether QEMU is still there (its QMP connection is open).
+    pub fn is_alive(&self) -> bool {
+        !self.qmp.is_closed()
+    }
+
     /// Wait until QEMU has gone: its QMP connection closed and its process ended.
     pub async fn wait_exit(&self) -> Exit {
         self.qmp.closed().await;
@@ -169,9 +195,9 @@ impl Machine {
 
     /// Ask QEMU to exit now (block devices are flushed) and wait for it.
     pub async fn quit(&self) -> Result<Exit, VmmError> {
-        match self.qmp.execute(&Quit).await {
-            Ok(_) | Err(hatch_qmp::QmpError::Disconnected) => {}
-            Err(e) => return Err(e.into()),
+        match self.command(&Quit).await {
+            Ok(_) | Err(VmmError::Qmp(hatch_qmp::QmpError::Disconnected)) => {}
+            Err(e) => return Err(e),
         }
         Ok(self.wait_exit().await)
     }
@@ -184,8 +210,7 @@ impl Machine {
     /// Add a host-to-guest port forward to the running VM.
     pub async fn add_forward(&self, forward: PortForward) -> Result<(), VmmError> {
         let out = self
-            .qmp
-            .execute(&HumanMonitorCommand {
+            .command(&HumanMonitorCommand {
                 command_line: format!("hostfwd_add {NETDEV_ID} {}", forward.rule()),
             })
             .await?;

@@ -31,18 +31,17 @@ const MAX_BANDWIDTH: u64 = 64 << 30;
 
 impl Machine {
     pub async fn pause(&self) -> Result<(), VmmError> {
-        self.qmp().execute(&Stop).await?;
+        self.command(&Stop).await?;
         Ok(())
     }
 
     pub async fn resume(&self) -> Result<(), VmmError> {
-        self.qmp().execute(&Cont).await?;
+        self.command(&Cont).await?;
         Ok(())
     }
 
     async fn set_migration(&self, ignore_shared: bool) -> Result<(), VmmError> {
-        self.qmp()
-            .execute(&MigrateSetCapabilities {
+        self.command(&MigrateSetCapabilities {
                 capabilities: vec![
                     MigrationCapability {
                         capability: "x-ignore-shared".into(),
@@ -56,8 +55,7 @@ impl Machine {
                 ],
             })
             .await?;
-        self.qmp()
-            .execute(&MigrateSetParameters {
+        self.command(&MigrateSetParameters {
                 max_bandwidth: MAX_BANDWIDTH,
             })
             .await?;
@@ -78,8 +76,7 @@ impl Machine {
     async fn save_to(&self, path: &Path, ignore_shared: bool) -> Result<(), VmmError> {
         self.set_migration(ignore_shared).await?;
         let uri = format!("exec:cat > {}", shell_quote(path));
-        self.qmp()
-            .execute(&hatch_qmp::commands::Migrate { uri })
+        self.command(&hatch_qmp::commands::Migrate { uri })
             .await?;
         self.wait_migration().await
     }
@@ -102,7 +99,7 @@ impl Machine {
         let uri = format!("exec:cat {}", shell_quote(path));
         let incoming = async {
             self.set_migration(ignore_shared).await?;
-            self.qmp().execute(&MigrateIncoming { uri }).await?;
+            self.command(&MigrateIncoming { uri }).await?;
             self.wait_migration().await
         };
         match incoming.await {
@@ -115,7 +112,7 @@ impl Machine {
         }
         // QEMU starts the guest when the incoming migration completes; make
         // sure of it in case autostart was off.
-        let status = self.qmp().execute(&QueryStatus).await?;
+        let status = self.command(&QueryStatus).await?;
         if !status.running {
             self.resume().await?;
         }
@@ -130,8 +127,7 @@ impl Machine {
         new_file: &Path,
         new_node: &str,
     ) -> Result<(), VmmError> {
-        self.qmp()
-            .execute(&BlockdevSnapshotSync {
+        self.command(&BlockdevSnapshotSync {
                 node_name: node.to_string(),
                 snapshot_file: new_file.display().to_string(),
                 snapshot_node_name: new_node.to_string(),
@@ -153,8 +149,7 @@ impl Machine {
     ) -> Result<(), VmmError> {
         let job_id = format!("stream-{node}");
         let mut events = self.qmp().events();
-        self.qmp()
-            .execute(&BlockStream {
+        self.command(&BlockStream {
                 job_id: job_id.clone(),
                 device: node.to_string(),
                 base: base.display().to_string(),
@@ -200,8 +195,7 @@ impl Machine {
         };
         if result.is_err() {
             let _ = self
-                .qmp()
-                .execute(&BlockJobCancel {
+                .command(&BlockJobCancel {
                     device: job_id.clone(),
                 })
                 .await;
@@ -210,7 +204,7 @@ impl Machine {
     }
 
     async fn block_job_running(&self, job_id: &str) -> Result<bool, VmmError> {
-        let jobs = self.qmp().execute(&QueryBlockJobs).await?;
+        let jobs = self.command(&QueryBlockJobs).await?;
         Ok(jobs.iter().any(|j| j.device == job_id))
     }
 
@@ -218,7 +212,7 @@ impl Machine {
         let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
         let mut events = self.qmp().events();
         loop {
-            let info = self.qmp().execute(&QueryMigrate).await?;
+            let info = self.command(&QueryMigrate).await?;
             match info.status.as_deref() {
                 Some("completed") => return Ok(()),
                 Some("failed") | Some("cancelled") => {
