@@ -40,7 +40,13 @@ impl ChunkStore {
     ) -> Result<GcReport, ChunkError> {
         let lock = self.lock_for_gc(owner).await?;
         let result = self
-            .collect_locked(manifests, max_manifest_bytes, references, grace, lock.taken_at)
+            .collect_locked(
+                manifests,
+                max_manifest_bytes,
+                references,
+                grace,
+                lock.taken_at,
+            )
             .await;
         lock.release().await;
         result

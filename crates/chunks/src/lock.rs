@@ -78,7 +78,9 @@ pub struct BucketLock {
 
 impl std::fmt::Debug for BucketLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BucketLock").field("path", &self.path.as_ref()).finish()
+        f.debug_struct("BucketLock")
+            .field("path", &self.path.as_ref())
+            .finish()
     }
 }
 

@@ -92,10 +92,7 @@ impl ChunkStore {
     /// Forget everything cached about the store's chunks (another daemon's
     /// garbage collection may have deleted any of them).
     pub(crate) fn forget_all(&self) {
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Forget cached knowledge (after garbage collection deleted chunks).
@@ -207,7 +204,9 @@ impl ChunkStore {
     ) -> Result<DownloadReport, ChunkError> {
         // Bounds are the caller's business; the structure is checked here
         // again because chunk ids become object keys.
-        chunks.validate(u64::MAX).map_err(ChunkError::InvalidChunks)?;
+        chunks
+            .validate(u64::MAX)
+            .map_err(ChunkError::InvalidChunks)?;
         let file = std::fs::File::create(path).map_err(|e| ChunkError::io(path, e))?;
         file.set_len(chunks.len)
             .map_err(|e| ChunkError::io(path, e))?;
@@ -349,7 +348,10 @@ fn decode_verified(id: &str, compressed: &[u8], len: usize) -> Result<Vec<u8>, C
     let plain = zstd::bulk::decompress(compressed, len)
         .map_err(|e| corrupt(format!("cannot decompress into {len} bytes: {e}")))?;
     if plain.len() != len {
-        return Err(corrupt(format!("expected {len} bytes, got {}", plain.len())));
+        return Err(corrupt(format!(
+            "expected {len} bytes, got {}",
+            plain.len()
+        )));
     }
     let actual = blake3::hash(&plain).to_hex();
     if actual.as_str() != id {

@@ -64,7 +64,10 @@ async fn collection_deletes_only_unreferenced_chunks() {
 
     // Young garbage survives a grace period.
     let r = gc(&a, Duration::from_secs(3600)).await.unwrap();
-    assert_eq!((r.manifests, r.chunks, r.deleted_chunks, r.kept_young), (1, 5, 0, 3));
+    assert_eq!(
+        (r.manifests, r.chunks, r.deleted_chunks, r.kept_young),
+        (1, 5, 0, 3)
+    );
 
     let r = gc(&a, GRACE_NONE).await.unwrap();
     assert_eq!((r.chunks, r.deleted_chunks), (5, 3));
@@ -87,7 +90,10 @@ async fn an_unreadable_manifest_stops_the_collection() {
         .unwrap();
     let err = gc(&a, GRACE_NONE).await.unwrap_err();
     assert!(
-        matches!(err, ChunkError::Corrupt { .. } | ChunkError::TooLarge { .. }),
+        matches!(
+            err,
+            ChunkError::Corrupt { .. } | ChunkError::TooLarge { .. }
+        ),
         "{err:?}"
     );
     a.download_file(&chunks, &dir.path().join("out"))
@@ -100,7 +106,10 @@ async fn a_collection_waits_for_uploads_of_every_daemon() {
     let (a, b) = two_daemons();
     let upload = b.lock_for_upload("b").await.unwrap();
     let err = gc(&a, GRACE_NONE).await.unwrap_err();
-    assert!(matches!(err, ChunkError::Locked(ref h) if h.starts_with("upload-")), "{err:?}");
+    assert!(
+        matches!(err, ChunkError::Locked(ref h) if h.starts_with("upload-")),
+        "{err:?}"
+    );
     // Another upload may run alongside.
     let second = a.lock_for_upload("a").await.unwrap();
     second.release().await;
@@ -122,7 +131,10 @@ async fn an_upload_waits_for_a_collection_to_finish() {
     let (a, b) = two_daemons();
     let _held = a.lock_for_gc("a").await.unwrap();
     let err = b.lock_for_upload("b").await.unwrap_err();
-    assert!(matches!(err, ChunkError::Locked(ref h) if h.starts_with("gc-")), "{err:?}");
+    assert!(
+        matches!(err, ChunkError::Locked(ref h) if h.starts_with("gc-")),
+        "{err:?}"
+    );
 }
 
 /// Daemon B caches that a chunk is stored; daemon A's collection deletes it
@@ -167,5 +179,8 @@ async fn stale_locks_are_ignored() {
     // A fresh one does block.
     std::fs::write(locks.join("upload-live.json"), b"{}").unwrap();
     let err = store.lock_for_gc("a").await.unwrap_err();
-    assert!(matches!(err, ChunkError::Locked(ref h) if h == "upload-live.json"), "{err:?}");
+    assert!(
+        matches!(err, ChunkError::Locked(ref h) if h == "upload-live.json"),
+        "{err:?}"
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use hatch_server::{Config, S3Config};
+use hatch_server::{Config, S3Config, Secret};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +44,25 @@ pub struct ServeArgs {
     /// Flatten a VM's qcow2 disk chain after a restore once it is longer.
     #[arg(long, env = "HATCH_MAX_DISK_LAYERS")]
     max_disk_layers: Option<usize>,
+    /// Longest a QMP command may take before QEMU counts as hung and is
+    /// killed (seconds; default 30).
+    #[arg(long, env = "HATCH_QMP_TIMEOUT_SECONDS")]
+    qmp_timeout_seconds: Option<u64>,
+    /// Longest a restore waits for the guest agent to confirm the clock and
+    /// RNG sync, retrying meanwhile (seconds; default 20).
+    #[arg(long, env = "HATCH_AGENT_SYNC_TIMEOUT_SECONDS")]
+    agent_sync_timeout_seconds: Option<u64>,
+    /// Longest pause between attempts of a failing upload (seconds; default 300).
+    #[arg(long, env = "HATCH_UPLOAD_RETRY_MAX_SECONDS")]
+    upload_retry_max_seconds: Option<u64>,
+    /// MiB that local snapshot copies may take (default: 40% of the data
+    /// dir's file system); copies already in S3 are evicted beyond it.
+    #[arg(long, env = "HATCH_LOCAL_CACHE_MIB")]
+    local_cache_mib: Option<u64>,
+    /// A second images directory, looked in after the images dir (default
+    /// ~/.cache/hatch/images, where the set-up scripts build the default image).
+    #[arg(long, env = "HATCH_IMAGE_CACHE_DIR")]
+    image_cache_dir: Option<PathBuf>,
 }
 
 /// The TOML file: every field optional.
@@ -58,6 +77,7 @@ struct FileConfig {
     qemu: Option<PathBuf>,
     accel: Option<String>,
     stop_timeout_seconds: Option<u64>,
+    snapshot_secret: Option<String>,
     s3: Option<FileS3>,
 }
 
@@ -119,9 +139,39 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     if let Some(g) = args.gc_grace_seconds {
         cfg.gc_grace = Duration::from_secs(g);
     }
-    cfg.api_key = std::env::var("HATCH_API_KEY")
-        .ok()
-        .filter(|k| !k.is_empty());
+    if let Some(t) = args.qmp_timeout_seconds {
+        cfg.qmp_timeout = Duration::from_secs(t.max(1));
+    }
+    if let Some(t) = args.agent_sync_timeout_seconds {
+        cfg.agent_sync_timeout = Duration::from_secs(t.max(1));
+    }
+    if let Some(t) = args.upload_retry_max_seconds {
+        cfg.upload_retry_max = Duration::from_secs(t.max(1));
+    }
+    if let Some(m) = args.local_cache_mib {
+        cfg.local_cache_bytes = Some(m << 20);
+    }
+    if let Some(d) = args.image_cache_dir {
+        cfg.image_cache_dir = Some(d);
+    }
+    let secret_var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret::new)
+    };
+    cfg.api_key = secret_var("HATCH_API_KEY");
+    cfg.snapshot_secret =
+        secret_var("HATCH_SNAPSHOT_SECRET").or(file.snapshot_secret.map(Secret::new));
+    cfg.previous_snapshot_secrets = std::env::var("HATCH_SNAPSHOT_SECRET_PREVIOUS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(Secret::new)
+        .collect();
+    // Test-only fault injection (see crates/server/src/fault.rs).
+    cfg.faults = std::env::var("HATCH_FAULTS").unwrap_or_default();
     cfg.s3 = s3_config(file.s3.unwrap_or_default())?;
     Ok(cfg)
 }
@@ -146,7 +196,7 @@ fn s3_config(file: FileS3) -> anyhow::Result<Option<S3Config>> {
             bucket,
             region: region.unwrap_or_else(|| "us-east-1".into()),
             access_key_id,
-            secret_access_key,
+            secret_access_key: Secret::new(secret_access_key),
         })),
         _ => anyhow::bail!(
             "incomplete S3 settings: HATCH_S3_BUCKET, HATCH_S3_ACCESS_KEY_ID and HATCH_S3_SECRET_ACCESS_KEY go together"

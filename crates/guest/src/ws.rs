@@ -7,9 +7,9 @@
 use std::io::{Read, Write};
 
 use base64::Engine;
+use tiny_http::{Header, Request, Response, StatusCode};
 use tungstenite::protocol::Role;
 use tungstenite::{Message, WebSocket};
-use tiny_http::{Header, Request, Response, StatusCode};
 
 /// RFC 6455: the server proves it read the key by hashing it with this GUID.
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";

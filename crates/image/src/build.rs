@@ -18,7 +18,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notest
 
 /// Bump when the image layout or build recipe changes, to force rebuilds (changes to the
 /// `/init` template are detected through its hash).
-const BUILD_FORMAT: u32 = 2;
+const BUILD_FORMAT: u32 = 3;
 /// Bump when the base disk recipe changes (gives the disk a new file name; see below).
 const DISK_FORMAT: u32 = 1;
 
@@ -192,6 +192,7 @@ pub fn build_default(store: &ImageStore, opts: &BuildOptions) -> Result<Image, I
         disk_mib: opts.disk_mib,
         cmdline: DEFAULT_CMDLINE.into(),
         created_at: util::now_rfc3339(),
+        agent: true,
     };
     let fp_json = serde_json::to_vec_pretty(&fingerprint).map_err(|e| ImageError::Json {
         context: "serializing build fingerprint".into(),

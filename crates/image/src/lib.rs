@@ -85,6 +85,11 @@ pub struct Image {
     pub cmdline: String,
     /// RFC 3339 UTC time of creation.
     pub created_at: String,
+    /// Whether the guest runs Hatch's agent (clock and RNG after a restore).
+    /// Restores of images without it are not synced (images registered by
+    /// users unless they say otherwise).
+    #[serde(default)]
+    pub agent: bool,
 }
 
 /// Checks an image name: `[a-z0-9][a-z0-9-]{0,62}`.
@@ -211,6 +216,7 @@ impl ImageStore {
             disk_mib: info.virtual_size.div_ceil(1 << 20),
             cmdline,
             created_at: util::now_rfc3339(),
+            agent: false,
         };
         write_image_json(staging.path(), &image)?;
         util::fsync_dir(staging.path())?;
@@ -295,6 +301,7 @@ mod tests {
             disk_mib: 1024,
             cmdline: "console=ttyS0 quiet panic=-1".into(),
             created_at: "2024-01-02T03:04:05Z".into(),
+            agent: false,
         }
     }
 

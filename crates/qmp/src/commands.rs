@@ -197,6 +197,37 @@ impl Command for QueryBlockJobs {
     type Response = Vec<BlockJobInfo>;
 }
 
+/// The block devices and their image chains.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryBlock;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct BlockInfo {
+    pub device: String,
+    #[serde(default)]
+    pub inserted: Option<BlockDeviceInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct BlockDeviceInfo {
+    #[serde(rename = "node-name", default)]
+    pub node_name: Option<String>,
+    pub image: ImageInfo,
+}
+
+/// One image of a chain and, nested, its backing image.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub filename: String,
+    #[serde(rename = "backing-image", default)]
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+impl Command for QueryBlock {
+    const NAME: &'static str = "query-block";
+    type Response = Vec<BlockInfo>;
+}
+
 /// The state of the current or last migration.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct QueryMigrate;

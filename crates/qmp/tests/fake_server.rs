@@ -154,7 +154,11 @@ async fn a_command_without_an_answer_times_out() {
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
-        send(&mut write, &json!({"QMP": {"version": {}, "capabilities": []}})).await;
+        send(
+            &mut write,
+            &json!({"QMP": {"version": {}, "capabilities": []}}),
+        )
+        .await;
         let mut lines = BufReader::new(read).lines();
         let cap: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
         send(&mut write, &json!({"return": {}, "id": cap["id"]})).await;
@@ -166,7 +170,13 @@ async fn a_command_without_an_answer_times_out() {
     qmp.set_timeout(std::time::Duration::from_millis(200));
     let err = qmp.execute(&Stop).await.unwrap_err();
     assert!(
-        matches!(err, QmpError::Timeout { command: "stop", .. }),
+        matches!(
+            err,
+            QmpError::Timeout {
+                command: "stop",
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("did not answer stop"), "{err}");

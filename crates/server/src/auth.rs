@@ -1,11 +1,17 @@
 //! API keys: generated or taken from `HATCH_API_KEY`, stored only as BLAKE3
 //! hashes, compared in constant time.
 
+use std::sync::{Arc, RwLock};
+
 use rand::Rng;
 use rand::distributions::Alphanumeric;
 use subtle::ConstantTimeEq;
 
-use crate::db::Db;
+use crate::config::Secret;
+use crate::db::{ApiKeyRecord, Db};
+use crate::error::ApiError;
+use crate::manager::{new_id, now_rfc3339};
+use crate::model::{ApiKey, CreatedApiKey};
 
 pub const KEY_PREFIX: &str = "hatch_";
 
@@ -23,24 +29,77 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     *blake3::hash(key.as_bytes()).as_bytes()
 }
 
-/// The set of accepted key hashes, loaded once at start.
-#[derive(Clone)]
+/// The accepted keys: hashes loaded from the database, reloaded whenever a
+/// key is created or revoked, so a revoked key is refused at once.
 pub struct KeyRing {
-    hashes: Vec<[u8; 32]>,
+    db: Arc<Db>,
+    hashes: RwLock<Vec<[u8; 32]>>,
 }
 
+/// Names of keys: what a person would type.
+const MAX_NAME: usize = 63;
+
 impl KeyRing {
-    pub fn load(db: &Db) -> Result<KeyRing, crate::db::DbError> {
-        let hashes = db
-            .api_key_hashes()?
-            .into_iter()
-            .filter_map(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
-            .collect();
-        Ok(KeyRing { hashes })
+    /// Load the keys and apply the rule for `HATCH_API_KEY`: the key it
+    /// holds is valid while it is set; a start with another key, or none,
+    /// revokes the previous one. If no key is left, one is generated and
+    /// returned (to be shown once).
+    pub fn open(
+        db: Arc<Db>,
+        env_key: Option<&Secret>,
+    ) -> Result<(KeyRing, Option<String>), ApiError> {
+        let env_hash = env_key.map(|k| hash_key(k.expose()));
+        if let Some(key) = env_key {
+            if key.expose().len() < 16 {
+                return Err(ApiError::invalid(
+                    "HATCH_API_KEY must be at least 16 characters",
+                ));
+            }
+            db.insert_api_key(&ApiKeyRecord {
+                id: new_id("key"),
+                hash: hash_key(key.expose()).to_vec(),
+                name: Some("HATCH_API_KEY".into()),
+                source: "env".into(),
+                created_at: now_rfc3339(),
+            })?;
+        }
+        let revoked = db.revoke_env_keys_except(env_hash.as_ref().map(|h| h.as_slice()))?;
+        if revoked > 0 {
+            tracing::info!(revoked, "revoked API keys from an earlier HATCH_API_KEY");
+        }
+        let ring = KeyRing {
+            db,
+            hashes: RwLock::new(Vec::new()),
+        };
+        ring.reload()?;
+        if !ring.lock().is_empty() {
+            return Ok((ring, None));
+        }
+        let key = generate_key();
+        ring.db.insert_api_key(&ApiKeyRecord {
+            id: new_id("key"),
+            hash: hash_key(&key).to_vec(),
+            name: Some("generated".into()),
+            source: "generated".into(),
+            created_at: now_rfc3339(),
+        })?;
+        ring.reload()?;
+        Ok((ring, Some(key)))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
+    fn lock(&self) -> std::sync::RwLockReadGuard<'_, Vec<[u8; 32]>> {
+        self.hashes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reload(&self) -> Result<(), ApiError> {
+        let hashes = self
+            .db
+            .api_keys()?
+            .into_iter()
+            .filter_map(|k| <[u8; 32]>::try_from(k.hash.as_slice()).ok())
+            .collect();
+        *self.hashes.write().unwrap_or_else(|p| p.into_inner()) = hashes;
+        Ok(())
     }
 
     /// Whether `presented` is a valid key. Every stored hash is compared, each in
@@ -48,10 +107,82 @@ impl KeyRing {
     pub fn verify(&self, presented: &str) -> bool {
         let h = hash_key(presented);
         let mut ok = subtle::Choice::from(0);
-        for stored in &self.hashes {
+        for stored in self.lock().iter() {
             ok |= stored.ct_eq(&h);
         }
         ok.into()
+    }
+
+    pub fn list(&self) -> Result<Vec<ApiKey>, ApiError> {
+        Ok(self.db.api_keys()?.into_iter().map(public).collect())
+    }
+
+    /// A new random key; the answer carries it, nothing else ever will.
+    pub fn create(&self, name: Option<String>) -> Result<CreatedApiKey, ApiError> {
+        if let Some(n) = &name {
+            let ok = !n.is_empty()
+                && n.len() <= MAX_NAME
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(ApiError::invalid(format!(
+                    "invalid key name {n:?}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-'"
+                )));
+            }
+        }
+        let key = generate_key();
+        let rec = ApiKeyRecord {
+            id: new_id("key"),
+            hash: hash_key(&key).to_vec(),
+            name,
+            source: "api".into(),
+            created_at: now_rfc3339(),
+        };
+        self.db.insert_api_key(&rec)?;
+        self.reload()?;
+        tracing::info!(key = %rec.id, name = rec.name.as_deref().unwrap_or(""), "API key created");
+        Ok(CreatedApiKey {
+            info: public(rec),
+            key,
+        })
+    }
+
+    /// Revoke key `id_or_name`; refused for the last key (nobody could
+    /// call the API any more).
+    pub fn revoke(&self, id_or_name: &str) -> Result<ApiKey, ApiError> {
+        let keys = self.db.api_keys()?;
+        let matches: Vec<_> = keys
+            .iter()
+            .filter(|k| k.id == id_or_name || k.name.as_deref() == Some(id_or_name))
+            .collect();
+        let rec = match matches.as_slice() {
+            [one] => (*one).clone(),
+            [] => return Err(ApiError::not_found("api key", id_or_name)),
+            _ => {
+                return Err(ApiError::conflict(format!(
+                    "{} keys are named '{id_or_name}'; revoke one by id",
+                    matches.len()
+                )));
+            }
+        };
+        if keys.len() == 1 {
+            return Err(ApiError::conflict(format!(
+                "key '{id_or_name}' is the only API key; create another first"
+            )));
+        }
+        self.db.delete_api_key(&rec.id)?;
+        self.reload()?;
+        tracing::info!(key = %rec.id, "API key revoked");
+        Ok(public(rec))
+    }
+}
+
+fn public(k: ApiKeyRecord) -> ApiKey {
+    ApiKey {
+        id: k.id,
+        name: k.name,
+        source: k.source,
+        created_at: k.created_at,
     }
 }
 
@@ -68,21 +199,72 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_verify_only_when_equal() {
+    fn db() -> (tempfile::TempDir, Arc<Db>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("db")).unwrap();
-        let key = generate_key();
+        let db = Arc::new(Db::open(&dir.path().join("db")).unwrap());
+        (dir, db)
+    }
+
+    #[test]
+    fn keys_verify_only_when_equal_and_are_stored_hashed() {
+        let (_d, db) = db();
+        let (ring, generated) = KeyRing::open(db.clone(), None).unwrap();
+        let key = generated.expect("a first key is generated");
         assert!(key.starts_with(KEY_PREFIX) && key.len() == KEY_PREFIX.len() + 32);
-        db.insert_api_key("k1", &hash_key(&key), "t").unwrap();
-        let ring = KeyRing::load(&db).unwrap();
         assert!(ring.verify(&key));
         assert!(!ring.verify(&format!("{key}x")));
         assert!(!ring.verify(""));
-        // The key itself is never stored.
-        let stored = db.api_key_hashes().unwrap();
-        assert_eq!(stored, vec![hash_key(&key).to_vec()]);
-        assert!(!stored[0].windows(key.len()).any(|w| w == key.as_bytes()));
+        let stored = db.api_keys().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].hash, hash_key(&key).to_vec());
+        assert!(
+            !stored[0]
+                .hash
+                .windows(key.len())
+                .any(|w| w == key.as_bytes())
+        );
+    }
+
+    #[test]
+    fn created_keys_work_until_revoked_and_the_last_key_stays() {
+        let (_d, db) = db();
+        let env = Secret::new("env-key-0123456789");
+        let (ring, generated) = KeyRing::open(db, Some(&env)).unwrap();
+        assert!(generated.is_none());
+        let made = ring.create(Some("ci-bot".into())).unwrap();
+        assert!(ring.verify(&made.key) && ring.verify(env.expose()));
+        assert_eq!(ring.list().unwrap().len(), 2);
+        assert!(ring.create(Some("bad name".into())).is_err());
+        ring.revoke("ci-bot").unwrap();
+        assert!(!ring.verify(&made.key), "revoked keys fail at once");
+        let err = ring.revoke(&ring.list().unwrap()[0].id).unwrap_err();
+        assert!(matches!(err, ApiError::Conflict(_)), "{err}");
+        assert!(matches!(ring.revoke("nope"), Err(ApiError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_changed_environment_key_revokes_the_old_one() {
+        let (_d, db) = db();
+        let old = Secret::new("old-env-key-0123456789");
+        let new = Secret::new("new-env-key-0123456789");
+        let (ring, _) = KeyRing::open(db.clone(), Some(&old)).unwrap();
+        let api = ring.create(None).unwrap();
+        drop(ring);
+        let (ring, _) = KeyRing::open(db.clone(), Some(&new)).unwrap();
+        assert!(!ring.verify(old.expose()), "the previous HATCH_API_KEY");
+        assert!(ring.verify(new.expose()) && ring.verify(&api.key));
+        drop(ring);
+        // Unset: the environment key goes too; keys made through the API stay.
+        let (ring, generated) = KeyRing::open(db, None).unwrap();
+        assert!(generated.is_none());
+        assert!(!ring.verify(new.expose()) && ring.verify(&api.key));
+        assert!(
+            KeyRing::open(
+                Arc::new(Db::open(&tempfile::tempdir().unwrap().path().join("d")).unwrap()),
+                Some(&Secret::new("short"))
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -127,6 +127,7 @@ impl VmManager {
             self.db.set_vm_forwards(&vm.id, &forwards)?;
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
+                    machine.set_command_timeout(self.cfg.qmp_timeout);
                     let machine = Arc::new(machine);
                     rt.lock().machine = Some(machine.clone());
                     return Ok(machine);
@@ -208,16 +209,31 @@ impl VmManager {
         machine: &Machine,
         state: VmState,
     ) -> anyhow::Result<()> {
-        let status = machine
-            .qmp()
-            .execute(&hatch_qmp::commands::QueryStatus)
-            .await?;
+        let status = machine.command(&hatch_qmp::commands::QueryStatus).await?;
         let restored = state == VmState::Restoring && status.running;
         let snapshotting = state == VmState::Snapshotting;
-        if snapshotting || restored {
+        if snapshotting {
             // A capture pauses the guest; let it run again.
             if !status.running {
                 machine.resume().await?;
+            }
+            self.transition(rt, VmState::Running, None)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else if restored {
+            // The guest runs: a restore that had loaded its state (or a
+            // rollback stopped before it ended the old guest). Either way
+            // its clock is put right before it counts as running.
+            if let Err(e) = self.sync_guest_clock(rt).await {
+                self.halt(rt).await;
+                self.transition(
+                    rt,
+                    VmState::Snapshotted,
+                    Some(format!(
+                        "restore interrupted by a daemon restart; then {e:#}"
+                    )),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                return Ok(());
             }
             self.transition(rt, VmState::Running, None)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -247,69 +263,128 @@ impl VmManager {
             .any(|r| r.local || r.snap.status == crate::model::SnapshotStatus::Ready))
     }
 
+    /// Make the recorded disk chain the one QEMU has open. A crash between a
+    /// layer switch (checkpoint) or a flattening (compaction) and its record
+    /// leaves them apart; QEMU's is the truth the guest writes to.
+    async fn reconcile_disk_chain(&self, vm_id: &str, machine: &Machine) -> anyhow::Result<()> {
+        let dir = self.paths(vm_id).dir;
+        let mut layers: Vec<String> = machine
+            .disk_chain()
+            .await?
+            .into_iter()
+            .take_while(|p| p.parent() == Some(dir.as_path()))
+            .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+            .take_while(|name| crate::snapshot::names::is_layer_name(name))
+            .collect();
+        layers.reverse();
+        anyhow::ensure!(!layers.is_empty(), "QEMU reports no disk layer of this vm");
+        let recorded = self.db.disk_layers(vm_id)?;
+        if recorded != layers {
+            tracing::warn!(vm = %vm_id, ?recorded, actual = ?layers,
+                "the recorded disk chain differs from QEMU's; taking QEMU's");
+            self.db.set_disk_layers(vm_id, &layers)?;
+        }
+        Ok(())
+    }
+
     /// At start-up: re-attach to VMs whose QEMU still runs, and record the
-    /// others as stopped or failed with the reason.
+    /// others as stopped, snapshotted or failed with the reason. One VM
+    /// whose recovery fails is marked failed with the reason; the others,
+    /// and the daemon, come up.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         for rec in self.db.list_vms()? {
             let vm = rec.vm;
             let rt = VmRuntime::new(vm.id.clone(), vm.state, rec.forwards.clone());
             self.insert_runtime(rt.clone());
-            if !vm.state.has_process() {
-                continue;
+            let recovered = async {
+                self.faults.hit("recover", &vm.id)?;
+                self.recover_vm(&rt, vm.state).await
+            };
+            if let Err(e) = recovered.await {
+                let reason = format!("recovery after a daemon restart failed: {e:#}");
+                tracing::error!(vm = %vm.id, %reason);
+                if let Some(m) = rt.machine() {
+                    // Left running but unmanaged would hold its disk and
+                    // memory with nobody watching: stop it.
+                    self.halt(&rt).await;
+                    drop(m);
+                }
+                self.clear_forwards(&rt);
+                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
+                    tracing::error!(vm = %vm.id, error = %e, "recording the failed recovery failed");
+                }
             }
-            let paths = self.paths(&vm.id);
-            match Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
-                Ok(machine) => {
-                    let machine = Arc::new(machine);
-                    rt.lock().machine = Some(machine.clone());
-                    tracing::info!(vm = %vm.id, pid = machine.pid(), "re-attached to running vm");
-                    self.watch(rt.clone(), machine.clone());
-                    match vm.state {
-                        VmState::Stopping => {
-                            // The stop was interrupted: finish it.
-                            self.halt(&rt).await;
-                            self.transition(&rt, VmState::Stopped, None)
-                                .map_err(|e| anyhow::anyhow!("{e}"))?;
-                        }
-                        VmState::Starting => {
-                            self.transition(&rt, VmState::Running, None)
-                                .map_err(|e| anyhow::anyhow!("{e}"))?;
-                        }
-                        VmState::Snapshotting | VmState::Restoring => {
-                            self.recover_interrupted(&rt, &machine, vm.state).await?;
-                        }
-                        _ => {}
+        }
+        Ok(())
+    }
+
+    async fn recover_vm(
+        self: &Arc<Self>,
+        rt: &Arc<VmRuntime>,
+        state: VmState,
+    ) -> anyhow::Result<()> {
+        let id = rt.id.clone();
+        if !state.has_process() {
+            return Ok(());
+        }
+        let paths = self.paths(&id);
+        match Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
+            Ok(machine) => {
+                machine.set_command_timeout(self.cfg.qmp_timeout);
+                let machine = Arc::new(machine);
+                rt.lock().machine = Some(machine.clone());
+                tracing::info!(vm = %id, pid = machine.pid(), "re-attached to running vm");
+                self.watch(rt.clone(), machine.clone());
+                self.reconcile_disk_chain(&id, &machine).await?;
+                match state {
+                    VmState::Stopping => {
+                        // The stop was interrupted: finish it.
+                        self.halt(rt).await;
+                        self.transition(rt, VmState::Stopped, None)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    VmState::Starting => {
+                        self.transition(rt, VmState::Running, None)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    VmState::Snapshotting | VmState::Restoring => {
+                        self.recover_interrupted(rt, &machine, state).await?;
+                    }
+                    _ => {}
+                }
+                if rt.state() == VmState::Running && rt.lock().agent.is_none() {
+                    // Hold the agent channel open, as a boot does.
+                    if let Ok(agent) = hatch_vmm::agent::Agent::connect(&paths.agent_socket).await {
+                        rt.lock().agent = Some(agent);
                     }
                 }
-                Err(e) => {
-                    let restorable = (vm.state == VmState::Snapshotting
-                        && self.complete_interrupted_capture(&vm.id).await?)
-                        || self.has_restorable_snapshot(&vm.id)?;
-                    let (to, reason) = if vm.state == VmState::Stopping {
-                        (VmState::Stopped, None)
-                    } else if restorable
-                        && matches!(vm.state, VmState::Snapshotting | VmState::Restoring)
-                    {
-                        (
-                            VmState::Snapshotted,
-                            Some(
-                                "interrupted by a daemon restart; restorable from its snapshots"
-                                    .into(),
-                            ),
-                        )
-                    } else {
-                        (
-                            VmState::Failed,
-                            Some(format!(
-                                "QEMU was no longer running when the daemon restarted ({e})"
-                            )),
-                        )
-                    };
-                    self.clear_forwards(&rt);
-                    self.remove_runtime_files(&vm.id);
-                    self.transition(&rt, to, reason)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                }
+            }
+            Err(e) => {
+                let restorable = (state == VmState::Snapshotting
+                    && self.complete_interrupted_capture(&id).await?)
+                    || self.has_restorable_snapshot(&id)?;
+                let (to, reason) = if state == VmState::Stopping {
+                    (VmState::Stopped, None)
+                } else if restorable && matches!(state, VmState::Snapshotting | VmState::Restoring)
+                {
+                    (
+                        VmState::Snapshotted,
+                        Some(
+                            "interrupted by a daemon restart; restorable from its snapshots".into(),
+                        ),
+                    )
+                } else {
+                    (
+                        VmState::Failed,
+                        Some(format!(
+                            "QEMU was no longer running when the daemon restarted ({e})"
+                        )),
+                    )
+                };
+                self.clear_forwards(rt);
+                self.remove_runtime_files(&id);
+                self.transition(rt, to, reason)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }
         Ok(())

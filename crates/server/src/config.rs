@@ -7,6 +7,28 @@ use std::time::Duration;
 
 use hatch_vmm::AccelChoice;
 
+/// A secret setting (API key, S3 secret, snapshot signing secret). Its
+/// `Debug` never shows the value, so no log line or error can print it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
@@ -21,8 +43,8 @@ pub struct Config {
     pub accel: AccelChoice,
     /// How long `stop` waits for QEMU to exit before killing it.
     pub stop_timeout: Duration,
-    /// API key from the environment; when set its hash is added to the key ring.
-    pub api_key: Option<String>,
+    /// API key from the environment; valid while it is set (see `auth`).
+    pub api_key: Option<Secret>,
     /// S3 settings; snapshots need them.
     pub s3: Option<S3Config>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
@@ -33,6 +55,26 @@ pub struct Config {
     pub wake_queue: usize,
     /// A disk chain longer than this is flattened after a restore.
     pub max_disk_layers: usize,
+    /// Signs snapshot manifests; daemons sharing a bucket share it. None: a
+    /// secret generated on first start in `<data-dir>/snapshot-secret`.
+    pub snapshot_secret: Option<Secret>,
+    /// Earlier secrets: manifests they signed still verify (rotation).
+    pub previous_snapshot_secrets: Vec<Secret>,
+    /// Longest any QMP command may take before QEMU counts as hung.
+    pub qmp_timeout: Duration,
+    /// Longest a restore waits for the guest agent to confirm that the
+    /// clock is set and the RNG reseeded (retrying meanwhile).
+    pub agent_sync_timeout: Duration,
+    /// Longest pause between attempts of a failing upload.
+    pub upload_retry_max: Duration,
+    /// Bytes that local copies of snapshots may take in the data dir; None:
+    /// 40% of its file system. Copies already in S3 are evicted beyond it.
+    pub local_cache_bytes: Option<u64>,
+    /// A second images directory looked in after `images_dir` (the cache
+    /// the set-up scripts build the default image into).
+    pub image_cache_dir: Option<PathBuf>,
+    /// Test-only fault injection rules (`fault.rs`); empty in production.
+    pub faults: String,
 }
 
 #[derive(Clone)]
@@ -41,18 +83,17 @@ pub struct S3Config {
     pub bucket: String,
     pub region: String,
     pub access_key_id: String,
-    pub secret_access_key: String,
+    pub secret_access_key: Secret,
 }
 
 impl std::fmt::Debug for S3Config {
-    // Secrets never reach logs, not even through Debug.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("S3Config")
             .field("endpoint", &self.endpoint)
             .field("bucket", &self.bucket)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
+            .field("secret_access_key", &self.secret_access_key)
             .finish()
     }
 }
@@ -75,8 +116,25 @@ impl Config {
             wake_timeout: Duration::from_secs(30),
             wake_queue: 4096,
             max_disk_layers: 8,
+            snapshot_secret: None,
+            previous_snapshot_secrets: Vec::new(),
+            qmp_timeout: Duration::from_secs(30),
+            agent_sync_timeout: Duration::from_secs(20),
+            upload_retry_max: Duration::from_secs(300),
+            local_cache_bytes: None,
+            image_cache_dir: default_image_cache_dir(),
+            faults: String::new(),
         }
     }
+}
+
+/// `$HATCH_CACHE_DIR/images`, else `~/.cache/hatch/images`: where
+/// `scripts/up.sh` and `scripts/test.sh` build the default image.
+pub fn default_image_cache_dir() -> Option<PathBuf> {
+    let cache = std::env::var_os("HATCH_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hatch")))?;
+    Some(cache.join("images"))
 }
 
 /// `/dev/shm/hatch-<hash of the data dir>`: one per daemon, stable across restarts.
@@ -84,4 +142,34 @@ pub fn default_run_dir(data_dir: &std::path::Path) -> PathBuf {
     let canonical = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let hash = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
     PathBuf::from("/dev/shm").join(format!("hatch-{}", &hash[..12]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut cfg = Config::new(PathBuf::from("/tmp/x"));
+        cfg.api_key = Some(Secret::new("hatch_api_key_value_123"));
+        cfg.snapshot_secret = Some(Secret::new("snapshot-secret-value"));
+        cfg.previous_snapshot_secrets = vec![Secret::new("old-secret-value")];
+        cfg.s3 = Some(S3Config {
+            endpoint: "http://127.0.0.1:3900".into(),
+            bucket: "b".into(),
+            region: "r".into(),
+            access_key_id: "GK123".into(),
+            secret_access_key: Secret::new("s3-secret-value"),
+        });
+        let shown = format!("{cfg:?} {cfg:#?}");
+        for secret in [
+            "hatch_api_key_value_123",
+            "snapshot-secret-value",
+            "old-secret-value",
+            "s3-secret-value",
+        ] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(shown.contains("<redacted>") && shown.contains("GK123"));
+    }
 }

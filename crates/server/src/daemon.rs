@@ -13,9 +13,11 @@ use crate::api::{AppState, router};
 use crate::auth::{self, KeyRing};
 use crate::config::Config;
 use crate::db::Db;
-use crate::manager::{VmManager, new_id, now_rfc3339};
+use crate::images::Images;
+use crate::manager::VmManager;
 use crate::metrics::Metrics;
 use crate::resolver::VmResolver;
+use crate::snapshot::seal::SealKeys;
 
 /// How long shutdown waits for in-flight VM operations.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -28,9 +30,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating run dir {}", cfg.run_dir.display()))?;
     let db = Arc::new(Db::open(&cfg.data_dir.join("hatch.db")).context("opening the database")?);
-    let keys = setup_keys(&db, cfg.api_key.as_deref())?;
+    let (keys, generated) =
+        KeyRing::open(db.clone(), cfg.api_key.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(key) = generated {
+        // Printed, not logged: shown once to the operator, never in log files.
+        println!("Generated API key (shown only once; set HATCH_API_KEY to use it):\n{key}");
+    }
     let images = hatch_image::ImageStore::open(&cfg.images_dir)
         .with_context(|| format!("opening images dir {}", cfg.images_dir.display()))?;
+    let cache = cfg
+        .image_cache_dir
+        .as_ref()
+        .filter(|d| d.is_dir() && **d != cfg.images_dir)
+        .and_then(|d| hatch_image::ImageStore::open(d).ok());
+    let images = Images::new(images, cache);
+    let seal_keys = snapshot_seal_keys(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let cfg = Arc::new(cfg);
     let storage = match &cfg.s3 {
@@ -40,7 +54,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 bucket: s3.bucket.clone(),
                 region: s3.region.clone(),
                 access_key_id: s3.access_key_id.clone(),
-                secret_access_key: s3.secret_access_key.clone(),
+                secret_access_key: s3.secret_access_key.expose().to_string(),
             })
             .context("configuring S3")?;
             tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, "snapshot storage: S3");
@@ -51,13 +65,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             None
         }
     };
-    let vms = VmManager::new(cfg.clone(), db, images, metrics.clone(), storage)?;
+    let vms = VmManager::new(cfg.clone(), db, images, metrics.clone(), storage, seal_keys)?;
     tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
     remove_stale_ram_copies(&cfg.run_dir);
     vms.recover().await.context("re-attaching to VMs")?;
     vms.recover_snapshots()
         .await
         .context("recovering interrupted snapshots")?;
+    vms.sweep_leftovers();
 
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await
@@ -74,6 +89,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }));
     tokio::spawn(vms.clone().retention_worker(shutdown.clone()));
     tokio::spawn(vms.clone().idle_worker(shutdown.clone()));
+    tokio::spawn(vms.clone().storage_worker(shutdown.clone()));
     let api_shutdown = shutdown.clone();
     let api = tokio::spawn(async move {
         axum::serve(api_listener, app)
@@ -101,25 +117,47 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Make sure at least one API key exists: `HATCH_API_KEY` if given (its hash is
-/// stored), else a generated key printed once on first start.
-fn setup_keys(db: &Db, from_env: Option<&str>) -> anyhow::Result<KeyRing> {
-    if let Some(key) = from_env {
+/// The keys snapshots are sealed with: `HATCH_SNAPSHOT_SECRET` if set (daemons
+/// sharing a bucket must share it), else a secret generated on first start
+/// and kept in `<data-dir>/snapshot-secret` (readable by this user only).
+fn snapshot_seal_keys(cfg: &Config) -> anyhow::Result<SealKeys> {
+    let previous: Vec<&[u8]> = cfg
+        .previous_snapshot_secrets
+        .iter()
+        .map(|s| s.expose().as_bytes())
+        .collect();
+    if let Some(secret) = &cfg.snapshot_secret {
         anyhow::ensure!(
-            key.len() >= 16,
-            "HATCH_API_KEY must be at least 16 characters"
+            secret.expose().len() >= 16,
+            "HATCH_SNAPSHOT_SECRET must be at least 16 characters"
         );
-        db.insert_api_key(&new_id("key"), &auth::hash_key(key), &now_rfc3339())?;
+        return Ok(SealKeys::new(secret.expose().as_bytes(), &previous));
     }
-    let ring = KeyRing::load(db)?;
-    if !ring.is_empty() {
-        return Ok(ring);
-    }
-    let key = auth::generate_key();
-    db.insert_api_key(&new_id("key"), &auth::hash_key(&key), &now_rfc3339())?;
-    // Printed, not logged: shown once to the operator, never in log files.
-    println!("Generated API key (shown only once; set HATCH_API_KEY to use it):\n{key}");
-    Ok(KeyRing::load(db)?)
+    let path = cfg.data_dir.join("snapshot-secret");
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 16 => s.trim().to_string(),
+        Ok(_) => anyhow::bail!(
+            "{} is too short; remove it to generate a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = auth::generate_key();
+            let mut opts = std::fs::OpenOptions::new();
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut f, secret.as_bytes())?;
+            f.sync_all()?;
+            tracing::info!(file = %path.display(),
+                "generated the snapshot signing secret; daemons sharing this bucket need the same HATCH_SNAPSHOT_SECRET");
+            secret
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+    };
+    Ok(SealKeys::new(secret.as_bytes(), &previous))
 }
 
 /// RAM copies a checkpoint left in the run dir when the daemon died mid-way

@@ -8,7 +8,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::model::{Retention, Route, Snapshot, SnapshotStatus, Vm, VmEvent, VmState};
+use crate::model::{
+    Retention, Route, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmEvent, VmState,
+};
 use hatch_vmm::PortForward;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,26 @@ CREATE TABLE vm_events (
     error TEXT
 );
 CREATE INDEX vm_events_by_vm ON vm_events (vm_id, seq);
+"#,
+    r#"
+-- suspend or checkpoint: recovery finishes only suspends (a checkpoint's
+-- RAM and disk went on changing after its state was saved). Rows from
+-- before this column are taken for checkpoints, the safe reading.
+ALTER TABLE snapshots ADD COLUMN kind TEXT NOT NULL DEFAULT 'checkpoint';
+-- when the local copy was last captured or restored from (LRU eviction)
+ALTER TABLE snapshots ADD COLUMN local_used_at TEXT;
+ALTER TABLE snapshots ADD COLUMN upload_attempts INTEGER NOT NULL DEFAULT 0;
+-- objects (manifests) whose deletion failed, retried by the storage worker
+CREATE TABLE pending_deletes (
+    key TEXT PRIMARY KEY,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    added_at TEXT NOT NULL
+);
+-- API keys: a name, and where they came from: env (HATCH_API_KEY, valid
+-- while it is set), generated (printed on first start), api (POST /keys).
+ALTER TABLE api_keys ADD COLUMN name TEXT;
+ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'env';
 "#,
 ];
 
@@ -269,12 +291,13 @@ impl Db {
         let snap = &s.snap;
         self.conn().execute(
             "INSERT INTO snapshots (id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
-                stored_bytes, pause_ms, error, local, layers)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                stored_bytes, pause_ms, error, local, layers, kind, local_used_at, upload_attempts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status,
                 memory_bytes = excluded.memory_bytes, disk_bytes = excluded.disk_bytes,
                 stored_bytes = excluded.stored_bytes, pause_ms = excluded.pause_ms,
-                error = excluded.error, local = excluded.local, layers = excluded.layers",
+                error = excluded.error, local = excluded.local, layers = excluded.layers,
+                local_used_at = excluded.local_used_at, upload_attempts = excluded.upload_attempts",
             params![
                 snap.id,
                 snap.vm_id,
@@ -287,7 +310,10 @@ impl Db {
                 snap.pause_ms,
                 snap.error,
                 s.local,
-                layers
+                layers,
+                snap.kind.as_str(),
+                s.local_used_at,
+                s.upload_attempts
             ],
         )?;
         Ok(())
@@ -439,20 +465,113 @@ impl Db {
 
     // --- API keys ---
 
-    pub fn api_key_hashes(&self) -> Result<Vec<Vec<u8>>, DbError> {
+    pub fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, DbError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT hash FROM api_keys")?;
-        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, hash, name, source, created_at FROM api_keys ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ApiKeyRecord {
+                id: r.get(0)?,
+                hash: r.get(1)?,
+                name: r.get(2)?,
+                source: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    pub fn insert_api_key(&self, id: &str, hash: &[u8], created_at: &str) -> Result<(), DbError> {
+    /// Add a key; an existing key with the same hash is left as it is.
+    pub fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR IGNORE INTO api_keys (id, hash, created_at) VALUES (?1, ?2, ?3)",
-            params![id, hash, created_at],
+            "INSERT OR IGNORE INTO api_keys (id, hash, name, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![k.id, k.hash, k.name, k.source, k.created_at],
         )?;
         Ok(())
     }
+
+    pub fn delete_api_key(&self, id: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM api_keys WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    /// Revoke every key that came from `HATCH_API_KEY` but `keep` (the
+    /// hash of the one set now, if any).
+    pub fn revoke_env_keys_except(&self, keep: Option<&[u8]>) -> Result<usize, DbError> {
+        Ok(self.conn().execute(
+            "DELETE FROM api_keys WHERE source = 'env' AND (?1 IS NULL OR hash != ?1)",
+            params![keep],
+        )?)
+    }
+
+    // --- objects to delete from S3, retried ---
+
+    pub fn add_pending_delete(&self, key: &str, error: &str, now: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT INTO pending_deletes (key, attempts, last_error, added_at) VALUES (?1, 1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error",
+            params![key, error, now],
+        )?;
+        Ok(())
+    }
+
+    pub fn pending_deletes(&self) -> Result<Vec<(String, u32)>, DbError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT key, attempts FROM pending_deletes ORDER BY added_at")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn remove_pending_delete(&self, key: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute("DELETE FROM pending_deletes WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
+    /// Snapshots of every VM with `status`, oldest first.
+    pub fn snapshots_with_status(
+        &self,
+        status: SnapshotStatus,
+    ) -> Result<Vec<SnapshotRecord>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SNAP_SELECT} WHERE status = ?1 ORDER BY created_at, rowid"
+        ))?;
+        let rows = stmt.query_map([status.as_str()], snapshot_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot with a local copy, least recently used first.
+    pub fn local_snapshots(&self) -> Result<Vec<SnapshotRecord>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SNAP_SELECT} WHERE local = 1 ORDER BY COALESCE(local_used_at, created_at), rowid"
+        ))?;
+        let rows = stmt.query_map([], snapshot_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+}
+
+/// An API key row (the key itself is never stored).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub hash: Vec<u8>,
+    pub name: Option<String>,
+    pub source: String,
+    pub created_at: String,
 }
 
 /// A snapshot row: the API record plus what only the daemon needs.
@@ -463,10 +582,14 @@ pub struct SnapshotRecord {
     pub local: bool,
     /// Disk layer files (in the VM's directory), oldest first.
     pub layers: Vec<String>,
+    /// When the local copy was last captured or restored from.
+    pub local_used_at: Option<String>,
+    /// Failed upload attempts so far.
+    pub upload_attempts: u32,
 }
 
 const SNAP_SELECT: &str = "SELECT id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
-    stored_bytes, pause_ms, error, local, layers FROM snapshots";
+    stored_bytes, pause_ms, error, local, layers, kind, local_used_at, upload_attempts FROM snapshots";
 
 fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, DbError>> {
     let status: String = r.get(2)?;
@@ -480,10 +603,17 @@ fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, DbE
         Ok(l) => l,
         Err(e) => return Ok(Err(DbError::Corrupt(format!("bad layers: {e}")))),
     };
+    let kind: String = r.get(12)?;
+    let Some(kind) = SnapshotKind::parse(&kind) else {
+        return Ok(Err(DbError::Corrupt(format!(
+            "unknown snapshot kind {kind:?}"
+        ))));
+    };
     Ok(Ok(SnapshotRecord {
         snap: Snapshot {
             id: r.get(0)?,
             vm_id: r.get(1)?,
+            kind,
             status,
             trigger: r.get(3)?,
             created_at: r.get(4)?,
@@ -495,6 +625,8 @@ fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, DbE
         },
         local: r.get(10)?,
         layers,
+        local_used_at: r.get(13)?,
+        upload_attempts: r.get(14)?,
     }))
 }
 

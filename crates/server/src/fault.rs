@@ -49,9 +49,14 @@ impl Faults {
                 None if action == "crash" => Action::Crash,
                 None if action == "fail" => Action::Fail(None),
                 Some(("fail", n)) => Action::Fail(Some(
-                    n.parse().map_err(|_| format!("bad count in fault {item:?}"))?,
+                    n.parse()
+                        .map_err(|_| format!("bad count in fault {item:?}"))?,
                 )),
-                _ => return Err(format!("unknown action in fault {item:?} (crash, fail, fail:N)")),
+                _ => {
+                    return Err(format!(
+                        "unknown action in fault {item:?} (crash, fail, fail:N)"
+                    ));
+                }
             };
             if point.is_empty() {
                 return Err(format!("fault {item:?} names no point"));

@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use hatch_image::ImageStore;
 use hatch_vmm::Accel;
 use rand::Rng;
 use tokio_util::task::TaskTracker;
@@ -14,14 +14,18 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::ApiError;
+use crate::fault::Faults;
+use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::model::{self, CreateVm, Vm, VmState};
 use crate::routes::RouteTable;
 use crate::runtime::VmRuntime;
+use crate::snapshot::seal::SealKeys;
+use crate::snapshot::uploads::Uploads;
 
 pub struct VmManager {
     pub(crate) db: Arc<Db>,
-    pub(crate) images: ImageStore,
+    pub(crate) images: Images,
     pub(crate) cfg: Arc<Config>,
     pub(crate) accel: Accel,
     pub(crate) tsc_khz: Option<u64>,
@@ -36,6 +40,16 @@ pub struct VmManager {
     pub(crate) qemu_version: String,
     /// Uploads hold it shared, chunk garbage collection exclusively.
     pub(crate) gc_lock: tokio::sync::RwLock<()>,
+    /// Seals manifests and local copy descriptions.
+    pub(crate) seal_keys: SealKeys,
+    /// Test-only fault injection (empty in production).
+    pub(crate) faults: Faults,
+    /// The storage worker's state.
+    pub(crate) uploads: Uploads,
+    /// Who holds this daemon's bucket locks (for people reading them).
+    pub(crate) owner: String,
+    /// Local snapshot copies evicted since start.
+    pub(crate) evictions: AtomicU64,
 }
 
 /// Files of one VM.
@@ -66,12 +80,19 @@ impl VmManager {
     pub fn new(
         cfg: Arc<Config>,
         db: Arc<Db>,
-        images: ImageStore,
+        images: Images,
         metrics: Arc<Metrics>,
         storage: Option<Arc<hatch_chunks::ChunkStore>>,
+        seal_keys: SealKeys,
     ) -> anyhow::Result<Arc<VmManager>> {
+        let faults = Faults::parse(&cfg.faults).map_err(anyhow::Error::msg)?;
+        if !faults.is_empty() {
+            tracing::warn!(faults = %cfg.faults, "fault injection is on (tests only)");
+        }
         let qemu_version = std::process::Command::new(&cfg.qemu_binary)
             .arg("--version")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .output()
             .ok()
             .and_then(|o| String::from_utf8(o.stdout).ok())
@@ -91,6 +112,11 @@ impl VmManager {
             storage,
             qemu_version,
             gc_lock: tokio::sync::RwLock::new(()),
+            seal_keys,
+            faults,
+            uploads: Uploads::default(),
+            owner: format!("{} pid {}", cfg.data_dir.display(), std::process::id()),
+            evictions: AtomicU64::new(0),
             cfg,
         }))
     }
@@ -206,9 +232,7 @@ impl VmManager {
         let image = match self.images.get(&image_name) {
             Ok(image) => image,
             Err(hatch_image::ImageError::NotFound(_)) => {
-                return Err(ApiError::invalid(format!(
-                    "unknown image '{image_name}'; build the default image with `hatch image build` or register one with `hatch image register`"
-                )));
+                return Err(ApiError::invalid(self.images.missing_hint(&image_name)));
             }
             Err(e) => return Err(ApiError::Internal(e.into())),
         };
@@ -347,15 +371,16 @@ impl VmManager {
         }
         self.halt(&rt).await;
         let snapshots = self.db.list_snapshots(id)?;
+        // No upload may write a manifest after the VM is gone.
+        let ids: Vec<String> = snapshots.iter().map(|s| s.snap.id.clone()).collect();
+        self.cancel_uploads(&ids).await;
         let hostnames = self.db.delete_vm(id)?;
         for s in snapshots {
             let _ = std::fs::remove_dir_all(self.snapshot_dir(&s.snap.id));
-            // Their chunks become garbage for the collector to free.
+            // Their chunks become garbage for the collector to free; a
+            // deletion that fails is retried by the storage worker.
             if let Some(store) = &self.storage {
-                let key = crate::snapshot::manifest::manifest_key(id, &s.snap.id);
-                if let Err(e) = store.delete(&key).await {
-                    tracing::warn!(vm = %id, key, error = %e, "could not delete manifest");
-                }
+                self.delete_manifest(store, id, &s.snap.id).await;
             }
         }
         for h in hostnames {

@@ -40,6 +40,13 @@ pub struct Metrics {
     wakes: Family<WakeLabels, Counter>,
     wake_seconds: Family<TriggerLabel, Histogram>,
     idle_suspends: Family<ResultLabel, Counter>,
+    uploads: Family<ResultLabel, Counter>,
+    pub upload_queue: Gauge,
+    pub pending_deletes: Gauge,
+    pub local_bytes: Gauge,
+    pub local_evictions: Counter,
+    pub clock_sync_retries: Counter,
+    pub clock_sync_failures: Counter,
 }
 
 impl Metrics {
@@ -80,8 +87,57 @@ impl Metrics {
             "Suspends of idle VMs by result",
             idle_suspends.clone(),
         );
+        let uploads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "hatch_upload_attempts",
+            "Snapshot upload attempts by result (failed ones are retried with backoff)",
+            uploads.clone(),
+        );
+        let upload_queue = Gauge::default();
+        registry.register(
+            "hatch_upload_queue",
+            "Snapshots captured and not yet in S3",
+            upload_queue.clone(),
+        );
+        let pending_deletes = Gauge::default();
+        registry.register(
+            "hatch_pending_manifest_deletes",
+            "Manifests whose deletion from S3 failed and is being retried",
+            pending_deletes.clone(),
+        );
+        let local_bytes = Gauge::default();
+        registry.register(
+            "hatch_local_snapshot_bytes",
+            "Bytes on disk of local snapshot copies",
+            local_bytes.clone(),
+        );
+        let local_evictions = Counter::default();
+        registry.register(
+            "hatch_local_snapshot_evictions",
+            "Local snapshot copies evicted (S3 holds them) to stay within the budget",
+            local_evictions.clone(),
+        );
+        let clock_sync_retries = Counter::default();
+        registry.register(
+            "hatch_clock_sync_retries",
+            "Guest clock/RNG sync attempts after the first, on restores",
+            clock_sync_retries.clone(),
+        );
+        let clock_sync_failures = Counter::default();
+        registry.register(
+            "hatch_clock_sync_failures",
+            "Restores failed because the guest never confirmed its clock/RNG sync",
+            clock_sync_failures.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            uploads,
+            upload_queue,
+            pending_deletes,
+            local_bytes,
+            local_evictions,
+            clock_sync_retries,
+            clock_sync_failures,
             vms,
             boot_seconds,
             proxy,
@@ -105,6 +161,14 @@ impl Metrics {
                 })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    pub fn record_upload(&self, result: &str) {
+        self.uploads
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn record_idle_suspend(&self, result: &str) {

@@ -240,12 +240,40 @@ impl SnapshotStatus {
     }
 }
 
+/// What a snapshot captured: a suspend (the VM ended with it, its RAM file
+/// became the snapshot's) or a checkpoint (the VM ran on; RAM was copied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    Suspend,
+    Checkpoint,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Suspend => "suspend",
+            SnapshotKind::Checkpoint => "checkpoint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SnapshotKind> {
+        [SnapshotKind::Suspend, SnapshotKind::Checkpoint]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
 /// A saved state of a VM: memory, CPU and devices, disk.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
     /// "snap-" followed by 12 random characters.
     pub id: String,
     pub vm_id: String,
+    /// `suspend` (`stop: true`) or `checkpoint`.
+    pub kind: SnapshotKind,
+    /// `uploading` lasts until S3 holds the snapshot; failed attempts are
+    /// retried with backoff (`error` tells the last one). `failed` is final.
     pub status: SnapshotStatus,
     pub created_at: String,
     /// "manual" or "idle".
@@ -313,6 +341,66 @@ pub struct VmStorage {
 pub struct Storage {
     pub total: StorageUsage,
     pub vms: Vec<VmStorage>,
+    pub uploads: UploadStatus,
+    pub local: LocalStorage,
+    /// Manifests whose deletion from S3 failed and is being retried.
+    pub pending_deletes: u64,
+}
+
+/// The storage worker's uploads.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct UploadStatus {
+    /// Snapshots waiting for (or in) an upload.
+    pub queued: u64,
+    pub in_progress: u64,
+    /// Failed attempts so far (each is retried with backoff).
+    pub retries: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<String>,
+}
+
+/// Local copies of snapshots in the data dir.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct LocalStorage {
+    /// Bytes on disk (allocated) of local snapshot copies.
+    pub bytes: u64,
+    pub budget_bytes: u64,
+    pub snapshots: u64,
+    /// Copies that S3 holds too, which may be evicted.
+    pub evictable_bytes: u64,
+    /// Copies evicted since the daemon started.
+    pub evictions: u64,
+}
+
+/// An API key as listed (never the key itself).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ApiKey {
+    /// "key-" followed by 12 random characters.
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `env` (HATCH_API_KEY), `generated` (first start) or `api`.
+    pub source: String,
+    pub created_at: String,
+}
+
+/// Answer of `POST /keys`: the key is shown this once.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    #[serde(flatten)]
+    pub info: ApiKey,
+    /// The key, to send as `Authorization: Bearer KEY`.
+    pub key: String,
+}
+
+/// Body of `POST /keys`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    /// 1-63 of letters, digits, '.', '_' and '-'.
+    pub name: Option<String>,
 }
 
 pub const DEFAULT_VCPUS: u32 = 1;

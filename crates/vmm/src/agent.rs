@@ -142,12 +142,29 @@ mod tests {
 
     #[test]
     fn replies_are_matched_to_their_request() {
-        assert_eq!(parse_reply("ok 3 1700000000.5", 3), Some(Reply::Ok(Some(1_700_000_000.5))));
-        assert_eq!(parse_reply("ok 2 1700000000.5", 3), None, "a late answer to attempt 2");
-        assert_eq!(parse_reply("ok", 3), Some(Reply::Ok(None)), "an older guest");
-        assert_eq!(parse_reply("error 3 clock_settime: EPERM", 3), Some(Reply::Error("clock_settime: EPERM".into())));
+        assert_eq!(
+            parse_reply("ok 3 1700000000.5", 3),
+            Some(Reply::Ok(Some(1_700_000_000.5)))
+        );
+        assert_eq!(
+            parse_reply("ok 2 1700000000.5", 3),
+            None,
+            "a late answer to attempt 2"
+        );
+        assert_eq!(
+            parse_reply("ok", 3),
+            Some(Reply::Ok(None)),
+            "an older guest"
+        );
+        assert_eq!(
+            parse_reply("error 3 clock_settime: EPERM", 3),
+            Some(Reply::Error("clock_settime: EPERM".into()))
+        );
         assert_eq!(parse_reply("error 1 x", 3), None);
-        assert_eq!(parse_reply("error bad seed", 3), Some(Reply::Error("bad seed".into())));
+        assert_eq!(
+            parse_reply("error bad seed", 3),
+            Some(Reply::Error("bad seed".into()))
+        );
         assert_eq!(parse_reply("", 3), None);
     }
 }

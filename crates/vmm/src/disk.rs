@@ -38,7 +38,11 @@ pub async fn create_overlay(
 /// Point a qcow2 layer at another backing file without touching its data
 /// (`qemu-img rebase -u`): the header names the absolute path of wherever
 /// the layer was captured.
-pub async fn rebase_unsafe(layer: &Path, backing: &Path, backing_format: &str) -> Result<(), VmmError> {
+pub async fn rebase_unsafe(
+    layer: &Path,
+    backing: &Path,
+    backing_format: &str,
+) -> Result<(), VmmError> {
     let out = qemu_img()
         .args(["rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b"])
         .arg(backing)

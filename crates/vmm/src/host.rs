@@ -44,6 +44,15 @@ pub fn memory_mib() -> Option<u64> {
 /// Free space in MiB on the file system holding `path` (e.g. the tmpfs a
 /// checkpoint copies guest RAM into).
 pub fn fs_free_mib(path: &std::path::Path) -> Option<u64> {
+    statvfs(path).map(|st| st.f_bavail.saturating_mul(st.f_frsize) / (1024 * 1024))
+}
+
+/// Size in bytes of the file system holding `path`.
+pub fn fs_size_bytes(path: &std::path::Path) -> Option<u64> {
+    statvfs(path).map(|st| st.f_blocks.saturating_mul(st.f_frsize))
+}
+
+fn statvfs(path: &std::path::Path) -> Option<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -54,8 +63,7 @@ pub fn fs_free_mib(path: &std::path::Path) -> Option<u64> {
         return None;
     }
     // SAFETY: statvfs returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
-    Some(st.f_bavail.saturating_mul(st.f_frsize) / (1024 * 1024))
+    Some(unsafe { st.assume_init() })
 }
 
 /// A TCP port on 127.0.0.1 that is free right now. Another process may take it
@@ -82,6 +90,7 @@ mod tests {
         assert!(memory_mib().unwrap() > 0);
         assert_ne!(free_port().unwrap(), 0);
         assert!(fs_free_mib(std::path::Path::new("/")).unwrap() > 0);
+        assert!(fs_size_bytes(std::path::Path::new("/")).unwrap() > 1 << 20);
         assert_eq!(fs_free_mib(std::path::Path::new("/no/such/dir")), None);
     }
 }

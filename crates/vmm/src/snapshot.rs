@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 
 use hatch_qmp::commands::{
     BlockJobCancel, BlockStream, BlockdevSnapshotSync, Cont, MigrateIncoming,
-    MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, QueryBlockJobs,
+    MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, QueryBlock, QueryBlockJobs,
     QueryMigrate, QueryStatus, Stop,
 };
 
@@ -42,23 +42,23 @@ impl Machine {
 
     async fn set_migration(&self, ignore_shared: bool) -> Result<(), VmmError> {
         self.command(&MigrateSetCapabilities {
-                capabilities: vec![
-                    MigrationCapability {
-                        capability: "x-ignore-shared".into(),
-                        state: ignore_shared,
-                    },
-                    // MIGRATION events wake `wait_migration`.
-                    MigrationCapability {
-                        capability: "events".into(),
-                        state: true,
-                    },
-                ],
-            })
-            .await?;
+            capabilities: vec![
+                MigrationCapability {
+                    capability: "x-ignore-shared".into(),
+                    state: ignore_shared,
+                },
+                // MIGRATION events wake `wait_migration`.
+                MigrationCapability {
+                    capability: "events".into(),
+                    state: true,
+                },
+            ],
+        })
+        .await?;
         self.command(&MigrateSetParameters {
-                max_bandwidth: MAX_BANDWIDTH,
-            })
-            .await?;
+            max_bandwidth: MAX_BANDWIDTH,
+        })
+        .await?;
         Ok(())
     }
 
@@ -76,8 +76,7 @@ impl Machine {
     async fn save_to(&self, path: &Path, ignore_shared: bool) -> Result<(), VmmError> {
         self.set_migration(ignore_shared).await?;
         let uri = format!("exec:cat > {}", shell_quote(path));
-        self.command(&hatch_qmp::commands::Migrate { uri })
-            .await?;
+        self.command(&hatch_qmp::commands::Migrate { uri }).await?;
         self.wait_migration().await
     }
 
@@ -128,12 +127,12 @@ impl Machine {
         new_node: &str,
     ) -> Result<(), VmmError> {
         self.command(&BlockdevSnapshotSync {
-                node_name: node.to_string(),
-                snapshot_file: new_file.display().to_string(),
-                snapshot_node_name: new_node.to_string(),
-                format: "qcow2".into(),
-            })
-            .await?;
+            node_name: node.to_string(),
+            snapshot_file: new_file.display().to_string(),
+            snapshot_node_name: new_node.to_string(),
+            format: "qcow2".into(),
+        })
+        .await?;
         Ok(())
     }
 
@@ -150,11 +149,11 @@ impl Machine {
         let job_id = format!("stream-{node}");
         let mut events = self.qmp().events();
         self.command(&BlockStream {
-                job_id: job_id.clone(),
-                device: node.to_string(),
-                base: base.display().to_string(),
-            })
-            .await?;
+            job_id: job_id.clone(),
+            device: node.to_string(),
+            base: base.display().to_string(),
+        })
+        .await?;
         let done = async {
             loop {
                 let ev = match events.recv().await {
@@ -201,6 +200,19 @@ impl Machine {
                 .await;
         }
         result
+    }
+
+    /// The files of the disk chain QEMU has open, active layer first, down
+    /// to the base disk: what the guest's disk really is.
+    pub async fn disk_chain(&self) -> Result<Vec<std::path::PathBuf>, VmmError> {
+        let blocks = self.command(&QueryBlock).await?;
+        let mut chain = Vec::new();
+        let mut image = blocks.into_iter().find_map(|b| b.inserted).map(|i| i.image);
+        while let Some(i) = image {
+            chain.push(std::path::PathBuf::from(i.filename));
+            image = i.backing_image.map(|b| *b);
+        }
+        Ok(chain)
     }
 
     async fn block_job_running(&self, job_id: &str) -> Result<bool, VmmError> {

@@ -2,6 +2,7 @@
 //! ([`VmManager`]) and encodes answers. Errors become HTTP in `error.rs` only.
 
 mod extract;
+mod keys;
 mod openapi;
 mod routes;
 mod system;
@@ -56,6 +57,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/storage/gc", post(vms::gc))
         .route("/routes", post(routes::create).get(routes::list))
         .route("/routes/{id}", get(routes::get).delete(routes::delete))
+        .route("/keys", get(keys::list).post(keys::create))
+        .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));

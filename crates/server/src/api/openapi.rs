@@ -5,8 +5,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::model::{
-    CreateRoute, CreateSnapshot, CreateVm, EventList, RestoreRequest, Retention, Route, Snapshot,
-    SnapshotStatus, Storage, StorageUsage, Vm, VmEvent, VmState, VmStorage,
+    ApiKey, CreateApiKey, CreateRoute, CreateSnapshot, CreateVm, CreatedApiKey, EventList,
+    LocalStorage, RestoreRequest, Retention, Route, Snapshot, SnapshotKind, SnapshotStatus,
+    Storage, StorageUsage, UploadStatus, Vm, VmEvent, VmState, VmStorage,
 };
 
 #[derive(OpenApi)]
@@ -19,9 +20,11 @@ use crate::model::{
         super::vms::get_snapshot, super::vms::delete_snapshot,
         super::vms::retention, super::vms::get_retention, super::vms::storage, super::vms::gc,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
+        super::keys::list, super::keys::create, super::keys::revoke,
     ),
     components(schemas(Vm, VmState, VmEvent, EventList, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
         CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
+        SnapshotKind, UploadStatus, LocalStorage, ApiKey, CreatedApiKey, CreateApiKey,
         crate::snapshot::gc::GcReport)),
     modifiers(&BearerAuth),
     security(("bearer" = []))

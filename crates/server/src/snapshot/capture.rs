@@ -1,5 +1,11 @@
 //! Capture: freeze what must be frozen while the guest is paused, let it go
-//! (checkpoint) or end it (suspend), then upload while it runs or is gone.
+//! (checkpoint) or end it (suspend). The upload happens afterwards, in the
+//! storage worker (`uploads.rs`).
+//!
+//! Every file of a capture is written under a `.partial` name and renamed
+//! once complete and synced; `local.json`, written last, describes the
+//! whole copy. Fault points (`fault.rs`) sit between the steps; the crash
+//! test kills the daemon at each one.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,11 +16,13 @@ use bytes::Bytes;
 use hatch_chunks::ChunkStore;
 use hatch_vmm::Machine;
 
+use super::local_copy::LocalCopy;
 use super::manifest::{Layer, MANIFEST_VERSION, Manifest, manifest_key};
 use super::{new_layer_name, node_name};
 use crate::db::SnapshotRecord;
-use crate::manager::VmManager;
-use crate::model::{SnapshotStatus, Vm, VmState};
+use crate::durable;
+use crate::manager::{VmManager, now_rfc3339};
+use crate::model::{SnapshotKind, SnapshotStatus, Vm, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
 
 impl VmManager {
@@ -23,30 +31,43 @@ impl VmManager {
         rt: Arc<VmRuntime>,
         guard: OpGuard,
         mut rec: SnapshotRecord,
-        stop: bool,
-        store: Arc<ChunkStore>,
-        vm: Vm,
     ) {
         rec.snap.status = SnapshotStatus::Capturing;
         self.save_record(&rec);
+        let stop = rec.snap.kind == SnapshotKind::Suspend;
         let captured = if stop {
             self.capture_suspend(&rt, &mut rec).await
         } else {
             self.capture_checkpoint(&rt, &mut rec).await
         };
         if let Err(e) = captured {
+            // A suspend that failed after QEMU ended has its state saved and
+            // its RAM on disk: finish it as a restart would.
+            let gone = !rt.machine().is_some_and(|m| m.is_alive());
+            if stop && gone && matches!(self.complete_interrupted_capture(&rt.id).await, Ok(true)) {
+                tracing::warn!(vm = %rt.id, snapshot = %rec.snap.id, error = format!("{e:#}"),
+                    "a suspend step failed after QEMU ended; the capture was completed");
+                let _ = self.transition(&rt, VmState::Snapshotted, None);
+                rt.release_idle();
+                drop(guard);
+                self.uploads.kick();
+                return;
+            }
             let reason = format!("capture failed: {e:#}");
             tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, %reason);
             rec.snap.status = SnapshotStatus::Failed;
-            rec.snap.error = Some(reason);
+            rec.snap.error = Some(reason.clone());
             self.save_record(&rec);
-            // The guest was resumed (or never paused) if its QEMU lives.
-            let to = if rt.machine().is_some() {
-                VmState::Running
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
+            // The guest was resumed (or never paused) if its QEMU lives; a
+            // QEMU that hung was killed.
+            let alive = rt.machine().is_some_and(|m| m.is_alive());
+            if alive {
+                let _ = self.transition(&rt, VmState::Running, Some(reason));
             } else {
-                VmState::Failed
-            };
-            let _ = self.transition(&rt, to, rec.snap.error.clone());
+                self.halt(&rt).await;
+                let _ = self.transition(&rt, VmState::Failed, Some(reason));
+            }
             rt.release_idle();
             if rec.snap.trigger == "idle" {
                 self.record_idle_suspend(&rt.id, &rec.snap.id, None, rec.snap.error.clone());
@@ -54,8 +75,12 @@ impl VmManager {
             return;
         }
         rec.local = true;
+        rec.local_used_at = Some(now_rfc3339());
         rec.snap.status = SnapshotStatus::Uploading;
         self.save_record(&rec);
+        let _ = self
+            .faults
+            .hit(&format!("{}.recorded", rec.snap.kind.as_str()), &rt.id);
         let to = if stop {
             VmState::Snapshotted
         } else {
@@ -70,38 +95,10 @@ impl VmManager {
         }
         // The VM is free for other operations while the upload runs.
         drop(guard);
-        tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, pause_ms = rec.snap.pause_ms, "captured");
-
-        self.finish_upload(rec, store, vm).await;
-    }
-
-    /// Upload a captured snapshot and record the outcome.
-    pub(super) async fn finish_upload(
-        &self,
-        mut rec: SnapshotRecord,
-        store: Arc<ChunkStore>,
-        vm: Vm,
-    ) {
-        let started = Instant::now();
-        match self.upload(&rec, &store, &vm).await {
-            Ok(stored) => {
-                rec.snap.stored_bytes = stored;
-                rec.snap.status = SnapshotStatus::Ready;
-                if let Err(e) = self.apply_retention(&vm.id, Some(&rec)).await {
-                    tracing::warn!(vm = %vm.id, error = %e, "retention failed");
-                }
-                tracing::info!(vm = %vm.id, snapshot = %rec.snap.id, stored_bytes = stored,
-                    upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
-            }
-            Err(e) => {
-                rec.snap.status = SnapshotStatus::Failed;
-                rec.snap.error = Some(format!(
-                    "upload failed: {e:#}; the local copy stays restorable on this host"
-                ));
-                tracing::error!(vm = %vm.id, snapshot = %rec.snap.id, error = format!("{e:#}"), "upload failed");
-            }
-        }
-        self.save_record(&rec);
+        tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, kind = rec.snap.kind.as_str(),
+            pause_ms = rec.snap.pause_ms, "captured");
+        self.uploads.kick();
+        self.enforce_local_budget_soon();
     }
 
     pub(crate) fn save_record(&self, rec: &SnapshotRecord) {
@@ -123,50 +120,81 @@ impl VmManager {
         let machine = rt.machine().context("vm has no running QEMU")?;
         let dir = self.snapshot_dir(&rec.snap.id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let paths = self.paths(&rt.id);
         let t0 = Instant::now();
         machine.pause().await?;
         // `state` appears only once complete: recovery treats its presence as
         // "the device state is saved".
-        let part = dir.join("state.partial");
+        let part = durable::partial(&dir.join("state"));
         let saved = async {
+            self.faults.hit("suspend.paused", &rt.id)?;
             machine.save_state(&part).await?;
-            std::fs::rename(&part, dir.join("state")).map_err(|source| hatch_vmm::VmmError::Io {
-                path: part.clone(),
-                source,
-            })
+            durable::commit(&part, &dir.join("state"))
+                .with_context(|| format!("keeping {}", part.display()))?;
+            self.faults.hit("suspend.state_saved", &rt.id)?;
+            anyhow::Ok(())
         };
         if let Err(e) = saved.await {
             resume_guest(&machine).await;
-            return Err(e.into());
+            return Err(e);
         }
         // Past this point the guest never runs again in this QEMU: quitting
         // flushes the active disk layer, which becomes frozen.
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
         self.halt_keeping_ram(rt, &machine).await;
+        self.faults.hit("suspend.qemu_ended", &rt.id)?;
         rec.layers = self.db.disk_layers(&rt.id)?;
-        rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
+        rec.snap.disk_bytes = layers_size(&self.paths(&rt.id).dir, &rec.layers);
         self.keep_ram(&rt.id, &rec.snap.id).await?;
-        sync_file(&dir.join("state"))?;
-        Ok(())
+        self.faults.hit("suspend.ram_kept", &rt.id)?;
+        self.describe_local_copy(rec).await
+    }
+
+    /// Write `local.json` for a capture whose files are all in place: the
+    /// last step of every capture.
+    async fn describe_local_copy(&self, rec: &SnapshotRecord) -> anyhow::Result<()> {
+        let dir = self.snapshot_dir(&rec.snap.id);
+        let vm_dir = self.paths(&rec.snap.vm_id).dir;
+        let (id, vm, kind, layers) = (
+            rec.snap.id.clone(),
+            rec.snap.vm_id.clone(),
+            rec.snap.kind,
+            rec.layers.clone(),
+        );
+        let keys = self.seal_keys.clone();
+        tokio::task::spawn_blocking(move || {
+            LocalCopy::describe(&dir, &vm_dir, &id, &vm, kind, &layers)?.write(&dir, &keys)
+        })
+        .await
+        .context("describe task")?
+        .context("writing the local copy's description")
     }
 
     /// Move a suspended VM's RAM file into the snapshot as `mem`: a rename
-    /// (both live in the data dir), then an fsync, so `mem` is always whole
-    /// and durable once the capture counts as done.
+    /// (both live in the data dir), an fsync of the file and then of the
+    /// directory, so `mem` is whole and durable once the capture counts.
     async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
-        let dst = self.snapshot_dir(snapshot_id).join("mem");
+        let dir = self.snapshot_dir(snapshot_id);
+        let dst = dir.join("mem");
         move_file(&self.paths(vm_id).mem, &dst).await?;
         self.remove_runtime_files(vm_id);
-        sync_file_async(&dst).await
+        blocking(move || {
+            durable::sync_file(&dst)?;
+            durable::sync_dir(&dir)
+        })
+        .await
     }
 
-    /// After a restart: a suspend that had saved the device state and ended
-    /// QEMU but not yet kept its RAM is finished now. Returns whether the VM
-    /// has a complete local snapshot afterwards.
+    /// After a restart: a *suspend* that had saved the device state and
+    /// ended QEMU but was not recorded as captured is finished now. Only a
+    /// suspend: its RAM file stopped changing when the state was saved. A
+    /// checkpoint's guest ran on, so its live RAM and disk are newer than
+    /// its saved state and are never taken for its memory image. Returns
+    /// whether the VM has a complete local snapshot afterwards.
     pub(crate) async fn complete_interrupted_capture(&self, vm_id: &str) -> anyhow::Result<bool> {
         for mut rec in self.db.list_snapshots(vm_id)? {
-            if rec.snap.status != SnapshotStatus::Capturing {
+            if rec.snap.status != SnapshotStatus::Capturing
+                || rec.snap.kind != SnapshotKind::Suspend
+            {
                 continue;
             }
             let dir = self.snapshot_dir(&rec.snap.id);
@@ -176,13 +204,21 @@ impl VmManager {
                 continue;
             }
             if ram_kept {
-                sync_file_async(&dir.join("mem")).await?;
+                let (mem, d) = (dir.join("mem"), dir.clone());
+                blocking(move || {
+                    durable::sync_file(&mem)?;
+                    durable::sync_dir(&d)
+                })
+                .await?;
             } else {
                 self.keep_ram(vm_id, &rec.snap.id).await?;
             }
             rec.layers = self.db.disk_layers(vm_id)?;
+            rec.snap.disk_bytes = layers_size(&self.paths(vm_id).dir, &rec.layers);
+            self.describe_local_copy(&rec).await?;
             rec.local = true;
-            // Uploading: recover_snapshots resumes the upload.
+            rec.local_used_at = Some(now_rfc3339());
+            // Uploading: the storage worker uploads it.
             rec.snap.status = SnapshotStatus::Uploading;
             self.save_record(&rec);
             tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "finished an interrupted suspend");
@@ -211,18 +247,22 @@ impl VmManager {
         let vm_mib = self.get(&rt.id)?.memory_mib;
         let fits =
             hatch_vmm::host::fs_free_mib(&self.cfg.run_dir).is_some_and(|free| free > vm_mib + 256);
+        let mem_part = durable::partial(&dir.join("mem"));
         let ram_copy = if fits {
             self.cfg.run_dir.join(format!("{}.mem", rec.snap.id))
         } else {
-            dir.join("mem.partial")
+            mem_part.clone()
         };
 
         let t0 = Instant::now();
         machine.pause().await?;
         let result: anyhow::Result<()> = async {
+            self.faults.hit("checkpoint.paused", &rt.id)?;
             // Order matters: freeze the disk layer before saving state. Once
             // the state is saved QEMU has inactivated its block devices until
-            // `cont`, and a layer switch would fail.
+            // `cont`, and a layer switch would fail. (A crash between the
+            // switch and the record below is repaired at start-up, which
+            // takes the chain from QEMU.)
             machine
                 .freeze_disk(
                     &node_name(&top),
@@ -233,7 +273,10 @@ impl VmManager {
             let mut all = layers.clone();
             all.push(new_layer.clone());
             self.db.set_disk_layers(&rt.id, &all)?;
-            machine.save_state(&dir.join("state")).await?;
+            self.faults.hit("checkpoint.disk_frozen", &rt.id)?;
+            let state_part = durable::partial(&dir.join("state"));
+            machine.save_state(&state_part).await?;
+            self.faults.hit("checkpoint.state_saved", &rt.id)?;
             // RAM must be copied before the guest changes it again (tmpfs,
             // split across threads); moving it to disk and making it durable
             // waits until the guest runs again.
@@ -242,6 +285,7 @@ impl VmManager {
             tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))
                 .await
                 .context("copy task")??;
+            self.faults.hit("checkpoint.ram_copied", &rt.id)?;
             Ok(())
         }
         .await;
@@ -250,9 +294,16 @@ impl VmManager {
         let stored = match result {
             Ok(()) => {
                 async {
-                    let mem = dir.join("mem");
-                    move_file(&ram_copy, &mem).await?;
-                    sync_file_async(&mem).await
+                    self.faults.hit("checkpoint.resumed", &rt.id)?;
+                    if ram_copy != mem_part {
+                        move_file(&ram_copy, &mem_part).await?;
+                    }
+                    let d = dir.clone();
+                    blocking(move || {
+                        durable::commit(&durable::partial(&d.join("state")), &d.join("state"))?;
+                        durable::commit(&durable::partial(&d.join("mem")), &d.join("mem"))
+                    })
+                    .await
                 }
                 .await
             }
@@ -260,10 +311,9 @@ impl VmManager {
         };
         let _ = std::fs::remove_file(&ram_copy);
         stored?;
-        sync_file(&dir.join("state"))?;
         rec.layers = layers;
         rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
-        Ok(())
+        self.describe_local_copy(rec).await
     }
 
     /// Quit QEMU but keep the RAM file (it is the memory image).
@@ -273,20 +323,27 @@ impl VmManager {
             machine.kill();
             machine.wait_exit().await;
         }
-        rt.lock().machine = None;
+        {
+            let mut inner = rt.lock();
+            inner.machine = None;
+            inner.agent = None;
+        }
         self.clear_forwards(rt);
     }
 
     /// Upload state, memory and disk layers, then the manifest (the commit
-    /// point). Returns the bytes newly stored.
-    async fn upload(
+    /// point), under the bucket's upload lock. Returns the bytes newly
+    /// stored.
+    pub(super) async fn upload(
         &self,
         rec: &SnapshotRecord,
         store: &ChunkStore,
         vm: &Vm,
     ) -> anyhow::Result<u64> {
-        // Shared with other uploads; garbage collection waits for it.
+        // Shared with other uploads; garbage collection waits for it, in
+        // this daemon and (through the bucket lock) in every other.
         let _gc = self.gc_lock.read().await;
+        let lock = store.lock_for_upload(&self.owner).await?;
         let dir = self.snapshot_dir(&rec.snap.id);
         let vm_dir = self.paths(&vm.id).dir;
         let mut stored = 0;
@@ -303,10 +360,12 @@ impl VmManager {
                 chunks,
             });
         }
+        self.faults.hit("upload.before_manifest", &vm.id)?;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             snapshot_id: rec.snap.id.clone(),
             vm_id: vm.id.clone(),
+            kind: rec.snap.kind,
             created_at: rec.snap.created_at.clone(),
             image: vm.image.clone(),
             vcpus: vm.vcpus,
@@ -317,11 +376,15 @@ impl VmManager {
             memory,
             disk_layers,
         };
-        let bytes = manifest.encode().context("encoding manifest")?;
+        let bytes = manifest
+            .encode(&self.seal_keys)
+            .context("encoding manifest")?;
         stored += bytes.len() as u64;
         store
             .put(&manifest_key(&vm.id, &rec.snap.id), Bytes::from(bytes))
             .await?;
+        lock.release().await;
+        self.faults.hit("upload.manifest_written", &vm.id)?;
         Ok(stored)
     }
 }
@@ -334,7 +397,7 @@ async fn resume_guest(machine: &Machine) {
     }
 }
 
-fn layers_size(dir: &Path, layers: &[String]) -> u64 {
+pub(super) fn layers_size(dir: &Path, layers: &[String]) -> u64 {
     layers
         .iter()
         .filter_map(|l| std::fs::metadata(dir.join(l)).ok())
@@ -342,20 +405,14 @@ fn layers_size(dir: &Path, layers: &[String]) -> u64 {
         .sum()
 }
 
-/// QEMU writes the state through `cat`; make it durable before the snapshot
-/// counts as a local copy.
-fn sync_file(path: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", path.display()))
-}
-
-/// [`sync_file`] off the async threads (a RAM image takes a while).
-async fn sync_file_async(path: &Path) -> anyhow::Result<()> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || sync_file(&path))
+/// Run blocking file work off the async threads.
+pub(super) async fn blocking(
+    f: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(f)
         .await
-        .context("sync task")?
+        .context("file task")?
+        .context("syncing files")
 }
 
 /// Rename `src` to `dst`; across file systems, copy (sparse) then remove.
@@ -363,7 +420,7 @@ pub(super) async fn move_file(src: &Path, dst: &Path) -> anyhow::Result<()> {
     match std::fs::rename(src, dst) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
-            let part = dst.with_extension("partial");
+            let part = durable::partial(dst);
             let _ = std::fs::remove_file(&part);
             let (s, p) = (src.to_path_buf(), part.clone());
             tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&s, &p))

@@ -6,7 +6,6 @@
 //! into the active layer, which then sits directly on the image), and layer
 //! files no snapshot needs any more are removed.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::manager::VmManager;
@@ -63,27 +62,7 @@ impl VmManager {
             .set_disk_layers(&rt.id, std::slice::from_ref(&top))?;
         tracing::info!(vm = %rt.id, from_layers = layers.len(),
             ms = started.elapsed().as_millis() as u64, "disk chain compacted");
-        self.prune_layers(&rt.id, &top)?;
-        Ok(())
-    }
-
-    /// Remove layer files of a VM that neither its chain nor any of its
-    /// snapshots uses. Call under the VM's operation lock (a capture creates
-    /// layer files before it records them).
-    fn prune_layers(&self, vm_id: &str, active: &str) -> anyhow::Result<()> {
-        let mut keep: HashSet<String> = self.db.disk_layers(vm_id)?.into_iter().collect();
-        keep.insert(active.to_string());
-        for rec in self.db.list_snapshots(vm_id)? {
-            keep.extend(rec.layers);
-        }
-        let dir = self.paths(vm_id).dir;
-        for entry in std::fs::read_dir(&dir)? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            let unused = name.ends_with(".qcow2") && !keep.contains(&name);
-            if unused && let Err(e) = std::fs::remove_file(dir.join(&name)) {
-                tracing::warn!(vm = %vm_id, layer = %name, error = %e, "could not remove layer");
-            }
-        }
+        self.prune_layers(&rt.id)?;
         Ok(())
     }
 }

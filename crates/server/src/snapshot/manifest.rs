@@ -1,17 +1,36 @@
 //! The snapshot manifest: everything needed to restore a snapshot from S3.
 //! It is uploaded after every object it references, so its presence is the
-//! commit point; it carries a version and a checksum of its own body.
+//! commit point. It is sealed (`seal.rs`) and, when read back, validated
+//! field by field against the forms Hatch writes and the VM it is restored
+//! into: the bucket is not trusted.
 
 use hatch_chunks::FileChunks;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-pub const MANIFEST_VERSION: u32 = 1;
+use super::names::{is_layer_name, is_snapshot_id, is_vm_id};
+use super::seal::{Seal, SealError, SealKeys};
+use crate::model::{self, SnapshotKind};
+
+/// Version 2: sealed with a MAC, records the snapshot's kind. Version 1
+/// (a bare checksum) is refused for restores: anyone could have written it.
+pub const MANIFEST_VERSION: u32 = 2;
+const FORMAT: &str = "hatch.snapshot-manifest";
+
+/// Largest manifest read back (a 64 GiB guest's lists are ~5 MiB).
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// Largest device state (it is ~60 KiB with x-ignore-shared).
+pub const MAX_STATE_BYTES: u64 = 256 << 20;
+/// Most disk layers a snapshot may list (chains are flattened past 8).
+pub const MAX_LAYERS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub version: u32,
     pub snapshot_id: String,
     pub vm_id: String,
+    pub kind: SnapshotKind,
     pub created_at: String,
     /// The VM configuration the state belongs to: a restore must launch the
     /// same machine (memory size, vCPUs, image) for the state to load.
@@ -28,16 +47,42 @@ pub struct Manifest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Layer {
     pub name: String,
     pub chunks: FileChunks,
 }
 
-/// The stored form: the manifest and the BLAKE3 hash of its JSON.
+/// The stored form: the manifest as JSON, and its seal over exactly the
+/// bytes of `manifest` as they are stored.
 #[derive(Serialize, Deserialize)]
 struct Envelope {
-    checksum: String,
-    manifest: serde_json::Value,
+    format: String,
+    version: u32,
+    key_id: String,
+    mac: String,
+    manifest: Box<serde_json::value::RawValue>,
+}
+
+/// What the restoring daemon knows independently of the bucket.
+#[derive(Debug, Clone)]
+pub struct Expected<'a> {
+    pub vm_id: &'a str,
+    pub snapshot_id: &'a str,
+    pub image: &'a str,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is malformed: {0}")]
+    Malformed(String),
+    #[error("manifest is not authentic: {0}")]
+    Unauthentic(#[from] SealError),
+    #[error("manifest is invalid: {0}")]
+    Invalid(String),
 }
 
 pub fn manifest_key(vm_id: &str, snapshot_id: &str) -> String {
@@ -45,32 +90,136 @@ pub fn manifest_key(vm_id: &str, snapshot_id: &str) -> String {
 }
 
 impl Manifest {
-    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let body = serde_json::to_value(self)?;
-        let checksum = blake3::hash(body.to_string().as_bytes())
-            .to_hex()
-            .to_string();
+    pub fn encode(&self, keys: &SealKeys) -> Result<Vec<u8>, serde_json::Error> {
+        let body = serde_json::to_string(self)?;
+        let seal = keys.seal(body.as_bytes());
         serde_json::to_vec(&Envelope {
-            checksum,
-            manifest: body,
+            format: FORMAT.into(),
+            version: MANIFEST_VERSION,
+            key_id: seal.key_id,
+            mac: seal.mac,
+            manifest: serde_json::value::RawValue::from_string(body)?,
         })
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
-        let env: Envelope =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-        let actual = blake3::hash(env.manifest.to_string().as_bytes())
-            .to_hex()
-            .to_string();
-        if actual != env.checksum {
-            return Err("manifest checksum mismatch".into());
+    /// Parse, authenticate and validate a manifest read from the bucket.
+    pub fn decode(
+        bytes: &[u8],
+        keys: &SealKeys,
+        expected: &Expected<'_>,
+    ) -> Result<Manifest, ManifestError> {
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| {
+            ManifestError::Malformed(format!("not a version {MANIFEST_VERSION} manifest: {e}"))
+        })?;
+        if env.format != FORMAT || env.version != MANIFEST_VERSION {
+            return Err(ManifestError::Malformed(format!(
+                "format {:?} version {} (expected {FORMAT:?} version {MANIFEST_VERSION})",
+                env.format, env.version
+            )));
         }
-        let m: Manifest =
-            serde_json::from_value(env.manifest).map_err(|e| format!("bad manifest: {e}"))?;
-        if m.version != MANIFEST_VERSION {
-            return Err(format!("unsupported manifest version {}", m.version));
-        }
+        let seal = Seal {
+            key_id: env.key_id,
+            mac: env.mac,
+        };
+        keys.verify(&seal, env.manifest.get().as_bytes())?;
+        let m: Manifest = serde_json::from_str(env.manifest.get())
+            .map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        m.validate(expected).map_err(ManifestError::Invalid)?;
         Ok(m)
+    }
+
+    /// Every field against the forms Hatch writes and the VM it is for.
+    fn validate(&self, e: &Expected<'_>) -> Result<(), String> {
+        if self.version != MANIFEST_VERSION {
+            return Err(format!("version {}", self.version));
+        }
+        if !is_vm_id(&self.vm_id) || self.vm_id != e.vm_id {
+            return Err(format!("vm id {:?} (expected {})", self.vm_id, e.vm_id));
+        }
+        if !is_snapshot_id(&self.snapshot_id) || self.snapshot_id != e.snapshot_id {
+            return Err(format!(
+                "snapshot id {:?} (expected {})",
+                self.snapshot_id, e.snapshot_id
+            ));
+        }
+        if humantime::parse_rfc3339(&self.created_at).is_err() {
+            return Err(format!("creation time {:?}", self.created_at));
+        }
+        if self.image != e.image || hatch_image::validate_image_name(&self.image).is_err() {
+            return Err(format!("image {:?} (the vm's is {})", self.image, e.image));
+        }
+        if (self.vcpus, self.memory_mib, self.disk_mib) != (e.vcpus, e.memory_mib, e.disk_mib) {
+            return Err(format!(
+                "machine of {} vCPUs, {} MiB memory, {} MiB disk (the vm has {}, {}, {})",
+                self.vcpus, self.memory_mib, self.disk_mib, e.vcpus, e.memory_mib, e.disk_mib
+            ));
+        }
+        if self.qemu_version.len() > 256 || self.qemu_version.chars().any(char::is_control) {
+            return Err("QEMU version string".into());
+        }
+        self.device_state
+            .validate(MAX_STATE_BYTES)
+            .map_err(|r| format!("device state: {r}"))?;
+        self.memory
+            .validate(e.memory_mib << 20)
+            .map_err(|r| format!("memory: {r}"))?;
+        if self.memory.len != e.memory_mib << 20 {
+            return Err(format!(
+                "memory of {} bytes for a {} MiB vm",
+                self.memory.len, e.memory_mib
+            ));
+        }
+        if self.disk_layers.is_empty() || self.disk_layers.len() > MAX_LAYERS {
+            return Err(format!("{} disk layers", self.disk_layers.len()));
+        }
+        // A qcow2 layer holds at most the virtual disk plus its metadata.
+        let max_layer = (e.disk_mib << 20)
+            .saturating_mul(2)
+            .saturating_add(64 << 20);
+        let mut seen = std::collections::HashSet::new();
+        for layer in &self.disk_layers {
+            if !is_layer_name(&layer.name) || !seen.insert(layer.name.as_str()) {
+                return Err(format!("disk layer name {:?}", layer.name));
+            }
+            layer
+                .chunks
+                .validate(max_layer)
+                .map_err(|r| format!("disk layer {}: {r}", layer.name))?;
+        }
+        if e.vcpus == 0 || e.memory_mib < model::MIN_MEMORY_MIB {
+            return Err("machine size".into());
+        }
+        Ok(())
+    }
+
+    /// The chunk ids a manifest references, for garbage collection, without
+    /// authenticating it (a manifest another daemon sealed with a key we do
+    /// not hold, or an older version, still protects its chunks).
+    pub fn chunk_refs(bytes: &[u8]) -> Result<Vec<String>, String> {
+        let env: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let manifest = match env.get("manifest") {
+            Some(Value::String(raw)) => serde_json::from_str(raw).map_err(|e| e.to_string())?,
+            Some(v) => v.clone(),
+            None => return Err("no manifest in the envelope".into()),
+        };
+        let mut files: Vec<&Value> = vec![&manifest["device_state"], &manifest["memory"]];
+        if let Some(layers) = manifest["disk_layers"].as_array() {
+            files.extend(layers.iter().map(|l| &l["chunks"]));
+        }
+        let mut ids = Vec::new();
+        for f in files {
+            let list = f["chunks"]
+                .as_array()
+                .ok_or("a file without a chunk list")?;
+            for c in list {
+                match c {
+                    Value::Null => {}
+                    Value::String(id) if hatch_chunks::is_chunk_id(id) => ids.push(id.clone()),
+                    other => return Err(format!("bad chunk reference {other}")),
+                }
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -78,44 +227,149 @@ impl Manifest {
 mod tests {
     use super::*;
 
+    fn chunks(len: u64) -> FileChunks {
+        let n = FileChunks::count(len, hatch_chunks::CHUNK_SIZE) as usize;
+        FileChunks {
+            len,
+            chunk_size: hatch_chunks::CHUNK_SIZE,
+            chunks: (0..n).map(|i| Some(format!("{:064x}", i + 1))).collect(),
+        }
+    }
+
     fn sample() -> Manifest {
-        let chunks = FileChunks {
-            len: 10,
-            chunk_size: 1 << 20,
-            chunks: vec![Some("ab".into())],
-        };
         Manifest {
             version: MANIFEST_VERSION,
-            snapshot_id: "snap-1".into(),
-            vm_id: "vm-1".into(),
-            created_at: "t".into(),
+            snapshot_id: "snap-abcdefghijkl".into(),
+            vm_id: "vm-abcdefghijkl".into(),
+            kind: SnapshotKind::Suspend,
+            created_at: "2026-11-29T10:00:00Z".into(),
             image: "default".into(),
             vcpus: 1,
             memory_mib: 256,
             disk_mib: 1024,
-            qemu_version: "7.2.0".into(),
-            device_state: chunks.clone(),
-            memory: chunks.clone(),
-            disk_layers: vec![Layer {
-                name: "disk.qcow2".into(),
-                chunks,
-            }],
+            qemu_version: "QEMU emulator version 7.2.22".into(),
+            device_state: chunks(60_000),
+            memory: chunks(256 << 20),
+            disk_layers: vec![
+                Layer {
+                    name: "disk.qcow2".into(),
+                    chunks: chunks(5 << 20),
+                },
+                Layer {
+                    name: "layer-abcdefghijkl.qcow2".into(),
+                    chunks: chunks(1 << 20),
+                },
+            ],
         }
     }
 
+    fn expected(m: &Manifest) -> Expected<'_> {
+        Expected {
+            vm_id: &m.vm_id,
+            snapshot_id: &m.snapshot_id,
+            image: &m.image,
+            vcpus: m.vcpus,
+            memory_mib: m.memory_mib,
+            disk_mib: m.disk_mib,
+        }
+    }
+
+    fn keys() -> SealKeys {
+        SealKeys::new(b"test secret", &[])
+    }
+
     #[test]
-    fn round_trips_and_detects_tampering() {
+    fn round_trips() {
         let m = sample();
-        let bytes = m.encode().unwrap();
-        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
-        let tampered = String::from_utf8(bytes)
-            .unwrap()
-            .replace("\"vcpus\":1", "\"vcpus\":2");
-        assert!(
-            Manifest::decode(tampered.as_bytes())
-                .unwrap_err()
-                .contains("checksum")
-        );
-        assert!(Manifest::decode(b"{}").is_err());
+        let bytes = m.encode(&keys()).unwrap();
+        assert_eq!(Manifest::decode(&bytes, &keys(), &expected(&m)).unwrap(), m);
+        let refs = Manifest::chunk_refs(&bytes).unwrap();
+        assert_eq!(refs.len(), 1 + 256 + 5 + 1);
+    }
+
+    #[test]
+    fn edited_or_forged_manifests_are_refused() {
+        let m = sample();
+        let bytes = String::from_utf8(m.encode(&keys()).unwrap()).unwrap();
+        let edited = bytes.replace("\"vcpus\":1", "\"vcpus\":2");
+        assert!(matches!(
+            Manifest::decode(edited.as_bytes(), &keys(), &expected(&m)),
+            Err(ManifestError::Unauthentic(SealError::Forged))
+        ));
+        // Sealed by someone else: refused even though it is well formed.
+        let forged = m.encode(&SealKeys::new(b"attacker", &[])).unwrap();
+        assert!(matches!(
+            Manifest::decode(&forged, &keys(), &expected(&m)),
+            Err(ManifestError::Unauthentic(SealError::UnknownKey(_)))
+        ));
+        // Version 1 (checksum only) proves nothing.
+        let v1 = br#"{"checksum":"x","manifest":{}}"#;
+        assert!(matches!(
+            Manifest::decode(v1, &keys(), &expected(&m)),
+            Err(ManifestError::Malformed(_))
+        ));
+        assert!(Manifest::decode(b"\xff", &keys(), &expected(&m)).is_err());
+    }
+
+    /// Even correctly sealed, a manifest naming things Hatch never writes,
+    /// or another VM's state, is refused (a leaked secret must not give a
+    /// path into the host).
+    #[test]
+    fn sealed_but_hostile_fields_are_refused() {
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "layer name",
+                Box::new(|m| m.disk_layers[1].name = "../../../etc/cron.d/x".into()),
+            ),
+            (
+                "layer name",
+                Box::new(|m| m.disk_layers[1].name = "layer-abcdefghijkl.qcow2,driver=ssh".into()),
+            ),
+            (
+                "layer name",
+                Box::new(|m| m.disk_layers[1].name = "disk.qcow2".into()),
+            ),
+            ("vm id", Box::new(|m| m.vm_id = "vm-zzzzzzzzzzzz".into())),
+            (
+                "snapshot id",
+                Box::new(|m| m.snapshot_id = "snap-../../x".into()),
+            ),
+            ("image", Box::new(|m| m.image = "../other".into())),
+            ("machine", Box::new(|m| m.memory_mib = 512)),
+            ("memory", Box::new(|m| m.memory.len = 1 << 40)),
+            (
+                "memory",
+                Box::new(|m| m.memory.chunks.pop().map(|_| ()).unwrap_or(())),
+            ),
+            (
+                "device state",
+                Box::new(|m| m.device_state = chunks(1 << 30)),
+            ),
+            (
+                "device state",
+                Box::new(|m| m.device_state.chunks[0] = Some("../../x".into())),
+            ),
+            (
+                "disk layer",
+                Box::new(|m| m.disk_layers[0].chunks = chunks(1 << 32)),
+            ),
+            ("disk layers", Box::new(|m| m.disk_layers.clear())),
+            (
+                "creation time",
+                Box::new(|m| m.created_at = "yesterday".into()),
+            ),
+        ];
+        let reference = sample();
+        for (what, edit) in cases {
+            let mut m = sample();
+            edit(&mut m);
+            let bytes = m.encode(&keys()).unwrap();
+            let err = Manifest::decode(&bytes, &keys(), &expected(&reference)).unwrap_err();
+            assert!(
+                matches!(&err, ManifestError::Invalid(r) if r.contains(what)),
+                "{what}: {err}"
+            );
+        }
     }
 }

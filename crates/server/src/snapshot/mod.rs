@@ -8,9 +8,14 @@
 mod capture;
 mod compact;
 pub mod gc;
+mod local_cache;
+pub mod local_copy;
 pub mod manifest;
+pub mod names;
 mod restore;
 mod retention;
+pub mod seal;
+pub mod uploads;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +25,16 @@ use hatch_chunks::ChunkStore;
 use crate::db::SnapshotRecord;
 use crate::error::ApiError;
 use crate::manager::{VmManager, new_id, now_rfc3339};
-use crate::model::{CreateSnapshot, RestoreRequest, Snapshot, SnapshotStatus, Vm, VmState};
+use crate::model::{
+    CreateSnapshot, RestoreRequest, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmState,
+};
 use crate::runtime::VmRuntime;
+
+/// What was read back (from S3 or the local copy) is not what Hatch wrote:
+/// the restore fails with `snapshot_corrupt` and older snapshots remain.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SnapshotCorrupt(pub String);
 
 /// QEMU block node name for a disk layer file: its stem ("disk", "layer-…").
 pub fn node_name(layer_file: &str) -> String {
@@ -37,38 +50,53 @@ pub(crate) fn new_layer_name() -> String {
 }
 
 impl VmManager {
-    /// At start-up, after VMs are recovered: snapshots cut short by a restart
-    /// either resume their upload (the local copy is complete) or fail.
+    /// At start-up, after VMs are recovered: snapshots cut short by a
+    /// restart. Uploads resume in the storage worker (`uploading` with a
+    /// complete local copy); a checkpoint whose files were all written (its
+    /// sealed description checks out) is kept; anything else failed.
     pub async fn recover_snapshots(self: &Arc<Self>) -> anyhow::Result<()> {
         for vm in self.db.list_vms()? {
             for mut rec in self.db.list_snapshots(&vm.vm.id)? {
                 match rec.snap.status {
                     SnapshotStatus::Ready | SnapshotStatus::Failed => {}
-                    SnapshotStatus::Uploading if rec.local => match self.storage.clone() {
-                        Some(store) => {
-                            tracing::info!(snapshot = %rec.snap.id, "resuming interrupted upload");
-                            let this = self.clone();
-                            let vm = vm.vm.clone();
-                            self.tasks
-                                .spawn(async move { this.finish_upload(rec, store, vm).await });
-                        }
-                        None => {
-                            rec.snap.status = SnapshotStatus::Failed;
-                            rec.snap.error = Some(
-                                "S3 is no longer configured; the local copy stays restorable"
-                                    .into(),
-                            );
-                            self.save_record(&rec);
-                        }
-                    },
+                    SnapshotStatus::Uploading if rec.local => {}
+                    SnapshotStatus::Capturing
+                        if rec.snap.kind == SnapshotKind::Checkpoint
+                            && let Ok(copy) = local_copy::LocalCopy::verify(
+                                &self.snapshot_dir(&rec.snap.id),
+                                &self.paths(&vm.vm.id).dir,
+                                &rec.snap.id,
+                                &vm.vm.id,
+                                vm.vm.memory_mib << 20,
+                                &self.seal_keys,
+                            ) =>
+                    {
+                        rec.layers = copy.layer_names();
+                        rec.local = true;
+                        rec.local_used_at = Some(now_rfc3339());
+                        rec.snap.status = SnapshotStatus::Uploading;
+                        self.save_record(&rec);
+                        tracing::info!(snapshot = %rec.snap.id, "kept a checkpoint completed before a restart");
+                    }
                     _ => {
                         rec.snap.status = SnapshotStatus::Failed;
                         rec.snap.error = Some("interrupted by a daemon restart".into());
+                        rec.local = false;
                         self.save_record(&rec);
                     }
                 }
             }
         }
+        if self.storage.is_none() {
+            for mut rec in self.db.snapshots_with_status(SnapshotStatus::Uploading)? {
+                rec.snap.error = Some(
+                    "S3 is not configured; the upload waits for it and the local copy stays restorable"
+                        .into(),
+                );
+                self.save_record(&rec);
+            }
+        }
+        self.uploads.kick();
         Ok(())
     }
 
@@ -89,7 +117,7 @@ impl VmManager {
         req: CreateSnapshot,
         trigger: &str,
     ) -> Result<Snapshot, ApiError> {
-        let store = self.storage()?;
+        self.storage()?;
         let rt = self.runtime(vm_id)?;
         let guard = rt.try_begin("snapshot")?;
         let state = rt.state();
@@ -99,10 +127,16 @@ impl VmManager {
             )));
         }
         let vm = self.get(vm_id)?;
+        let stop = req.stop.unwrap_or(false);
         let rec = SnapshotRecord {
             snap: Snapshot {
                 id: new_id("snap"),
                 vm_id: vm_id.to_string(),
+                kind: if stop {
+                    SnapshotKind::Suspend
+                } else {
+                    SnapshotKind::Checkpoint
+                },
                 status: SnapshotStatus::Pending,
                 created_at: now_rfc3339(),
                 trigger: trigger.to_string(),
@@ -114,14 +148,15 @@ impl VmManager {
             },
             local: false,
             layers: Vec::new(),
+            local_used_at: None,
+            upload_attempts: 0,
         };
         self.db.save_snapshot(&rec)?;
         self.transition(&rt, VmState::Snapshotting, None)?;
         let snap = rec.snap.clone();
-        let stop = req.stop.unwrap_or(false);
         let this = self.clone();
         self.tasks.spawn(async move {
-            this.run_snapshot(rt, guard, rec, stop, store, vm).await;
+            this.run_snapshot(rt, guard, rec).await;
         });
         Ok(snap)
     }
@@ -151,7 +186,9 @@ impl VmManager {
     }
 
     /// Delete a snapshot: its manifest in S3 and its local copy. Chunks are
-    /// shared between snapshots and are left for garbage collection.
+    /// shared between snapshots and are left for garbage collection. An
+    /// upload in progress is stopped first; a manifest deletion that fails
+    /// is retried by the storage worker.
     pub async fn delete_snapshot(&self, vm_id: &str, snapshot_id: &str) -> Result<(), ApiError> {
         let store = self.storage()?;
         let rt = self.runtime(vm_id)?;
@@ -159,10 +196,10 @@ impl VmManager {
         let rec = self.snapshot_record(vm_id, snapshot_id)?;
         if matches!(
             rec.snap.status,
-            SnapshotStatus::Pending | SnapshotStatus::Capturing | SnapshotStatus::Uploading
+            SnapshotStatus::Pending | SnapshotStatus::Capturing
         ) {
             return Err(ApiError::conflict(format!(
-                "snapshot '{snapshot_id}' is {}; wait until it is ready or failed",
+                "snapshot '{snapshot_id}' is {}; wait until it is captured",
                 rec.snap.status.as_str()
             )));
         }
@@ -171,11 +208,9 @@ impl VmManager {
                 "snapshot '{snapshot_id}' holds the state of suspended vm '{vm_id}'; restore or delete the vm instead"
             )));
         }
-        store
-            .delete(&manifest::manifest_key(vm_id, snapshot_id))
-            .await
-            .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("deleting manifest")))?;
+        self.cancel_uploads(&[snapshot_id.to_string()]).await;
         self.db.delete_snapshot(snapshot_id)?;
+        self.delete_manifest(&store, vm_id, snapshot_id).await;
         let _ = std::fs::remove_dir_all(self.snapshot_dir(snapshot_id));
         Ok(())
     }

@@ -1,6 +1,12 @@
-//! Restore: bring the snapshot's files here (local copy, else S3 with every
-//! chunk verified), give the VM a fresh RAM file and disk layer, launch QEMU
-//! waiting for its state, load it, run.
+//! Restore: make the snapshot's files local and verified (the local copy if
+//! its description checks out, else S3 with every chunk verified), give the
+//! VM its RAM file and a fresh disk layer, launch QEMU waiting for its
+//! state, load it, set the guest's clock and reseed its RNG, run.
+//!
+//! Ordering rule for a rollback (restore of a running VM): everything that
+//! can fail for want of the snapshot (fetch, verification, the RAM copy)
+//! happens before the running guest is stopped. Until then a failure leaves
+//! the VM running, unchanged.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,13 +16,36 @@ use anyhow::Context;
 use hatch_chunks::{ChunkError, ChunkStore};
 use hatch_vmm::Machine;
 
-use super::capture::move_file;
-use super::manifest::{Manifest, manifest_key};
-use super::{WakeCause, new_layer_name};
+use super::capture::{blocking, move_file};
+use super::local_copy::LocalCopy;
+use super::manifest::{Expected, MAX_MANIFEST_BYTES, Manifest, manifest_key};
+use super::{SnapshotCorrupt, WakeCause, new_layer_name};
 use crate::db::SnapshotRecord;
+use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
-use crate::model::{SnapshotStatus, VmState};
+use crate::model::{SnapshotStatus, Vm, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
+
+/// Why a restore failed, and whether the VM's running guest was left as it
+/// was (a rollback that failed before stopping it).
+struct RestoreFailure {
+    error: anyhow::Error,
+    running_intact: bool,
+}
+
+fn intact(error: impl Into<anyhow::Error>) -> RestoreFailure {
+    RestoreFailure {
+        error: error.into(),
+        running_intact: true,
+    }
+}
+
+fn broken(error: impl Into<anyhow::Error>) -> RestoreFailure {
+    RestoreFailure {
+        error: error.into(),
+        running_intact: false,
+    }
+}
 
 impl VmManager {
     pub(crate) async fn run_restore(
@@ -45,22 +74,42 @@ impl VmManager {
                     self.record_wake(&rt.id, cause, &rec.snap.id, None);
                 }
             }
-            Err(e) => {
+            Err(RestoreFailure {
+                error: e,
+                running_intact,
+            }) => {
                 let corrupt = e.chain().any(|c| {
                     c.downcast_ref::<ChunkError>()
                         .is_some_and(ChunkError::is_corruption)
+                        || c.downcast_ref::<SnapshotCorrupt>().is_some()
                 });
-                let reason = if corrupt {
-                    format!("snapshot_corrupt: restore of {} failed: {e:#}", rec.snap.id)
+                let what = if prior == VmState::Running {
+                    "rollback to"
                 } else {
-                    format!("restore of {} failed: {e:#}", rec.snap.id)
+                    "restore of"
                 };
+                let mut reason = format!("{what} {} failed: {e:#}", rec.snap.id);
+                if corrupt {
+                    reason = format!("snapshot_corrupt: {reason}");
+                }
                 tracing::error!(vm = %rt.id, %reason);
+                if running_intact && prior == VmState::Running {
+                    reason.push_str("; the vm runs on unchanged");
+                    if let Err(e) = self.transition(&rt, VmState::Running, Some(reason)) {
+                        tracing::error!(vm = %rt.id, error = %e, "recording restore failure failed");
+                    }
+                    drop(guard);
+                    return;
+                }
                 if let Some(m) = rt.machine() {
                     m.kill();
                     m.wait_exit().await;
                 }
-                rt.lock().machine = None;
+                {
+                    let mut inner = rt.lock();
+                    inner.machine = None;
+                    inner.agent = None;
+                }
                 self.clear_forwards(&rt);
                 self.remove_runtime_files(&rt.id);
                 // The VM stays as restorable as it was: its snapshots are intact.
@@ -85,52 +134,89 @@ impl VmManager {
         rec: &SnapshotRecord,
         prior: VmState,
         store: &ChunkStore,
-    ) -> anyhow::Result<Arc<Machine>> {
-        // A rollback first ends the running guest.
-        if rt.machine().is_some() {
-            self.halt(rt).await;
-        }
+    ) -> Result<Arc<Machine>, RestoreFailure> {
+        let vm = self
+            .get(&rt.id)
+            .map_err(|e| intact(anyhow::anyhow!("{e}")))?;
+        let rollback = rt.machine().is_some();
         let dir = self.snapshot_dir(&rec.snap.id);
         let paths = self.paths(&rt.id);
-        let complete = rec.local
-            && dir.join("state").exists()
-            && dir.join("mem").exists()
-            && rec.layers.iter().all(|l| paths.dir.join(l).exists());
-        // A wake from a snapshot that S3 holds takes its RAM image instead of
-        // copying it (the guest's RAM file is the image); a rollback, or a
-        // snapshot still uploading from this copy, gets a copy.
-        let consume = prior == VmState::Snapshotted && rec.snap.status == SnapshotStatus::Ready;
-        let layers = if complete {
-            rec.layers.clone()
-        } else {
-            if rec.local {
-                // The local copy is gone: stop trusting it until a fetched
-                // one is durable again.
-                let mut gone = rec.clone();
-                gone.local = false;
-                self.save_record(&gone);
-            }
-            let layers = self.fetch(rt, rec, store).await?;
-            if !consume {
-                self.trust_fetched_copy_when_durable(&rec.snap.id);
-            }
-            layers
-        };
 
-        let _ = std::fs::remove_file(&paths.mem);
-        if consume {
-            if rec.local {
-                let mut taken = rec.clone();
-                taken.local = false;
-                self.save_record(&taken);
+        // 1. The snapshot's files, here and verified. A rolled-back guest
+        // runs on meanwhile.
+        let (layers, from_local) = match self.verified_local_copy(rec, &vm) {
+            Ok(layers) => (layers, true),
+            Err(why) => {
+                if rec.local {
+                    tracing::warn!(vm = %rt.id, snapshot = %rec.snap.id, %why,
+                        "the local copy cannot be used; reading S3");
+                    let mut gone = rec.clone();
+                    gone.local = false;
+                    self.save_record(&gone);
+                }
+                if rec.snap.status != SnapshotStatus::Ready {
+                    return Err(intact(SnapshotCorrupt(format!(
+                        "its local copy cannot be used ({why}) and S3 does not hold it"
+                    ))));
+                }
+                let layers = self.fetch(rt, rec, &vm, store).await.map_err(intact)?;
+                (layers, false)
             }
-            move_file(&dir.join("mem"), &paths.mem).await?;
+        };
+        let point = if rollback {
+            "rollback.fetched"
         } else {
-            // A fresh RAM file; the snapshot's stays intact for later restores.
-            let (src, dst) = (dir.join("mem"), paths.mem.clone());
+            "restore.prepared"
+        };
+        self.faults.hit(point, &rt.id).map_err(intact)?;
+        // A wake of a suspended VM from a snapshot S3 holds takes the RAM
+        // image instead of copying it (the guest's RAM file is the image);
+        // a rollback, or a snapshot only here, gets a copy.
+        let consume = prior == VmState::Snapshotted && rec.snap.status == SnapshotStatus::Ready;
+        if !from_local && !consume {
+            self.trust_fetched_copy_when_durable(rec, &layers);
+        }
+        let ram_copy = if consume {
+            None
+        } else {
+            let (src, part) = (dir.join("mem"), durable::partial(&paths.mem));
+            let dst = part.clone();
             tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))
                 .await
-                .context("copy task")??;
+                .context("copy task")
+                .map_err(intact)?
+                .context("copying the RAM image")
+                .map_err(intact)?;
+            Some(part)
+        };
+
+        // 2. From here on the running guest (if any) is gone: a failure
+        // leaves the VM restorable from its snapshots, not running.
+        if rollback {
+            self.halt(rt).await;
+            self.faults.hit("rollback.halted", &rt.id).map_err(broken)?;
+        }
+        match ram_copy {
+            Some(part) => std::fs::rename(&part, &paths.mem)
+                .context("placing the RAM image")
+                .map_err(broken)?,
+            None => {
+                let _ = std::fs::remove_file(&paths.mem);
+                if rec.local || from_local {
+                    let mut taken = rec.clone();
+                    taken.local = false;
+                    self.save_record(&taken);
+                }
+                move_file(&dir.join("mem"), &paths.mem)
+                    .await
+                    .map_err(broken)?;
+                self.faults
+                    .hit("restore.ram_taken", &rt.id)
+                    .map_err(broken)?;
+            }
+        }
+        if from_local {
+            self.touch_local_copy(&rec.snap.id);
         }
 
         let started = self.start_from(rt, &dir, &layers).await;
@@ -144,15 +230,48 @@ impl VmManager {
                 m.kill();
                 m.wait_exit().await;
             }
-            if move_file(&paths.mem, &dir.join("mem")).await.is_ok() && complete {
+            if move_file(&paths.mem, &dir.join("mem")).await.is_ok() && from_local {
                 self.save_record(rec);
             }
         }
-        started
+        started.map_err(broken)
+    }
+
+    /// The layers of the snapshot's local copy, if it is complete and its
+    /// sealed description matches its files (sizes, state hash, ids).
+    fn verified_local_copy(&self, rec: &SnapshotRecord, vm: &Vm) -> Result<Vec<String>, String> {
+        if !rec.local {
+            return Err("there is no local copy".into());
+        }
+        let copy = LocalCopy::verify(
+            &self.snapshot_dir(&rec.snap.id),
+            &self.paths(&vm.id).dir,
+            &rec.snap.id,
+            &vm.id,
+            vm.memory_mib << 20,
+            &self.seal_keys,
+        )?;
+        if copy.kind != rec.snap.kind {
+            return Err(format!(
+                "the local copy is a {}, the snapshot a {}",
+                copy.kind.as_str(),
+                rec.snap.kind.as_str()
+            ));
+        }
+        Ok(copy.layer_names())
+    }
+
+    fn touch_local_copy(&self, snapshot_id: &str) {
+        if let Ok(Some(mut r)) = self.db.get_snapshot(snapshot_id)
+            && r.local
+        {
+            r.local_used_at = Some(now_rfc3339());
+            self.save_record(&r);
+        }
     }
 
     /// Launch QEMU over a new disk layer and load the snapshot's state
-    /// (its RAM file is in place).
+    /// (its RAM file is in place), then set the guest's clock.
     async fn start_from(
         &self,
         rt: &VmRuntime,
@@ -176,7 +295,9 @@ impl VmManager {
             let mut all = layers.to_vec();
             all.push(new_layer);
             self.db.set_disk_layers(&rt.id, &all)?;
-            self.launch(rt, true).await
+            let machine = self.launch(rt, true).await?;
+            self.faults.hit("restore.launched", &rt.id)?;
+            anyhow::Ok(machine)
         };
         let machine = prepare.await.context(GuestNeverRan)?;
         let t_launch = t0.elapsed();
@@ -189,19 +310,12 @@ impl VmManager {
                 return Err(anyhow::Error::new(e).context("loading the saved CPU and device state"));
             }
         }
+        self.faults.hit("restore.state_loaded", &rt.id)?;
         let t_load = t0.elapsed();
         // The guest's clock stood still since the capture and its RNG state
-        // is shared with every other restore of this snapshot: fix both
-        // before anyone talks to it. Images without the agent go without.
-        match hatch_vmm::agent::Agent::connect(&paths.agent_socket).await {
-            Ok(mut agent) => {
-                if let Err(e) = agent.sync_clock_and_rng().await {
-                    tracing::warn!(vm = %rt.id, error = %e, "clock and RNG not synced");
-                }
-                rt.lock().agent = Some(agent);
-            }
-            Err(e) => tracing::warn!(vm = %rt.id, error = %e, "no guest agent channel"),
-        }
+        // is shared with every other restore of this snapshot: both are put
+        // right before anyone talks to it, or the restore fails.
+        self.sync_guest_clock(rt).await?;
         let ms = |d: std::time::Duration| d.as_millis() as u64;
         tracing::debug!(vm = %rt.id, launch_done_ms = ms(t_launch),
             state_loaded_ms = ms(t_load), agent_done_ms = ms(t0.elapsed()), "restore steps");
@@ -209,23 +323,34 @@ impl VmManager {
     }
 
     /// Fetched state and memory are written without fsync (the restore does
-    /// not wait for the disk); once they are durable, in the background, the
-    /// snapshot's local copy is trusted for the next restore.
-    fn trust_fetched_copy_when_durable(&self, snapshot_id: &str) {
-        let dir = self.snapshot_dir(snapshot_id);
+    /// not wait for the disk); once they are durable, in the background,
+    /// the copy is described and trusted for the next restore.
+    fn trust_fetched_copy_when_durable(&self, rec: &SnapshotRecord, layers: &[String]) {
+        let dir = self.snapshot_dir(&rec.snap.id);
+        let vm_dir = self.paths(&rec.snap.vm_id).dir;
         let db = self.db.clone();
-        let id = snapshot_id.to_string();
+        let keys = self.seal_keys.clone();
+        let (id, vm_id, kind, layers) = (
+            rec.snap.id.clone(),
+            rec.snap.vm_id.clone(),
+            rec.snap.kind,
+            layers.to_vec(),
+        );
         tokio::task::spawn_blocking(move || {
-            let synced = ["mem", "state", ""].iter().all(|f| {
-                std::fs::File::open(dir.join(f))
-                    .and_then(|f| f.sync_all())
-                    .is_ok()
-            });
-            if !synced {
+            let described = (|| {
+                durable::sync_file(&dir.join("mem"))?;
+                durable::sync_file(&dir.join("state"))?;
+                durable::sync_dir(&dir)?;
+                LocalCopy::describe(&dir, &vm_dir, &id, &vm_id, kind, &layers)?.write(&dir, &keys)
+            })();
+            if let Err(e) = described {
+                tracing::warn!(snapshot = %id, error = %e, "the fetched copy is not kept");
                 return;
             }
             if let Ok(Some(mut rec)) = db.get_snapshot(&id) {
                 rec.local = true;
+                rec.local_used_at = Some(now_rfc3339());
+                rec.layers = layers;
                 if let Err(e) = db.save_snapshot(&rec) {
                     tracing::warn!(snapshot = %id, error = %e, "recording local copy failed");
                 }
@@ -233,29 +358,37 @@ impl VmManager {
         });
     }
 
-    /// Download a snapshot from S3: state and memory into its local
-    /// directory, missing disk layers into the VM's directory, each rebased
-    /// onto this host's paths. Returns the layer names.
+    /// Download a snapshot from S3: the manifest (authenticated and checked
+    /// against the VM before anything is written), state and memory into
+    /// the snapshot's local directory, missing disk layers into the VM's
+    /// directory, each rebased onto this host's paths. Returns the layers.
     async fn fetch(
         &self,
         rt: &VmRuntime,
         rec: &SnapshotRecord,
+        vm: &Vm,
         store: &ChunkStore,
     ) -> anyhow::Result<Vec<String>> {
         let started = Instant::now();
         let bytes = store
-            .get(&manifest_key(&rt.id, &rec.snap.id))
+            .get(&manifest_key(&rt.id, &rec.snap.id), MAX_MANIFEST_BYTES)
             .await
             .context("reading the snapshot manifest")?;
-        let manifest = Manifest::decode(&bytes).map_err(|reason| ChunkError::Corrupt {
-            id: format!("manifest of {}", rec.snap.id),
-            reason,
-        })?;
+        let expected = Expected {
+            vm_id: &vm.id,
+            snapshot_id: &rec.snap.id,
+            image: &vm.image,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_mib: vm.disk_mib,
+        };
+        let manifest = Manifest::decode(&bytes, &self.seal_keys, &expected)
+            .map_err(|e| SnapshotCorrupt(format!("manifest of {}: {e}", rec.snap.id)))?;
         // State and memory land in the snapshot's local directory as a
         // cache, unsynced: the record is not marked local, so after a crash
         // they are fetched again rather than trusted.
         let dir = self.snapshot_dir(&rec.snap.id);
-        let tmp = dir.with_extension("partial");
+        let tmp = durable::partial(&dir);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         let state_and_memory = async {
@@ -273,20 +406,19 @@ impl VmManager {
             self.fetch_layers(&rt.id, &manifest, store)
         )?;
         let fetched = a + b;
+        self.faults.hit("fetch.downloaded", &rt.id)?;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir)?;
         tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, fetched_bytes = fetched,
             ms = started.elapsed().as_millis() as u64, "fetched snapshot from S3");
         Ok(manifest.disk_layers.into_iter().map(|l| l.name).collect())
     }
-}
 
-impl VmManager {
     /// Download the disk layers this host lacks into the VM's directory,
     /// each rebased onto this host's paths (all at once: a rebase only
     /// rewrites the header, it does not need the backing file yet), and make
-    /// them durable before they join the VM's disk chain. Returns the bytes
-    /// fetched.
+    /// them durable before they join the VM's disk chain. Layer names were
+    /// validated with the manifest. Returns the bytes fetched.
     async fn fetch_layers(
         &self,
         vm_id: &str,
@@ -306,15 +438,11 @@ impl VmManager {
         }
         let fetched = futures_util::future::try_join_all(missing.into_iter().map(
             |(layer, path, (backing, backing_format))| async move {
-                let part = path.with_extension("partial");
+                let part = durable::partial(&path);
                 let report = store.download_file(&layer.chunks, &part).await?;
-                rebase(&part, &backing, &backing_format).await?;
-                let p = part.clone();
-                tokio::task::spawn_blocking(move || std::fs::File::open(&p)?.sync_all())
-                    .await
-                    .context("sync task")?
-                    .with_context(|| format!("syncing {}", part.display()))?;
-                std::fs::rename(&part, &path)?;
+                hatch_vmm::disk::rebase_unsafe(&part, &backing, &backing_format).await?;
+                let (p, f) = (part.clone(), path.clone());
+                blocking(move || durable::commit(&p, &f)).await?;
                 anyhow::Ok(report.fetched_bytes)
             },
         ))
@@ -332,22 +460,4 @@ impl std::fmt::Display for GuestNeverRan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("restore stopped before the guest ran")
     }
-}
-
-/// Point a downloaded qcow2 layer at its backing file on this host (the
-/// header holds the absolute path of wherever it was captured).
-async fn rebase(layer: &Path, backing: &Path, backing_format: &str) -> anyhow::Result<()> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b"])
-        .arg(backing)
-        .arg(layer)
-        .output()
-        .await
-        .context("running qemu-img rebase")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "qemu-img rebase failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
 }

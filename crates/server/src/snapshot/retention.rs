@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::manifest::manifest_key;
 use crate::db::SnapshotRecord;
 use crate::error::ApiError;
 use crate::manager::VmManager;
@@ -92,13 +91,8 @@ impl VmManager {
             if !(beyond_count || too_old) {
                 continue;
             }
-            store
-                .delete(&manifest_key(vm_id, &rec.snap.id))
-                .await
-                .map_err(|e| {
-                    ApiError::Internal(anyhow::Error::new(e).context("deleting manifest"))
-                })?;
             self.db.delete_snapshot(&rec.snap.id)?;
+            self.delete_manifest(&store, vm_id, &rec.snap.id).await;
             let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
             tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "retention deleted snapshot");
         }
@@ -129,6 +123,7 @@ impl VmManager {
                     tracing::warn!(vm = %vm.vm.id, error = %e, "retention failed");
                 }
             }
+            self.enforce_local_budget().await;
         }
     }
 
@@ -156,6 +151,16 @@ impl VmManager {
                 usage,
             });
         }
-        Ok(Storage { total, vms })
+        Ok(Storage {
+            total,
+            vms,
+            uploads: self.upload_status(),
+            local: self.local_usage(),
+            pending_deletes: self
+                .db
+                .pending_deletes()
+                .map(|p| p.len() as u64)
+                .unwrap_or(0),
+        })
     }
 }

@@ -1,0 +1,95 @@
+//! After a restore the guest's wall clock is where it stood at the capture
+//! and its RNG state is shared with every other restore of the snapshot.
+//! The guest agent fixes both; a restore is not done until it has
+//! confirmed, with its clock checked. Under load (many wakes at once on
+//! two cores) the agent can take seconds to answer, so the sync is retried
+//! with growing per-attempt timeouts until `agent_sync_timeout`; if it
+//! never succeeds the restore fails visibly rather than serve a guest with
+//! a stale clock.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hatch_vmm::agent::Agent;
+
+use crate::manager::VmManager;
+use crate::runtime::VmRuntime;
+
+/// Largest accepted difference between the host's clock and the guest's
+/// right after a sync (the brief's bound is 1 s).
+const MAX_OFFSET_SECS: f64 = 0.5;
+const FIRST_ATTEMPT: Duration = Duration::from_secs(1);
+const LONGEST_ATTEMPT: Duration = Duration::from_secs(8);
+
+impl VmManager {
+    /// Set the guest's clock and reseed its RNG, retrying until it is
+    /// confirmed or `agent_sync_timeout` has passed. Images without the
+    /// agent are left as they are.
+    pub(crate) async fn sync_guest_clock(&self, rt: &VmRuntime) -> anyhow::Result<()> {
+        let vm = self.get(&rt.id)?;
+        let has_agent = self.images.get(&vm.image).map(|i| i.agent).unwrap_or(false);
+        if !has_agent {
+            tracing::debug!(vm = %rt.id, image = %vm.image, "image has no guest agent; clock not synced");
+            return Ok(());
+        }
+        let socket = self.paths(&rt.id).agent_socket;
+        let limit = self.cfg.agent_sync_timeout;
+        let deadline = Instant::now() + limit;
+        let mut agent: Option<Agent> = rt.lock().agent.take();
+        let mut attempts = 0u32;
+        let mut last = String::from("no attempt");
+        while Instant::now() < deadline {
+            attempts += 1;
+            if attempts > 1 {
+                self.metrics.clock_sync_retries.inc();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = (FIRST_ATTEMPT * (1 << (attempts - 1).min(3)))
+                .min(LONGEST_ATTEMPT)
+                .min(left);
+            let conn = match agent.as_mut() {
+                Some(a) => a,
+                None => match Agent::connect(&socket).await {
+                    Ok(a) => agent.insert(a),
+                    Err(e) => {
+                        last = e.to_string();
+                        tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+                        continue;
+                    }
+                },
+            };
+            if let Err(e) = self.faults.hit("agent.sync", &rt.id) {
+                last = e.to_string();
+                continue;
+            }
+            match conn.sync_clock_and_rng(wait).await {
+                Ok(s) if s.offset.is_none_or(|o| o.abs() <= MAX_OFFSET_SECS) => {
+                    if attempts > 1 {
+                        tracing::info!(vm = %rt.id, attempts, "clock and RNG synced after retries");
+                    }
+                    rt.lock().agent = agent;
+                    return Ok(());
+                }
+                Ok(s) => {
+                    last = format!(
+                        "the guest clock was {:.3} s off right after the sync",
+                        s.offset.unwrap_or_default()
+                    );
+                }
+                Err(hatch_vmm::VmmError::Agent(e)) => last = e,
+                Err(e) => {
+                    // The channel broke: connect again.
+                    last = e.to_string();
+                    agent = None;
+                }
+            }
+            tracing::debug!(vm = %rt.id, attempts, error = %last, "clock sync attempt failed");
+        }
+        self.metrics.clock_sync_failures.inc();
+        Err(anyhow::anyhow!(
+            "the guest agent did not confirm the clock and RNG sync within {} s ({attempts} attempts; last: {last})",
+            limit.as_secs()
+        ))
+        .context("syncing the guest's clock")
+    }
+}

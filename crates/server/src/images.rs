@@ -1,0 +1,65 @@
+//! Where the daemon finds images: its images directory, then the cache the
+//! set-up scripts build the default image into (`~/.cache/hatch/images`),
+//! so that `hatch serve` on an empty data dir can create VMs at once.
+
+use hatch_image::{Image, ImageError, ImageStore};
+
+pub struct Images {
+    primary: ImageStore,
+    cache: Option<ImageStore>,
+}
+
+impl Images {
+    pub fn new(primary: ImageStore, cache: Option<ImageStore>) -> Images {
+        Images { primary, cache }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Image, ImageError> {
+        match self.primary.get(name) {
+            Err(ImageError::NotFound(_)) if self.cache.is_some() => match &self.cache {
+                Some(cache) => cache.get(name),
+                None => Err(ImageError::NotFound(name.to_string())),
+            },
+            other => other,
+        }
+    }
+
+    /// How to get image `name`, for the error of a create that names it.
+    pub fn missing_hint(&self, name: &str) -> String {
+        let dir = self.primary.root().display();
+        if name == "default" {
+            format!(
+                "image 'default' is not built: run `hatch image build --images-dir {dir}` (`./scripts/up.sh` does it for you), then try again"
+            )
+        } else {
+            format!(
+                "unknown image '{name}': register it with `hatch image register {name} --kernel K --initrd I --disk D --images-dir {dir}`"
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_images_say_how_to_get_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = Images::new(ImageStore::open(dir.path().join("a")).unwrap(), None);
+        assert!(matches!(
+            images.get("default"),
+            Err(ImageError::NotFound(_))
+        ));
+        let hint = images.missing_hint("default");
+        assert!(
+            hint.contains("hatch image build --images-dir") && hint.contains("/a"),
+            "{hint}"
+        );
+        assert!(
+            images
+                .missing_hint("web")
+                .contains("hatch image register web")
+        );
+    }
+}
