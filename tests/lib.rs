@@ -107,10 +107,11 @@ impl Daemon {
             .arg(self.api_addr.to_string())
             .arg("--proxy-addr")
             .arg(self.proxy_addr.to_string())
-            .arg("--images-dir")
-            .arg(images_dir())
             .arg("--run-dir")
             .arg(&self.run_dir)
+            // The data dir's own images dir stays empty: the default
+            // image is found in the cache the set-up scripts build it in.
+            .env("HATCH_IMAGE_CACHE_DIR", images_dir())
             .env("HATCH_API_KEY", KEY)
             .env_remove("HATCH_S3_BUCKET")
             .env_remove("HATCH_S3_ACCESS_KEY_ID")
@@ -359,16 +360,64 @@ impl Daemon {
         }
     }
 
-    /// PIDs of QEMU processes this daemon started (from their pid files).
+    /// PIDs of live QEMU processes of this daemon: every process whose
+    /// command line names a socket in its run dir (pid files are the
+    /// daemon's own bookkeeping and cannot be trusted to tell).
     pub fn qemu_pids(&self) -> Vec<i32> {
-        let Ok(dir) = std::fs::read_dir(&self.run_dir) else {
+        let run_dir = self.run_dir.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
-        dir.filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|s| s.trim().parse().ok())
+        procs
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.first().is_some_and(|a| a.contains("qemu-system"))
+                    && args.iter().any(|a| a.contains(&run_dir))
+                    && process_alive(*pid)
+            })
             .collect()
+    }
+
+    /// Set (or with None, remove) an environment variable of the daemon
+    /// for its next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.extra_env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.extra_env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Start the daemon with `HATCH_FAULTS=fault` and wait until the fault
+    /// has killed it (after `trigger` ran): then start it again without.
+    pub async fn wait_for_crash(&mut self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                assert!(
+                    !status.success(),
+                    "the daemon exited cleanly instead of crashing"
+                );
+                self.child = None;
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the fault never fired:\n{}",
+                self.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start the daemon again (it is not running).
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon still runs");
+        self.spawn().await;
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use hatch_e2e::{Daemon, Garage, PATIENCE, kv};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn app(d: &Daemon, host: &str, path: &str) -> String {
@@ -221,35 +220,26 @@ async fn a_failed_wake_answers_503_with_retry_after_and_the_vm_stays_restorable(
     assert_eq!(app(&d, "app.localhost", "/counter").await, "counter=2\n");
 }
 
-/// Open a WebSocket through the proxy; returns the stream after the 101.
-async fn websocket(d: &Daemon, host: &str) -> TcpStream {
-    let mut s = TcpStream::connect(d.proxy_addr).await.unwrap();
-    let key = "dGhlIHNhbXBsZSBub25jZQ==";
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed during handshake");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(
-        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
-    s
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Open a WebSocket through the proxy with a real client library.
+async fn websocket(d: &Daemon, host: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/ws", d.proxy_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("host", host.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
 }
 
-async fn echo(s: &mut TcpStream, msg: &str) {
-    s.write_all(msg.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(String::from_utf8(buf).unwrap(), msg);
+async fn echo(ws: &mut Ws, msg: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(msg)).await.unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back, Message::text(msg));
 }
 
 #[tokio::test]

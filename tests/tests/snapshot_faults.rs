@@ -32,18 +32,41 @@ async fn booted_app(d: &Daemon) -> (String, String) {
 #[tokio::test]
 async fn s3_outage_during_upload_keeps_the_vm_restorable_and_a_retry_succeeds() {
     let mut garage = Garage::start().await;
-    let d = Daemon::start_with_env(garage.env()).await;
+    let mut env = garage.env();
+    env.push(("HATCH_UPLOAD_RETRY_MAX_SECONDS".into(), "2".into()));
+    let d = Daemon::start_with_env(env).await;
     let (id, boot_id) = booted_app(&d).await;
     assert_eq!(app(&d, "/counter").await, "counter=1\n");
 
     garage.stop();
     let sid = d.snapshot(&id, true).await;
     d.wait_state(&id, "snapshotted").await;
-    let snap = d.wait_snapshot(&id, &sid, "failed").await;
+    // The upload fails and is retried; the snapshot stays `uploading` with
+    // the reason, never `failed`.
+    let snap = wait_snapshot_error(&d, &id, &sid).await;
+    assert_eq!(snap["status"], "uploading", "{snap}");
     let err = snap["error"].as_str().unwrap();
     assert!(
-        err.contains("upload failed") && err.contains("local copy"),
+        err.contains("upload attempt") && err.contains("local copy stays restorable"),
         "{snap}"
+    );
+    let (_, storage) = d.call(Method::GET, "/storage", None).await;
+    assert_eq!(storage["uploads"]["queued"], 1, "{storage}");
+    assert!(
+        storage["uploads"]["retries"].as_u64().unwrap() >= 1,
+        "{storage}"
+    );
+    assert!(
+        storage["uploads"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&sid),
+        "{storage}"
+    );
+    assert!(
+        d.metrics_text()
+            .await
+            .contains("hatch_upload_attempts_total{result=\"failed\"}")
     );
 
     // The local copy wakes the VM although S3 is down.
@@ -51,14 +74,34 @@ async fn s3_outage_during_upload_keeps_the_vm_restorable_and_a_retry_succeeds() 
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(app(&d, "/counter").await, "counter=2\n");
 
-    // S3 is back: the next snapshot succeeds and restores from S3 alone.
+    // S3 is back: the pending upload finishes on its own, with no call.
     garage.restart().await;
-    let sid = d.snapshot(&id, true).await;
-    d.wait_snapshot(&id, &sid, "ready").await;
+    let snap = d.wait_snapshot(&id, &sid, "ready").await;
+    assert!(snap.get("error").is_none(), "{snap}");
+
+    // And it restores from S3 alone: the state of that suspend.
+    let second = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &second, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
     d.wipe_local_snapshots(&id);
     d.restore(&id, json!({ "snapshot_id": sid })).await;
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
-    assert_eq!(app(&d, "/counter").await, "counter=3\n");
+    assert_eq!(app(&d, "/counter").await, "counter=2\n");
+}
+
+/// Wait until the snapshot reports an error (a failed upload attempt).
+async fn wait_snapshot_error(d: &Daemon, vm: &str, sid: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + hatch_e2e::PATIENCE;
+    loop {
+        let (_, snap) = d
+            .call(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
+            .await;
+        if snap.get("error").is_some() {
+            return snap;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no error: {snap}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

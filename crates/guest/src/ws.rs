@@ -64,7 +64,7 @@ pub fn upgrade(req: Request) {
 
 /// Echo text and binary messages until the client closes. Pings are
 /// answered and a close is returned by tungstenite itself.
-fn echo<S: Read + Write>(mut ws: WebSocket<S>) -> tungstenite::Result<()> {
+fn echo<S: Read + Write>(mut ws: WebSocket<S>) -> Result<(), Box<tungstenite::Error>> {
     loop {
         match ws.read() {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => ws.send(msg)?,
@@ -72,7 +72,7 @@ fn echo<S: Read + Write>(mut ws: WebSocket<S>) -> tungstenite::Result<()> {
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(Box::new(e)),
         }
     }
 }

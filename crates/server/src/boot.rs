@@ -266,7 +266,11 @@ impl VmManager {
     /// Make the recorded disk chain the one QEMU has open. A crash between a
     /// layer switch (checkpoint) or a flattening (compaction) and its record
     /// leaves them apart; QEMU's is the truth the guest writes to.
-    async fn reconcile_disk_chain(&self, vm_id: &str, machine: &Machine) -> anyhow::Result<()> {
+    pub(crate) async fn reconcile_disk_chain(
+        &self,
+        vm_id: &str,
+        machine: &Machine,
+    ) -> anyhow::Result<()> {
         let dir = self.paths(vm_id).dir;
         let mut layers: Vec<String> = machine
             .disk_chain()

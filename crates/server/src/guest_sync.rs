@@ -59,7 +59,9 @@ impl VmManager {
                 },
             };
             if let Err(e) = self.faults.hit("agent.sync", &rt.id) {
+                // As if the answer were lost: the attempt times out.
                 last = e.to_string();
+                tokio::time::sleep(wait).await;
                 continue;
             }
             match conn.sync_clock_and_rng(wait).await {

@@ -270,6 +270,7 @@ impl VmManager {
                     &node_name(&new_layer),
                 )
                 .await?;
+            self.faults.hit("checkpoint.layer_switched", &rt.id)?;
             let mut all = layers.clone();
             all.push(new_layer.clone());
             self.db.set_disk_layers(&rt.id, &all)?;
@@ -291,6 +292,11 @@ impl VmManager {
         .await;
         resume_guest(&machine).await;
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
+        if result.is_err()
+            && let Err(e) = self.reconcile_disk_chain(&rt.id, &machine).await
+        {
+            tracing::error!(vm = %rt.id, error = format!("{e:#}"), "cannot read the disk chain back from QEMU");
+        }
         let stored = match result {
             Ok(()) => {
                 async {
