@@ -17,7 +17,9 @@ install_garage
 log "building hatch (release)"
 cargo build --release --quiet --bin hatch
 HATCH="$REPO/target/release/hatch"
-build_image "$DATA/images" "$HATCH" >/dev/null
+# Into the shared cache, where every `hatch serve` looks after its own
+# images dir (HATCH_IMAGE_CACHE_DIR): a new data dir needs no image step.
+build_image "$HATCH_CACHE/images" "$HATCH" >/dev/null
 
 eval "$(start_garage "$DATA/garage")"
 

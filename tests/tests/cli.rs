@@ -177,3 +177,23 @@ async fn cli_snapshots_restores_and_shows_storage() {
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 }
+
+#[tokio::test]
+async fn cli_creates_lists_and_revokes_api_keys() {
+    let d = Daemon::start().await;
+    let (ok, key, err) = hatch(&d, Some(KEY), &["key", "create", "deploy-bot"]);
+    assert!(ok, "{err}");
+    let key = key.trim().to_string();
+    assert!(key.starts_with("hatch_"), "{key}");
+    assert!(err.contains("shown only this once"), "{err}");
+    let (ok, out, _) = hatch(&d, Some(&key), &["key", "list"]);
+    assert!(ok, "the new key works");
+    assert!(out.contains("deploy-bot") && out.contains("api"), "{out}");
+    assert!(!out.contains(&key), "{out}");
+    let (ok, out, err) = hatch(&d, Some(KEY), &["key", "revoke", "deploy-bot"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked deploy-bot"), "{out}");
+    let (ok, _, err) = hatch(&d, Some(&key), &["vm", "list"]);
+    assert!(!ok);
+    assert!(err.contains("(unauthorized, HTTP 401)"), "{err}");
+}

@@ -37,6 +37,9 @@ enum Command {
     /// Route host names to VMs through the proxy.
     #[command(subcommand)]
     Route(commands::route::RouteCommand),
+    /// List, create and revoke API keys.
+    #[command(subcommand)]
+    Key(commands::key::KeyCommand),
     /// Build and register guest images (local; no daemon needed).
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Vm(cmd) => commands::vm::run(cmd).await,
             Command::Route(cmd) => commands::route::run(cmd).await,
+            Command::Key(cmd) => commands::key::run(cmd).await,
             Command::Snapshot(cmd) => commands::snapshot::run(cmd).await,
             Command::Storage { api } => commands::vm::storage(api).await,
             Command::Image(cmd) => commands::image::run(cmd),

@@ -307,12 +307,15 @@ impl VmManager {
             if let Err(e) = recovered.await {
                 let reason = format!("recovery after a daemon restart failed: {e:#}");
                 tracing::error!(vm = %vm.id, %reason);
-                if let Some(m) = rt.machine() {
-                    // Left running but unmanaged would hold its disk and
-                    // memory with nobody watching: stop it.
-                    self.halt(&rt).await;
-                    drop(m);
+                // A QEMU left running but unmanaged would hold the VM's
+                // disk and memory with nobody watching: stop it.
+                if rt.machine().is_none() {
+                    let paths = self.paths(&vm.id);
+                    if let Ok(m) = Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
+                        rt.lock().machine = Some(Arc::new(m));
+                    }
                 }
+                self.halt(&rt).await;
                 self.clear_forwards(&rt);
                 if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
                     tracing::error!(vm = %vm.id, error = %e, "recording the failed recovery failed");

@@ -50,6 +50,8 @@ pub struct VmManager {
     pub(crate) owner: String,
     /// Local snapshot copies evicted since start.
     pub(crate) evictions: AtomicU64,
+    /// Local snapshot copies a restore is reading (count per snapshot id).
+    pub(crate) copies_in_use: Mutex<HashMap<String, usize>>,
 }
 
 /// Files of one VM.
@@ -117,6 +119,7 @@ impl VmManager {
             uploads: Uploads::default(),
             owner: format!("{} pid {}", cfg.data_dir.display(), std::process::id()),
             evictions: AtomicU64::new(0),
+            copies_in_use: Mutex::default(),
             cfg,
         }))
     }

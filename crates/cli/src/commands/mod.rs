@@ -1,4 +1,5 @@
 pub mod image;
+pub mod key;
 pub mod route;
 pub mod snapshot;
 pub mod vm;

@@ -387,5 +387,27 @@ pub async fn storage(api: ApiArgs) -> anyhow::Result<()> {
         &["VM", "NAME", "SNAPSHOTS", "LOGICAL", "STORED IN S3"],
         rows,
     );
+    let (local, up) = (&usage["local"], &usage["uploads"]);
+    println!(
+        "\nlocal copies: {} snapshots, {} of a {} budget ({} evictable, {} evicted)",
+        output::field(local, "snapshots"),
+        mib(&local["bytes"]),
+        mib(&local["budget_bytes"]),
+        mib(&local["evictable_bytes"]),
+        output::field(local, "evictions"),
+    );
+    println!(
+        "uploads: {} queued, {} in progress, {} retries; manifest deletions pending: {}",
+        output::field(up, "queued"),
+        output::field(up, "in_progress"),
+        output::field(up, "retries"),
+        output::field(&usage, "pending_deletes"),
+    );
+    if let Some(e) = up["last_error"].as_str() {
+        println!(
+            "last upload error ({}): {e}",
+            output::field(up, "last_error_at")
+        );
+    }
     Ok(())
 }

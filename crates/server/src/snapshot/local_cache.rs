@@ -2,9 +2,10 @@
 //! (`local_cache_bytes`, default 40% of the data dir's file system): beyond
 //! it, the least recently used copies of snapshots that S3 already holds are
 //! evicted (a later restore of one reads S3). The only copy of a snapshot
-//! not yet in S3 is never evicted. Disk layers are shared with the VM's own
-//! disk chain and counted apart; a layer that neither the chain nor any
-//! local copy uses is removed with the last copy that needed it.
+//! not yet in S3 is never evicted. Eviction takes no operation lock (see
+//! `enforce_local_budget`). Disk layers are shared with the VM's own disk
+//! chain and not counted; a layer that neither the chain nor any local copy
+//! uses is removed at the next disk compaction or daemon start.
 //!
 //! At start-up, what a crash left behind is swept: `*.partial` files and
 //! directories, snapshot directories no record trusts, unused layers.
@@ -15,8 +16,31 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::durable;
 use crate::manager::VmManager;
 use crate::model::{LocalStorage, SnapshotStatus};
+
+/// A restore reading a local copy (see [`VmManager::use_local_copy`]).
+pub(crate) struct CopyInUse<'a> {
+    vms: &'a VmManager,
+    id: String,
+}
+
+impl Drop for CopyInUse<'_> {
+    fn drop(&mut self) {
+        let mut in_use = self
+            .vms
+            .copies_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = in_use.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&self.id);
+            }
+        }
+    }
+}
 
 /// Share of the data dir's file system that local copies may use by default.
 const DEFAULT_BUDGET_PERCENT: u64 = 40;
@@ -56,8 +80,11 @@ impl VmManager {
     }
 
     /// Evict least recently used copies that S3 holds until the local
-    /// copies fit the budget. A VM busy with an operation is skipped (its
-    /// copies may be in use); the next round gets them.
+    /// copies fit the budget. No operation lock is taken (housekeeping must
+    /// not make a user's call on the VM fail with 409): a copy a restore is
+    /// reading is registered in `copies_in_use` and skipped; a restore that
+    /// starts after its eviction finds the copy gone and reads S3. Layers a
+    /// copy alone needed are removed later, by the next compaction or start.
     pub(crate) async fn enforce_local_budget(&self) {
         let budget = self.local_budget();
         let Ok(local) = self.db.local_snapshots() else {
@@ -75,34 +102,53 @@ impl VmManager {
             if rec.snap.status != SnapshotStatus::Ready {
                 continue;
             }
-            let Ok(rt) = self.runtime(&rec.snap.vm_id) else {
-                continue;
-            };
-            let Ok(_guard) = rt.try_begin("local copy eviction") else {
-                continue;
-            };
-            // Re-read under the lock: a restore may have taken the copy.
-            let Ok(Some(mut current)) = self.db.get_snapshot(&rec.snap.id) else {
-                continue;
-            };
-            if !current.local || current.snap.status != SnapshotStatus::Ready {
-                continue;
+            let dir = self.snapshot_dir(&rec.snap.id);
+            let doomed = durable::partial(&dir);
+            {
+                let in_use = self.copies_in_use.lock().unwrap_or_else(|p| p.into_inner());
+                if in_use.contains_key(&rec.snap.id) {
+                    continue;
+                }
+                // Re-read: a wake may have taken the copy meanwhile.
+                let Ok(Some(mut current)) = self.db.get_snapshot(&rec.snap.id) else {
+                    continue;
+                };
+                if !current.local || current.snap.status != SnapshotStatus::Ready {
+                    continue;
+                }
+                current.local = false;
+                self.save_record(&current);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                self.metrics.local_evictions.inc();
+                // Out of a restore's sight at once; deleted below.
+                if let Err(e) = std::fs::rename(&dir, &doomed) {
+                    tracing::warn!(snapshot = %rec.snap.id, error = %e, "could not evict a copy");
+                    continue;
+                }
             }
-            current.local = false;
-            self.save_record(&current);
-            if let Err(e) = std::fs::remove_dir_all(self.snapshot_dir(&current.snap.id)) {
-                tracing::warn!(snapshot = %current.snap.id, error = %e, "could not remove an evicted copy");
-            }
-            if let Err(e) = self.prune_layers(&current.snap.vm_id) {
-                tracing::warn!(vm = %current.snap.vm_id, error = %e, "could not prune disk layers");
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                tracing::warn!(snapshot = %rec.snap.id, error = %e, "could not remove an evicted copy");
             }
             total = total.saturating_sub(size);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            self.metrics.local_evictions.inc();
-            tracing::info!(snapshot = %current.snap.id, vm = %current.snap.vm_id, bytes = size,
+            tracing::info!(snapshot = %rec.snap.id, vm = %rec.snap.vm_id, bytes = size,
                 budget, "evicted a local snapshot copy (S3 holds it)");
         }
         self.metrics.local_bytes.set(total as i64);
+    }
+
+    /// Mark a snapshot's local copy as read by a restore until the guard
+    /// is dropped: eviction leaves it alone meanwhile.
+    pub(crate) fn use_local_copy(&self, snapshot_id: &str) -> CopyInUse<'_> {
+        *self
+            .copies_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(snapshot_id.to_string())
+            .or_default() += 1;
+        CopyInUse {
+            vms: self,
+            id: snapshot_id.to_string(),
+        }
     }
 
     /// Remove layer files of a VM that neither its disk chain nor any local

@@ -143,23 +143,32 @@ impl VmManager {
         let paths = self.paths(&rt.id);
 
         // 1. The snapshot's files, here and verified. A rolled-back guest
-        // runs on meanwhile.
+        // runs on meanwhile. The local copy is not evicted while in use.
+        let _in_use = self.use_local_copy(&rec.snap.id);
         let (layers, from_local) = match self.verified_local_copy(rec, &vm) {
             Ok(layers) => (layers, true),
             Err(why) => {
+                // The copy is left as it is (not trusted, not deleted): it
+                // may be the only one, and what is wrong may be repaired.
                 if rec.local {
                     tracing::warn!(vm = %rt.id, snapshot = %rec.snap.id, %why,
-                        "the local copy cannot be used; reading S3");
-                    let mut gone = rec.clone();
-                    gone.local = false;
-                    self.save_record(&gone);
+                        "the local copy cannot be used");
                 }
                 if rec.snap.status != SnapshotStatus::Ready {
                     return Err(intact(SnapshotCorrupt(format!(
                         "its local copy cannot be used ({why}) and S3 does not hold it"
                     ))));
                 }
-                let layers = self.fetch(rt, rec, &vm, store).await.map_err(intact)?;
+                let fetched = self.fetch(rt, rec, &vm, store).await;
+                let layers = match fetched {
+                    Ok(layers) => layers,
+                    Err(e) if rec.local => {
+                        return Err(intact(e.context(format!(
+                            "the local copy cannot be used ({why}) and reading S3 failed"
+                        ))));
+                    }
+                    Err(e) => return Err(intact(e)),
+                };
                 (layers, false)
             }
         };
