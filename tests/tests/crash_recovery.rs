@@ -227,47 +227,51 @@ async fn a_crash_at_any_step_of_a_checkpoint_loses_nothing() {
 }
 
 /// The daemon and QEMU both die in the middle of a checkpoint, after the
-/// guest ran on past its saved state. Recovery must not take the live RAM
-/// and disk for the checkpoint's (silent guest corruption): the VM comes
-/// back from its last complete snapshot.
+/// guest ran on past its saved state (its RAM file and disk are newer than
+/// the state; at the second point even the checkpoint's own RAM copy and
+/// state are complete, but the disk is not its own). Recovery must not take
+/// them for a suspend (silent guest corruption): the VM comes back from its
+/// last complete snapshot.
 #[tokio::test]
 async fn a_checkpoint_cut_short_is_never_recovered_as_a_suspend() {
     let (_garage, mut d, id, boot) = setup().await;
-    let n = counter(&d).await;
-    let good = d.snapshot(&id, false).await;
-    wait_ready(&d, &id, &good).await;
-    disk_write(&d, "later", "x").await;
-    assert_eq!(counter(&d).await, n + 1);
+    for (i, point) in ["checkpoint.resumed", "checkpoint.files_committed"]
+        .into_iter()
+        .enumerate()
+    {
+        let good = d.snapshot(&id, false).await;
+        wait_ready(&d, &id, &good).await;
+        let n = counter(&d).await; // the checkpoint's + 1
+        let later = format!("later{i}");
+        disk_write(&d, &later, "x").await;
+        assert_eq!(counter(&d).await, n + 1);
 
-    arm(&mut d, "checkpoint.resumed").await;
-    let qemu = d.qemu_pids();
-    let half = d.snapshot(&id, false).await;
-    d.wait_for_crash().await;
-    for pid in qemu {
-        hatch_e2e::kill_pid(pid);
+        arm(&mut d, point).await;
+        let qemu = d.qemu_pids();
+        let half = d.snapshot(&id, false).await;
+        d.wait_for_crash().await;
+        for pid in qemu {
+            hatch_e2e::kill_pid(pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.qemu_pids().is_empty() {
+            assert!(Instant::now() < deadline, "QEMU survived SIGKILL");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        d.set_env("HATCH_FAULTS", None);
+        d.start_again().await;
+        let vm = d.vm(&id).await;
+        assert_eq!(vm["state"], "snapshotted", "{point}: {vm}");
+        let (_, snap) = d
+            .call(Method::GET, &format!("/vms/{id}/snapshots/{half}"), None)
+            .await;
+        assert_eq!(snap["status"], "failed", "{point}: {snap}");
+        d.restore(&id, json!({})).await;
+        assert_eq!(boot_id(&d).await, boot);
+        assert_eq!(counter(&d).await, n, "{point}: the complete checkpoint's state");
+        assert_eq!(disk_read(&d, &later).await, None, "{point}: its disk too");
+        assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.qemu_pids().is_empty() {
-        assert!(Instant::now() < deadline, "QEMU survived SIGKILL");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    d.set_env("HATCH_FAULTS", None);
-    d.start_again().await;
-    let vm = d.vm(&id).await;
-    assert_eq!(vm["state"], "snapshotted", "{vm}");
-    let (_, snap) = d
-        .call(Method::GET, &format!("/vms/{id}/snapshots/{half}"), None)
-        .await;
-    assert_eq!(snap["status"], "failed", "{snap}");
-    d.restore(&id, json!({})).await;
-    assert_eq!(boot_id(&d).await, boot);
-    assert_eq!(
-        counter(&d).await,
-        n + 1,
-        "the state of the complete checkpoint"
-    );
-    assert_eq!(disk_read(&d, "later").await, None, "its disk too");
-    assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
 }
 
 async fn suspended(d: &Daemon, id: &str) {

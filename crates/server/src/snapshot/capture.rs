@@ -317,6 +317,7 @@ impl VmManager {
         };
         let _ = std::fs::remove_file(&ram_copy);
         stored?;
+        self.faults.hit("checkpoint.files_committed", &rt.id)?;
         rec.layers = layers;
         rec.snap.disk_bytes = layers_size(&paths.dir, &rec.layers);
         self.describe_local_copy(rec).await
