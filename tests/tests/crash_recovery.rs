@@ -268,7 +268,11 @@ async fn a_checkpoint_cut_short_is_never_recovered_as_a_suspend() {
         assert_eq!(snap["status"], "failed", "{point}: {snap}");
         d.restore(&id, json!({})).await;
         assert_eq!(boot_id(&d).await, boot);
-        assert_eq!(counter(&d).await, n, "{point}: the complete checkpoint's state");
+        assert_eq!(
+            counter(&d).await,
+            n,
+            "{point}: the complete checkpoint's state"
+        );
         assert_eq!(disk_read(&d, &later).await, None, "{point}: its disk too");
         assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
     }
