@@ -305,6 +305,35 @@ impl Daemon {
         }
     }
 
+    /// Ask for a restore and check it was accepted (202); do not wait.
+    pub async fn start_restore(&self, vm: &str, body: Value) {
+        let (s, v) = self
+            .call(Method::POST, &format!("/vms/{vm}/restore"), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+
+    /// GET through the proxy, which must answer 200; returns the body.
+    pub async fn get_ok(&self, host: &str, path: &str) -> String {
+        let (s, body) = self.proxy_get(host, path).await;
+        assert_eq!(s, StatusCode::OK, "{host}{path}: {body}");
+        body
+    }
+
+    /// Create VM `name` routed at `<name>.localhost` and wait until its app
+    /// answers; returns its id and boot id.
+    pub async fn boot_routed(&self, name: &str) -> (String, String) {
+        let id = self.create_vm(serde_json::json!({ "name": name })).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.wait_state(&id, "running").await;
+        let host = format!("{name}.localhost");
+        self.create_route(&host, &id).await;
+        let boot = kv(&self.wait_http(&host, "/").await, "boot_id");
+        (id, boot)
+    }
+
     /// Ask for a restore (202) and wait until the VM is running again.
     pub async fn restore(&self, vm: &str, body: Value) {
         let (s, v) = self
@@ -596,6 +625,22 @@ impl Garage {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
+    }
+
+    /// The bucket, for tests that read or tamper with what is in it.
+    pub fn bucket(&self) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        std::sync::Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_endpoint(&self.endpoint)
+                .with_allow_http(true)
+                .with_bucket_name("hatch")
+                .with_region("garage")
+                .with_access_key_id(&self.key_id)
+                .with_secret_access_key(&self.secret)
+                .with_virtual_hosted_style_request(false)
+                .build()
+                .unwrap(),
+        )
     }
 
     /// The daemon's S3 settings for this Garage.

@@ -131,15 +131,7 @@ async fn a_crash_at_any_step_of_a_suspend_or_its_upload_loses_nothing() {
         "upload.manifest_written",
     ] {
         arm(&mut d, point).await;
-        let (s, snap) = d
-            .call(
-                Method::POST,
-                &format!("/vms/{id}/snapshot"),
-                Some(json!({ "stop": true })),
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{snap}");
-        let sid = snap["id"].as_str().unwrap().to_string();
+        let sid = d.snapshot(&id, true).await;
         let (state, t) = crash_and_recover(&mut d, &id, point).await;
         if point.starts_with("upload") || point == "suspend.recorded" {
             // Captured before the crash: the upload resumes and completes.
@@ -171,15 +163,7 @@ async fn a_crash_at_any_step_of_a_checkpoint_loses_nothing() {
         "upload.before_manifest",
     ] {
         arm(&mut d, point).await;
-        let (s, snap) = d
-            .call(
-                Method::POST,
-                &format!("/vms/{id}/snapshot"),
-                Some(json!({ "stop": false })),
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{snap}");
-        let sid = snap["id"].as_str().unwrap().to_string();
+        let sid = d.snapshot(&id, false).await;
         let (state, t) = crash_and_recover(&mut d, &id, point).await;
         // A checkpoint never ends the guest: it runs on.
         assert_eq!(state, "running", "{point}");
@@ -343,14 +327,7 @@ async fn a_crash_at_any_step_of_a_rollback_leaves_one_of_the_two_states() {
         let marker = format!("after{i}");
         disk_write(&d, &marker, "live").await;
         arm(&mut d, point).await;
-        let (s, b) = d
-            .call(
-                Method::POST,
-                &format!("/vms/{id}/restore"),
-                Some(json!({ "snapshot_id": sid })),
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+        d.start_restore(&id, json!({ "snapshot_id": sid })).await;
         let (state, t) = crash_and_recover(&mut d, &id, point).await;
         if state == "snapshotted" {
             d.restore(&id, json!({ "snapshot_id": sid })).await;

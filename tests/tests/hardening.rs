@@ -5,55 +5,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hatch_e2e::{Daemon, Garage, assert_guest_clock, kv};
-use object_store::aws::AmazonS3Builder;
+use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const SECRET: &str = "e2e-snapshot-secret-0123456789";
 
-async fn app(d: &Daemon, host: &str, path: &str) -> String {
-    let (s, body) = d.proxy_get(host, path).await;
-    assert_eq!(s, StatusCode::OK, "{host}{path}: {body}");
-    body
-}
-
-async fn booted(d: &Daemon, name: &str) -> (String, String) {
-    let id = d.create_vm(json!({ "name": name })).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    d.wait_state(&id, "running").await;
-    let host = format!("{name}.localhost");
-    d.create_route(&host, &id).await;
-    let boot = kv(&d.wait_http(&host, "/").await, "boot_id");
-    (id, boot)
-}
-
 fn env_with_secret(garage: &Garage) -> Vec<(String, String)> {
     let mut env = garage.env();
     env.push(("HATCH_SNAPSHOT_SECRET".into(), SECRET.into()));
     env
-}
-
-fn s3(garage: &Garage) -> Arc<dyn ObjectStore> {
-    Arc::new(
-        AmazonS3Builder::new()
-            .with_endpoint(&garage.endpoint)
-            .with_allow_http(true)
-            .with_bucket_name("hatch")
-            .with_region("garage")
-            .with_access_key_id(&garage.key_id)
-            .with_secret_access_key(&garage.secret)
-            .with_virtual_hosted_style_request(false)
-            .build()
-            .unwrap(),
-    )
 }
 
 /// Reseal a manifest body the way the daemon does (keyed BLAKE3 with a key
@@ -90,14 +55,14 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
 async fn a_forged_or_hostile_manifest_is_refused_and_nothing_is_written() {
     let garage = Garage::start().await;
     let d = Daemon::start_with_env(env_with_secret(&garage)).await;
-    let (id, boot) = booted(&d, "m").await;
-    assert_eq!(app(&d, "m.localhost", "/counter").await, "counter=1\n");
+    let (id, boot) = d.boot_routed("m").await;
+    assert_eq!(d.get_ok("m.localhost", "/counter").await, "counter=1\n");
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
     d.wait_state(&id, "snapshotted").await;
     d.wipe_local_snapshots(&id);
 
-    let bucket = s3(&garage);
+    let bucket = garage.bucket();
     let key = ObjPath::from(format!("manifests/{id}/{sid}.json"));
     let original = bucket.get(&key).await.unwrap().bytes().await.unwrap();
     let envelope: Value = serde_json::from_slice(&original).unwrap();
@@ -147,10 +112,7 @@ async fn a_forged_or_hostile_manifest_is_refused_and_nothing_is_written() {
             .put(&key, bytes::Bytes::from(bytes).into())
             .await
             .unwrap();
-        let (s, _) = d
-            .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{what}");
+        d.start_restore(&id, json!({})).await;
         let vm = d.wait_state(&id, "snapshotted").await;
         let reason = vm["state_reason"].as_str().unwrap_or_default();
         assert!(
@@ -176,16 +138,16 @@ async fn a_forged_or_hostile_manifest_is_refused_and_nothing_is_written() {
     // The genuine manifest still restores.
     bucket.put(&key, original.into()).await.unwrap();
     d.restore(&id, json!({})).await;
-    assert_eq!(kv(&app(&d, "m.localhost", "/").await, "boot_id"), boot);
-    assert_eq!(app(&d, "m.localhost", "/counter").await, "counter=2\n");
+    assert_eq!(kv(&d.get_ok("m.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(d.get_ok("m.localhost", "/counter").await, "counter=2\n");
 }
 
 #[tokio::test]
 async fn a_tampered_local_copy_is_not_used() {
     let mut garage = Garage::start().await;
     let d = Daemon::start_with_env(env_with_secret(&garage)).await;
-    let (id, boot) = booted(&d, "t").await;
-    assert_eq!(app(&d, "t.localhost", "/counter").await, "counter=1\n");
+    let (id, boot) = d.boot_routed("t").await;
+    assert_eq!(d.get_ok("t.localhost", "/counter").await, "counter=1\n");
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
     d.wait_state(&id, "snapshotted").await;
@@ -202,10 +164,7 @@ async fn a_tampered_local_copy_is_not_used() {
 
     // Without S3 it cannot be restored, and says why.
     garage.stop();
-    let (s, _) = d
-        .call(Method::POST, &format!("/vms/{id}/restore"), Some(json!({})))
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    d.start_restore(&id, json!({})).await;
     let vm = d.wait_state(&id, "snapshotted").await;
     let reason = vm["state_reason"].as_str().unwrap();
     assert!(
@@ -222,33 +181,27 @@ async fn a_tampered_local_copy_is_not_used() {
     // With S3 it is restored from there.
     garage.restart().await;
     d.restore(&id, json!({})).await;
-    assert_eq!(kv(&app(&d, "t.localhost", "/").await, "boot_id"), boot);
-    assert_eq!(app(&d, "t.localhost", "/counter").await, "counter=2\n");
+    assert_eq!(kv(&d.get_ok("t.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(d.get_ok("t.localhost", "/counter").await, "counter=2\n");
 }
 
 #[tokio::test]
 async fn a_rollback_that_cannot_get_its_snapshot_leaves_the_vm_running_unchanged() {
     let mut garage = Garage::start().await;
     let d = Daemon::start_with_env(garage.env()).await;
-    let (id, boot) = booted(&d, "r").await;
-    assert_eq!(app(&d, "r.localhost", "/counter").await, "counter=1\n");
+    let (id, boot) = d.boot_routed("r").await;
+    assert_eq!(d.get_ok("r.localhost", "/counter").await, "counter=1\n");
     let sid = d.snapshot(&id, false).await;
     d.wait_snapshot(&id, &sid, "ready").await;
-    assert_eq!(app(&d, "r.localhost", "/counter").await, "counter=2\n");
-    app(&d, "r.localhost", "/disk/write?name=k&value=after").await;
+    assert_eq!(d.get_ok("r.localhost", "/counter").await, "counter=2\n");
+    d.get_ok("r.localhost", "/disk/write?name=k&value=after")
+        .await;
 
     // The local copy is gone and S3 is down: the snapshot cannot be had.
     std::fs::remove_dir_all(d.data_dir.path().join("snapshots").join(&sid)).unwrap();
     garage.stop();
     let pids = d.qemu_pids();
-    let (s, _) = d
-        .call(
-            Method::POST,
-            &format!("/vms/{id}/restore"),
-            Some(json!({ "snapshot_id": sid })),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    d.start_restore(&id, json!({ "snapshot_id": sid })).await;
     let vm = wait_reason(&d, &id).await;
     assert_eq!(vm["state"], "running", "{vm}");
     let reason = vm["state_reason"].as_str().unwrap();
@@ -257,10 +210,10 @@ async fn a_rollback_that_cannot_get_its_snapshot_leaves_the_vm_running_unchanged
         "{vm}"
     );
     assert_eq!(d.qemu_pids(), pids, "the same QEMU runs on");
-    assert_eq!(kv(&app(&d, "r.localhost", "/").await, "boot_id"), boot);
-    assert_eq!(app(&d, "r.localhost", "/counter").await, "counter=3\n");
+    assert_eq!(kv(&d.get_ok("r.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(d.get_ok("r.localhost", "/counter").await, "counter=3\n");
     assert_eq!(
-        app(&d, "r.localhost", "/disk/read?name=k").await,
+        d.get_ok("r.localhost", "/disk/read?name=k").await,
         "value=after\n"
     );
 }
@@ -283,21 +236,14 @@ async fn a_hung_qemu_is_killed_and_the_vm_is_free_again() {
     let mut env = garage.env();
     env.push(("HATCH_QMP_TIMEOUT_SECONDS".into(), "2".into()));
     let d = Daemon::start_with_env(env).await;
-    let (id, _) = booted(&d, "h").await;
+    let (id, _) = d.boot_routed("h").await;
     let pids = d.qemu_pids();
     assert_eq!(pids.len(), 1);
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
         libc::kill(pids[0], libc::SIGSTOP);
     }
-    let (s, _) = d
-        .call(
-            Method::POST,
-            &format!("/vms/{id}/snapshot"),
-            Some(json!({ "stop": false })),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    d.snapshot(&id, false).await;
     let vm = d.wait_state(&id, "failed").await;
     let reason = vm["state_reason"].as_str().unwrap();
     assert!(reason.contains("stopped answering"), "{vm}");
@@ -314,8 +260,8 @@ async fn a_hung_qemu_is_killed_and_the_vm_is_free_again() {
 #[tokio::test]
 async fn one_vm_whose_recovery_fails_does_not_keep_the_others_down() {
     let mut d = Daemon::start().await;
-    let (bad, _) = booted(&d, "bad").await;
-    let (good, boot) = booted(&d, "good").await;
+    let (bad, _) = d.boot_routed("bad").await;
+    let (good, boot) = d.boot_routed("good").await;
     d.set_env("HATCH_FAULTS", Some(&format!("recover@{bad}=fail")));
     d.restart().await;
     let vm = d.vm(&bad).await;
@@ -328,7 +274,7 @@ async fn one_vm_whose_recovery_fails_does_not_keep_the_others_down() {
         "{vm}"
     );
     assert_eq!(d.vm(&good).await["state"], "running");
-    assert_eq!(kv(&app(&d, "good.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(kv(&d.get_ok("good.localhost", "/").await, "boot_id"), boot);
     assert_eq!(d.qemu_pids().len(), 1, "the failed vm's QEMU was stopped");
 }
 
@@ -434,7 +380,7 @@ async fn the_clock_is_right_after_a_herd_of_wakes_and_a_wake_without_sync_fails(
     // Once the agent answers, it wakes with its clock right.
     d.set_env("HATCH_FAULTS", None);
     d.restart().await;
-    let body = app(&d, "h4.localhost", "/").await;
+    let body = d.get_ok("h4.localhost", "/").await;
     assert_eq!(kv(&body, "boot_id"), boots[3]);
     assert_guest_clock(&body, 1.0);
 }
@@ -446,7 +392,7 @@ async fn a_real_websocket_client_talks_to_the_guest() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     let d = Daemon::start().await;
-    booted(&d, "ws").await;
+    d.boot_routed("ws").await;
     let mut req = format!("ws://{}/ws", d.proxy_addr)
         .into_client_request()
         .unwrap();

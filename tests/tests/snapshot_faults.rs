@@ -3,12 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-
 use hatch_e2e::{Daemon, Garage, kv};
-use object_store::aws::AmazonS3Builder;
+use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -18,24 +15,13 @@ async fn app(d: &Daemon, path: &str) -> String {
     body
 }
 
-async fn booted_app(d: &Daemon) -> (String, String) {
-    let id = d.create_vm(json!({ "name": "app" })).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    d.wait_state(&id, "running").await;
-    d.create_route("app.localhost", &id).await;
-    let boot_id = kv(&d.wait_http("app.localhost", "/").await, "boot_id");
-    (id, boot_id)
-}
-
 #[tokio::test]
 async fn s3_outage_during_upload_keeps_the_vm_restorable_and_a_retry_succeeds() {
     let mut garage = Garage::start().await;
     let mut env = garage.env();
     env.push(("HATCH_UPLOAD_RETRY_MAX_SECONDS".into(), "2".into()));
     let d = Daemon::start_with_env(env).await;
-    let (id, boot_id) = booted_app(&d).await;
+    let (id, boot_id) = d.boot_routed("app").await;
     assert_eq!(app(&d, "/counter").await, "counter=1\n");
 
     garage.stop();
@@ -108,7 +94,7 @@ async fn wait_snapshot_error(d: &Daemon, vm: &str, sid: &str) -> Value {
 async fn s3_outage_during_restore_fails_clearly_and_a_later_restore_works() {
     let mut garage = Garage::start().await;
     let d = Daemon::start_with_env(garage.env()).await;
-    let (id, boot_id) = booted_app(&d).await;
+    let (id, boot_id) = d.boot_routed("app").await;
     assert_eq!(app(&d, "/counter").await, "counter=1\n");
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
@@ -155,7 +141,7 @@ async fn s3_outage_during_restore_fails_clearly_and_a_later_restore_works() {
 async fn a_failed_wake_gives_the_local_copy_back() {
     let mut garage = Garage::start().await;
     let d = Daemon::start_with_env(garage.env()).await;
-    let (id, boot_id) = booted_app(&d).await;
+    let (id, boot_id) = d.boot_routed("app").await;
     assert_eq!(app(&d, "/counter").await, "counter=1\n");
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
@@ -184,7 +170,7 @@ async fn a_failed_wake_gives_the_local_copy_back() {
 async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
     let garage = Garage::start().await;
     let d = Daemon::start_with_env(garage.env()).await;
-    let (id, boot_id) = booted_app(&d).await;
+    let (id, boot_id) = d.boot_routed("app").await;
     assert_eq!(app(&d, "/counter").await, "counter=1\n");
     let old = d.snapshot(&id, false).await;
     d.wait_snapshot(&id, &old, "ready").await;
@@ -194,18 +180,7 @@ async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
     d.wait_state(&id, "snapshotted").await;
 
     // Overwrite, in S3, a memory chunk that only the newer snapshot has.
-    let s3: Arc<dyn ObjectStore> = Arc::new(
-        AmazonS3Builder::new()
-            .with_endpoint(&garage.endpoint)
-            .with_allow_http(true)
-            .with_bucket_name("hatch")
-            .with_region("garage")
-            .with_access_key_id(&garage.key_id)
-            .with_secret_access_key(&garage.secret)
-            .with_virtual_hosted_style_request(false)
-            .build()
-            .unwrap(),
-    );
+    let s3 = garage.bucket();
     let manifest = |sid: String| {
         let s3 = s3.clone();
         let id = id.clone();
@@ -267,7 +242,7 @@ fn zstd_garbage() -> Vec<u8> {
 async fn a_daemon_killed_right_after_a_suspend_request_leaves_the_vm_restorable() {
     let garage = Garage::start().await;
     let mut d = Daemon::start_with_env(garage.env()).await;
-    let (id, boot_id) = booted_app(&d).await;
+    let (id, boot_id) = d.boot_routed("app").await;
     assert_eq!(app(&d, "/counter").await, "counter=1\n");
     let sid = d.snapshot(&id, true).await;
     // Killed wherever the snapshot is: capturing, keeping RAM, uploading, done.

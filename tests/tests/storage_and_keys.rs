@@ -5,52 +5,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use hatch_e2e::{Daemon, Garage, KEY, kv};
-use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-async fn app(d: &Daemon, host: &str, path: &str) -> String {
-    let (s, body) = d.proxy_get(host, path).await;
-    assert_eq!(s, StatusCode::OK, "{host}{path}: {body}");
-    body
-}
-
-async fn booted(d: &Daemon, name: &str) -> (String, String) {
-    let id = d.create_vm(json!({ "name": name })).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    d.wait_state(&id, "running").await;
-    let host = format!("{name}.localhost");
-    d.create_route(&host, &id).await;
-    let boot = kv(&d.wait_http(&host, "/").await, "boot_id");
-    (id, boot)
-}
-
-fn s3(garage: &Garage) -> Arc<dyn ObjectStore> {
-    Arc::new(
-        AmazonS3Builder::new()
-            .with_endpoint(&garage.endpoint)
-            .with_allow_http(true)
-            .with_bucket_name("hatch")
-            .with_region("garage")
-            .with_access_key_id(&garage.key_id)
-            .with_secret_access_key(&garage.secret)
-            .with_virtual_hosted_style_request(false)
-            .build()
-            .unwrap(),
-    )
-}
-
 async fn keys_under(garage: &Garage, prefix: &str) -> Vec<String> {
-    s3(garage)
+    garage
+        .bucket()
         .list(Some(&ObjPath::from(prefix)))
         .map_ok(|m| m.location.to_string())
         .try_collect()
@@ -85,8 +50,8 @@ async fn local_copies_stay_within_their_budget_but_never_the_only_copy() {
     env.push(("HATCH_LOCAL_CACHE_MIB".into(), "1".into()));
     env.push(("HATCH_UPLOAD_RETRY_MAX_SECONDS".into(), "2".into()));
     let d = Daemon::start_with_env(env).await;
-    let (id, boot) = booted(&d, "b").await;
-    assert_eq!(app(&d, "b.localhost", "/counter").await, "counter=1\n");
+    let (id, boot) = d.boot_routed("b").await;
+    assert_eq!(d.get_ok("b.localhost", "/counter").await, "counter=1\n");
 
     // Two snapshots in S3: their local copies exceed 1 MiB and go.
     let first = d.snapshot(&id, false).await;
@@ -109,8 +74,8 @@ async fn local_copies_stay_within_their_budget_but_never_the_only_copy() {
 
     // The evicted suspend wakes from S3.
     d.restore(&id, json!({})).await;
-    assert_eq!(kv(&app(&d, "b.localhost", "/").await, "boot_id"), boot);
-    assert_eq!(app(&d, "b.localhost", "/counter").await, "counter=2\n");
+    assert_eq!(kv(&d.get_ok("b.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(d.get_ok("b.localhost", "/counter").await, "counter=2\n");
 
     // With S3 down, the only copy of a suspend stays, over budget.
     garage.stop();
@@ -129,7 +94,7 @@ async fn local_copies_stay_within_their_budget_but_never_the_only_copy() {
             .exists()
     );
     d.restore(&id, json!({})).await;
-    assert_eq!(app(&d, "b.localhost", "/counter").await, "counter=3\n");
+    assert_eq!(d.get_ok("b.localhost", "/counter").await, "counter=3\n");
     garage.restart().await;
     d.wait_snapshot(&id, &third, "ready").await;
 }
@@ -140,8 +105,8 @@ async fn deleting_a_vm_during_its_upload_leaves_no_manifest_behind() {
     let mut env = garage.env();
     env.push(("HATCH_UPLOAD_RETRY_MAX_SECONDS".into(), "2".into()));
     let d = Daemon::start_with_env(env).await;
-    let (gone, _) = booted(&d, "gone").await;
-    let (kept, _) = booted(&d, "kept").await;
+    let (gone, _) = d.boot_routed("gone").await;
+    let (kept, _) = d.boot_routed("kept").await;
     let old = d.snapshot(&gone, false).await;
     d.wait_snapshot(&gone, &old, "ready").await;
     assert_eq!(
@@ -197,9 +162,9 @@ async fn garbage_collection_is_safe_with_two_daemons_on_one_bucket() {
     env.push(("HATCH_GC_GRACE_SECONDS".into(), "0".into()));
     let a = Daemon::start_with_env(env.clone()).await;
     let b = Daemon::start_with_env(env).await;
-    let (id, boot) = booted(&a, "a").await;
-    let (bid, _) = booted(&b, "b").await;
-    assert_eq!(app(&a, "a.localhost", "/counter").await, "counter=1\n");
+    let (id, boot) = a.boot_routed("a").await;
+    let (bid, _) = b.boot_routed("b").await;
+    assert_eq!(a.get_ok("a.localhost", "/counter").await, "counter=1\n");
     let sid = a.snapshot(&id, true).await;
     a.wait_snapshot(&id, &sid, "ready").await;
     a.wait_state(&id, "snapshotted").await;
@@ -230,8 +195,8 @@ async fn garbage_collection_is_safe_with_two_daemons_on_one_bucket() {
     // A's snapshot lost nothing.
     a.wipe_local_snapshots(&id);
     a.restore(&id, json!({})).await;
-    assert_eq!(kv(&app(&a, "a.localhost", "/").await, "boot_id"), boot);
-    assert_eq!(app(&a, "a.localhost", "/counter").await, "counter=2\n");
+    assert_eq!(kv(&a.get_ok("a.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(a.get_ok("a.localhost", "/counter").await, "counter=2\n");
 }
 
 #[tokio::test]
@@ -351,7 +316,7 @@ async fn secrets_stay_out_of_logs_and_child_processes() {
     env.push(("HATCH_SNAPSHOT_SECRET".into(), snapshot_secret.into()));
     env.push(("HATCH_LOG".into(), "debug".into()));
     let d = Daemon::start_with_env(env).await;
-    let (id, _) = booted(&d, "s").await;
+    let (id, _) = d.boot_routed("s").await;
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
     d.wait_state(&id, "snapshotted").await;

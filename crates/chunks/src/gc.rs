@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 
 use crate::lock::EPOCH_KEY;
 use crate::{ChunkError, ChunkStore};
@@ -95,17 +94,9 @@ impl ChunkStore {
     /// Stored chunks: (id, size, last modified as unix seconds by the
     /// store's clock).
     async fn list_chunks(&self) -> Result<Vec<(String, u64, i64)>, ChunkError> {
-        let full = format!("{}chunks/", self.prefix);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&self.path(&full)))
-            .try_collect()
-            .await
-            .map_err(|source| ChunkError::Store {
-                key: full.clone(),
-                source,
-            })?;
-        Ok(metas
+        Ok(self
+            .list_meta("chunks/")
+            .await?
             .into_iter()
             .filter_map(|m| {
                 let id = m.location.filename()?.to_string();

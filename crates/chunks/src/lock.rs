@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Serialize;
@@ -163,12 +162,7 @@ impl ChunkStore {
             .put(&path, PutPayload::from_bytes(body.clone()))
             .await
             .map_err(store_err(&key))?;
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&self.path(&dir)))
-            .try_collect()
-            .await
-            .map_err(store_err(&dir))?;
+        let listed = self.list_meta("locks/").await?;
         let now = match listed.iter().find(|m| m.location == path) {
             Some(own) => own.last_modified.timestamp(),
             // Not listed although just written: the store is not consistent

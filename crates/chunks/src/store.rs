@@ -312,22 +312,26 @@ impl ChunkStore {
 
     /// Keys under `prefix` (relative to the store prefix).
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ChunkError> {
-        let full = format!("{}{prefix}", self.prefix);
-        let p = self.path(&full);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&p))
-            .try_collect()
-            .await
-            .map_err(|source| ChunkError::Store {
-                key: full.clone(),
-                source,
-            })?;
-        Ok(metas
+        Ok(self
+            .list_meta(prefix)
+            .await?
             .into_iter()
             .map(|m| m.location.to_string())
             .filter_map(|k| k.strip_prefix(&self.prefix).map(String::from))
             .collect())
+    }
+
+    /// Objects under `prefix` (relative to the store prefix).
+    pub(crate) async fn list_meta(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<object_store::ObjectMeta>, ChunkError> {
+        let full = format!("{}{prefix}", self.prefix);
+        self.store
+            .list(Some(&self.path(&full)))
+            .try_collect()
+            .await
+            .map_err(|source| ChunkError::Store { key: full, source })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Per-VM disks: qcow2 overlays over an image's base disk, so that creating a
 //! VM copies nothing and each VM's writes stay its own.
 
+use std::ffi::OsStr;
 use std::path::Path;
 
 use tokio::process::Command;
@@ -14,25 +15,23 @@ pub async fn create_overlay(
     path: &Path,
     size_mib: u64,
 ) -> Result<(), VmmError> {
-    let out = qemu_img()
-        .arg("create")
-        .args(["-q", "-f", "qcow2", "-F", base_format, "-b"])
-        .arg(base)
-        .arg(path)
-        .arg(format!("{size_mib}M"))
-        .output()
-        .await
-        .map_err(|source| VmmError::Exec {
-            program: "qemu-img".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(VmmError::Tool {
-            tool: "qemu-img create",
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    let size = format!("{size_mib}M");
+    qemu_img(
+        "qemu-img create",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            base_format.as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            path.as_os_str(),
+            size.as_ref(),
+        ],
+    )
+    .await
 }
 
 /// Point a qcow2 layer at another backing file without touching its data
@@ -43,10 +42,31 @@ pub async fn rebase_unsafe(
     backing: &Path,
     backing_format: &str,
 ) -> Result<(), VmmError> {
-    let out = qemu_img()
-        .args(["rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b"])
-        .arg(backing)
-        .arg(layer)
+    qemu_img(
+        "qemu-img rebase",
+        &[
+            "rebase".as_ref(),
+            "-u".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            backing_format.as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            layer.as_os_str(),
+        ],
+    )
+    .await
+}
+
+/// Run `qemu-img` with an empty environment but `PATH`: the daemon's
+/// environment holds secrets (API key, S3 credentials) that a child has no
+/// business seeing.
+async fn qemu_img(tool: &'static str, args: &[&OsStr]) -> Result<(), VmmError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .output()
         .await
         .map_err(|source| VmmError::Exec {
@@ -55,19 +75,9 @@ pub async fn rebase_unsafe(
         })?;
     if !out.status.success() {
         return Err(VmmError::Tool {
-            tool: "qemu-img rebase",
+            tool,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
     Ok(())
-}
-
-/// `qemu-img` with an empty environment but `PATH`: the daemon's
-/// environment holds secrets (API key, S3 credentials) that a child has no
-/// business seeing.
-fn qemu_img() -> Command {
-    let mut c = Command::new("qemu-img");
-    c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-    c
 }

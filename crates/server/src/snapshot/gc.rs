@@ -52,12 +52,18 @@ impl VmManager {
             kept_young = r.kept_young,
             "garbage collection"
         );
-        Ok(GcReport {
+        Ok(r.into())
+    }
+}
+
+impl From<hatch_chunks::GcReport> for GcReport {
+    fn from(r: hatch_chunks::GcReport) -> Self {
+        GcReport {
             manifests: r.manifests,
             chunks: r.chunks,
             deleted_chunks: r.deleted_chunks,
             freed_bytes: r.freed_bytes,
             kept_young: r.kept_young,
-        })
+        }
     }
 }
