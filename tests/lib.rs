@@ -94,6 +94,26 @@ impl Daemon {
     }
 
     async fn spawn(&mut self) {
+        // A port picked free may be taken (by a QEMU's forward, another
+        // test) before the daemon binds it: pick new ones and try again.
+        for _ in 0..5 {
+            let log_len = self.daemon_log().len();
+            if self.spawn_once().await {
+                return;
+            }
+            let log = self.daemon_log();
+            assert!(
+                log[log_len..].contains("Address already in use"),
+                "hatch serve exited:\n{log}"
+            );
+            self.api_addr = free_addr();
+            self.proxy_addr = free_addr();
+        }
+        panic!("no free ports for the daemon:\n{}", self.daemon_log());
+    }
+
+    /// Start the daemon; false if it exited before answering.
+    async fn spawn_once(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -130,10 +150,11 @@ impl Daemon {
             if let Ok(r) = self.http.get(&url).send().await
                 && r.status() == StatusCode::OK
             {
-                return;
+                return true;
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("hatch serve exited with {status}:\n{}", self.daemon_log());
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                self.child = None;
+                return false;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
