@@ -308,14 +308,18 @@ impl VmManager {
                 let reason = format!("recovery after a daemon restart failed: {e:#}");
                 tracing::error!(vm = %vm.id, %reason);
                 // A QEMU left running but unmanaged would hold the VM's
-                // disk and memory with nobody watching: stop it.
+                // disk and memory with nobody watching: stop it. Without a
+                // QEMU its files stay as they are (the RAM file may be an
+                // interrupted suspend's memory image).
                 if rt.machine().is_none() {
                     let paths = self.paths(&vm.id);
                     if let Ok(m) = Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
                         rt.lock().machine = Some(Arc::new(m));
                     }
                 }
-                self.halt(&rt).await;
+                if rt.machine().is_some() {
+                    self.halt(&rt).await;
+                }
                 self.clear_forwards(&rt);
                 if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
                     tracing::error!(vm = %vm.id, error = %e, "recording the failed recovery failed");
@@ -342,7 +346,11 @@ impl VmManager {
                 rt.lock().machine = Some(machine.clone());
                 tracing::info!(vm = %id, pid = machine.pid(), "re-attached to running vm");
                 self.watch(rt.clone(), machine.clone());
-                self.reconcile_disk_chain(&id, &machine).await?;
+                if let Err(e) = self.reconcile_disk_chain(&id, &machine).await {
+                    // Not worth stopping a running guest for; the recorded
+                    // chain stays (and its layers are not pruned).
+                    tracing::warn!(vm = %id, error = format!("{e:#}"), "cannot read the disk chain from QEMU");
+                }
                 match state {
                     VmState::Stopping => {
                         // The stop was interrupted: finish it.

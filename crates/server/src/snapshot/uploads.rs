@@ -6,7 +6,7 @@
 //! that failed are retried the same way, so no orphan manifest pins chunks
 //! forever. The database is the queue: the worker survives restarts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,9 @@ pub struct Uploads {
 #[derive(Default)]
 struct State {
     running: HashMap<String, Running>,
+    /// Snapshots being deleted: never started again, even by a scan of the
+    /// queue that read them just before their deletion.
+    cancelled: HashSet<String>,
     retry_at: HashMap<String, Instant>,
     retries: u64,
     last_error: Option<(String, String)>,
@@ -115,18 +118,26 @@ impl VmManager {
         };
         self.metrics.upload_queue.set(waiting.len() as i64);
         let now = Instant::now();
+        {
+            // A cancelled snapshot no longer in the queue is gone for good.
+            let queued: HashSet<&str> = waiting.iter().map(|r| r.snap.id.as_str()).collect();
+            self.uploads
+                .lock()
+                .cancelled
+                .retain(|id| queued.contains(id.as_str()));
+        }
         for mut rec in waiting {
             let id = rec.snap.id.clone();
+            let mut s = self.uploads.lock();
+            if s.running.contains_key(&id)
+                || s.cancelled.contains(&id)
+                || s.running.len() >= MAX_PARALLEL
+                || s.retry_at.get(&id).is_some_and(|at| *at > now)
             {
-                let s = self.uploads.lock();
-                if s.running.contains_key(&id)
-                    || s.running.len() >= MAX_PARALLEL
-                    || s.retry_at.get(&id).is_some_and(|at| *at > now)
-                {
-                    continue;
-                }
+                continue;
             }
             if !rec.local {
+                drop(s);
                 rec.snap.status = SnapshotStatus::Failed;
                 rec.snap.error = Some("its local copy is gone and S3 does not hold it".to_string());
                 self.save_record(&rec);
@@ -134,13 +145,16 @@ impl VmManager {
             }
             let (done_tx, done_rx) = watch::channel(false);
             let cancel = CancellationToken::new();
-            self.uploads.lock().running.insert(
+            // Registered under the same lock as the checks above: a
+            // cancellation either sees it running or marks it cancelled first.
+            s.running.insert(
                 id.clone(),
                 Running {
                     cancel: cancel.clone(),
                     done: done_rx,
                 },
             );
+            drop(s);
             let (this, store) = (self.clone(), store.clone());
             self.tasks.spawn(async move {
                 let _finished = Finished {
@@ -205,7 +219,8 @@ impl VmManager {
     /// stopped: afterwards no manifest of theirs will be written.
     pub(crate) async fn cancel_uploads(&self, snapshot_ids: &[String]) {
         let waits: Vec<_> = {
-            let s = self.uploads.lock();
+            let mut s = self.uploads.lock();
+            s.cancelled.extend(snapshot_ids.iter().cloned());
             snapshot_ids
                 .iter()
                 .filter_map(|id| s.running.get(id))
