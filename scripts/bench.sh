@@ -28,7 +28,7 @@ rm -rf "$IMAGES/bench-touch"
 "$HATCH" image register bench-touch --images-dir "$IMAGES" \
   --kernel "$IMAGES/default/vmlinux" --initrd "$IMAGES/default/initrd.img" \
   --disk "$(ls "$IMAGES"/default/base-*.raw | head -1)" \
-  --cmdline "$cmdline hatch.touch_mib=$TOUCH_MIB" >/dev/null
+  --cmdline "$cmdline hatch.touch_mib=$TOUCH_MIB" --agent >/dev/null
 
 eval "$(start_garage "${HATCH_DATA_DIR:-$HOME/.local/share/hatch}/garage")"
 DATA=$(mktemp -d /tmp/hatch-bench-XXXXXX)

@@ -190,6 +190,7 @@ impl ImageStore {
         initrd: &Path,
         disk: &Path,
         cmdline: Option<&str>,
+        agent: bool,
     ) -> Result<Image, ImageError> {
         validate_image_name(name)?;
         let cmdline = cmdline.unwrap_or(DEFAULT_USER_CMDLINE).trim().to_string();
@@ -216,7 +217,7 @@ impl ImageStore {
             disk_mib: info.virtual_size.div_ceil(1 << 20),
             cmdline,
             created_at: util::now_rfc3339(),
-            agent: false,
+            agent,
         };
         write_image_json(staging.path(), &image)?;
         util::fsync_dir(staging.path())?;
@@ -361,7 +362,14 @@ mod tests {
         f.set_len(3 << 20).unwrap();
         drop(f);
         let img = store
-            .register("user-1", &kernel, &initrd, &disk, Some("console=ttyS0"))
+            .register(
+                "user-1",
+                &kernel,
+                &initrd,
+                &disk,
+                Some("console=ttyS0"),
+                false,
+            )
             .unwrap();
         assert_eq!(img.disk_format, "raw");
         assert_eq!(img.disk_mib, 3);
@@ -370,16 +378,16 @@ mod tests {
         assert_eq!(fs::metadata(&img.disk).unwrap().len(), 3 << 20);
         assert_eq!(store.get("user-1").unwrap(), img);
         assert!(matches!(
-            store.register("user-1", &kernel, &initrd, &disk, None),
+            store.register("user-1", &kernel, &initrd, &disk, None, false),
             Err(ImageError::AlreadyExists(_))
         ));
         assert!(matches!(
-            store.register("Bad", &kernel, &initrd, &disk, None),
+            store.register("Bad", &kernel, &initrd, &disk, None, false),
             Err(ImageError::InvalidName(_))
         ));
         // Not a kernel.
         assert!(matches!(
-            store.register("user-2", &initrd, &initrd, &disk, None),
+            store.register("user-2", &initrd, &initrd, &disk, None, false),
             Err(ImageError::InvalidInput(_))
         ));
         assert!(store.get("user-2").is_err());

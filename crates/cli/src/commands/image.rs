@@ -73,6 +73,10 @@ pub enum ImageCommand {
         /// Kernel command line (default: console=ttyS0).
         #[arg(long)]
         cmdline: Option<String>,
+        /// The image runs Hatch's guest agent (`hatch-guest`): restores set
+        /// its clock and reseed its RNG, and fail if it does not confirm.
+        #[arg(long)]
+        agent: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -136,12 +140,17 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
             initrd,
             disk,
             cmdline,
+            agent,
             store,
         } => {
-            let image =
-                store
-                    .open()?
-                    .register(&name, &kernel, &initrd, &disk, cmdline.as_deref())?;
+            let image = store.open()?.register(
+                &name,
+                &kernel,
+                &initrd,
+                &disk,
+                cmdline.as_deref(),
+                agent,
+            )?;
             print_image(store.json, &image);
         }
     }
