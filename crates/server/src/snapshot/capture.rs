@@ -128,7 +128,10 @@ impl VmManager {
         let saved = async {
             self.faults.hit("suspend.paused", &rt.id)?;
             machine.save_state(&part).await?;
-            durable::commit(&part, &dir.join("state"))
+            // Renamed now (complete), made durable with the RAM image once
+            // QEMU has ended: an fsync here would lengthen the pause, and
+            // before that the RAM image is not durable either.
+            std::fs::rename(&part, dir.join("state"))
                 .with_context(|| format!("keeping {}", part.display()))?;
             self.faults.hit("suspend.state_saved", &rt.id)?;
             anyhow::Ok(())
@@ -179,6 +182,7 @@ impl VmManager {
         self.remove_runtime_files(vm_id);
         blocking(move || {
             durable::sync_file(&dst)?;
+            durable::sync_file(&dir.join("state"))?;
             durable::sync_dir(&dir)
         })
         .await
@@ -204,9 +208,10 @@ impl VmManager {
                 continue;
             }
             if ram_kept {
-                let (mem, d) = (dir.join("mem"), dir.clone());
+                let d = dir.clone();
                 blocking(move || {
-                    durable::sync_file(&mem)?;
+                    durable::sync_file(&d.join("mem"))?;
+                    durable::sync_file(&d.join("state"))?;
                     durable::sync_dir(&d)
                 })
                 .await?;
