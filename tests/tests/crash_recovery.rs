@@ -344,3 +344,37 @@ async fn a_crash_at_any_step_of_a_rollback_leaves_one_of_the_two_states() {
         );
     }
 }
+
+/// A suspend step fails after QEMU has ended, and so does the attempt to
+/// complete the suspend right away: the saved state and RAM image are the
+/// VM's only state. They are kept (the VM shows failed, with the reason)
+/// and the suspend is completed when the daemon next starts.
+#[tokio::test]
+async fn a_suspend_that_cannot_be_completed_keeps_its_state_for_the_next_start() {
+    let (_garage, mut d, id, boot) = setup().await;
+    let n = counter(&d).await;
+    d.set_env(
+        "HATCH_FAULTS",
+        Some("suspend.qemu_ended=fail,suspend.complete=fail:1"),
+    );
+    d.restart().await;
+    let sid = d.snapshot(&id, true).await;
+    let vm = d.wait_state(&id, "failed").await;
+    assert!(
+        vm["state_reason"]
+            .as_str()
+            .unwrap()
+            .contains("its saved state is kept"),
+        "{vm}"
+    );
+    assert!(d.qemu_pids().is_empty());
+    d.set_env("HATCH_FAULTS", None);
+    d.restart().await;
+    let vm = d.vm(&id).await;
+    assert_eq!(vm["state"], "snapshotted", "{vm}");
+    wait_ready(&d, &id, &sid).await;
+    d.restore(&id, json!({})).await;
+    assert_eq!(boot_id(&d).await, boot);
+    assert_eq!(counter(&d).await, n + 1);
+    assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
+}

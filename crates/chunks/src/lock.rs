@@ -69,7 +69,9 @@ struct LockBody<'a> {
 pub struct BucketLock {
     store: Arc<dyn ObjectStore>,
     path: ObjPath,
-    refresher: tokio::task::JoinHandle<()>,
+    refresher: Option<tokio::task::JoinHandle<()>>,
+    /// When the lock object was last written.
+    refreshed: Arc<std::sync::Mutex<tokio::time::Instant>>,
     /// When the lock was taken, by the store's clock (unix seconds).
     pub(crate) taken_at: i64,
     released: bool,
@@ -83,11 +85,38 @@ impl std::fmt::Debug for BucketLock {
     }
 }
 
+/// A held lock older than this (not rewritten since) may already count as
+/// a dead holder's for others: work that relies on it must not go on.
+const TRUST_FOR: Duration = Duration::from_secs(STALE_AFTER.as_secs() * 2 / 3);
+
 impl BucketLock {
-    /// Remove the lock object.
+    /// Fails if the lock object was not rewritten recently enough for
+    /// others to still honour it (its refreshes failed): then a collection
+    /// may be running, and what the holder did under it cannot be trusted.
+    pub fn check_held(&self) -> Result<(), ChunkError> {
+        let age = self
+            .refreshed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if age > TRUST_FOR {
+            return Err(ChunkError::Locked(format!(
+                "our lock {} was not refreshed for {} s",
+                self.path,
+                age.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Remove the lock object, after the refresher has stopped (so that a
+    /// refresh in flight cannot write it again afterwards).
     pub async fn release(mut self) {
         self.released = true;
-        self.refresher.abort();
+        if let Some(r) = self.refresher.take() {
+            r.abort();
+            let _ = r.await;
+        }
         if let Err(e) = self.store.delete(&self.path).await {
             // It goes stale and is ignored after STALE_AFTER.
             tracing::warn!(lock = %self.path, error = %e, "could not remove a bucket lock");
@@ -97,15 +126,21 @@ impl BucketLock {
 
 impl Drop for BucketLock {
     fn drop(&mut self) {
-        self.refresher.abort();
         if self.released {
             return;
         }
-        let (store, path) = (self.store.clone(), self.path.clone());
+        let (store, path, refresher) =
+            (self.store.clone(), self.path.clone(), self.refresher.take());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                if let Some(r) = refresher {
+                    r.abort();
+                    let _ = r.await;
+                }
                 let _ = store.delete(&path).await;
             });
+        } else if let Some(r) = refresher {
+            r.abort();
         }
     }
 }
@@ -148,8 +183,11 @@ impl ChunkStore {
         kind: LockKind,
         owner: &str,
     ) -> Result<Result<BucketLock, String>, ChunkError> {
-        let dir = format!("{}locks/", self.prefix);
-        let key = format!("{dir}{}-{:016x}.json", kind.as_str(), rand::random::<u64>());
+        let key = format!(
+            "locks/{}-{:016x}.json",
+            kind.as_str(),
+            rand::random::<u64>()
+        );
         let path = self.path(&key);
         let body = serde_json::to_vec(&LockBody { kind, owner })
             .map_err(|e| ChunkError::Task(e.to_string()))?;
@@ -162,7 +200,14 @@ impl ChunkStore {
             .put(&path, PutPayload::from_bytes(body.clone()))
             .await
             .map_err(store_err(&key))?;
-        let listed = self.list_meta("locks/").await?;
+        let listed = match self.list_meta("locks/").await {
+            Ok(l) => l,
+            Err(e) => {
+                // Not left behind: a stray gc lock would block every upload.
+                let _ = self.store.delete(&path).await;
+                return Err(e);
+            }
+        };
         let now = match listed.iter().find(|m| m.location == path) {
             Some(own) => own.last_modified.timestamp(),
             // Not listed although just written: the store is not consistent
@@ -187,21 +232,30 @@ impl ChunkStore {
             return Ok(Err(holder));
         }
         let (store, refresh_path) = (self.store.clone(), path.clone());
+        let refreshed = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+        let last = refreshed.clone();
         let refresher = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(REFRESH_EVERY).await;
-                if let Err(e) = store
+                match store
                     .put(&refresh_path, PutPayload::from_bytes(body.clone()))
                     .await
                 {
-                    tracing::warn!(lock = %refresh_path, error = %e, "could not refresh a bucket lock");
+                    Ok(_) => {
+                        *last.lock().unwrap_or_else(|p| p.into_inner()) =
+                            tokio::time::Instant::now()
+                    }
+                    Err(e) => {
+                        tracing::warn!(lock = %refresh_path, error = %e, "could not refresh a bucket lock")
+                    }
                 }
             }
         });
         Ok(Ok(BucketLock {
             store: self.store.clone(),
             path,
-            refresher,
+            refresher: Some(refresher),
+            refreshed,
             taken_at: now,
             released: false,
         }))

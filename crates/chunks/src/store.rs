@@ -66,13 +66,20 @@ impl ChunkStore {
         self
     }
 
+    /// The key of chunk `id`, relative to the prefix (like every key this
+    /// store takes).
     pub fn chunk_key(&self, id: &str) -> String {
         let shard = id.get(..2).unwrap_or("xx");
-        format!("{}chunks/{shard}/{id}", self.prefix)
+        format!("chunks/{shard}/{id}")
+    }
+
+    /// The full object key in the bucket of a key relative to the prefix.
+    pub fn object_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 
     pub(crate) fn path(&self, key: &str) -> ObjPath {
-        ObjPath::from(key)
+        ObjPath::from(self.object_key(key))
     }
 
     fn is_known(&self, id: &str) -> bool {
@@ -326,9 +333,9 @@ impl ChunkStore {
         &self,
         prefix: &str,
     ) -> Result<Vec<object_store::ObjectMeta>, ChunkError> {
-        let full = format!("{}{prefix}", self.prefix);
+        let full = self.object_key(prefix);
         self.store
-            .list(Some(&self.path(&full)))
+            .list(Some(&self.path(prefix)))
             .try_collect()
             .await
             .map_err(|source| ChunkError::Store { key: full, source })

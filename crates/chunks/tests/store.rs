@@ -69,7 +69,10 @@ async fn corrupt_and_missing_chunks_are_detected() {
     let (path, _) = sample(dir.path());
     let (chunks, _) = store.upload_file(&path).await.unwrap();
     let first = chunks.chunks[0].clone().unwrap();
-    let object = dir.path().join("bucket").join(store.chunk_key(&first));
+    let object = dir
+        .path()
+        .join("bucket")
+        .join(store.object_key(&store.chunk_key(&first)));
 
     // Valid zstd, wrong content.
     std::fs::write(&object, zstd::bulk::compress(b"not the data", 1).unwrap()).unwrap();

@@ -165,12 +165,11 @@ impl KeyRing {
                 )));
             }
         };
-        if keys.len() == 1 {
+        if !self.db.delete_api_key_unless_last(&rec.id)? {
             return Err(ApiError::conflict(format!(
                 "key '{id_or_name}' is the only API key; create another first"
             )));
         }
-        self.db.delete_api_key(&rec.id)?;
         self.reload()?;
         tracing::info!(key = %rec.id, "API key revoked");
         Ok(public(rec))

@@ -336,6 +336,16 @@ impl VmManager {
     ) -> anyhow::Result<()> {
         let id = rt.id.clone();
         if !state.has_process() {
+            // A suspend that could not be completed after its QEMU ended
+            // left the VM failed with its saved state kept: finish it now.
+            if state == VmState::Failed && self.complete_interrupted_capture(&id).await? {
+                self.transition(
+                    rt,
+                    VmState::Snapshotted,
+                    Some("an interrupted suspend was completed at start".into()),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
             return Ok(());
         }
         let paths = self.paths(&id);

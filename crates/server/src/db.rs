@@ -108,9 +108,11 @@ CREATE TABLE pending_deletes (
     added_at TEXT NOT NULL
 );
 -- API keys: a name, and where they came from: env (HATCH_API_KEY, valid
--- while it is set), generated (printed on first start), api (POST /keys).
+-- while it is set), generated (printed on first start), api (POST /keys),
+-- legacy (made before sources were recorded).
 ALTER TABLE api_keys ADD COLUMN name TEXT;
-ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'env';
+-- Keys from before this column are `legacy`: never revoked automatically.
+ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'legacy';
 "#,
 ];
 
@@ -247,10 +249,20 @@ impl Db {
         Ok(())
     }
 
-    /// Delete a VM and its routes in one transaction.
-    pub fn delete_vm(&self, id: &str) -> Result<Vec<String>, DbError> {
+    /// Delete a VM and its routes in one transaction, queueing the deletion
+    /// of `objects` (its manifests in S3) in the same transaction: a crash
+    /// right after cannot leave them behind forever.
+    pub fn delete_vm(
+        &self,
+        id: &str,
+        objects: &[String],
+        now: &str,
+    ) -> Result<Vec<String>, DbError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        for key in objects {
+            queue_delete(&tx, key, now)?;
+        }
         let hostnames = {
             let mut stmt = tx.prepare("SELECT hostname FROM routes WHERE vm_id = ?1")?;
             let rows = stmt.query_map([id], |r| r.get::<_, String>(0))?;
@@ -386,9 +398,14 @@ impl Db {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    pub fn delete_snapshot(&self, id: &str) -> Result<(), DbError> {
-        self.conn()
-            .execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+    /// Delete a snapshot record, queueing the deletion of `object` (its
+    /// manifest) in the same transaction.
+    pub fn delete_snapshot(&self, id: &str, object: &str, now: &str) -> Result<(), DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        queue_delete(&tx, object, now)?;
+        tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -491,11 +508,18 @@ impl Db {
         Ok(())
     }
 
-    pub fn delete_api_key(&self, id: &str) -> Result<bool, DbError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM api_keys WHERE id = ?1", [id])?
-            > 0)
+    /// Delete key `id` unless it is the last one, in one transaction (two
+    /// revocations at once cannot leave no key). Ok(false): it is the last.
+    pub fn delete_api_key_unless_last(&self, id: &str) -> Result<bool, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let count: i64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
+        if count <= 1 {
+            return Ok(false);
+        }
+        tx.execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(true)
     }
 
     /// Revoke every key that came from `HATCH_API_KEY` but `keep` (the
@@ -509,6 +533,7 @@ impl Db {
 
     // --- objects to delete from S3, retried ---
 
+    /// Record a failed attempt to delete `key` (queueing it if need be).
     pub fn add_pending_delete(&self, key: &str, error: &str, now: &str) -> Result<(), DbError> {
         self.conn().execute(
             "INSERT INTO pending_deletes (key, attempts, last_error, added_at) VALUES (?1, 1, ?2, ?3)
@@ -562,6 +587,14 @@ impl Db {
         }
         Ok(out)
     }
+}
+
+fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<(), DbError> {
+    tx.execute(
+        "INSERT OR IGNORE INTO pending_deletes (key, attempts, last_error, added_at) VALUES (?1, 0, NULL, ?2)",
+        params![key, now],
+    )?;
+    Ok(())
 }
 
 /// An API key row (the key itself is never stored).
@@ -748,10 +781,41 @@ mod tests {
             format!("t{}", EVENTS_KEPT + 4),
             "newest first"
         );
-        assert_eq!(db.delete_vm("vm-1").unwrap(), ["a.localhost"]);
+        assert_eq!(
+            db.delete_vm("vm-1", &["manifests/vm-1/s.json".into()], "t")
+                .unwrap(),
+            ["a.localhost"]
+        );
+        assert_eq!(
+            db.pending_deletes().unwrap(),
+            [("manifests/vm-1/s.json".to_string(), 0)]
+        );
         assert!(db.list_events("vm-1").unwrap().is_empty());
         assert!(db.list_routes().unwrap().is_empty());
         assert!(db.get_vm("vm-1").unwrap().is_none());
+    }
+
+    /// Keys made before key sources were recorded are `legacy`, which the
+    /// HATCH_API_KEY rule never revokes (an upgrade must not lock clients out).
+    #[test]
+    fn keys_from_before_the_source_column_are_legacy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hatch.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.execute(
+                "INSERT INTO api_keys (id, hash, created_at) VALUES ('key-old', x'00', 't')",
+                [],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.api_keys().unwrap()[0].source, "legacy");
+        assert_eq!(db.revoke_env_keys_except(None).unwrap(), 0);
     }
 
     #[test]

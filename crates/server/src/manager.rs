@@ -377,14 +377,17 @@ impl VmManager {
         // No upload may write a manifest after the VM is gone.
         let ids: Vec<String> = snapshots.iter().map(|s| s.snap.id.clone()).collect();
         self.cancel_uploads(&ids).await;
-        let hostnames = self.db.delete_vm(id)?;
-        for s in snapshots {
-            let _ = std::fs::remove_dir_all(self.snapshot_dir(&s.snap.id));
-            // Their chunks become garbage for the collector to free; a
-            // deletion that fails is retried by the storage worker.
-            if let Some(store) = &self.storage {
-                self.delete_manifest(store, id, &s.snap.id).await;
-            }
+        // The manifests' deletion is queued with the records' (their chunks
+        // become garbage for the collector to free).
+        let manifests: Vec<String> = ids
+            .iter()
+            .map(|sid| crate::snapshot::manifest::manifest_key(id, sid))
+            .collect();
+        let hostnames = self.db.delete_vm(id, &manifests, &now_rfc3339())?;
+        // Local cleanup first, with no await in between: a caller that
+        // hangs up cannot leave it half done.
+        for sid in &ids {
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(sid));
         }
         for h in hostnames {
             self.routes.remove(&h);
@@ -395,6 +398,11 @@ impl VmManager {
             tracing::warn!(vm = %id, error = %e, "could not remove vm directory");
         }
         tracing::info!(vm = %id, "vm deleted");
+        if let Some(store) = &self.storage {
+            for sid in &ids {
+                self.delete_manifest(store, id, sid).await;
+            }
+        }
         Ok(())
     }
 

@@ -74,6 +74,8 @@ impl VmState {
                 | (Running, Stopping | Snapshotting | Stopped | Restoring)
                 | (Snapshotting, Running | Snapshotted)
                 | (Snapshotted, Restoring | Starting)
+                // A suspend completed at start after it had failed.
+                | (Failed, Snapshotted)
                 // A failed restore leaves the VM as restorable as before.
                 | (Restoring, Running | Snapshotted | Stopped)
                 | (Stopping, Stopped)
@@ -381,7 +383,8 @@ pub struct ApiKey {
     pub id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `env` (HATCH_API_KEY), `generated` (first start) or `api`.
+    /// `env` (HATCH_API_KEY), `generated` (first start), `api`, or
+    /// `legacy` (made by a version that did not record it).
     pub source: String,
     pub created_at: String,
 }

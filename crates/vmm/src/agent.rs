@@ -93,7 +93,11 @@ impl Agent {
                     timeout.as_millis()
                 ))
             })?
-            .map_err(|e| VmmError::Agent(e.to_string()))?;
+            // The channel itself broke (not a slow guest): callers connect again.
+            .map_err(|source| VmmError::Io {
+                path: "the guest agent channel".into(),
+                source,
+            })?;
         match answer {
             Reply::Ok(guest_clock) => Ok(Synced {
                 offset: guest_clock.map(|g| unix_now().as_secs_f64() - g),

@@ -18,7 +18,7 @@ use hatch_vmm::Machine;
 
 use super::local_copy::LocalCopy;
 use super::manifest::{Layer, MANIFEST_VERSION, Manifest, manifest_key};
-use super::{new_layer_name, node_name};
+use super::{SnapshotCorrupt, new_layer_name, node_name};
 use crate::db::SnapshotRecord;
 use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
@@ -51,6 +51,26 @@ impl VmManager {
                 rt.release_idle();
                 drop(guard);
                 self.uploads.kick();
+                return;
+            }
+            if stop && gone && self.snapshot_dir(&rec.snap.id).join("state").exists() {
+                // Past the point of no return: the saved state and the RAM
+                // image are the VM's only state. Nothing is deleted; the
+                // suspend is completed at the next start.
+                let reason = format!(
+                    "the suspend could not be completed ({e:#}); its saved state is kept and completing it is retried when the daemon starts"
+                );
+                tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, %reason);
+                rec.snap.error = Some(reason.clone());
+                self.save_record(&rec);
+                {
+                    let mut inner = rt.lock();
+                    inner.machine = None;
+                    inner.agent = None;
+                }
+                self.clear_forwards(&rt);
+                let _ = self.transition(&rt, VmState::Failed, Some(reason));
+                rt.release_idle();
                 return;
             }
             let reason = format!("capture failed: {e:#}");
@@ -195,6 +215,7 @@ impl VmManager {
     /// its saved state and are never taken for its memory image. Returns
     /// whether the VM has a complete local snapshot afterwards.
     pub(crate) async fn complete_interrupted_capture(&self, vm_id: &str) -> anyhow::Result<bool> {
+        self.faults.hit("suspend.complete", vm_id)?;
         for mut rec in self.db.list_snapshots(vm_id)? {
             if rec.snap.status != SnapshotStatus::Capturing
                 || rec.snap.kind != SnapshotKind::Suspend
@@ -355,9 +376,24 @@ impl VmManager {
         // Shared with other uploads; garbage collection waits for it, in
         // this daemon and (through the bucket lock) in every other.
         let _gc = self.gc_lock.read().await;
-        let lock = store.lock_for_upload(&self.owner).await?;
         let dir = self.snapshot_dir(&rec.snap.id);
         let vm_dir = self.paths(&vm.id).dir;
+        // What is sealed into the manifest must be what was captured: the
+        // files are checked against their sealed description first.
+        let copy = LocalCopy::verify(
+            &dir,
+            &vm_dir,
+            &rec.snap.id,
+            &vm.id,
+            vm.memory_mib << 20,
+            &self.seal_keys,
+        )
+        .map_err(|why| SnapshotCorrupt(format!("the local copy to upload: {why}")))?;
+        anyhow::ensure!(
+            copy.layer_names() == rec.layers && copy.kind == rec.snap.kind,
+            SnapshotCorrupt("the local copy does not describe this snapshot".into())
+        );
+        let lock = store.lock_for_upload(&self.owner).await?;
         let mut stored = 0;
         let (device_state, r) = store.upload_file(&dir.join("state")).await?;
         stored += r.stored_bytes;
@@ -392,6 +428,9 @@ impl VmManager {
             .encode(&self.seal_keys)
             .context("encoding manifest")?;
         stored += bytes.len() as u64;
+        // Chunks found stored were skipped on the strength of the lock; if
+        // it could not be kept fresh, a collection may have run meanwhile.
+        lock.check_held()?;
         store
             .put(&manifest_key(&vm.id, &rec.snap.id), Bytes::from(bytes))
             .await?;

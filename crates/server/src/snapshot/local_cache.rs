@@ -16,7 +16,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::durable;
 use crate::manager::VmManager;
 use crate::model::{LocalStorage, SnapshotStatus};
 
@@ -103,7 +102,7 @@ impl VmManager {
                 continue;
             }
             let dir = self.snapshot_dir(&rec.snap.id);
-            let doomed = durable::partial(&dir);
+            let doomed = dir.with_extension("evicted");
             {
                 let in_use = self.copies_in_use.lock().unwrap_or_else(|p| p.into_inner());
                 if in_use.contains_key(&rec.snap.id) {
@@ -183,7 +182,15 @@ impl VmManager {
         if let Ok(entries) = std::fs::read_dir(&snapshots) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let trusted = matches!(self.db.get_snapshot(&name), Ok(Some(r)) if r.local);
+                let record = self.db.get_snapshot(&name).ok().flatten();
+                // Kept: complete copies, and suspends still being completed
+                // (their saved state may be the VM's only state).
+                let trusted = record
+                    .as_ref()
+                    .is_some_and(|r| r.local || r.snap.status == SnapshotStatus::Capturing);
+                if let Some(r) = record.filter(|r| r.local) {
+                    self.describe_legacy_copy(&r);
+                }
                 if !trusted {
                     // A fetch or capture cut short, a copy a wake consumed, a
                     // failed or deleted snapshot's files.
@@ -197,8 +204,42 @@ impl VmManager {
         for vm in self.db.list_vms().unwrap_or_default() {
             let dir = self.paths(&vm.vm.id).dir;
             remove_partials(&dir);
+            // A running QEMU's chain may not be the recorded one (if it could
+            // not be read back): its layers are pruned by its next compaction.
+            if vm.vm.state.has_process() {
+                continue;
+            }
             if let Err(e) = self.prune_layers(&vm.vm.id) {
                 tracing::warn!(vm = %vm.vm.id, error = %e, "could not prune disk layers");
+            }
+        }
+    }
+}
+
+impl VmManager {
+    /// A local copy made before copies were described (`local.json`) is
+    /// described once, as it is: it was trusted when it was made.
+    fn describe_legacy_copy(&self, rec: &crate::db::SnapshotRecord) {
+        let dir = self.snapshot_dir(&rec.snap.id);
+        if dir.join(super::local_copy::FILE).exists() {
+            return;
+        }
+        let vm_dir = self.paths(&rec.snap.vm_id).dir;
+        let described = super::local_copy::LocalCopy::describe(
+            &dir,
+            &vm_dir,
+            &rec.snap.id,
+            &rec.snap.vm_id,
+            rec.snap.kind,
+            &rec.layers,
+        )
+        .and_then(|c| c.write(&dir, &self.seal_keys));
+        match described {
+            Ok(()) => {
+                tracing::info!(snapshot = %rec.snap.id, "described a local copy made by an earlier version")
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = %rec.snap.id, error = %e, "cannot describe a local copy")
             }
         }
     }

@@ -10,12 +10,29 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::manifest::MAX_STATE_BYTES;
 use super::names::{is_layer_name, is_snapshot_id, is_vm_id};
 use super::seal::{Seal, SealKeys};
 use crate::durable;
 use crate::model::SnapshotKind;
 
 pub const FILE: &str = "local.json";
+
+/// Read a whole file that must not be larger than `max` bytes (a planted
+/// huge file is refused, not read into memory).
+fn read_at_most(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let len = std::fs::metadata(path)?.len();
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is {len} bytes, more than {max}", path.display()),
+        ));
+    }
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(len as usize);
+    std::fs::File::open(path)?.take(max).read_to_end(&mut buf)?;
+    Ok(buf)
+}
 const FORMAT: &str = "hatch.snapshot-local";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +75,7 @@ impl LocalCopy {
         kind: SnapshotKind,
         layers: &[String],
     ) -> std::io::Result<LocalCopy> {
-        let state = std::fs::read(dir.join("state"))?;
+        let state = read_at_most(&dir.join("state"), MAX_STATE_BYTES)?;
         let memory_len = std::fs::metadata(dir.join("mem"))?.len();
         let layers = layers
             .iter()
@@ -104,10 +121,7 @@ impl LocalCopy {
         memory_len: u64,
         keys: &SealKeys,
     ) -> Result<LocalCopy, String> {
-        let bytes = std::fs::read(dir.join(FILE)).map_err(|e| format!("{FILE}: {e}"))?;
-        if bytes.len() > 1 << 20 {
-            return Err(format!("{FILE} is too large"));
-        }
+        let bytes = read_at_most(&dir.join(FILE), 1 << 20).map_err(|e| format!("{FILE}: {e}"))?;
         let env: Envelope =
             serde_json::from_slice(&bytes).map_err(|e| format!("{FILE} is malformed: {e}"))?;
         if env.format != FORMAT {
@@ -143,7 +157,11 @@ impl LocalCopy {
         if size(&dir.join("mem")) != Some(copy.memory_len) {
             return Err("the RAM image is missing or of the wrong size".into());
         }
-        let state = std::fs::read(dir.join("state")).map_err(|e| format!("device state: {e}"))?;
+        if size(&dir.join("state")) != Some(copy.state_len) {
+            return Err("the device state does not match its description".into());
+        }
+        let state = read_at_most(&dir.join("state"), copy.state_len.min(MAX_STATE_BYTES))
+            .map_err(|e| format!("device state: {e}"))?;
         if state.len() as u64 != copy.state_len
             || blake3::hash(&state).to_hex().as_str() != copy.state_blake3
         {

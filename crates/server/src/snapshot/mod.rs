@@ -78,6 +78,12 @@ impl VmManager {
                         self.save_record(&rec);
                         tracing::info!(snapshot = %rec.snap.id, "kept a checkpoint completed before a restart");
                     }
+                    // A suspend whose device state was saved but that could
+                    // not be completed: its files may be the VM's only
+                    // state. Kept (and retried at every start).
+                    SnapshotStatus::Capturing
+                        if rec.snap.kind == SnapshotKind::Suspend
+                            && self.snapshot_dir(&rec.snap.id).join("state").exists() => {}
                     _ => {
                         rec.snap.status = SnapshotStatus::Failed;
                         rec.snap.error = Some("interrupted by a daemon restart".into());
@@ -203,26 +209,30 @@ impl VmManager {
                 rec.snap.status.as_str()
             )));
         }
-        if rt.state() == VmState::Snapshotted && self.is_last_restorable(vm_id, snapshot_id)? {
+        if rt.state() == VmState::Snapshotted && self.is_newest_restorable(vm_id, snapshot_id)? {
             return Err(ApiError::conflict(format!(
-                "snapshot '{snapshot_id}' holds the state of suspended vm '{vm_id}'; restore or delete the vm instead"
+                "snapshot '{snapshot_id}' holds the state of suspended vm '{vm_id}' (a wake restores it); restore or delete the vm instead"
             )));
         }
         self.cancel_uploads(&[snapshot_id.to_string()]).await;
-        self.db.delete_snapshot(snapshot_id)?;
-        self.delete_manifest(&store, vm_id, snapshot_id).await;
+        self.db.delete_snapshot(
+            snapshot_id,
+            &manifest::manifest_key(vm_id, snapshot_id),
+            &now_rfc3339(),
+        )?;
         let _ = std::fs::remove_dir_all(self.snapshot_dir(snapshot_id));
+        self.delete_manifest(&store, vm_id, snapshot_id).await;
         Ok(())
     }
 
-    fn is_last_restorable(&self, vm_id: &str, snapshot_id: &str) -> Result<bool, ApiError> {
-        let restorable: Vec<_> = self
+    /// Whether `snapshot_id` is the one a wake of the VM would restore.
+    fn is_newest_restorable(&self, vm_id: &str, snapshot_id: &str) -> Result<bool, ApiError> {
+        Ok(self
             .db
             .list_snapshots(vm_id)?
             .into_iter()
-            .filter(|r| r.snap.status == SnapshotStatus::Ready || r.local)
-            .collect();
-        Ok(restorable.len() == 1 && restorable[0].snap.id == snapshot_id)
+            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
+            .is_some_and(|r| r.snap.id == snapshot_id))
     }
 
     /// Start restoring; answers at once with the VM (`restoring`).

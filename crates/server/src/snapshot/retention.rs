@@ -91,7 +91,11 @@ impl VmManager {
             if !(beyond_count || too_old) {
                 continue;
             }
-            self.db.delete_snapshot(&rec.snap.id)?;
+            self.db.delete_snapshot(
+                &rec.snap.id,
+                &super::manifest::manifest_key(vm_id, &rec.snap.id),
+                &crate::manager::now_rfc3339(),
+            )?;
             self.delete_manifest(&store, vm_id, &rec.snap.id).await;
             let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
             tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "retention deleted snapshot");

@@ -191,6 +191,15 @@ impl VmManager {
                     upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
                 self.enforce_local_budget_soon();
             }
+            Err(e) if e.downcast_ref::<super::SnapshotCorrupt>().is_some() => {
+                // Retrying cannot help: the copy is not what was captured.
+                // It is kept as it is for a person to look at.
+                rec.snap.status = SnapshotStatus::Failed;
+                rec.snap.error = Some(format!("upload refused: {e:#}"));
+                self.metrics.record_upload("failed");
+                self.save_record(&rec);
+                tracing::error!(vm = %vm.id, snapshot = %rec.snap.id, error = format!("{e:#}"), "upload refused");
+            }
             Err(e) => {
                 rec.upload_attempts += 1;
                 let wait = backoff(rec.upload_attempts, self.cfg.upload_retry_max);
@@ -239,17 +248,20 @@ impl VmManager {
         }
     }
 
-    /// Delete a snapshot's manifest from S3; if that fails, queue it.
+    /// Delete a snapshot's manifest from S3 (its deletion was queued with
+    /// the record's); if that fails, the storage worker retries it.
     pub(crate) async fn delete_manifest(&self, store: &ChunkStore, vm_id: &str, snapshot_id: &str) {
         let key = manifest_key(vm_id, snapshot_id);
-        if let Err(e) = store.delete(&key).await {
-            tracing::warn!(key, error = %e, "manifest deletion failed; it will be retried");
-            if let Err(e) = self
-                .db
-                .add_pending_delete(&key, &format!("{e:#}"), &now_rfc3339())
-            {
-                tracing::error!(key, error = %e, "cannot queue the manifest deletion");
+        let outcome = match store.delete(&key).await {
+            Ok(()) => self.db.remove_pending_delete(&key),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "manifest deletion failed; it will be retried");
+                self.db
+                    .add_pending_delete(&key, &format!("{e:#}"), &now_rfc3339())
             }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(key, error = %e, "cannot record the manifest deletion");
         }
     }
 
