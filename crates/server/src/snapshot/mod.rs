@@ -79,10 +79,15 @@ impl VmManager {
                         tracing::info!(snapshot = %rec.snap.id, "kept a checkpoint completed before a restart");
                     }
                     // A suspend whose device state was saved but that could
-                    // not be completed: its files may be the VM's only
-                    // state. Kept (and retried at every start).
+                    // not be completed (its VM is failed, without QEMU):
+                    // its files may be the VM's only state. Kept, and
+                    // completing it is retried at every start. (If the VM
+                    // runs, its guest went on and the suspend is void.)
                     SnapshotStatus::Capturing
                         if rec.snap.kind == SnapshotKind::Suspend
+                            && self
+                                .runtime(&vm.vm.id)
+                                .is_ok_and(|rt| rt.state() == VmState::Failed)
                             && self.snapshot_dir(&rec.snap.id).join("state").exists() => {}
                     _ => {
                         rec.snap.status = SnapshotStatus::Failed;
