@@ -64,6 +64,8 @@ pub struct Daemon {
     pub proxy_addr: SocketAddr,
     pub http: reqwest::Client,
     extra_env: Vec<(String, String)>,
+    /// Variables the harness sets by default but the next start must lack.
+    removed_env: Vec<String>,
 }
 
 impl Daemon {
@@ -88,6 +90,7 @@ impl Daemon {
                 .build()
                 .unwrap(),
             extra_env,
+            removed_env: Vec::new(),
         };
         d.spawn().await;
         d
@@ -142,6 +145,9 @@ impl Daemon {
             .stderr(log);
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
+        }
+        for k in &self.removed_env {
+            cmd.env_remove(k);
         }
         self.child = Some(cmd.spawn().unwrap());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -440,6 +446,13 @@ impl Daemon {
         if let Some(v) = value {
             self.extra_env.push((key.to_string(), v.to_string()));
         }
+    }
+
+    /// Start the daemon without `key` in its environment from its next
+    /// start on (also one the harness sets, like `HATCH_API_KEY`).
+    pub fn remove_env(&mut self, key: &str) {
+        self.extra_env.retain(|(k, _)| k != key);
+        self.removed_env.push(key.to_string());
     }
 
     /// Start the daemon with `HATCH_FAULTS=fault` and wait until the fault

@@ -1,5 +1,7 @@
-//! `hatch serve`: configuration from flags, `HATCH_*` variables and an
-//! optional TOML file (flags and variables win), then the daemon.
+//! `hatch serve`: configuration from flags, `HATCH_*` variables and a TOML
+//! file (flags and variables win), then the daemon. The file is
+//! `<data-dir>/config.toml` unless `--config` names another, so that a
+//! restart with only `--data-dir` keeps the settings the set-up wrote.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// TOML file with the same settings (flags and environment win).
+    /// TOML file with the same settings (flags and environment win)
+    /// [default: <data-dir>/config.toml, if it exists].
     #[arg(long, env = "HATCH_CONFIG")]
     config: Option<PathBuf>,
-    /// Where state, disks and logs live.
+    /// Where state, disks and logs live [default: ~/.local/share/hatch].
     #[arg(long, env = "HATCH_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[arg(long, env = "HATCH_API_ADDR")]
@@ -77,9 +80,14 @@ struct FileConfig {
     qemu: Option<PathBuf>,
     accel: Option<String>,
     stop_timeout_seconds: Option<u64>,
+    /// An API key, valid while the file holds it (like `HATCH_API_KEY`).
+    api_key: Option<String>,
     snapshot_secret: Option<String>,
     s3: Option<FileS3>,
 }
+
+/// The file name looked for in the data dir.
+const CONFIG_FILE: &str = "config.toml";
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -94,18 +102,47 @@ struct FileS3 {
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    let file: FileConfig =
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+    let has_secrets = file.api_key.is_some()
+        || file.snapshot_secret.is_some()
+        || file
+            .s3
+            .as_ref()
+            .is_some_and(|s| s.secret_access_key.is_some());
+    if has_secrets && readable_by_others(path) {
+        tracing::warn!(file = %path.display(),
+            "the config file holds secrets and is readable by other users: chmod 600 it");
+    }
+    Ok(file)
+}
+
+fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+}
+
+/// `~/.local/share/hatch`, where `scripts/up.sh` keeps its data dir.
+pub fn default_data_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/hatch"))
 }
 
 fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
-    let file = match &args.config {
-        Some(p) => load_file(p)?,
-        None => FileConfig::default(),
+    let file = match (&args.config, &args.data_dir) {
+        (Some(p), _) => load_file(p)?,
+        // The data dir's own file, when it has one.
+        (None, Some(dir)) if dir.join(CONFIG_FILE).exists() => load_file(&dir.join(CONFIG_FILE))?,
+        (None, None) => match default_data_dir().map(|d| d.join(CONFIG_FILE)) {
+            Some(p) if p.exists() => load_file(&p)?,
+            _ => FileConfig::default(),
+        },
+        (None, Some(_)) => FileConfig::default(),
     };
     let data_dir = args
         .data_dir
         .or(file.data_dir)
-        .context("--data-dir (or HATCH_DATA_DIR) is required")?;
+        .or_else(default_data_dir)
+        .context("--data-dir (or HATCH_DATA_DIR) is required when HOME is not set")?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let mut cfg = Config::new(data_dir);
@@ -160,7 +197,7 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
             .filter(|v| !v.is_empty())
             .map(Secret::new)
     };
-    cfg.api_key = secret_var("HATCH_API_KEY");
+    cfg.api_key = secret_var("HATCH_API_KEY").or(file.api_key.map(Secret::new));
     cfg.snapshot_secret =
         secret_var("HATCH_SNAPSHOT_SECRET").or(file.snapshot_secret.map(Secret::new));
     cfg.previous_snapshot_secrets = std::env::var("HATCH_SNAPSHOT_SECRET_PREVIOUS")

@@ -80,7 +80,10 @@ impl VmManager {
             let _ = std::fs::remove_file(&paths.mem);
             let _ = std::fs::remove_file(&paths.console_log);
         }
-        let layers = self.db.disk_layers(&vm.id)?;
+        let mut layers = self.db.disk_layers(&vm.id)?;
+        if !restore {
+            self.unfreeze_top_layer(&vm, &mut layers).await?;
+        }
         let top = layers.last().context("vm has no disk layer")?;
 
         let mut guest_ports: BTreeSet<u16> = self.routes.ports_of(&vm.id);
@@ -90,14 +93,18 @@ impl VmManager {
             extra_cmdline.push("hatch.disk_grow=1".to_string());
         }
         let mut last_err = None;
-        for _ in 0..LAUNCH_ATTEMPTS {
+        let previous = rt.lock().last_ports.clone();
+        for attempt in 0..LAUNCH_ATTEMPTS {
+            // The host ports of the last run while they are free (direct
+            // access keeps working across restarts and wakes), else new ones.
             let forwards = guest_ports
                 .iter()
                 .map(|&guest| {
-                    Ok(PortForward {
-                        host: hatch_vmm::host::free_port()?,
-                        guest,
-                    })
+                    let host = match previous.iter().find(|f| f.guest == guest) {
+                        Some(f) if attempt == 0 && host_port_free(f.host) => f.host,
+                        _ => hatch_vmm::host::free_port()?,
+                    };
+                    Ok(PortForward { host, guest })
                 })
                 .collect::<std::io::Result<Vec<_>>>()
                 .context("picking host ports")?;
@@ -123,7 +130,11 @@ impl VmManager {
             // Recorded before the launch: if the daemon dies right after it,
             // the next daemon re-adopts this QEMU with these ports, not with
             // ports of an earlier boot that may now belong to another VM.
-            rt.lock().forwards = forwards.clone();
+            {
+                let mut inner = rt.lock();
+                inner.forwards = forwards.clone();
+                inner.last_ports = forwards.clone();
+            }
             self.db.set_vm_forwards(&vm.id, &forwards)?;
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
@@ -140,6 +151,37 @@ impl VmManager {
             }
         }
         Err(last_err.map_or_else(|| anyhow::anyhow!("launch failed"), Into::into))
+    }
+
+    /// A cold boot of a VM whose top disk layer belongs to a snapshot (a
+    /// suspended VM that was stopped) writes to a new layer over it: the
+    /// snapshot's layers stay frozen.
+    async fn unfreeze_top_layer(
+        &self,
+        vm: &model::Vm,
+        layers: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let top = layers.last().context("vm has no disk layer")?;
+        let frozen = self
+            .db
+            .list_snapshots(&vm.id)?
+            .iter()
+            .any(|r| r.layers.contains(top));
+        if !frozen {
+            return Ok(());
+        }
+        let dir = self.paths(&vm.id).dir;
+        let new_layer = crate::snapshot::new_layer_name();
+        hatch_vmm::disk::create_overlay(
+            &dir.join(top),
+            "qcow2",
+            &dir.join(&new_layer),
+            vm.disk_mib,
+        )
+        .await?;
+        layers.push(new_layer);
+        self.db.set_disk_layers(&vm.id, layers)?;
+        Ok(())
     }
 
     /// Watch a machine until QEMU exits and record an exit nobody asked for.
@@ -171,24 +213,26 @@ impl VmManager {
         });
     }
 
-    /// Poll the guest's HTTP port until it answers, for the boot-time metric.
-    async fn measure_boot(&self, rt: Arc<VmRuntime>, started: Instant) {
+    /// Poll the guest's forwarded ports until one answers HTTP: the VM is
+    /// then ready (held requests go in) and its boot time recorded.
+    pub(crate) async fn measure_boot(&self, rt: Arc<VmRuntime>, started: Instant) {
         let deadline = started + PROBE_LIMIT;
         while Instant::now() < deadline {
-            let port = {
+            let ports: Vec<u16> = {
                 let inner = rt.lock();
-                if inner.state != VmState::Running {
+                if inner.state != VmState::Running || inner.ready {
                     return;
                 }
-                inner
-                    .forwards
-                    .iter()
-                    .find(|f| f.guest == model::DEFAULT_GUEST_PORT)
-                    .map(|f| f.host)
+                inner.forwards.iter().map(|f| f.host).collect()
             };
-            let Some(port) = port else { return };
-            if http_answers(port).await {
+            let probes = ports.into_iter().map(http_answers);
+            if futures_util::future::join_all(probes)
+                .await
+                .into_iter()
+                .any(|ok| ok)
+            {
                 let ms = started.elapsed().as_millis() as u64;
+                rt.set_ready(true);
                 self.metrics.boot_seconds.observe(ms as f64 / 1000.0);
                 if let Err(e) = self.db.set_vm_boot_ms(&rt.id, ms) {
                     tracing::warn!(vm = %rt.id, error = %e, "recording boot time failed");
@@ -197,9 +241,10 @@ impl VmManager {
                 return;
             }
             // The guest gives no signal when its app is up; polling is the
-            // only way to see it, and this loop only feeds a metric.
+            // only way to see it.
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        tracing::warn!(vm = %rt.id, "the guest's app did not answer HTTP on any forwarded port; requests are forwarded after the wake timeout");
     }
 
     /// A snapshot or restore was cut short by a daemon restart while QEMU ran.
@@ -371,6 +416,8 @@ impl VmManager {
                     VmState::Starting => {
                         self.transition(rt, VmState::Running, None)
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        let (this, rt) = (self.clone(), rt.clone());
+                        tokio::spawn(async move { this.measure_boot(rt, Instant::now()).await });
                     }
                     VmState::Snapshotting | VmState::Restoring => {
                         self.recover_interrupted(rt, &machine, state).await?;
@@ -433,6 +480,11 @@ fn unexpected_exit(exit: &Exit) -> (VmState, String) {
             "QEMU exited unexpectedly (killed?); see `hatch vm logs`".to_string(),
         ),
     }
+}
+
+/// Whether nothing listens on 127.0.0.1:port now.
+fn host_port_free(port: u16) -> bool {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 
 /// Whether an HTTP server answers on 127.0.0.1:port. QEMU's user network

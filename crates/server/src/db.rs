@@ -114,6 +114,11 @@ ALTER TABLE api_keys ADD COLUMN name TEXT;
 -- Keys from before this column are `legacy`: never revoked automatically.
 ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'legacy';
 "#,
+    r#"
+-- The default retention policy (model::DEFAULT_KEEP_LAST) for VMs that had
+-- none: unlimited is now chosen explicitly (`PUT /retention {}`).
+UPDATE vms SET keep_last = 5 WHERE keep_last IS NULL AND max_age_seconds IS NULL;
+"#,
 ];
 
 pub struct Db {
@@ -190,6 +195,13 @@ impl Db {
             .query_row("SELECT 1 FROM vms WHERE name = ?1", [name], |_| Ok(()))
             .optional()?
             .is_some())
+    }
+
+    pub fn vm_id_by_name(&self, name: &str) -> Result<Option<String>, DbError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT id FROM vms WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?)
     }
 
     pub fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, DbError> {
@@ -690,6 +702,9 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, DbError>> {
             started_at: r.get(9)?,
             boot_ms: r.get(10)?,
             ports: forwards.clone(),
+            ready: false,
+            idle_timeout_seconds: None,
+            idle_timeout_route: None,
         },
         forwards,
     }))
@@ -713,6 +728,9 @@ mod tests {
             started_at: None,
             boot_ms: None,
             ports: Vec::new(),
+            ready: false,
+            idle_timeout_seconds: None,
+            idle_timeout_route: None,
         }
     }
 

@@ -209,6 +209,11 @@ impl VmManager {
             )));
         }
         self.db.set_vm_state(&rt.id, to, reason.as_deref())?;
+        if to == VmState::Running && from != VmState::Running {
+            // A cold boot is ready once its app answers (the boot probe);
+            // a restored guest resumes an app that answered.
+            inner.ready = from != VmState::Starting;
+        }
         rt.publish_state(&mut inner, to);
         match &reason {
             Some(r) => tracing::info!(vm = %rt.id, %from, %to, reason = %r, "vm state"),
@@ -218,19 +223,50 @@ impl VmManager {
     }
 
     pub fn get(&self, id: &str) -> Result<Vm, ApiError> {
-        Ok(self
+        let vm = self
             .db
             .get_vm(id)?
             .ok_or_else(|| ApiError::not_found("vm", id))?
-            .vm)
+            .vm;
+        Ok(self.present(vm))
     }
 
     pub fn list(&self) -> Result<Vec<Vm>, ApiError> {
-        Ok(self.db.list_vms()?.into_iter().map(|r| r.vm).collect())
+        Ok(self
+            .db
+            .list_vms()?
+            .into_iter()
+            .map(|r| self.present(r.vm))
+            .collect())
     }
 
-    /// Validate, create the VM's disk and record, and start booting it.
+    /// A VM record with what lives in memory: readiness and idle timeout.
+    fn present(&self, mut vm: Vm) -> Vm {
+        vm.ready = self.runtime(&vm.id).is_ok_and(|rt| rt.is_ready());
+        if let Some((secs, host)) = self.routes.idle_setting_of(&vm.id) {
+            vm.idle_timeout_seconds = Some(secs);
+            vm.idle_timeout_route = Some(host);
+        }
+        vm
+    }
+
+    /// The id of the VM with this id or name (unambiguous: a name never
+    /// looks like an id, unless it is its own VM's id).
+    pub fn resolve(&self, id_or_name: &str) -> Result<String, ApiError> {
+        if self.runtime(id_or_name).is_ok() {
+            return Ok(id_or_name.to_string());
+        }
+        self.db
+            .vm_id_by_name(id_or_name)?
+            .ok_or_else(|| ApiError::not_found("vm", id_or_name))
+    }
+
+    /// Validate, create the VM's disk and record, and start booting it
+    /// (or, with `from_snapshot`, restoring it from that snapshot).
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<Vm, ApiError> {
+        if let Some(sid) = req.from_snapshot.clone() {
+            return self.fork(req, &sid);
+        }
         let image_name = req.image.unwrap_or_else(|| "default".to_string());
         let image = match self.images.get(&image_name) {
             Ok(image) => image,
@@ -267,18 +303,7 @@ impl VmManager {
             )));
         }
         let id = new_id("vm");
-        let name = match req.name {
-            Some(name) => {
-                model::validate_vm_name(&name)?;
-                name
-            }
-            None => id.clone(),
-        };
-        if self.db.vm_name_taken(&name)? {
-            return Err(ApiError::conflict(format!(
-                "a vm named '{name}' already exists"
-            )));
-        }
+        let name = self.free_name(req.name, &id)?;
 
         let paths = self.paths(&id);
         std::fs::create_dir_all(&paths.dir)
@@ -305,17 +330,13 @@ impl VmManager {
             started_at: None,
             boot_ms: None,
             ports: Vec::new(),
+            ready: false,
+            idle_timeout_seconds: None,
+            idle_timeout_route: None,
         };
-        if let Err(e) = self.db.insert_vm(&vm) {
+        if let Err(e) = self.insert_vm(&vm) {
             let _ = std::fs::remove_dir_all(&paths.dir);
-            // Two creates racing for one name: the UNIQUE constraint decides.
-            if self.db.vm_name_taken(&vm.name).unwrap_or(false) {
-                return Err(ApiError::conflict(format!(
-                    "a vm named '{}' already exists",
-                    vm.name
-                )));
-            }
-            return Err(e.into());
+            return Err(e);
         }
         let rt = VmRuntime::new(id.clone(), VmState::Starting, Vec::new());
         let guard = rt.try_begin("boot")?;
@@ -326,14 +347,52 @@ impl VmManager {
         Ok(vm)
     }
 
-    /// Boot a stopped or failed VM.
+    /// The name a new VM gets: the one asked for, if valid and free, else its id.
+    pub(crate) fn free_name(&self, name: Option<String>, id: &str) -> Result<String, ApiError> {
+        let Some(name) = name else {
+            return Ok(id.to_string());
+        };
+        model::validate_vm_name(&name)?;
+        if self.db.vm_name_taken(&name)? {
+            return Err(ApiError::conflict(format!(
+                "a vm named '{name}' already exists"
+            )));
+        }
+        Ok(name)
+    }
+
+    /// Record a new VM with the default retention policy.
+    pub(crate) fn insert_vm(&self, vm: &Vm) -> Result<(), ApiError> {
+        if let Err(e) = self.db.insert_vm(vm) {
+            // Two creates racing for one name: the UNIQUE constraint decides.
+            if self.db.vm_name_taken(&vm.name).unwrap_or(false) {
+                return Err(ApiError::conflict(format!(
+                    "a vm named '{}' already exists",
+                    vm.name
+                )));
+            }
+            return Err(e.into());
+        }
+        let policy = model::Retention {
+            keep_last: Some(model::DEFAULT_KEEP_LAST),
+            max_age_seconds: None,
+        };
+        self.db.set_retention(&vm.id, &policy)?;
+        Ok(())
+    }
+
+    /// Boot a stopped or failed VM; wake a suspended one (restore from its
+    /// newest snapshot, as `POST /restore` does).
     pub fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
         let rt = self.runtime(id)?;
+        if rt.state() == VmState::Snapshotted {
+            return self.restore(id, model::RestoreRequest::default());
+        }
         let guard = rt.try_begin("start")?;
         let state = rt.state();
         if !matches!(state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::conflict(format!(
-                "vm '{id}' is {state}; only a stopped or failed vm can be started"
+                "vm '{id}' is {state}; a running vm needs no start (stop it first to reboot it)"
             )));
         }
         self.transition(&rt, VmState::Starting, None)?;
@@ -347,9 +406,15 @@ impl VmManager {
         let rt = self.runtime(id)?;
         let guard = rt.try_begin("stop")?;
         let state = rt.state();
+        if state == VmState::Snapshotted {
+            // Its memory state is discarded (the snapshots stay, and its
+            // disk); the next start boots from the disk.
+            self.transition(&rt, VmState::Stopped, Some("stopped while suspended: the next start boots from its disk; its snapshots can still be restored".into()))?;
+            return self.get(id);
+        }
         if state != VmState::Running {
             return Err(ApiError::conflict(format!(
-                "vm '{id}' is {state}; only a running vm can be stopped"
+                "vm '{id}' is {state}; only a running or suspended vm can be stopped"
             )));
         }
         self.transition(&rt, VmState::Stopping, None)?;

@@ -74,6 +74,8 @@ impl VmState {
                 | (Running, Stopping | Snapshotting | Stopped | Restoring)
                 | (Snapshotting, Running | Snapshotted)
                 | (Snapshotted, Restoring | Starting)
+                // Stopping a suspended VM discards its memory state.
+                | (Snapshotted, Stopped)
                 // A suspend completed at start after it had failed.
                 | (Failed, Snapshotted)
                 // A failed restore leaves the VM as restorable as before.
@@ -115,6 +117,17 @@ pub struct Vm {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<Object>)]
     pub ports: Vec<hatch_vmm::PortForward>,
+    /// Running and its app answers (after a cold boot: once the boot probe
+    /// got an HTTP answer on a forwarded port). Proxied requests wait for it.
+    #[serde(default)]
+    pub ready: bool,
+    /// The idle timeout that applies to this VM: the longest of its routes'
+    /// (a VM is idle only when all its routes are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    /// The host name of the route that sets `idle_timeout_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_route: Option<String>,
 }
 
 /// Body of `POST /vms`.
@@ -131,6 +144,10 @@ pub struct CreateVm {
     pub memory_mib: Option<u64>,
     /// At least the image's disk size (the default), at most 1 TiB.
     pub disk_mib: Option<u64>,
+    /// Fork: start the new VM from this ready snapshot (of any VM), with
+    /// its memory, disk and devices as captured; image, vcpus, memory and
+    /// disk are the snapshot's and cannot be given.
+    pub from_snapshot: Option<String>,
 }
 
 /// A proxy route: requests whose Host is `hostname` go to `port` of `vm_id`.
@@ -301,6 +318,10 @@ pub struct CreateSnapshot {
     /// false (default): checkpoint (the VM runs on).
     pub stop: Option<bool>,
 }
+
+/// Snapshots a new VM keeps (`keep_last`); the newest restorable one is
+/// always kept. Also in the migration that gave older VMs this default.
+pub const DEFAULT_KEEP_LAST: u32 = 5;
 
 /// Body of `POST /vms/{id}/restore`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]

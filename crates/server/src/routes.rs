@@ -53,12 +53,18 @@ impl RouteTable {
     /// The idle timeout of a VM: the longest of its routes' (a VM is idle
     /// only when every route is); None when no route sets one.
     pub fn idle_timeout_of(&self, vm_id: &str) -> Option<std::time::Duration> {
+        self.idle_setting_of(vm_id)
+            .map(|(secs, _)| std::time::Duration::from_secs(secs))
+    }
+
+    /// The idle timeout that applies to a VM and the host name of the route
+    /// that sets it (the longest; ties go to the first host name).
+    pub fn idle_setting_of(&self, vm_id: &str) -> Option<(u64, String)> {
         self.read()
             .values()
             .filter(|r| r.vm_id == vm_id)
-            .filter_map(|r| r.idle_timeout_seconds)
-            .max()
-            .map(std::time::Duration::from_secs)
+            .filter_map(|r| Some((r.idle_timeout_seconds?, r.hostname.clone())))
+            .min_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)))
     }
 
     /// Guest ports that routes to `vm_id` need forwarded.
@@ -95,7 +101,8 @@ impl VmManager {
                 "idle_ignore_paths must be at most {MAX_IGNORED_PATHS} path prefixes, each starting with '/' and at most 256 bytes"
             )));
         }
-        let rt = self.runtime(&req.vm_id)?;
+        let vm_id = self.resolve(&req.vm_id)?;
+        let rt = self.runtime(&vm_id)?;
         // Under the VM's operation lock: a boot picks its forwards from the
         // route table, and a delete removes the VM's routes; neither may
         // interleave with this. The forward is added before anything is
@@ -111,7 +118,7 @@ impl VmManager {
         let route = Route {
             id: new_id("rt"),
             hostname,
-            vm_id: req.vm_id,
+            vm_id,
             port,
             auto_wake: req.auto_wake.unwrap_or(true),
             idle_timeout_seconds: req.idle_timeout_seconds,
@@ -132,6 +139,10 @@ impl VmManager {
                 )));
             }
             return Err(e.into());
+        }
+        if route.idle_timeout_seconds.is_some() {
+            // The idle clock starts no earlier than the route that sets it.
+            rt.activity.touch();
         }
         self.routes.insert(route.clone());
         tracing::info!(route = %route.id, host = %route.hostname, vm = %route.vm_id, port, "route created");
@@ -163,6 +174,8 @@ impl VmManager {
         })?;
         let mut inner = rt.lock();
         inner.forwards.push(forward);
+        inner.last_ports.retain(|f| f.guest != guest_port);
+        inner.last_ports.push(forward);
         self.db.set_vm_forwards(&rt.id, &inner.forwards)?;
         Ok(())
     }
@@ -181,20 +194,22 @@ impl VmManager {
             .collect())
     }
 
-    pub fn get_route(&self, id: &str) -> Result<Route, ApiError> {
+    /// A route by id or host name.
+    pub fn get_route(&self, id_or_host: &str) -> Result<Route, ApiError> {
+        let host = id_or_host.to_ascii_lowercase();
         self.list_routes()?
             .into_iter()
-            .find(|r| r.id == id)
-            .ok_or_else(|| ApiError::not_found("route", id))
+            .find(|r| r.id == id_or_host || r.hostname == host)
+            .ok_or_else(|| ApiError::not_found("route", id_or_host))
     }
 
-    pub fn delete_route(&self, id: &str) -> Result<(), ApiError> {
-        let route = self.get_route(id)?;
-        if !self.db.delete_route(id)? {
-            return Err(ApiError::not_found("route", id));
+    pub fn delete_route(&self, id_or_host: &str) -> Result<(), ApiError> {
+        let route = self.get_route(id_or_host)?;
+        if !self.db.delete_route(&route.id)? {
+            return Err(ApiError::not_found("route", id_or_host));
         }
         self.routes.remove(&route.hostname);
-        tracing::info!(route = %id, host = %route.hostname, "route deleted");
+        tracing::info!(route = %route.id, host = %route.hostname, "route deleted");
         Ok(())
     }
 }

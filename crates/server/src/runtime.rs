@@ -38,6 +38,12 @@ pub struct Inner {
     pub agent: Option<hatch_vmm::agent::Agent>,
     /// The operation holding `op`, for the 409 message.
     pub busy_with: Option<&'static str>,
+    /// The guest's app answers: false from a cold boot until the boot probe
+    /// sees an HTTP answer on a forwarded port. Requests wait for it.
+    pub ready: bool,
+    /// Host ports this VM's guest ports were last forwarded from: reused
+    /// while free, so direct access survives a restart or a wake.
+    pub last_ports: Vec<PortForward>,
 }
 
 /// Proxied requests in flight, the time of the last request event, and
@@ -131,10 +137,12 @@ impl VmRuntime {
             op: Arc::default(),
             inner: Mutex::new(Inner {
                 state,
-                forwards,
                 machine: None,
                 agent: None,
                 busy_with: None,
+                ready: state == VmState::Running,
+                last_ports: forwards.clone(),
+                forwards,
             }),
         })
     }
@@ -166,17 +174,18 @@ impl VmRuntime {
         self.state_tx.subscribe()
     }
 
-    /// Admit a proxied request to `guest_port` if the VM serves now: running,
-    /// not claimed by an idle suspend, the port forwarded. Returns the host
-    /// port. A tracked request counts as in flight from here on.
-    pub fn admit(&self, guest_port: u16, track: bool) -> Option<u16> {
+    /// Admit a proxied request to `guest_port` if the VM serves now: running
+    /// (and ready, unless `unready_ok`), not claimed by an idle suspend, the
+    /// port forwarded. Returns the host port. A tracked request counts as in
+    /// flight from here on.
+    pub fn admit(&self, guest_port: u16, track: bool, unready_ok: bool) -> Option<u16> {
         let mut act = self.activity.lock();
         if act.suspending {
             return None;
         }
         let host = {
             let inner = self.lock();
-            if inner.state != VmState::Running {
+            if inner.state != VmState::Running || !(inner.ready || unready_ok) {
                 return None;
             }
             inner.forwards.iter().find(|f| f.guest == guest_port)?.host
@@ -186,6 +195,17 @@ impl VmRuntime {
             act.last = Instant::now();
         }
         Some(host)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let inner = self.lock();
+        inner.state == VmState::Running && inner.ready
+    }
+
+    /// Record whether the guest's app answers, and tell held requests.
+    pub fn set_ready(&self, ready: bool) {
+        self.lock().ready = ready;
+        self.state_tx.send_modify(|_| {});
     }
 
     pub fn machine(&self) -> Option<Arc<Machine>> {

@@ -35,6 +35,11 @@ pub enum WakeError {
     QueueFull(usize),
 }
 
+/// A VM on its way up by a boot: held requests wait for its app to answer.
+fn booting(rt: &VmRuntime, state: VmState) -> bool {
+    state == VmState::Starting || (state == VmState::Running && !rt.is_ready())
+}
+
 /// Counts a held request; the count drops when the request stops waiting.
 struct Held<'a>(&'a VmRuntime);
 
@@ -55,8 +60,11 @@ impl Drop for WakeSlot<'_> {
 
 impl VmManager {
     /// The host port to forward a proxied request to, once the VM serves:
-    /// at once if it runs, else after waking it (`auto_wake` routes, tracked
-    /// requests only). A tracked request counts as in flight from here on.
+    /// at once if it runs and its app answers; after its boot if it is
+    /// starting; after waking it if it is suspended (`auto_wake` routes,
+    /// tracked requests only); after starting it if it is stopped (likewise,
+    /// as Fly's autostart does). A tracked request counts as in flight from
+    /// here on.
     pub async fn admit_or_wake(
         self: &Arc<Self>,
         rt: &Arc<VmRuntime>,
@@ -64,15 +72,15 @@ impl VmManager {
         track: bool,
         auto_wake: bool,
     ) -> Result<u16, WakeError> {
-        if let Some(port) = rt.admit(guest_port, track) {
+        if let Some(port) = rt.admit(guest_port, track, false) {
             return Ok(port);
         }
+        let wakes = auto_wake && track;
         let state = rt.state();
-        let wakeable = !matches!(
-            state,
-            VmState::Stopped | VmState::Stopping | VmState::Failed
-        );
-        if !auto_wake || !track || !wakeable || self.storage.is_none() {
+        if !wakes && !booting(rt, state) {
+            return Err(WakeError::NotRunning(state));
+        }
+        if matches!(state, VmState::Stopping | VmState::Failed) {
             return Err(WakeError::NotRunning(state));
         }
         let limit = self.cfg.wake_queue;
@@ -86,20 +94,45 @@ impl VmManager {
         let mut states = rt.watch_state();
         loop {
             states.borrow_and_update();
-            if let Some(port) = rt.admit(guest_port, track) {
+            if let Some(port) = rt.admit(guest_port, track, false) {
                 return Ok(port);
             }
             let state = rt.state();
+            let booting = booting(rt, state);
             match state {
-                VmState::Stopped | VmState::Stopping | VmState::Failed => {
-                    return Err(WakeError::NotRunning(state));
+                VmState::Stopping | VmState::Failed => return Err(WakeError::NotRunning(state)),
+                VmState::Stopped if !wakes => return Err(WakeError::NotRunning(state)),
+                VmState::Stopped => {
+                    // Autostart; a start already under way is joined below.
+                    if let Err(e) = self.start(&rt.id)
+                        && rt.state() == VmState::Stopped
+                    {
+                        return Err(WakeError::Failed(format!("starting it failed: {e}")));
+                    }
+                    continue;
                 }
-                // Running, yet not admitted and not claimed by a suspend:
-                // the port is not forwarded; waiting will not help.
-                VmState::Running if !rt.activity.claimed_for_suspend() => {
+                // Running, ready, yet not admitted and not claimed by a
+                // suspend: the port is not forwarded; waiting will not help.
+                VmState::Running if !booting && !rt.activity.claimed_for_suspend() => {
                     return Err(WakeError::NotRunning(state));
                 }
                 _ => {}
+            }
+            if booting {
+                // The boot probe says when the app answers.
+                tokio::select! {
+                    _ = states.changed() => continue,
+                    () = tokio::time::sleep_until(deadline) => {
+                        // An app that never answers the probe's HTTP (not
+                        // an HTTP server?) gets its requests anyway.
+                        return rt
+                            .admit(guest_port, track, true)
+                            .ok_or(WakeError::Timeout(timeout));
+                    }
+                }
+            }
+            if !wakes {
+                return Err(WakeError::NotRunning(state));
             }
             if state == VmState::Snapshotted
                 && rt.wake.lock().unwrap_or_else(|p| p.into_inner()).is_none()
@@ -156,7 +189,7 @@ impl VmManager {
     /// Wait for the operation in progress (a suspend finishing, a restore),
     /// then restore the VM if it is suspended.
     async fn run_wake(self: &Arc<Self>, rt: &Arc<VmRuntime>, since: Instant) -> Result<(), String> {
-        let store = self.storage().map_err(|e| e.to_string())?;
+        let store = self.storage.clone();
         let mut states = rt.watch_state();
         loop {
             let guard = rt.begin("wake").await;

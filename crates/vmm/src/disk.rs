@@ -59,6 +59,33 @@ pub async fn rebase_unsafe(
     .await
 }
 
+/// Write the data of the chain ending in `top` that differs from `base`
+/// into a new qcow2 layer `dst` over `base` (`qemu-img convert -B`): the
+/// chain's writes in one file of their own, sharing only the image.
+pub async fn flatten_onto(
+    top: &Path,
+    base: &Path,
+    base_format: &str,
+    dst: &Path,
+) -> Result<(), VmmError> {
+    qemu_img(
+        "qemu-img convert",
+        &[
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            base_format.as_ref(),
+            "-B".as_ref(),
+            base.as_os_str(),
+            top.as_os_str(),
+            dst.as_os_str(),
+        ],
+    )
+    .await
+}
+
 /// Run `qemu-img` with an empty environment but `PATH`: the daemon's
 /// environment holds secrets (API key, S3 credentials) that a child has no
 /// business seeing.

@@ -29,11 +29,13 @@ pub async fn list(State(app): App) -> Result<Json<Value>, ApiError> {
 
 #[utoipa::path(get, path = "/vms/{id}", responses((status = 200, body = Vm), (status = 404)))]
 pub async fn get(State(app): App, Path(id): Path<String>) -> Result<Json<Vm>, ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok(Json(app.vms.get(&id)?))
 }
 
 #[utoipa::path(delete, path = "/vms/{id}", responses((status = 204), (status = 404), (status = 409)))]
 pub async fn delete(State(app): App, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = app.vms.resolve(&id)?;
     app.vms.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -43,6 +45,7 @@ pub async fn start(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok((StatusCode::ACCEPTED, Json(app.vms.start(&id)?)))
 }
 
@@ -51,6 +54,7 @@ pub async fn stop(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok((StatusCode::ACCEPTED, Json(app.vms.stop(&id)?)))
 }
 
@@ -68,6 +72,7 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
+    let id = app.vms.resolve(&id)?;
     let (bytes, next) = app.vms.logs(&id, q.offset)?;
     Ok((
         [
@@ -90,6 +95,7 @@ pub async fn snapshot(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CreateSnapshot>,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(app.vms.snapshot(&id, req, "manual")?),
@@ -103,12 +109,14 @@ pub async fn restore(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req)?)))
 }
 
 #[utoipa::path(get, path = "/vms/{id}/events",
     responses((status = 200, body = EventList, description = "wakes and idle suspends, newest first (the last 100)"), (status = 404)))]
 pub async fn events(State(app): App, Path(id): Path<String>) -> Result<Json<EventList>, ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok(Json(EventList {
         events: app.vms.events(&id)?,
     }))
@@ -117,6 +125,7 @@ pub async fn events(State(app): App, Path(id): Path<String>) -> Result<Json<Even
 #[utoipa::path(get, path = "/vms/{id}/snapshots",
     responses((status = 200, description = "{\"snapshots\": [Snapshot]}, newest first"), (status = 404), (status = 503)))]
 pub async fn snapshots(State(app): App, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok(Json(json!({ "snapshots": app.vms.list_snapshots(&id)? })))
 }
 
@@ -125,6 +134,7 @@ pub async fn get_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
 ) -> Result<Json<Snapshot>, ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok(Json(app.vms.get_snapshot(&id, &sid)?))
 }
 
@@ -133,6 +143,7 @@ pub async fn delete_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    let id = app.vms.resolve(&id)?;
     app.vms.delete_snapshot(&id, &sid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -144,6 +155,7 @@ pub async fn retention(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<Retention>,
 ) -> Result<Json<Retention>, ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok(Json(app.vms.set_retention(&id, req).await?))
 }
 
@@ -152,6 +164,7 @@ pub async fn get_retention(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<Json<Retention>, ApiError> {
+    let id = app.vms.resolve(&id)?;
     Ok(Json(app.vms.retention(&id)?))
 }
 

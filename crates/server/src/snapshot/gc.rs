@@ -21,6 +21,11 @@ pub struct GcReport {
     /// Unreferenced chunks kept because they are younger than the grace
     /// period (`HATCH_GC_GRACE_SECONDS`).
     pub kept_young: u64,
+    /// Chunks that manifests reference (kept).
+    pub kept_referenced: u64,
+    /// The grace period: an unreferenced chunk younger than this may belong
+    /// to an upload in progress (of any daemon sharing the bucket).
+    pub grace_seconds: u64,
 }
 
 impl VmManager {
@@ -52,18 +57,17 @@ impl VmManager {
             kept_young = r.kept_young,
             "garbage collection"
         );
-        Ok(r.into())
-    }
-}
-
-impl From<hatch_chunks::GcReport> for GcReport {
-    fn from(r: hatch_chunks::GcReport) -> Self {
-        GcReport {
+        Ok(GcReport {
             manifests: r.manifests,
             chunks: r.chunks,
             deleted_chunks: r.deleted_chunks,
             freed_bytes: r.freed_bytes,
             kept_young: r.kept_young,
-        }
+            kept_referenced: r
+                .chunks
+                .saturating_sub(r.deleted_chunks)
+                .saturating_sub(r.kept_young),
+            grace_seconds: self.cfg.gc_grace.as_secs(),
+        })
     }
 }

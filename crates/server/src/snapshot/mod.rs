@@ -7,6 +7,7 @@
 
 mod capture;
 mod compact;
+mod fork;
 pub mod gc;
 mod local_cache;
 pub mod local_copy;
@@ -243,11 +244,11 @@ impl VmManager {
     /// Start restoring; answers at once with the VM (`restoring`).
     pub fn restore(self: &Arc<Self>, vm_id: &str, req: RestoreRequest) -> Result<Vm, ApiError> {
         let since = std::time::Instant::now();
-        let store = self.storage()?;
         let rt = self.runtime(vm_id)?;
         let guard = rt.try_begin("restore")?;
         let (rec, prior) = self.begin_restore(&rt, req.snapshot_id.as_deref())?;
         let this = self.clone();
+        let store = self.storage.clone();
         self.tasks.spawn(async move {
             this.run_restore(rt, guard, rec, prior, store, WakeCause::api(since))
                 .await;
@@ -273,9 +274,14 @@ impl VmManager {
                 "vm '{vm_id}' is {state} and cannot be restored now"
             )));
         }
+        // Without S3, only a snapshot with a local copy can be restored.
+        let unavailable = |e: ApiError| match self.storage {
+            None => ApiError::SnapshotStorageUnavailable,
+            Some(_) => e,
+        };
         let rec = match snapshot_id {
             Some(sid) => {
-                let rec = self.snapshot_record(vm_id, sid)?;
+                let rec = self.snapshot_record(vm_id, sid).map_err(unavailable)?;
                 if rec.snap.status != SnapshotStatus::Ready && !rec.local {
                     return Err(ApiError::conflict(format!(
                         "snapshot '{sid}' is {} and cannot be restored",
@@ -290,9 +296,14 @@ impl VmManager {
                 .into_iter()
                 .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
                 .ok_or_else(|| {
-                    ApiError::conflict(format!("vm '{vm_id}' has no restorable snapshot"))
+                    unavailable(ApiError::conflict(format!(
+                        "vm '{vm_id}' has no restorable snapshot"
+                    )))
                 })?,
         };
+        if self.storage.is_none() && !rec.local {
+            return Err(ApiError::SnapshotStorageUnavailable);
+        }
         self.transition(rt, VmState::Restoring, None)?;
         Ok((rec, state))
     }

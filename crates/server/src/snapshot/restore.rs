@@ -54,11 +54,11 @@ impl VmManager {
         guard: OpGuard,
         rec: SnapshotRecord,
         prior: VmState,
-        store: Arc<ChunkStore>,
+        store: Option<Arc<ChunkStore>>,
         cause: WakeCause,
     ) {
         let started = Instant::now();
-        match self.restore_from(&rt, &rec, prior, &store).await {
+        match self.restore_from(&rt, &rec, prior, store.as_deref()).await {
             Ok(machine) => {
                 if let Err(e) = self.transition(&rt, VmState::Running, None) {
                     tracing::error!(vm = %rt.id, error = %e, "recording restore failed");
@@ -133,7 +133,7 @@ impl VmManager {
         rt: &VmRuntime,
         rec: &SnapshotRecord,
         prior: VmState,
-        store: &ChunkStore,
+        store: Option<&ChunkStore>,
     ) -> Result<Arc<Machine>, RestoreFailure> {
         let vm = self
             .get(&rt.id)
@@ -159,6 +159,11 @@ impl VmManager {
                         "its local copy cannot be used ({why}) and S3 does not hold it"
                     ))));
                 }
+                let Some(store) = store else {
+                    return Err(intact(anyhow::anyhow!(
+                        "snapshot storage is unavailable (no S3 configured) and the local copy cannot be used ({why})"
+                    )));
+                };
                 let fetched = self.fetch(rt, rec, &vm, store).await;
                 let layers = match fetched {
                     Ok(layers) => layers,
@@ -248,7 +253,11 @@ impl VmManager {
 
     /// The layers of the snapshot's local copy, if it is complete and its
     /// sealed description matches its files (sizes, state hash, ids).
-    fn verified_local_copy(&self, rec: &SnapshotRecord, vm: &Vm) -> Result<Vec<String>, String> {
+    pub(super) fn verified_local_copy(
+        &self,
+        rec: &SnapshotRecord,
+        vm: &Vm,
+    ) -> Result<Vec<String>, String> {
         if !rec.local {
             return Err("there is no local copy".into());
         }
@@ -281,7 +290,7 @@ impl VmManager {
 
     /// Launch QEMU over a new disk layer and load the snapshot's state
     /// (its RAM file is in place), then set the guest's clock.
-    async fn start_from(
+    pub(super) async fn start_from(
         &self,
         rt: &VmRuntime,
         dir: &Path,
@@ -334,7 +343,7 @@ impl VmManager {
     /// Fetched state and memory are written without fsync (the restore does
     /// not wait for the disk); once they are durable, in the background,
     /// the copy is described and trusted for the next restore.
-    fn trust_fetched_copy_when_durable(&self, rec: &SnapshotRecord, layers: &[String]) {
+    pub(super) fn trust_fetched_copy_when_durable(&self, rec: &SnapshotRecord, layers: &[String]) {
         let dir = self.snapshot_dir(&rec.snap.id);
         let vm_dir = self.paths(&rec.snap.vm_id).dir;
         let db = self.db.clone();
@@ -371,7 +380,7 @@ impl VmManager {
     /// against the VM before anything is written), state and memory into
     /// the snapshot's local directory, missing disk layers into the VM's
     /// directory, each rebased onto this host's paths. Returns the layers.
-    async fn fetch(
+    pub(super) async fn fetch(
         &self,
         rt: &VmRuntime,
         rec: &SnapshotRecord,

@@ -1,0 +1,195 @@
+//! Fork: a new VM started from a snapshot of another (`POST /vms` with
+//! `from_snapshot`). It resumes the captured guest (memory, disk, devices)
+//! under a new id, name and host ports, with its clock set and its RNG
+//! reseeded by the guest agent; the source VM and its snapshot are
+//! untouched.
+//!
+//! The fork gets files of its own: the snapshot's disk chain flattened into
+//! one layer over the image (so deleting the source never breaks the fork),
+//! a sparse copy of the RAM image, and the device state. The source VM's
+//! operation lock is held only while these are copied, so that no
+//! retention, eviction or deletion removes them meanwhile.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::SnapshotCorrupt;
+use crate::db::SnapshotRecord;
+use crate::error::ApiError;
+use crate::manager::{VmManager, new_id, now_rfc3339};
+use crate::model::{CreateVm, SnapshotStatus, Vm, VmState};
+use crate::runtime::{OpGuard, VmRuntime};
+
+/// The fork's first disk layer (as a created VM's).
+const BASE_LAYER: &str = "disk.qcow2";
+
+impl VmManager {
+    pub(crate) fn fork(self: &Arc<Self>, req: CreateVm, sid: &str) -> Result<Vm, ApiError> {
+        if req.image.is_some()
+            || req.vcpus.is_some()
+            || req.memory_mib.is_some()
+            || req.disk_mib.is_some()
+        {
+            return Err(ApiError::invalid(
+                "a fork has its snapshot's image, vcpus, memory and disk: give only name and from_snapshot",
+            ));
+        }
+        let rec = self
+            .db
+            .get_snapshot(sid)?
+            .ok_or_else(|| ApiError::not_found("snapshot", sid))?;
+        if rec.snap.status != SnapshotStatus::Ready && !rec.local {
+            return Err(ApiError::conflict(format!(
+                "snapshot '{sid}' is {} and cannot be forked",
+                rec.snap.status.as_str()
+            )));
+        }
+        if self.storage.is_none() && !rec.local {
+            return Err(ApiError::SnapshotStorageUnavailable);
+        }
+        let source = self.get(&rec.snap.vm_id)?;
+        let id = new_id("vm");
+        let name = self.free_name(req.name, &id)?;
+        let paths = self.paths(&id);
+        std::fs::create_dir_all(&paths.dir)
+            .with_context(|| format!("creating {}", paths.dir.display()))?;
+        let vm = Vm {
+            id: id.clone(),
+            name,
+            state: VmState::Restoring,
+            state_reason: Some(format!("forking from snapshot {sid} of {}", source.id)),
+            image: source.image.clone(),
+            vcpus: source.vcpus,
+            memory_mib: source.memory_mib,
+            disk_mib: source.disk_mib,
+            created_at: now_rfc3339(),
+            started_at: None,
+            boot_ms: None,
+            ports: Vec::new(),
+            ready: false,
+            idle_timeout_seconds: None,
+            idle_timeout_route: None,
+        };
+        if let Err(e) = self.insert_vm(&vm) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e);
+        }
+        let rt = VmRuntime::new(id.clone(), VmState::Restoring, Vec::new());
+        let guard = rt.try_begin("fork")?;
+        self.insert_runtime(rt.clone());
+        tracing::info!(vm = %id, name = %vm.name, snapshot = %sid, source = %source.id, "vm forked");
+        let this = self.clone();
+        self.tasks
+            .spawn(async move { this.run_fork(rt, guard, rec, source).await });
+        Ok(vm)
+    }
+
+    async fn run_fork(
+        self: Arc<Self>,
+        rt: Arc<VmRuntime>,
+        guard: OpGuard,
+        rec: SnapshotRecord,
+        source: Vm,
+    ) {
+        let started = std::time::Instant::now();
+        let result = async {
+            let staging = self.copy_for_fork(&rt, &rec, &source).await?;
+            let machine = self
+                .start_from(&rt, &staging, &[BASE_LAYER.to_string()])
+                .await;
+            let _ = std::fs::remove_dir_all(&staging);
+            machine
+        }
+        .await;
+        match result {
+            Ok(machine) => {
+                let done = self
+                    .transition(&rt, VmState::Running, None)
+                    .and_then(|()| Ok(self.db.set_vm_started(&rt.id, &now_rfc3339())?));
+                if let Err(e) = done {
+                    tracing::error!(vm = %rt.id, error = %e, "recording the fork failed");
+                }
+                self.watch(rt.clone(), machine);
+                tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
+                    fork_ms = started.elapsed().as_millis() as u64, "fork runs");
+            }
+            Err(e) => {
+                let mut reason = format!("fork from {} failed: {e:#}", rec.snap.id);
+                if e.chain()
+                    .any(|c| c.downcast_ref::<SnapshotCorrupt>().is_some())
+                {
+                    reason = format!("snapshot_corrupt: {reason}");
+                }
+                tracing::error!(vm = %rt.id, %reason);
+                self.halt(&rt).await;
+                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
+                    tracing::error!(vm = %rt.id, error = %e, "recording the failed fork failed");
+                }
+            }
+        }
+        drop(guard);
+    }
+
+    /// Give the fork its own disk layer, RAM file and device state (in a
+    /// staging dir, returned) from the snapshot's local copy, fetched from
+    /// S3 first if there is none.
+    async fn copy_for_fork(
+        &self,
+        rt: &VmRuntime,
+        rec: &SnapshotRecord,
+        source: &Vm,
+    ) -> anyhow::Result<std::path::PathBuf> {
+        let source_rt = self
+            .runtime(&source.id)
+            .map_err(|_| anyhow::anyhow!("the source vm {} was deleted", source.id))?;
+        let _source_guard = source_rt.begin("fork").await;
+        // Re-read: deleted (or its copy evicted) while we waited?
+        let rec = self
+            .db
+            .get_snapshot(&rec.snap.id)?
+            .with_context(|| format!("snapshot {} was deleted", rec.snap.id))?;
+        let _in_use = self.use_local_copy(&rec.snap.id);
+        let layers = match self.verified_local_copy(&rec, source) {
+            Ok(layers) => layers,
+            Err(why) => {
+                let store = self.storage.clone().with_context(|| {
+                    format!(
+                        "snapshot storage is unavailable (no S3 configured) and the local copy cannot be used ({why})"
+                    )
+                })?;
+                let layers = self.fetch(&source_rt, &rec, source, &store).await?;
+                self.trust_fetched_copy_when_durable(&rec, &layers);
+                layers
+            }
+        };
+        let top = self
+            .paths(&source.id)
+            .dir
+            .join(layers.last().context("snapshot has no disk layer")?);
+        let image = self
+            .images
+            .get(&source.image)
+            .with_context(|| format!("image '{}'", source.image))?;
+        let paths = self.paths(&rt.id);
+        hatch_vmm::disk::flatten_onto(
+            &top,
+            &image.disk,
+            &image.disk_format,
+            &paths.dir.join(BASE_LAYER),
+        )
+        .await
+        .context("copying the snapshot's disk")?;
+        let snapshot_dir = self.snapshot_dir(&rec.snap.id);
+        let staging = paths.dir.join("fork");
+        std::fs::create_dir_all(&staging)?;
+        std::fs::copy(snapshot_dir.join("state"), staging.join("state"))
+            .context("copying the device state")?;
+        let (src, dst) = (snapshot_dir.join("mem"), paths.mem.clone());
+        tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))
+            .await
+            .context("copy task")?
+            .context("copying the RAM image")?;
+        Ok(staging)
+    }
+}
