@@ -111,14 +111,23 @@ async fn vm_boots_serves_through_the_proxy_keeps_its_disk_and_is_deleted() {
     );
     assert_eq!(d.vm(&id).await["state"], "running");
 
-    // Stop: QEMU exits, the proxy answers 503 vm_not_running.
+    // Stop: QEMU exits; a route that does not auto-wake answers 503
+    // vm_not_running (an auto-wake route would start it again).
+    let (s, _) = d
+        .call(
+            Method::POST,
+            "/routes",
+            Some(json!({ "hostname": "manual.localhost", "vm_id": id, "auto_wake": false })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
     let pids = d.qemu_pids();
     assert_eq!(pids.len(), 1);
     let (s, vm) = d.call(Method::POST, &format!("/vms/{id}/stop"), None).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{vm}");
     d.wait_state(&id, "stopped").await;
     assert!(!process_alive(pids[0]), "QEMU still runs after stop");
-    let (s, body) = d.proxy_get("web.localhost", "/").await;
+    let (s, body) = d.proxy_get("manual.localhost", "/").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"]["code"], "vm_not_running");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::manager::VmManager;
-use crate::model::{CreateSnapshot, VmState};
+use crate::model::CreateSnapshot;
 
 /// How often VMs are checked for idleness (the resolution of timeouts).
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -37,7 +37,8 @@ impl VmManager {
             let Some(timeout) = self.routes.idle_timeout_of(&rt.id) else {
                 continue;
             };
-            if rt.state() != VmState::Running || !rt.activity.claim_idle(timeout) {
+            // A VM still booting is not idle: requests wait for its app.
+            if !rt.is_ready() || !rt.activity.claim_idle(timeout) {
                 continue;
             }
             // Claimed: new requests are held from here on; the claim ends

@@ -204,6 +204,10 @@ impl VmRuntime {
 
     /// Record whether the guest's app answers, and tell held requests.
     pub fn set_ready(&self, ready: bool) {
+        if ready {
+            // The idle clock starts when the app can be reached.
+            self.activity.touch();
+        }
         self.lock().ready = ready;
         self.state_tx.send_modify(|_| {});
     }

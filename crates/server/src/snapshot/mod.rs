@@ -245,6 +245,11 @@ impl VmManager {
     pub fn restore(self: &Arc<Self>, vm_id: &str, req: RestoreRequest) -> Result<Vm, ApiError> {
         let since = std::time::Instant::now();
         let rt = self.runtime(vm_id)?;
+        // Without S3 only local copies can be restored: say so at once when
+        // there is none (whatever else the VM is doing).
+        if self.storage.is_none() && !self.db.list_snapshots(vm_id)?.iter().any(|r| r.local) {
+            return Err(ApiError::SnapshotStorageUnavailable);
+        }
         let guard = rt.try_begin("restore")?;
         let (rec, prior) = self.begin_restore(&rt, req.snapshot_id.as_deref())?;
         let this = self.clone();
@@ -301,8 +306,13 @@ impl VmManager {
                     )))
                 })?,
         };
-        if self.storage.is_none() && !rec.local {
-            return Err(ApiError::SnapshotStorageUnavailable);
+        if self.storage.is_none() {
+            // Only a local copy that checks out can be restored.
+            let vm = self.get(vm_id)?;
+            if let Err(why) = self.verified_local_copy(&rec, &vm) {
+                tracing::warn!(vm = %vm_id, snapshot = %rec.snap.id, %why, "no usable local copy");
+                return Err(ApiError::SnapshotStorageUnavailable);
+            }
         }
         self.transition(rt, VmState::Restoring, None)?;
         Ok((rec, state))
