@@ -95,6 +95,20 @@ GARAGE_ROOT="$HATCH_CACHE/garage-install"
 GARAGE="$GARAGE_ROOT/bin/garage"
 
 # Garage, the S3 server used locally and in tests (built once, ~15 min on 2 cores).
+# openapi-spec-validator (PyPI) in a venv in the cache: the API test checks
+# the served OpenAPI document with it. Sets OPENAPI_VALIDATOR.
+install_openapi_validator() {
+  local venv="$HATCH_CACHE/openapi-venv"
+  OPENAPI_VALIDATOR="$venv/bin/openapi-spec-validator"
+  if ! "$OPENAPI_VALIDATOR" --help >/dev/null 2>&1; then
+    log "installing openapi-spec-validator into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'openapi-spec-validator==0.7.1'
+  fi
+  "$OPENAPI_VALIDATOR" --help >/dev/null 2>&1 || { echo "error: $OPENAPI_VALIDATOR does not run" >&2; exit 1; }
+}
+
 install_garage() {
   if [ ! -x "$GARAGE" ]; then
     log "building Garage (once; cached in $GARAGE_ROOT)"

@@ -9,6 +9,8 @@ cd "$REPO"
 install_packages
 install_garage   # real S3 for the snapshot tests
 export HATCH_GARAGE="$GARAGE"
+install_openapi_validator   # checks the served OpenAPI document
+export HATCH_OPENAPI_VALIDATOR="$OPENAPI_VALIDATOR"
 log "building hatch"
 cargo build --quiet --bin hatch
 export HATCH_TEST_IMAGES_DIR="$HATCH_CACHE/images"

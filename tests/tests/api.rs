@@ -245,3 +245,75 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused() {
     // The first daemon is unaffected.
     assert_eq!(d.call(Method::GET, "/vms", None).await.0, StatusCode::OK);
 }
+
+/// The served OpenAPI document validates (openapi-spec-validator, installed
+/// by scripts/test.sh), names each operation once, and documents the error
+/// answers every operation can give, with the error schema.
+#[tokio::test]
+async fn the_openapi_document_validates_and_documents_every_error() {
+    let d = Daemon::start().await;
+    let (s, doc) = d.call(Method::GET, "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let file = d.data_dir.path().join("openapi.json");
+    std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let validator = std::env::var_os("HATCH_OPENAPI_VALIDATOR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/hatch/openapi-venv/bin/openapi-spec-validator")
+        });
+    let out = std::process::Command::new(&validator)
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/test.sh)", validator.display()));
+    assert!(
+        out.status.success(),
+        "invalid OpenAPI document:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap();
+            assert!(ids.insert(id.to_string()), "duplicate operationId {id}");
+            assert!(
+                op["tags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|t| !t.as_str().unwrap().contains("::")),
+                "{method} {path}: {op}"
+            );
+            let responses = op["responses"].as_object().unwrap();
+            let mut must = vec!["401", "500"];
+            if op.get("requestBody").is_some() {
+                must.extend(["400", "422"]);
+            }
+            if path.contains('{') {
+                must.push("404");
+            }
+            for status in must {
+                assert!(
+                    responses.contains_key(status),
+                    "{method} {path} lacks {status}"
+                );
+            }
+            for (status, r) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        r["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
+    let create = &doc["components"]["schemas"]["CreateVm"]["properties"];
+    assert!(create["name"]["pattern"].is_string(), "{create}");
+    assert_eq!(create["vcpus"]["minimum"], 1);
+    let route = &doc["components"]["schemas"]["CreateRoute"]["properties"];
+    assert_eq!(route["port"]["maximum"], 65535);
+}

@@ -5,6 +5,23 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// The body of every error answer (for the OpenAPI document).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorDetail {
+    /// snake_case: bad_request, invalid, unauthorized, not_found, conflict,
+    /// snapshot_storage_unavailable, internal, ...
+    code: String,
+    /// For people.
+    message: String,
+}
+
 /// An error the API reports to its caller.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -134,19 +134,28 @@ pub struct Vm {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
-    /// Unique; lowercase letters, digits and '-', at most 63. Defaults to the id.
+    /// Unique; lowercase letters, digits and '-', at most 63, not starting
+    /// with "vm-". Defaults to the id.
+    #[schema(
+        pattern = r"^(?!vm-)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        max_length = 63
+    )]
     pub name: Option<String>,
     /// A registered image name; "default" if absent.
     pub image: Option<String>,
     /// 1 up to the host's CPU count; default 1.
+    #[schema(minimum = 1)]
     pub vcpus: Option<u32>,
     /// 64 up to the host's memory less 1 GiB; default 256.
+    #[schema(minimum = 64)]
     pub memory_mib: Option<u64>,
     /// At least the image's disk size (the default), at most 1 TiB.
+    #[schema(minimum = 1, maximum = 1048576)]
     pub disk_mib: Option<u64>,
     /// Fork: start the new VM from this ready snapshot (of any VM), with
     /// its memory, disk and devices as captured; image, vcpus, memory and
     /// disk are the snapshot's and cannot be given.
+    #[schema(pattern = r"^snap-[a-z0-9]{12}$")]
     pub from_snapshot: Option<String>,
 }
 
@@ -213,14 +222,24 @@ pub struct EventList {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRoute {
+    /// A DNS name (no port, no scheme); matched case-insensitively.
+    #[schema(
+        pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$",
+        max_length = 253
+    )]
     pub hostname: String,
+    /// The VM's id or name.
     pub vm_id: String,
     /// Guest TCP port; default 8080.
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: Option<u16>,
-    /// Default true.
+    /// Default true: requests wake a suspended VM and start a stopped one.
     pub auto_wake: Option<bool>,
+    /// Suspend the VM after this many seconds without requests (1 to 30 days).
+    #[schema(minimum = 1, maximum = 2592000)]
     pub idle_timeout_seconds: Option<u64>,
     /// Path prefixes (e.g. "/healthz") that neither wake nor keep awake.
+    #[schema(max_items = 16)]
     pub idle_ignore_paths: Option<Vec<String>>,
 }
 
@@ -337,7 +356,11 @@ pub struct RestoreRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
+    /// Keep this many newest snapshots; null: no limit. New VMs: 5.
+    #[schema(minimum = 1, maximum = 10000)]
     pub keep_last: Option<u32>,
+    /// Delete snapshots older than this; null: no limit.
+    #[schema(minimum = 1)]
     pub max_age_seconds: Option<u64>,
 }
 
@@ -424,6 +447,7 @@ pub struct CreatedApiKey {
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
     /// 1-63 of letters, digits, '.', '_' and '-'.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,63}$")]
     pub name: Option<String>,
 }
 

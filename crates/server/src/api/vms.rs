@@ -12,7 +12,7 @@ use crate::model::{
     CreateSnapshot, CreateVm, EventList, RestoreRequest, Retention, Snapshot, Storage, Vm,
 };
 
-#[utoipa::path(post, path = "/vms", request_body = CreateVm,
+#[utoipa::path(post, path = "/vms", operation_id = "createVm", tag = "vms", request_body = CreateVm,
     responses((status = 201, body = Vm, description = "created; booting"),
         (status = 409, description = "name taken"), (status = 422, description = "invalid input")))]
 pub async fn create(
@@ -22,25 +22,25 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(app.vms.create(req).await?)))
 }
 
-#[utoipa::path(get, path = "/vms", responses((status = 200, description = "{\"vms\": [Vm]}")))]
+#[utoipa::path(get, path = "/vms", operation_id = "listVms", tag = "vms", responses((status = 200, description = "{\"vms\": [Vm]}")))]
 pub async fn list(State(app): App) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "vms": app.vms.list()? })))
 }
 
-#[utoipa::path(get, path = "/vms/{id}", responses((status = 200, body = Vm), (status = 404)))]
+#[utoipa::path(get, path = "/vms/{id}", operation_id = "getVm", tag = "vms", responses((status = 200, body = Vm), (status = 404)))]
 pub async fn get(State(app): App, Path(id): Path<String>) -> Result<Json<Vm>, ApiError> {
     let id = app.vms.resolve(&id)?;
     Ok(Json(app.vms.get(&id)?))
 }
 
-#[utoipa::path(delete, path = "/vms/{id}", responses((status = 204), (status = 404), (status = 409)))]
+#[utoipa::path(delete, path = "/vms/{id}", operation_id = "deleteVm", tag = "vms", responses((status = 204), (status = 404), (status = 409)))]
 pub async fn delete(State(app): App, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = app.vms.resolve(&id)?;
     app.vms.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/vms/{id}/start", responses((status = 202, body = Vm), (status = 404), (status = 409)))]
+#[utoipa::path(post, path = "/vms/{id}/start", operation_id = "startVm", tag = "vms", responses((status = 202, body = Vm), (status = 404), (status = 409)))]
 pub async fn start(
     State(app): App,
     Path(id): Path<String>,
@@ -49,7 +49,7 @@ pub async fn start(
     Ok((StatusCode::ACCEPTED, Json(app.vms.start(&id)?)))
 }
 
-#[utoipa::path(post, path = "/vms/{id}/stop", responses((status = 202, body = Vm), (status = 404), (status = 409)))]
+#[utoipa::path(post, path = "/vms/{id}/stop", operation_id = "stopVm", tag = "vms", responses((status = 202, body = Vm), (status = 404), (status = 409)))]
 pub async fn stop(
     State(app): App,
     Path(id): Path<String>,
@@ -65,7 +65,7 @@ pub struct LogsQuery {
 }
 
 /// The serial console from `offset`; `X-Next-Offset` tells where to continue.
-#[utoipa::path(get, path = "/vms/{id}/logs", params(("offset" = Option<u64>, Query)),
+#[utoipa::path(get, path = "/vms/{id}/logs", operation_id = "getVmLogs", tag = "vms", params(("offset" = Option<u64>, Query)),
     responses((status = 200, content_type = "text/plain"), (status = 404)))]
 pub async fn logs(
     State(app): App,
@@ -87,7 +87,7 @@ pub async fn logs(
         .into_response())
 }
 
-#[utoipa::path(post, path = "/vms/{id}/snapshot", request_body = CreateSnapshot,
+#[utoipa::path(post, path = "/vms/{id}/snapshot", operation_id = "createSnapshot", tag = "snapshots", request_body = CreateSnapshot,
     responses((status = 202, body = Snapshot), (status = 404), (status = 409),
         (status = 503, description = "no snapshot storage configured")))]
 pub async fn snapshot(
@@ -102,7 +102,7 @@ pub async fn snapshot(
     ))
 }
 
-#[utoipa::path(post, path = "/vms/{id}/restore", request_body = RestoreRequest,
+#[utoipa::path(post, path = "/vms/{id}/restore", operation_id = "restoreVm", tag = "snapshots", request_body = RestoreRequest,
     responses((status = 202, body = Vm), (status = 404), (status = 409), (status = 503)))]
 pub async fn restore(
     State(app): App,
@@ -113,7 +113,7 @@ pub async fn restore(
     Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req)?)))
 }
 
-#[utoipa::path(get, path = "/vms/{id}/events",
+#[utoipa::path(get, path = "/vms/{id}/events", operation_id = "listVmEvents", tag = "vms",
     responses((status = 200, body = EventList, description = "wakes and idle suspends, newest first (the last 100)"), (status = 404)))]
 pub async fn events(State(app): App, Path(id): Path<String>) -> Result<Json<EventList>, ApiError> {
     let id = app.vms.resolve(&id)?;
@@ -122,14 +122,14 @@ pub async fn events(State(app): App, Path(id): Path<String>) -> Result<Json<Even
     }))
 }
 
-#[utoipa::path(get, path = "/vms/{id}/snapshots",
+#[utoipa::path(get, path = "/vms/{id}/snapshots", operation_id = "listSnapshots", tag = "snapshots",
     responses((status = 200, description = "{\"snapshots\": [Snapshot]}, newest first"), (status = 404), (status = 503)))]
 pub async fn snapshots(State(app): App, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = app.vms.resolve(&id)?;
     Ok(Json(json!({ "snapshots": app.vms.list_snapshots(&id)? })))
 }
 
-#[utoipa::path(get, path = "/vms/{id}/snapshots/{sid}", responses((status = 200, body = Snapshot), (status = 404), (status = 503)))]
+#[utoipa::path(get, path = "/vms/{id}/snapshots/{sid}", operation_id = "getSnapshot", tag = "snapshots", responses((status = 200, body = Snapshot), (status = 404), (status = 503)))]
 pub async fn get_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
@@ -138,7 +138,7 @@ pub async fn get_snapshot(
     Ok(Json(app.vms.get_snapshot(&id, &sid)?))
 }
 
-#[utoipa::path(delete, path = "/vms/{id}/snapshots/{sid}", responses((status = 204), (status = 404), (status = 409), (status = 503)))]
+#[utoipa::path(delete, path = "/vms/{id}/snapshots/{sid}", operation_id = "deleteSnapshot", tag = "snapshots", responses((status = 204), (status = 404), (status = 409), (status = 503)))]
 pub async fn delete_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
@@ -148,7 +148,7 @@ pub async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(put, path = "/vms/{id}/retention", request_body = Retention,
+#[utoipa::path(put, path = "/vms/{id}/retention", operation_id = "setRetention", tag = "snapshots", request_body = Retention,
     responses((status = 200, body = Retention), (status = 404), (status = 422), (status = 503)))]
 pub async fn retention(
     State(app): App,
@@ -159,7 +159,7 @@ pub async fn retention(
     Ok(Json(app.vms.set_retention(&id, req).await?))
 }
 
-#[utoipa::path(get, path = "/vms/{id}/retention", responses((status = 200, body = Retention), (status = 404), (status = 503)))]
+#[utoipa::path(get, path = "/vms/{id}/retention", operation_id = "getRetention", tag = "snapshots", responses((status = 200, body = Retention), (status = 404), (status = 503)))]
 pub async fn get_retention(
     State(app): App,
     Path(id): Path<String>,
@@ -168,12 +168,12 @@ pub async fn get_retention(
     Ok(Json(app.vms.retention(&id)?))
 }
 
-#[utoipa::path(get, path = "/storage", responses((status = 200, body = Storage), (status = 503)))]
+#[utoipa::path(get, path = "/storage", operation_id = "getStorage", tag = "storage", responses((status = 200, body = Storage), (status = 503)))]
 pub async fn storage(State(app): App) -> Result<Json<Storage>, ApiError> {
     Ok(Json(app.vms.storage_usage()?))
 }
 
-#[utoipa::path(post, path = "/storage/gc", responses((status = 200, body = crate::snapshot::gc::GcReport), (status = 503)))]
+#[utoipa::path(post, path = "/storage/gc", operation_id = "collectGarbage", tag = "storage", responses((status = 200, body = crate::snapshot::gc::GcReport), (status = 503)))]
 pub async fn gc(State(app): App) -> Result<Json<crate::snapshot::gc::GcReport>, ApiError> {
     Ok(Json(app.vms.collect_garbage().await?))
 }
