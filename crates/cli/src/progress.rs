@@ -22,15 +22,17 @@ pub struct Progress {
 impl Progress {
     /// `label` names what is waited for, e.g. "snapshot snap-x".
     pub fn new(label: impl Into<String>) -> Progress {
+        let label = label.into();
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new_spinner();
             bar.set_style(spinner_style());
+            bar.set_message(label.clone());
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
         let now = Instant::now();
         Progress {
-            label: label.into(),
+            label,
             bar,
             with_length: false,
             start: now,
