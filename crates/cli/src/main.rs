@@ -4,6 +4,8 @@
 mod client;
 mod commands;
 mod output;
+mod parse;
+mod progress;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -29,11 +31,9 @@ enum Command {
     /// Save VM state to S3 and list, inspect or delete snapshots.
     #[command(subcommand)]
     Snapshot(commands::snapshot::SnapshotCommand),
-    /// S3 space used by snapshots, in total and per VM.
-    Storage {
-        #[command(flatten)]
-        api: client::ApiArgs,
-    },
+    /// S3 space used by snapshots (`hatch storage` alone, or `usage`), and
+    /// garbage collection of unreferenced chunks (`gc`).
+    Storage(commands::storage::StorageArgs),
     /// Route host names to VMs through the proxy.
     #[command(subcommand)]
     Route(commands::route::RouteCommand),
@@ -61,7 +61,7 @@ fn main() -> std::process::ExitCode {
             Command::Route(cmd) => commands::route::run(cmd).await,
             Command::Key(cmd) => commands::key::run(cmd).await,
             Command::Snapshot(cmd) => commands::snapshot::run(cmd).await,
-            Command::Storage { api } => commands::vm::storage(api).await,
+            Command::Storage(args) => commands::storage::run(args).await,
             Command::Image(cmd) => commands::image::run(cmd),
         }
     });
@@ -71,5 +71,94 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of `cmd` and its subcommands, with the command path.
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            out.push((path.to_string(), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    fn help_of(arg: &clap::Arg) -> String {
+        arg.get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_argument_has_help_and_every_optional_value_a_default() {
+        let mut args = Vec::new();
+        walk(&Cli::command(), "hatch", &mut args);
+        assert!(args.len() > 50, "walked only {} arguments", args.len());
+        let mut missing = Vec::new();
+        for (path, arg) in &args {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let help = help_of(arg);
+            if help.trim().is_empty() {
+                missing.push(format!("{path} {id}: no help"));
+                continue;
+            }
+            // An option that takes a value and may be left out says what
+            // happens then: a clap default, or "[default: ...]" in its help.
+            let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values())
+                || !matches!(
+                    arg.get_action(),
+                    clap::ArgAction::SetTrue | clap::ArgAction::SetFalse | clap::ArgAction::Count
+                );
+            let optional = !arg.is_required_set() && !arg.is_positional();
+            if takes_value
+                && optional
+                && arg.get_default_values().is_empty()
+                && !help.contains("default")
+            {
+                missing.push(format!("{path} --{id}: no default shown"));
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    #[test]
+    fn clap_accepts_the_command_tree() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn storage_alone_shows_usage_and_gc_takes_the_api_flags() {
+        let Command::Storage(args) = Cli::try_parse_from(["hatch", "storage", "--json"])
+            .unwrap()
+            .command
+        else {
+            panic!("not storage");
+        };
+        assert!(args.command.is_none() && args.api.json);
+        let Command::Storage(args) =
+            Cli::try_parse_from(["hatch", "storage", "gc", "--json", "--api", "127.0.0.1:1"])
+                .unwrap()
+                .command
+        else {
+            panic!("not storage");
+        };
+        assert!(matches!(
+            args.command,
+            Some(commands::storage::StorageCommand::Gc)
+        ));
+        assert!(args.api.json);
+        assert_eq!(args.api.api, "127.0.0.1:1");
+        assert!(Cli::try_parse_from(["hatch", "storage", "nope"]).is_err());
     }
 }

@@ -56,3 +56,50 @@ pub fn record(v: &Value) {
         }
     }
 }
+
+/// One JSON value on one line (for streamed output: newline-delimited JSON).
+pub fn json_line(v: &Value) {
+    println!("{v}");
+}
+
+/// Bytes for people: "512 B", "34.5 MiB", "1.0 GiB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Seconds for people: "0.4s", "12.3s", "2m05s".
+pub fn elapsed(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else {
+        let whole = d.as_secs();
+        format!("{}m{:02}s", whole / 60, whole % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_read_well() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+        assert_eq!(bytes(34 * 1048576 + 524288), "34.5 MiB");
+        assert_eq!(bytes(1 << 30), "1.0 GiB");
+        assert_eq!(elapsed(std::time::Duration::from_millis(400)), "0.4s");
+        assert_eq!(elapsed(std::time::Duration::from_secs(125)), "2m05s");
+    }
+}

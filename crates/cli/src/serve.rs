@@ -22,8 +22,10 @@ pub struct ServeArgs {
     /// Where state, disks and logs live [default: ~/.local/share/hatch].
     #[arg(long, env = "HATCH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Address of the API [default: 127.0.0.1:7070].
     #[arg(long, env = "HATCH_API_ADDR")]
     api_addr: Option<SocketAddr>,
+    /// Address of the HTTP proxy to the VMs [default: 127.0.0.1:8080].
     #[arg(long, env = "HATCH_PROXY_ADDR")]
     proxy_addr: Option<SocketAddr>,
     /// Guest images; default <data-dir>/images.
@@ -32,19 +34,23 @@ pub struct ServeArgs {
     /// Guest RAM files and sockets; default /dev/shm/hatch-<hash>.
     #[arg(long, env = "HATCH_RUN_DIR")]
     run_dir: Option<PathBuf>,
+    /// The QEMU program [default: qemu-system-x86_64].
     #[arg(long, env = "HATCH_QEMU")]
     qemu: Option<PathBuf>,
-    /// auto (KVM where the CPU has vmx/svm, else TCG), kvm or tcg.
+    /// auto (KVM where the CPU has vmx/svm, else TCG), kvm or tcg [default: auto].
     #[arg(long, env = "HATCH_ACCEL")]
     accel: Option<String>,
     /// Unreferenced chunks younger than this many seconds survive garbage
-    /// collection (protects uploads of other daemons sharing the bucket).
+    /// collection (protects uploads of other daemons sharing the bucket)
+    /// [default: 3600].
     #[arg(long, env = "HATCH_GC_GRACE_SECONDS")]
     gc_grace_seconds: Option<u64>,
-    /// How long a request for a snapshotted VM waits for its wake (seconds).
+    /// How long a request for a snapshotted VM waits for its wake (seconds)
+    /// [default: 30].
     #[arg(long, env = "HATCH_WAKE_TIMEOUT_SECONDS")]
     wake_timeout_seconds: Option<u64>,
-    /// Flatten a VM's qcow2 disk chain after a restore once it is longer.
+    /// Flatten a VM's qcow2 disk chain after a restore once it is longer
+    /// [default: 8].
     #[arg(long, env = "HATCH_MAX_DISK_LAYERS")]
     max_disk_layers: Option<usize>,
     /// Longest a QMP command may take before QEMU counts as hung and is

@@ -18,7 +18,8 @@ pub enum KeyCommand {
     },
     /// Create a key; it is printed once and cannot be shown again.
     Create {
-        /// A name to recognise it by (letters, digits, '.', '_', '-').
+        /// A name to recognise it by (letters, digits, '.', '_', '-')
+        /// [default: none, the key is known by its id].
         name: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
@@ -26,6 +27,7 @@ pub enum KeyCommand {
     /// Revoke a key by id or name: it is refused from now on.
     #[command(alias = "rm")]
     Revoke {
+        /// Key id or name, as `hatch key list` shows.
         key: String,
         #[command(flatten)]
         api: ApiArgs,
@@ -77,7 +79,14 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
         KeyCommand::Revoke { key, api } => {
             let c = Client::new(&api)?;
             c.json(Method::DELETE, &format!("/keys/{key}"), None)
-                .await?;
+                .await
+                .map_err(|e| {
+                    if crate::client::is_not_found(&e) {
+                        anyhow::anyhow!("no API key with id or name '{key}'")
+                    } else {
+                        e
+                    }
+                })?;
             if api.json {
                 output::json(&json!({ "revoked": key }));
             } else {

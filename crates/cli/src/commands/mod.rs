@@ -2,4 +2,5 @@ pub mod image;
 pub mod key;
 pub mod route;
 pub mod snapshot;
+pub mod storage;
 pub mod vm;

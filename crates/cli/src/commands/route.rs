@@ -4,28 +4,32 @@ use serde_json::{Value, json};
 
 use crate::client::{ApiArgs, Client};
 use crate::output;
+use crate::parse;
 
 #[derive(Subcommand)]
 pub enum RouteCommand {
     /// Route a host name to a VM port.
     Create {
-        /// Host name, e.g. app.localhost.
+        /// Host name, e.g. app.localhost (requests are routed by their Host
+        /// header; the port is ignored).
         #[arg(long)]
         host: String,
         /// VM id or name.
         #[arg(long)]
         vm: String,
-        /// Guest port (default 8080).
+        /// Guest port the requests go to [default: 8080].
         #[arg(long)]
         port: Option<u16>,
-        /// Do not wake a snapshotted VM on requests.
+        /// Do not wake a snapshotted VM on requests [default: requests wake it].
         #[arg(long)]
         no_auto_wake: bool,
-        /// Suspend the VM after this long without traffic, e.g. 5m.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Suspend the VM after this long without traffic: seconds (e.g.
+        /// 300) or a duration such as 90s, 5m [default: never suspended for
+        /// idleness].
+        #[arg(long, value_parser = parse::duration)]
         idle_timeout: Option<std::time::Duration>,
         /// A path prefix (e.g. /healthz) whose requests neither wake the VM
-        /// nor keep it awake; repeatable.
+        /// nor keep it awake; repeatable [default: none].
         #[arg(long = "idle-ignore-path")]
         idle_ignore_paths: Vec<String>,
         #[command(flatten)]
@@ -40,7 +44,8 @@ pub enum RouteCommand {
     /// Delete a route.
     #[command(alias = "delete")]
     Rm {
-        id: String,
+        /// Route id (rt-...) or host name.
+        route: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -112,8 +117,9 @@ pub async fn run(cmd: RouteCommand) -> anyhow::Result<()> {
                 rows,
             );
         }
-        RouteCommand::Rm { id, api } => {
+        RouteCommand::Rm { route, api } => {
             let c = Client::new(&api)?;
+            let id = c.route_id(&route).await?;
             c.json(Method::DELETE, &format!("/routes/{id}"), None)
                 .await?;
             if api.json {

@@ -1,48 +1,71 @@
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{ApiArgs, Client};
+use crate::client::{self, ApiArgs, Client};
 use crate::output;
+use crate::parse;
+use crate::progress::Progress;
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
     /// Snapshot a VM: a checkpoint (it runs on), or with --stop a suspend.
     Create {
+        /// VM id or name.
         vm: String,
-        /// Suspend: the VM ends `snapshotted` and frees its memory.
+        /// Suspend: the VM ends `snapshotted` and frees its memory [default:
+        /// a checkpoint, the VM runs on].
         #[arg(long)]
         stop: bool,
-        /// Wait until the snapshot is in S3 (or failed), showing progress.
+        /// Wait until the snapshot is in S3 (`ready`) or failed, showing its
+        /// phases on stderr [default: return at once, pending].
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (seconds, or e.g. 90s, 30m).
+        #[arg(long, value_parser = parse::duration, default_value = "30m")]
+        timeout: Duration,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// List a VM's snapshots, newest first.
     #[command(alias = "ls")]
     List {
+        /// VM id or name.
         vm: String,
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Show one snapshot.
     Get {
+        /// VM id or name.
         vm: String,
+        /// Snapshot id (snap-...), as `hatch snapshot list` shows.
         snapshot: String,
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Delete a snapshot (its chunks go at the next `hatch storage gc`).
     #[command(alias = "delete")]
     Rm {
+        /// VM id or name.
         vm: String,
+        /// Snapshot id (snap-...), as `hatch snapshot list` shows.
         snapshot: String,
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// A 404 names what the user typed.
+fn snapshot_not_found(e: anyhow::Error, vm: &str, snapshot: &str) -> anyhow::Error {
+    if client::is_not_found(&e) {
+        anyhow::anyhow!("snapshot '{snapshot}' of vm '{vm}' not found")
+    } else {
+        e
+    }
 }
 
 pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
@@ -51,6 +74,7 @@ pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             vm,
             stop,
             wait,
+            timeout,
             api,
         } => {
             let c = Client::new(&api)?;
@@ -63,7 +87,7 @@ pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             if wait {
-                snap = wait_snapshot(&c, &id, &output::field(&snap, "id"), api.json).await?;
+                snap = wait_snapshot(&c, &id, snap, timeout).await?;
             }
             show(&api, &snap);
         }
@@ -103,15 +127,15 @@ pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
         SnapshotCommand::Get { vm, snapshot, api } => {
             let c = Client::new(&api)?;
             let id = c.vm_id(&vm).await?;
-            show(
-                &api,
-                &c.json(
+            let snap = c
+                .json(
                     Method::GET,
                     &format!("/vms/{id}/snapshots/{snapshot}"),
                     None,
                 )
-                .await?,
-            );
+                .await
+                .map_err(|e| snapshot_not_found(e, &vm, &snapshot))?;
+            show(&api, &snap);
         }
         SnapshotCommand::Rm { vm, snapshot, api } => {
             let c = Client::new(&api)?;
@@ -121,8 +145,13 @@ pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
                 &format!("/vms/{id}/snapshots/{snapshot}"),
                 None,
             )
-            .await?;
-            println!("deleted {snapshot}");
+            .await
+            .map_err(|e| snapshot_not_found(e, &vm, &snapshot))?;
+            if api.json {
+                output::json(&json!({ "deleted": snapshot }));
+            } else {
+                println!("deleted {snapshot}");
+            }
         }
     }
     Ok(())
@@ -142,38 +171,98 @@ fn mib(v: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// A spinner that shows the operation's current status while polling.
-pub fn spinner(quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
-    bar
+/// The sizes a snapshot record tells so far: "memory 256.0 MiB, disk 1.0
+/// GiB, stored 12.3 MiB" (zero and absent sizes left out).
+pub fn sizes(snap: &Value) -> String {
+    [
+        ("memory", "memory_bytes"),
+        ("disk", "disk_bytes"),
+        ("stored", "stored_bytes"),
+    ]
+    .iter()
+    .filter_map(|(label, key)| {
+        snap[*key]
+            .as_u64()
+            .filter(|&b| b > 0)
+            .map(|b| format!("{label} {}", output::bytes(b)))
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
-async fn wait_snapshot(c: &Client, vm: &str, sid: &str, quiet: bool) -> anyhow::Result<Value> {
-    let bar = spinner(quiet);
+/// (progress_bytes, total_bytes) when the daemon reports them.
+fn transfer(snap: &Value) -> Option<(u64, u64)> {
+    Some((
+        snap["progress_bytes"].as_u64()?,
+        snap["total_bytes"].as_u64()?,
+    ))
+}
+
+/// Poll the snapshot (as first answered: `snap`) until it is ready or
+/// failed, showing its phases on stderr.
+async fn wait_snapshot(
+    c: &Client,
+    vm: &str,
+    mut snap: Value,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let sid = snap["id"]
+        .as_str()
+        .context("the daemon answered a snapshot without an id")?
+        .to_string();
+    let mut progress = Progress::new(format!("snapshot {sid}"));
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let snap = c
-            .json(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
-            .await?;
         let status = output::field(&snap, "status");
-        bar.set_message(format!("snapshot {sid}: {status}"));
         match status.as_str() {
             "ready" => {
-                bar.finish_and_clear();
+                let mut detail = sizes(&snap);
+                if let Some(ms) = snap["pause_ms"].as_u64() {
+                    detail.push_str(&format!(", paused {ms} ms"));
+                }
+                progress.finish("ready", detail.trim_start_matches(", "));
                 return Ok(snap);
             }
             "failed" => {
-                bar.finish_and_clear();
                 bail!("snapshot {sid} failed: {}", output::field(&snap, "error"));
             }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => {
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "gave up after {} waiting for snapshot {sid}, which is {status}; it goes on (see `hatch snapshot get {vm} {sid}`)",
+                        humantime::format_duration(timeout)
+                    );
+                }
+                let mut detail = sizes(&snap);
+                // Upload attempts that failed are retried; say why.
+                if let Some(e) = snap["error"].as_str() {
+                    detail.push_str(&format!("; retrying after: {e}"));
+                }
+                progress.update(&status, &detail, transfer(&snap));
+            }
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        snap = c
+            .json(Method::GET, &format!("/vms/{vm}/snapshots/{sid}"), None)
+            .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_leave_out_what_is_not_known_yet() {
+        assert_eq!(
+            sizes(&json!({ "memory_bytes": 268435456u64, "disk_bytes": 0, "stored_bytes": 1536 })),
+            "memory 256.0 MiB, stored 1.5 KiB"
+        );
+        assert_eq!(sizes(&json!({ "status": "pending" })), "");
+        assert_eq!(
+            transfer(&json!({ "progress_bytes": 5, "total_bytes": 10 })),
+            Some((5, 10))
+        );
+        assert_eq!(transfer(&json!({ "progress_bytes": 5 })), None);
     }
 }

@@ -6,28 +6,43 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::client::{ApiArgs, Client};
+use crate::client::{self, ApiArgs, Client};
 use crate::output;
+use crate::parse::{self, Limit};
+use crate::progress::Progress;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Create and boot a VM.
     Create {
+        /// Name of the VM: lowercase letters, digits and '-', at most 63
+        /// [default: the VM's id].
         #[arg(long)]
         name: Option<String>,
+        /// Guest image to boot (see `hatch image list`) [default: default].
         #[arg(long)]
         image: Option<String>,
+        /// Virtual CPUs [default: 1].
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory in MiB.
+        /// Memory in MiB [default: 256].
         #[arg(long = "memory", alias = "memory-mib")]
         memory_mib: Option<u64>,
-        /// Disk size in MiB (at least the image's).
+        /// Disk size in MiB [default: the image's disk size, also the least allowed].
         #[arg(long = "disk", alias = "disk-mib")]
         disk_mib: Option<u64>,
-        /// Wait until the VM runs (or fails).
+        /// Fork: create the VM from this snapshot (a snapshot id), with the
+        /// memory and disk it captured [default: boot the image].
+        #[arg(long = "from", value_name = "SNAPSHOT_ID")]
+        from_snapshot: Option<String>,
+        /// Wait until the VM runs and its app answers on its port (the VM's
+        /// `ready`; just `running` with a daemon that does not report it),
+        /// showing progress on stderr [default: return at once, booting].
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (seconds, or e.g. 90s, 5m).
+        #[arg(long, value_parser = parse::duration, default_value = "5m")]
+        timeout: Duration,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -37,74 +52,126 @@ pub enum VmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Show one VM (by id or name).
+    /// Show one VM.
     Get {
+        /// VM id or name.
         vm: String,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Boot a stopped VM.
     Start {
+        /// VM id or name.
         vm: String,
+        /// Wait until the VM runs and its app answers on its port (the VM's
+        /// `ready`; just `running` with a daemon that does not report it),
+        /// showing progress on stderr [default: return at once, starting].
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (seconds, or e.g. 90s, 5m).
+        #[arg(long, value_parser = parse::duration, default_value = "5m")]
+        timeout: Duration,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Stop a running VM (QEMU exits; its disk is kept).
     Stop {
+        /// VM id or name.
         vm: String,
+        /// Wait until the VM is stopped [default: return at once, stopping].
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (seconds, or e.g. 90s, 5m).
+        #[arg(long, value_parser = parse::duration, default_value = "5m")]
+        timeout: Duration,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Delete a VM with its disk and routes.
     #[command(alias = "delete")]
     Rm {
+        /// VM id or name.
         vm: String,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Wake a suspended VM, or roll a running one back, from a snapshot.
     Restore {
+        /// VM id or name.
         vm: String,
-        /// Default: the newest restorable snapshot.
+        /// Snapshot id to restore [default: the newest restorable snapshot].
         #[arg(long)]
         snapshot: Option<String>,
-        /// Wait until the VM runs, showing progress.
+        /// Wait until the VM runs again (and its app answers, where the
+        /// daemon reports `ready`), showing progress on stderr [default:
+        /// return at once, restoring].
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (seconds, or e.g. 90s, 5m).
+        #[arg(long, value_parser = parse::duration, default_value = "5m")]
+        timeout: Duration,
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Show or set which snapshots are kept.
+    /// Show or change which snapshots are kept; a limit not given stays as it was.
     Retention {
+        /// VM id or name.
         vm: String,
-        /// Keep the newest N snapshots.
-        #[arg(long)]
-        keep_last: Option<u32>,
-        /// Delete snapshots older than this, e.g. 7d.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        max_age: Option<Duration>,
+        /// Keep the newest N snapshots; `none` removes the limit [default:
+        /// unchanged; a new VM has no limit].
+        #[arg(long, value_parser = parse::count_limit, value_name = "N|none")]
+        keep_last: Option<Limit<u32>>,
+        /// Delete snapshots older than this (seconds, or e.g. 12h, 7d);
+        /// `none` removes the limit [default: unchanged; a new VM has no
+        /// limit].
+        #[arg(long, value_parser = parse::age_limit, value_name = "AGE|none")]
+        max_age: Option<Limit<Duration>>,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Wakes and idle suspends of the VM, newest first.
     Events {
+        /// VM id or name.
         vm: String,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Print the VM's serial console.
     Logs {
+        /// VM id or name.
         vm: String,
-        /// Keep printing new output.
+        /// Keep printing new output until interrupted or the VM is deleted.
         #[arg(short, long)]
         follow: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// The body of `POST /vms`: only what was given, the daemon fills in defaults.
+fn create_body(
+    name: Option<String>,
+    image: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    disk_mib: Option<u64>,
+    from_snapshot: Option<String>,
+) -> Value {
+    let mut body = serde_json::Map::new();
+    let fields = [
+        ("name", name.map(Value::from)),
+        ("image", image.map(Value::from)),
+        ("vcpus", vcpus.map(Value::from)),
+        ("memory_mib", memory_mib.map(Value::from)),
+        ("disk_mib", disk_mib.map(Value::from)),
+        ("from_snapshot", from_snapshot.map(Value::from)),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            body.insert(k.into(), v);
+        }
+    }
+    Value::Object(body)
 }
 
 pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
@@ -115,28 +182,16 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
             vcpus,
             memory_mib,
             disk_mib,
+            from_snapshot,
             wait,
+            timeout,
             api,
         } => {
             let c = Client::new(&api)?;
-            let mut body = serde_json::Map::new();
-            let fields = [
-                ("name", name.map(Value::from)),
-                ("image", image.map(Value::from)),
-                ("vcpus", vcpus.map(Value::from)),
-                ("memory_mib", memory_mib.map(Value::from)),
-                ("disk_mib", disk_mib.map(Value::from)),
-            ];
-            for (k, v) in fields {
-                if let Some(v) = v {
-                    body.insert(k.into(), v);
-                }
-            }
-            let mut vm = c
-                .json(Method::POST, "/vms", Some(&Value::Object(body)))
-                .await?;
+            let body = create_body(name, image, vcpus, memory_mib, disk_mib, from_snapshot);
+            let mut vm = c.json(Method::POST, "/vms", Some(&body)).await?;
             if wait {
-                vm = wait_for(&c, &output::field(&vm, "id"), &["running"]).await?;
+                vm = wait_vm(&c, &vm, Goal::Running, timeout).await?;
             }
             show_vm(&api, &vm);
         }
@@ -176,25 +231,35 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 &c.json(Method::GET, &format!("/vms/{id}"), None).await?,
             );
         }
-        VmCommand::Start { vm, wait, api } => {
+        VmCommand::Start {
+            vm,
+            wait,
+            timeout,
+            api,
+        } => {
             let c = Client::new(&api)?;
             let id = c.vm_id(&vm).await?;
             let mut vm = c
                 .json(Method::POST, &format!("/vms/{id}/start"), None)
                 .await?;
             if wait {
-                vm = wait_for(&c, &id, &["running"]).await?;
+                vm = wait_vm(&c, &vm, Goal::Running, timeout).await?;
             }
             show_vm(&api, &vm);
         }
-        VmCommand::Stop { vm, wait, api } => {
+        VmCommand::Stop {
+            vm,
+            wait,
+            timeout,
+            api,
+        } => {
             let c = Client::new(&api)?;
             let id = c.vm_id(&vm).await?;
             let mut vm = c
                 .json(Method::POST, &format!("/vms/{id}/stop"), None)
                 .await?;
             if wait {
-                vm = wait_for(&c, &id, &["stopped"]).await?;
+                vm = wait_vm(&c, &vm, Goal::Stopped, timeout).await?;
             }
             show_vm(&api, &vm);
         }
@@ -212,6 +277,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
             vm,
             snapshot,
             wait,
+            timeout,
             api,
         } => {
             let c = Client::new(&api)?;
@@ -224,20 +290,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 .json(Method::POST, &format!("/vms/{id}/restore"), Some(&body))
                 .await?;
             if wait {
-                let bar = super::snapshot::spinner(api.json);
-                bar.set_message(format!("restoring {id}"));
-                // Until the restore ends: running, or back where it was.
-                loop {
-                    vm = c.json(Method::GET, &format!("/vms/{id}"), None).await?;
-                    if output::field(&vm, "state") != "restoring" {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                bar.finish_and_clear();
-                if output::field(&vm, "state") != "running" {
-                    bail!("restore failed: {}", output::field(&vm, "state_reason"));
-                }
+                vm = wait_vm(&c, &vm, Goal::Running, timeout).await?;
             }
             show_vm(&api, &vm);
         }
@@ -250,13 +303,18 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
             let c = Client::new(&api)?;
             let id = c.vm_id(&vm).await?;
             let path = format!("/vms/{id}/retention");
+            let current = c.json(Method::GET, &path, None).await?;
             let r = if keep_last.is_none() && max_age.is_none() {
-                c.json(Method::GET, &path, None).await?
+                current
             } else {
-                let body = json!({ "keep_last": keep_last, "max_age_seconds": max_age.map(|d| d.as_secs()) });
+                let body = merge_retention(&current, keep_last, max_age);
                 c.json(Method::PUT, &path, Some(&body)).await?
             };
-            show_vm(&api, &r);
+            if api.json {
+                output::json(&r);
+            } else {
+                show_retention(&r);
+            }
         }
         VmCommand::Events { vm, api } => {
             let c = Client::new(&api)?;
@@ -291,38 +349,138 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Logs { vm, follow, api } => {
             let c = Client::new(&api)?;
             let id = c.vm_id(&vm).await?;
-            let mut offset = 0u64;
-            let mut stdout = tokio::io::stdout();
-            loop {
-                let resp = c
-                    .request(
-                        Method::GET,
-                        &format!("/vms/{id}/logs?offset={offset}"),
-                        None,
-                    )
-                    .await?;
-                let next = resp
-                    .headers()
-                    .get("x-next-offset")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(offset);
-                let bytes = resp.bytes().await?;
-                stdout.write_all(&bytes).await?;
-                stdout.flush().await?;
-                let caught_up = next == offset;
-                offset = next;
-                if caught_up && !follow {
-                    break;
-                }
-                if caught_up {
-                    // The API has no push channel for console output; poll.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+            logs(&c, &vm, &id, follow, api.json).await?;
         }
     }
     Ok(())
+}
+
+/// `vm logs`: the console from the start; with `follow`, new output as it
+/// comes until the VM is deleted. JSON: one object for all of it, or with
+/// `follow` one object per chunk, one per line.
+async fn logs(c: &Client, typed: &str, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    let mut stdout = tokio::io::stdout();
+    let mut pending = Vec::new();
+    let mut all_text = String::new();
+    let mut answered = false;
+    loop {
+        let resp = match c
+            .request(
+                Method::GET,
+                &format!("/vms/{id}/logs?offset={offset}"),
+                None,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if follow && answered && client::is_not_found(&e) => {
+                eprintln!("vm '{typed}' was deleted; no more logs");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let next = resp
+            .headers()
+            .get("x-next-offset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(offset);
+        let bytes = resp.bytes().await?;
+        if json {
+            let text = utf8_chunk(&mut pending, &bytes);
+            if follow {
+                if !text.is_empty() {
+                    output::json_line(
+                        &json!({ "vm": id, "offset": offset, "next_offset": next, "text": text }),
+                    );
+                }
+            } else {
+                all_text.push_str(&text);
+            }
+        } else {
+            stdout.write_all(&bytes).await?;
+            stdout.flush().await?;
+        }
+        let caught_up = bytes.is_empty() || next == offset;
+        offset = next;
+        answered = true;
+        if caught_up && !follow {
+            break;
+        }
+        if caught_up {
+            // The API has no push channel for console output; poll.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    if json {
+        all_text.push_str(&String::from_utf8_lossy(&pending));
+        output::json(&json!({ "vm": id, "offset": 0, "next_offset": offset, "text": all_text }));
+    }
+    Ok(())
+}
+
+/// Append `new` to `pending` and take out the text that is complete: a
+/// character cut at the end of a chunk waits in `pending` for the next one.
+fn utf8_chunk(pending: &mut Vec<u8>, new: &[u8]) -> String {
+    pending.extend_from_slice(new);
+    let len = pending.len();
+    let mut cut = len;
+    for i in (len.saturating_sub(3)..len).rev() {
+        let b = pending[i];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back
+        }
+        let needed = match b {
+            0x00..=0x7F => 1,
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            _ => 4,
+        };
+        if i + needed > len {
+            cut = i;
+        }
+        break;
+    }
+    let text = String::from_utf8_lossy(&pending[..cut]).into_owned();
+    pending.drain(..cut);
+    text
+}
+
+/// The body of `PUT /retention`: the current policy with the given limits
+/// replaced (`Off` becomes null: unlimited).
+fn merge_retention(
+    current: &Value,
+    keep_last: Option<Limit<u32>>,
+    max_age: Option<Limit<Duration>>,
+) -> Value {
+    let keep = match keep_last {
+        None => current["keep_last"].clone(),
+        Some(Limit::Off) => Value::Null,
+        Some(Limit::On(n)) => n.into(),
+    };
+    let age = match max_age {
+        None => current["max_age_seconds"].clone(),
+        Some(Limit::Off) => Value::Null,
+        Some(Limit::On(d)) => d.as_secs().into(),
+    };
+    json!({ "keep_last": keep, "max_age_seconds": age })
+}
+
+fn show_retention(r: &Value) {
+    let keep = match r["keep_last"].as_u64() {
+        Some(n) => n.to_string(),
+        None => "none (no limit)".into(),
+    };
+    let age = match r["max_age_seconds"].as_u64() {
+        Some(s) => format!(
+            "{s} ({})",
+            humantime::format_duration(Duration::from_secs(s))
+        ),
+        None => "none (no limit)".into(),
+    };
+    println!("keep_last        {keep}");
+    println!("max_age_seconds  {age}");
 }
 
 fn show_vm(api: &ApiArgs, vm: &Value) {
@@ -333,81 +491,184 @@ fn show_vm(api: &ApiArgs, vm: &Value) {
     }
 }
 
-/// Poll the VM until it reaches one of `states`; fail if it fails.
-async fn wait_for(c: &Client, id: &str, states: &[&str]) -> anyhow::Result<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let vm = c.json(Method::GET, &format!("/vms/{id}"), None).await?;
-        let state = output::field(&vm, "state");
-        if states.contains(&state.as_str()) {
-            return Ok(vm);
-        }
-        if state == "failed" {
-            bail!("vm {id} failed: {}", output::field(&vm, "state_reason"));
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for vm {id} (state {state})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    /// `running`, and `ready` unless the daemon does not report it.
+    Running,
+    Stopped,
+}
+
+/// States a VM passes through on its way somewhere else.
+fn transitional(state: &str) -> bool {
+    matches!(
+        state,
+        "starting" | "restoring" | "stopping" | "snapshotting"
+    )
+}
+
+/// What one poll of a VM means for a wait.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Done,
+    /// Still on the way, in this phase.
+    Phase(String),
+    Failed(String),
+}
+
+/// Judge a polled VM; `moved` tells whether a transitional state was seen
+/// (after which a resting state other than the goal means the operation failed).
+fn judge(vm: &Value, goal: Goal, moved: bool) -> Seen {
+    let state = output::field(vm, "state");
+    let reason = || match vm["state_reason"].as_str() {
+        Some(r) => format!(": {r}"),
+        None => String::new(),
+    };
+    match (goal, state.as_str()) {
+        (Goal::Running, "running") => match vm.get("ready").and_then(Value::as_bool) {
+            Some(false) => Seen::Phase("running, waiting for the app to answer".into()),
+            _ => Seen::Done,
+        },
+        (Goal::Stopped, "stopped") => Seen::Done,
+        (_, "failed") => Seen::Failed(format!("failed{}", reason())),
+        (_, s) if transitional(s) || !moved => Seen::Phase(state.clone()),
+        (_, s) => Seen::Failed(format!("ended {s}{}", reason())),
     }
 }
 
-/// `hatch storage`.
-pub async fn storage(api: ApiArgs) -> anyhow::Result<()> {
-    let c = Client::new(&api)?;
-    let usage = c.json(Method::GET, "/storage", None).await?;
-    if api.json {
-        output::json(&usage);
-        return Ok(());
+/// Poll the VM (as first answered: `vm`) until it reaches `goal`, showing
+/// its phases on stderr; fail if it fails or the time is up.
+async fn wait_vm(c: &Client, vm: &Value, goal: Goal, timeout: Duration) -> anyhow::Result<Value> {
+    let id = output::field(vm, "id");
+    let name = output::field(vm, "name");
+    let label = if name == "-" || name == id {
+        format!("vm {id}")
+    } else {
+        format!("vm {name} ({id})")
+    };
+    let mut progress = Progress::new(label);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut vm = vm.clone();
+    let mut moved = false;
+    loop {
+        moved |= transitional(&output::field(&vm, "state"));
+        match judge(&vm, goal, moved) {
+            Seen::Done => {
+                let detail = match (
+                    vm.get("ready").and_then(Value::as_bool),
+                    vm["boot_ms"].as_u64(),
+                ) {
+                    (Some(true), Some(ms)) => format!("app answering, boot took {ms} ms"),
+                    (Some(true), None) => "app answering".into(),
+                    _ => String::new(),
+                };
+                progress.finish(&output::field(&vm, "state"), &detail);
+                return Ok(vm);
+            }
+            Seen::Failed(what) => bail!("vm '{name}' ({id}) {what}"),
+            Seen::Phase(phase) => {
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "gave up after {} waiting for vm '{name}' ({id}), which is {phase}; it goes on (see `hatch vm get {id}`)",
+                        humantime::format_duration(timeout)
+                    );
+                }
+                progress.update(&phase, "", None);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        vm = c.json(Method::GET, &format!("/vms/{id}"), None).await?;
     }
-    let mib = |v: &Value| format!("{:.1} MiB", v.as_u64().unwrap_or(0) as f64 / 1048576.0);
-    let mut rows: Vec<Vec<String>> = usage["vms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| {
-            vec![
-                output::field(v, "vm_id"),
-                output::field(v, "name"),
-                output::field(v, "snapshots"),
-                mib(&v["logical_bytes"]),
-                mib(&v["stored_bytes"]),
-            ]
-        })
-        .collect();
-    let t = &usage["total"];
-    rows.push(vec![
-        "TOTAL".into(),
-        "".into(),
-        output::field(t, "snapshots"),
-        mib(&t["logical_bytes"]),
-        mib(&t["stored_bytes"]),
-    ]);
-    output::table(
-        &["VM", "NAME", "SNAPSHOTS", "LOGICAL", "STORED IN S3"],
-        rows,
-    );
-    let (local, up) = (&usage["local"], &usage["uploads"]);
-    println!(
-        "\nlocal copies: {} snapshots, {} of a {} budget ({} evictable, {} evicted)",
-        output::field(local, "snapshots"),
-        mib(&local["bytes"]),
-        mib(&local["budget_bytes"]),
-        mib(&local["evictable_bytes"]),
-        output::field(local, "evictions"),
-    );
-    println!(
-        "uploads: {} queued, {} in progress, {} retries; manifest deletions pending: {}",
-        output::field(up, "queued"),
-        output::field(up, "in_progress"),
-        output::field(up, "retries"),
-        output::field(&usage, "pending_deletes"),
-    );
-    if let Some(e) = up["last_error"].as_str() {
-        println!(
-            "last upload error ({}): {e}",
-            output::field(up, "last_error_at")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn create_sends_only_what_was_given_and_passes_forks_through() {
+        assert_eq!(create_body(None, None, None, None, None, None), json!({}));
+        assert_eq!(
+            create_body(
+                Some("web".into()),
+                None,
+                Some(2),
+                Some(512),
+                None,
+                Some("snap-abc".into())
+            ),
+            json!({ "name": "web", "vcpus": 2, "memory_mib": 512, "from_snapshot": "snap-abc" })
         );
     }
-    Ok(())
+
+    #[test]
+    fn waiting_for_running_waits_for_ready_when_the_daemon_reports_it() {
+        let vm = |state: &str, ready: Option<bool>| {
+            let mut v = json!({ "id": "vm-1", "name": "a", "state": state });
+            if let Some(r) = ready {
+                v["ready"] = r.into();
+            }
+            v
+        };
+        assert_eq!(judge(&vm("running", None), Goal::Running, true), Seen::Done);
+        assert_eq!(
+            judge(&vm("running", Some(true)), Goal::Running, true),
+            Seen::Done
+        );
+        assert_eq!(
+            judge(&vm("running", Some(false)), Goal::Running, true),
+            Seen::Phase("running, waiting for the app to answer".into())
+        );
+        assert_eq!(
+            judge(&vm("starting", None), Goal::Running, true),
+            Seen::Phase("starting".into())
+        );
+        // A restore that fails puts the VM back where it was.
+        assert_eq!(
+            judge(&vm("snapshotted", None), Goal::Running, true),
+            Seen::Failed("ended snapshotted".into())
+        );
+        // ... but before anything moved, a resting state is just the start.
+        assert_eq!(
+            judge(&vm("stopped", None), Goal::Running, false),
+            Seen::Phase("stopped".into())
+        );
+        let mut failed = vm("failed", None);
+        failed["state_reason"] = "qemu exited".into();
+        assert_eq!(
+            judge(&failed, Goal::Running, true),
+            Seen::Failed("failed: qemu exited".into())
+        );
+        assert_eq!(judge(&vm("stopped", None), Goal::Stopped, true), Seen::Done);
+    }
+
+    #[test]
+    fn retention_changes_only_the_limits_given() {
+        let current = json!({ "keep_last": 3, "max_age_seconds": null });
+        assert_eq!(
+            merge_retention(&current, None, Some(Limit::On(Duration::from_secs(3600)))),
+            json!({ "keep_last": 3, "max_age_seconds": 3600 })
+        );
+        assert_eq!(
+            merge_retention(&current, Some(Limit::Off), None),
+            json!({ "keep_last": null, "max_age_seconds": null })
+        );
+        assert_eq!(
+            merge_retention(&json!({}), Some(Limit::On(5)), None),
+            json!({ "keep_last": 5, "max_age_seconds": null })
+        );
+    }
+
+    #[test]
+    fn log_text_never_splits_a_character() {
+        let mut pending = Vec::new();
+        let euro = "€".as_bytes(); // 3 bytes
+        assert_eq!(utf8_chunk(&mut pending, &[b'a', euro[0], euro[1]]), "a");
+        assert_eq!(pending, &euro[..2]);
+        assert_eq!(utf8_chunk(&mut pending, &[euro[2], b'b']), "€b");
+        assert!(pending.is_empty());
+        // Invalid bytes are replaced, not held.
+        assert_eq!(utf8_chunk(&mut pending, &[0xFF, b'c']), "\u{FFFD}c");
+        assert_eq!(utf8_chunk(&mut pending, b""), "");
+    }
 }
