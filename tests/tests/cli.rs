@@ -10,7 +10,10 @@ fn hatch(d: &Daemon, key: Option<&str>, args: &[&str]) -> (bool, String, String)
     let mut cmd = Command::new(hatch_bin());
     cmd.args(args)
         .env("HATCH_API", format!("http://{}", d.api_addr))
-        .env_remove("HATCH_API_KEY");
+        .env_remove("HATCH_API_KEY")
+        // No key file from a set-up on this machine: a HOME of its own.
+        .env("HOME", d.data_dir.path().join("home"))
+        .env_remove("HATCH_DATA_DIR");
     if let Some(k) = key {
         cmd.env("HATCH_API_KEY", k);
     }
