@@ -30,12 +30,34 @@ fi
 export HATCH_API_KEY; HATCH_API_KEY=$(cat "$DATA/api-key")
 export HATCH_API="http://$API_ADDR"
 
+# Every setting in the data dir's config file, which `hatch serve
+# --data-dir $DATA` reads by default: a restart needs no environment.
+# Readable by this user only (S3 secret, API key).
+(umask 077; cat >"$DATA/config.toml.new" <<TOML
+# Written by scripts/up.sh; read by \`hatch serve --data-dir $DATA\`.
+api_addr = "$API_ADDR"
+proxy_addr = "$PROXY_ADDR"
+api_key = "$HATCH_API_KEY"
+
+[s3]
+endpoint = "$HATCH_S3_ENDPOINT"
+bucket = "$HATCH_S3_BUCKET"
+region = "$HATCH_S3_REGION"
+access_key_id = "$HATCH_S3_ACCESS_KEY_ID"
+secret_access_key = "$HATCH_S3_SECRET_ACCESS_KEY"
+TOML
+)
+mv "$DATA/config.toml.new" "$DATA/config.toml"
+
 if curl -fsS "http://$API_ADDR/healthz" >/dev/null 2>&1; then
   log "hatch serve already runs on $API_ADDR"
 else
   log "starting hatch serve (log: $DATA/hatch.log)"
-  nohup "$HATCH" serve --data-dir "$DATA" --api-addr "$API_ADDR" --proxy-addr "$PROXY_ADDR" \
-    >>"$DATA/hatch.log" 2>&1 &
+  # Only the data dir: everything else comes from its config.toml, as on
+  # any restart.
+  nohup env -u HATCH_API_KEY -u HATCH_S3_ENDPOINT -u HATCH_S3_BUCKET -u HATCH_S3_REGION \
+    -u HATCH_S3_ACCESS_KEY_ID -u HATCH_S3_SECRET_ACCESS_KEY \
+    "$HATCH" serve --data-dir "$DATA" >>"$DATA/hatch.log" 2>&1 &
   echo $! >"$DATA/hatch.pid"
   for _ in $(seq 200); do curl -fsS "http://$API_ADDR/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
   curl -fsS "http://$API_ADDR/healthz" >/dev/null || { tail -20 "$DATA/hatch.log"; exit 1; }
@@ -66,10 +88,13 @@ Hatch is running.
 The demo VM is suspended to S3 after 5 minutes without requests; the next
 request wakes it (same boot id, the counter goes on).
 
+Settings (S3, API key, addresses) are in $DATA/config.toml: restart with
+  $HATCH serve --data-dir $DATA
+The CLI finds the key in $DATA/api-key.
+
 Try:
   curl -H 'Host: demo.localhost' http://$PROXY_ADDR/
   curl -H 'Host: demo.localhost' http://$PROXY_ADDR/counter
-  export HATCH_API=http://$API_ADDR HATCH_API_KEY=\$(cat $DATA/api-key)
   $HATCH vm list
 MSG
 curl -sS -H 'Host: demo.localhost' "http://$PROXY_ADDR/"

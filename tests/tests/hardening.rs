@@ -183,6 +183,18 @@ async fn a_tampered_local_copy_is_not_used() {
     d.restore(&id, json!({})).await;
     assert_eq!(kv(&d.get_ok("t.localhost", "/").await, "boot_id"), boot);
     assert_eq!(d.get_ok("t.localhost", "/counter").await, "counter=2\n");
+    let (_, events) = d
+        .call(Method::GET, &format!("/vms/{id}/events"), None)
+        .await;
+    let wake = &events["events"][0];
+    assert!(wake["error"].is_null(), "{events}");
+    assert!(
+        wake["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("could not be used (the RAM image"),
+        "the wake says it could not use its local copy: {events}"
+    );
 }
 
 #[tokio::test]
@@ -347,6 +359,21 @@ async fn the_clock_is_right_after_a_herd_of_wakes_and_a_wake_without_sync_fails(
             skew.abs() < 1.0,
             "{}: the guest clock is {skew} s off",
             names[i]
+        );
+    }
+    // Their wakes worked, and their events say what did not go well.
+    for id in &vms[..3] {
+        let (_, events) = d
+            .call(Method::GET, &format!("/vms/{id}/events"), None)
+            .await;
+        let wake = &events["events"][0];
+        assert!(wake["error"].is_null(), "{events}");
+        assert!(
+            wake["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("only after 2 attempts"),
+            "{events}"
         );
     }
     let (status, body, _) = &answers[3];

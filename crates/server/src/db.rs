@@ -118,6 +118,8 @@ ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'legacy';
 -- The default retention policy (model::DEFAULT_KEEP_LAST) for VMs that had
 -- none: unlimited is now chosen explicitly (`PUT /retention {}`).
 UPDATE vms SET keep_last = 5 WHERE keep_last IS NULL AND max_age_seconds IS NULL;
+-- Degradations of an event that still succeeded (JSON list of strings).
+ALTER TABLE vm_events ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
 "#,
 ];
 
@@ -369,8 +371,8 @@ impl Db {
     pub fn add_event(&self, e: &VmEvent) -> Result<(), DbError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO vm_events (vm_id, at, kind, trigger, duration_ms, snapshot_id, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO vm_events (vm_id, at, kind, trigger, duration_ms, snapshot_id, error, warnings)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 e.vm_id,
                 e.at,
@@ -378,7 +380,8 @@ impl Db {
                 e.trigger,
                 e.duration_ms,
                 e.snapshot_id,
-                e.error
+                e.error,
+                serde_json::to_string(&e.warnings).unwrap_or_else(|_| "[]".into())
             ],
         )?;
         conn.execute(
@@ -393,7 +396,7 @@ impl Db {
     pub fn list_events(&self, vm_id: &str) -> Result<Vec<VmEvent>, DbError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT vm_id, at, kind, trigger, duration_ms, snapshot_id, error
+            "SELECT vm_id, at, kind, trigger, duration_ms, snapshot_id, error, warnings
              FROM vm_events WHERE vm_id = ?1 ORDER BY seq DESC",
         )?;
         let rows = stmt.query_map([vm_id], |r| {
@@ -405,6 +408,8 @@ impl Db {
                 duration_ms: r.get(4)?,
                 snapshot_id: r.get(5)?,
                 error: r.get(6)?,
+                // A damaged list loses the warnings, not the event.
+                warnings: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -789,10 +794,12 @@ mod tests {
                 duration_ms: Some(i as u64),
                 snapshot_id: None,
                 error: None,
+                warnings: vec![format!("w{i}")],
             })
             .unwrap();
         }
         let events = db.list_events("vm-1").unwrap();
+        assert_eq!(events[0].warnings, [format!("w{}", EVENTS_KEPT + 4)]);
         assert_eq!(events.len() as i64, EVENTS_KEPT, "only the newest are kept");
         assert_eq!(
             events[0].at,

@@ -15,6 +15,7 @@ impl VmManager {
         cause: WakeCause,
         snapshot_id: &str,
         error: Option<String>,
+        warnings: Vec<String>,
     ) {
         let elapsed = cause.since.elapsed();
         let ms = elapsed.as_millis() as u64;
@@ -36,6 +37,7 @@ impl VmManager {
             duration_ms: Some(ms),
             snapshot_id: Some(snapshot_id.to_string()),
             error,
+            warnings,
         });
     }
 
@@ -63,6 +65,7 @@ impl VmManager {
             duration_ms: pause_ms,
             snapshot_id: Some(snapshot_id.to_string()),
             error,
+            warnings: Vec::new(),
         });
     }
 

@@ -67,7 +67,9 @@ impl VmManager {
             match conn.sync_clock_and_rng(wait).await {
                 Ok(s) if s.offset.is_none_or(|o| o.abs() <= MAX_OFFSET_SECS) => {
                     if attempts > 1 {
-                        tracing::info!(vm = %rt.id, attempts, "clock and RNG synced after retries");
+                        rt.warn(format!(
+                            "the guest agent confirmed the clock and RNG sync only after {attempts} attempts"
+                        ));
                     }
                     rt.lock().agent = agent;
                     return Ok(());

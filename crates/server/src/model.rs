@@ -210,6 +210,11 @@ pub struct VmEvent {
     /// Set when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What went less well than it should, though it worked: a local copy
+    /// that could not be used, a clock sync that needed retries, a slow
+    /// fetch from S3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Answer of `GET /vms/{id}/events`.

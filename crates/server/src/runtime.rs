@@ -23,6 +23,8 @@ pub struct VmRuntime {
     /// When the last wake failed and why: requests fail fast for a while
     /// instead of starting one failing restore after another.
     pub wake_failure: Mutex<Option<(Instant, String)>>,
+    /// Degradations of the operation under way (a wake), for its event.
+    pub warnings: Mutex<Vec<String>>,
     /// Held for the whole of an operation (boot, stop, delete, ...). Taken with
     /// `try_lock`: a second operation on a busy VM is answered 409 at once.
     op: Arc<tokio::sync::Mutex<()>>,
@@ -134,6 +136,7 @@ impl VmRuntime {
             wake: Mutex::new(None),
             waiting: Default::default(),
             wake_failure: Mutex::new(None),
+            warnings: Mutex::default(),
             op: Arc::default(),
             inner: Mutex::new(Inner {
                 state,
@@ -210,6 +213,20 @@ impl VmRuntime {
         }
         self.lock().ready = ready;
         self.state_tx.send_modify(|_| {});
+    }
+
+    /// Note a degradation of the operation under way (and log it).
+    pub fn warn(&self, what: String) {
+        tracing::warn!(vm = %self.id, "{what}");
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(what);
+    }
+
+    /// The degradations noted since the last call.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn machine(&self) -> Option<Arc<Machine>> {

@@ -58,6 +58,7 @@ impl VmManager {
         cause: WakeCause,
     ) {
         let started = Instant::now();
+        rt.take_warnings(); // this restore's own from here on
         match self.restore_from(&rt, &rec, prior, store.as_deref()).await {
             Ok(machine) => {
                 if let Err(e) = self.transition(&rt, VmState::Running, None) {
@@ -71,7 +72,7 @@ impl VmManager {
                 tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
                     restore_ms = started.elapsed().as_millis() as u64, "restored");
                 if prior == VmState::Snapshotted {
-                    self.record_wake(&rt.id, cause, &rec.snap.id, None);
+                    self.record_wake(&rt.id, cause, &rec.snap.id, None, rt.take_warnings());
                 }
             }
             Err(RestoreFailure {
@@ -118,7 +119,13 @@ impl VmManager {
                     other => other,
                 };
                 if prior == VmState::Snapshotted {
-                    self.record_wake(&rt.id, cause, &rec.snap.id, Some(reason.clone()));
+                    self.record_wake(
+                        &rt.id,
+                        cause,
+                        &rec.snap.id,
+                        Some(reason.clone()),
+                        rt.take_warnings(),
+                    );
                 }
                 if let Err(e) = self.transition(&rt, to, Some(reason)) {
                     tracing::error!(vm = %rt.id, error = %e, "recording restore failure failed");
@@ -151,8 +158,10 @@ impl VmManager {
                 // The copy is left as it is (not trusted, not deleted): it
                 // may be the only one, and what is wrong may be repaired.
                 if rec.local {
-                    tracing::warn!(vm = %rt.id, snapshot = %rec.snap.id, %why,
-                        "the local copy cannot be used");
+                    rt.warn(format!(
+                        "the local copy of {} could not be used ({why}); reading S3",
+                        rec.snap.id
+                    ));
                 }
                 if rec.snap.status != SnapshotStatus::Ready {
                     return Err(intact(SnapshotCorrupt(format!(
@@ -429,6 +438,13 @@ impl VmManager {
         std::fs::rename(&tmp, &dir)?;
         tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, fetched_bytes = fetched,
             ms = started.elapsed().as_millis() as u64, "fetched snapshot from S3");
+        if started.elapsed() > SLOW_FETCH {
+            rt.warn(format!(
+                "slow fetch from S3: {} MiB in {:.1} s",
+                fetched >> 20,
+                started.elapsed().as_secs_f64()
+            ));
+        }
         Ok(manifest.disk_layers.into_iter().map(|l| l.name).collect())
     }
 
@@ -468,6 +484,9 @@ impl VmManager {
         Ok(fetched.iter().sum())
     }
 }
+
+/// A fetch from S3 slower than this is a degradation the wake's event shows.
+const SLOW_FETCH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Marks a restore that failed before the guest ran (its RAM file is
 /// untouched).
