@@ -289,6 +289,15 @@ async fn start_and_stop_of_a_suspended_vm_and_autostart_keep_disk_and_ports() {
     assert_eq!(host_port(&vm, 8080), port, "same host port after a wake");
     let body = d.get_ok("sleeper.localhost", "/").await;
     assert_eq!(kv(&body, "boot_id"), boot, "start woke it");
+    let metrics = d.metrics_text().await;
+    assert!(
+        metrics.contains(&format!("hatch_vm_wakes_total{{vm=\"{id}\"}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("hatch_vm_last_pause_seconds{{vm=\"{id}\"}}")),
+        "{metrics}"
+    );
 
     suspend(&d, &id).await;
     let (s, vm) = d.call(Method::POST, "/vms/sleeper/stop", None).await;
@@ -386,9 +395,15 @@ async fn forks_of_one_snapshot_run_side_by_side() {
         .collect();
     assert_eq!(ports.len(), 3, "each VM its own host port: {vms}");
 
-    // The source can go; the forks keep running on their own files.
+    // The source can go; the forks keep running on their own files. Its
+    // per-VM metrics go with it.
+    let sid2 = d.snapshot(&orig, false).await;
+    d.wait_snapshot(&orig, &sid2, "ready").await;
+    let series = format!("hatch_vm_stored_bytes_total{{vm=\"{orig}\"}}");
+    assert!(d.metrics_text().await.contains(&series));
     let (s, _) = d.call(Method::DELETE, "/vms/orig", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!d.metrics_text().await.contains(&format!("vm=\"{orig}\"")));
     let c = d.get_ok("fork-two.localhost", "/counter").await;
     assert_eq!(kv(&c, "counter"), "5");
     let (s, e) = d

@@ -21,6 +21,9 @@ impl VmManager {
         let ms = elapsed.as_millis() as u64;
         let result = if error.is_none() { "ok" } else { "failed" };
         self.metrics.record_wake(cause.trigger, result, elapsed);
+        if error.is_none() {
+            self.metrics.record_vm_wake(vm_id, elapsed);
+        }
         match &error {
             None => {
                 tracing::info!(vm = %vm_id, trigger = cause.trigger, snapshot = %snapshot_id, wake_ms = ms, "woke")

@@ -458,6 +458,7 @@ impl VmManager {
             self.routes.remove(&h);
         }
         self.remove_runtime(id);
+        self.metrics.forget_vm(id);
         let paths = self.paths(id);
         if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
             tracing::warn!(vm = %id, error = %e, "could not remove vm directory");

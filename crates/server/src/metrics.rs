@@ -27,6 +27,14 @@ pub struct TriggerLabel {
     pub trigger: String,
 }
 
+/// One VM. Per-VM series exist for wakes, pauses and stored bytes only: one
+/// series per VM and metric, removed when the VM is deleted (cardinality is
+/// the number of VMs, documented in docs/ARCHITECTURE.md).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmLabel {
+    pub vm: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -47,6 +55,10 @@ pub struct Metrics {
     pub local_evictions: Counter,
     pub clock_sync_retries: Counter,
     pub clock_sync_failures: Counter,
+    vm_wakes: Family<VmLabel, Counter>,
+    vm_last_wake: Family<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    vm_last_pause: Family<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    vm_stored_bytes: Family<VmLabel, Counter>,
 }
 
 impl Metrics {
@@ -129,7 +141,35 @@ impl Metrics {
             "Restores failed because the guest never confirmed its clock/RNG sync",
             clock_sync_failures.clone(),
         );
+        let vm_wakes = Family::<VmLabel, Counter>::default();
+        registry.register(
+            "hatch_vm_wakes",
+            "Wakes of one VM (successful)",
+            vm_wakes.clone(),
+        );
+        let vm_last_wake = Family::<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "hatch_vm_last_wake_seconds",
+            "The last wake of one VM: first held request (or API call) until it ran",
+            vm_last_wake.clone(),
+        );
+        let vm_last_pause = Family::<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "hatch_vm_last_pause_seconds",
+            "How long the last snapshot of one VM paused its guest",
+            vm_last_pause.clone(),
+        );
+        let vm_stored_bytes = Family::<VmLabel, Counter>::default();
+        registry.register(
+            "hatch_vm_stored_bytes",
+            "Bytes one VM's snapshots newly wrote to S3",
+            vm_stored_bytes.clone(),
+        );
         Metrics {
+            vm_wakes,
+            vm_last_wake,
+            vm_last_pause,
+            vm_stored_bytes,
             registry: Mutex::new(registry),
             uploads,
             upload_queue,
@@ -161,6 +201,36 @@ impl Metrics {
                 })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// A successful wake of `vm`.
+    pub fn record_vm_wake(&self, vm: &str, took: std::time::Duration) {
+        let label = VmLabel { vm: vm.into() };
+        self.vm_wakes.get_or_create(&label).inc();
+        self.vm_last_wake
+            .get_or_create(&label)
+            .set(took.as_secs_f64());
+    }
+
+    pub fn record_vm_pause(&self, vm: &str, pause_ms: u64) {
+        self.vm_last_pause
+            .get_or_create(&VmLabel { vm: vm.into() })
+            .set(pause_ms as f64 / 1000.0);
+    }
+
+    pub fn record_vm_stored(&self, vm: &str, bytes: u64) {
+        self.vm_stored_bytes
+            .get_or_create(&VmLabel { vm: vm.into() })
+            .inc_by(bytes);
+    }
+
+    /// A deleted VM's series go with it.
+    pub fn forget_vm(&self, vm: &str) {
+        let label = VmLabel { vm: vm.into() };
+        self.vm_wakes.remove(&label);
+        self.vm_last_wake.remove(&label);
+        self.vm_last_pause.remove(&label);
+        self.vm_stored_bytes.remove(&label);
     }
 
     pub fn record_upload(&self, result: &str) {

@@ -163,6 +163,8 @@ impl VmManager {
         // Past this point the guest never runs again in this QEMU: quitting
         // flushes the active disk layer, which becomes frozen.
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
+        self.metrics
+            .record_vm_pause(&rt.id, t0.elapsed().as_millis() as u64);
         self.halt_keeping_ram(rt, &machine).await;
         self.faults.hit("suspend.qemu_ended", &rt.id)?;
         rec.layers = self.db.disk_layers(&rt.id)?;
@@ -318,6 +320,8 @@ impl VmManager {
         .await;
         resume_guest(&machine).await;
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
+        self.metrics
+            .record_vm_pause(&rt.id, t0.elapsed().as_millis() as u64);
         if result.is_err()
             && let Err(e) = self.reconcile_disk_chain(&rt.id, &machine).await
         {

@@ -179,6 +179,7 @@ impl VmManager {
         match self.upload(&rec, store, &vm).await {
             Ok(stored) => {
                 rec.snap.stored_bytes = stored;
+                self.metrics.record_vm_stored(&vm.id, stored);
                 rec.snap.status = SnapshotStatus::Ready;
                 rec.snap.error = None;
                 self.uploads.lock().retry_at.remove(&rec.snap.id);
