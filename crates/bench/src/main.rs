@@ -1,7 +1,8 @@
 //! `hatch-bench`, run through `scripts/bench.sh`, which starts Garage and a
 //! daemon for it. For a 1 GiB VM with 400 MiB touched (defaults):
 //!
-//! - `snapshot`: measures, in one run and side by side: cold boot; pause for
+//! - `snapshot`: measures, in one run and side by side: cold boot; a fork
+//!   of a checkpoint to its first answer; pause for
 //!   a checkpoint and for a suspend; restore to the first proxied HTTP answer
 //!   from the local cache and from S3 only; bytes stored by a first and a
 //!   second (idle) snapshot; and the baseline a user would script by hand:
@@ -90,7 +91,11 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
             .await?;
         let host = format!("boot-{i}.bench.localhost");
         api.route(&host, &vm).await?;
-        api.wait_http(&host).await?;
+        // One request sent at once, as a user would (held until the app
+        // answers); polling only if it is refused.
+        if api.proxy_get(&host, "/").await? != 200 {
+            api.wait_http(&host).await?;
+        }
         boot.push(t0.elapsed());
         api.delete_vm(&vm).await?;
     }
@@ -120,6 +125,24 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
         if bytes > 10 << 20 {
             upload_mbps.push_value(bytes as f64 / 1e6 / upload);
         }
+    }
+
+    // Forks of the last checkpoint: a new VM resuming its memory and disk.
+    let checkpoint = api.newest_snapshot(&vm).await?;
+    let checkpoint = checkpoint["id"].as_str().unwrap_or_default().to_string();
+    let mut fork = Samples::default();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let f = api
+            .create_vm(json!({ "from_snapshot": checkpoint }))
+            .await?;
+        let host = format!("fork-{i}.bench.localhost");
+        api.route(&host, &f).await?;
+        if api.proxy_get(&host, "/").await? != 200 {
+            api.wait_http(&host).await?;
+        }
+        fork.push(t0.elapsed());
+        api.delete_vm(&f).await?;
     }
 
     // Suspend and wake from the local cache.
@@ -164,7 +187,8 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
     println!();
     println!("| measurement | min | median | max |");
     println!("|---|---|---|---|");
-    boot.row("cold boot to first HTTP response");
+    boot.row("cold boot: create until a request sent at once is answered");
+    fork.row("fork (`from_snapshot`, local copy) to first HTTP response");
     checkpoint_pause.row("checkpoint pause (`stop: false`)");
     suspend_pause.row("suspend pause (`stop: true`)");
     base.pause.row("baseline pause: `migrate` to a file");
@@ -183,12 +207,13 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
         100.0 * second as f64 / first.max(1) as f64
     );
     println!(
-        "ratios to the baseline (median): suspend pause {:.3}x, checkpoint pause {:.3}x, restore local {:.3}x, restore S3 {:.3}x; restore local / cold boot {:.3}x",
+        "ratios to the baseline (median): suspend pause {:.3}x, checkpoint pause {:.3}x, restore local {:.3}x, restore S3 {:.3}x; restore local / cold boot {:.3}x, fork / cold boot {:.3}x",
         suspend_pause.median() / base.pause.median(),
         checkpoint_pause.median() / base.pause.median(),
         restore_local.median() / base.restore.median(),
         restore_s3.median() / base.restore.median(),
         restore_local.median() / boot.median(),
+        fork.median() / boot.median(),
     );
     Ok(())
 }
