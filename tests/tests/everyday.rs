@@ -411,3 +411,43 @@ async fn forks_of_one_snapshot_run_side_by_side() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
 }
+
+/// A fork that fails leaves a failed fork with the reason and nothing else
+/// changed: the source runs on, its snapshot forks fine afterwards.
+#[tokio::test]
+async fn a_failed_fork_changes_nothing_else() {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_FAULTS".into(), "fork.copied=fail:1".into()));
+    let d = Daemon::start_with_env(env).await;
+    let (orig, boot) = d.boot_routed("src").await;
+    d.get_ok("src.localhost", "/counter").await;
+    let sid = d.snapshot(&orig, false).await;
+    d.wait_snapshot(&orig, &sid, "ready").await;
+
+    let bad = d
+        .create_vm(json!({ "name": "bad-fork", "from_snapshot": sid }))
+        .await;
+    let vm = d.wait_state(bad["id"].as_str().unwrap(), "failed").await;
+    assert!(
+        vm["state_reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("fork from {sid} failed")),
+        "{vm}"
+    );
+    assert_eq!(kv(&d.get_ok("src.localhost", "/").await, "boot_id"), boot);
+    assert_eq!(
+        kv(&d.get_ok("src.localhost", "/counter").await, "counter"),
+        "2"
+    );
+
+    let good = d
+        .create_vm(json!({ "name": "good-fork", "from_snapshot": sid }))
+        .await;
+    let good = good["id"].as_str().unwrap().to_string();
+    d.wait_state(&good, "running").await;
+    d.create_route("good-fork.localhost", &good).await;
+    let c = d.get_ok("good-fork.localhost", "/counter").await;
+    assert_eq!(kv(&c, "counter"), "2", "the snapshot's memory");
+}

@@ -183,17 +183,21 @@ async fn a_tampered_local_copy_is_not_used() {
     d.restore(&id, json!({})).await;
     assert_eq!(kv(&d.get_ok("t.localhost", "/").await, "boot_id"), boot);
     assert_eq!(d.get_ok("t.localhost", "/counter").await, "counter=2\n");
+    // The wake says it could not use its local copy.
+    assert_wake_warned(&d, &id, "could not be used (the RAM image").await;
+}
+
+/// The newest event of the VM is a wake that worked with a warning.
+async fn assert_wake_warned(d: &Daemon, id: &str, warning: &str) {
     let (_, events) = d
         .call(Method::GET, &format!("/vms/{id}/events"), None)
         .await;
     let wake = &events["events"][0];
+    assert_eq!(wake["kind"], "wake", "{events}");
     assert!(wake["error"].is_null(), "{events}");
     assert!(
-        wake["warnings"][0]
-            .as_str()
-            .unwrap()
-            .contains("could not be used (the RAM image"),
-        "the wake says it could not use its local copy: {events}"
+        wake["warnings"][0].as_str().unwrap().contains(warning),
+        "{events}"
     );
 }
 
@@ -363,18 +367,7 @@ async fn the_clock_is_right_after_a_herd_of_wakes_and_a_wake_without_sync_fails(
     }
     // Their wakes worked, and their events say what did not go well.
     for id in &vms[..3] {
-        let (_, events) = d
-            .call(Method::GET, &format!("/vms/{id}/events"), None)
-            .await;
-        let wake = &events["events"][0];
-        assert!(wake["error"].is_null(), "{events}");
-        assert!(
-            wake["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("only after 2 attempts"),
-            "{events}"
-        );
+        assert_wake_warned(&d, id, "only after 2 attempts").await;
     }
     let (status, body, _) = &answers[3];
     assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

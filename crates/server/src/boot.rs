@@ -283,18 +283,26 @@ impl VmManager {
             self.transition(rt, VmState::Running, None)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         } else {
-            // A restore that had not loaded its state: start it over later.
+            // A restore that had not loaded its state: start it over later
+            // (a fork, which has no snapshot of its own, cannot be).
             machine.kill();
             machine.wait_exit().await;
             rt.lock().machine = None;
             self.clear_forwards(rt);
             self.remove_runtime_files(&rt.id);
-            self.transition(
-                rt,
-                VmState::Snapshotted,
-                Some("restore interrupted by a daemon restart; restore again".into()),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (to, reason) = if self.has_restorable_snapshot(&rt.id)? {
+                (
+                    VmState::Snapshotted,
+                    "restore interrupted by a daemon restart; restore again",
+                )
+            } else {
+                (
+                    VmState::Failed,
+                    "interrupted by a daemon restart before its guest ran",
+                )
+            };
+            self.transition(rt, to, Some(reason.into()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(())
     }

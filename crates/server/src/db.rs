@@ -721,21 +721,14 @@ mod tests {
 
     fn vm(id: &str, name: &str) -> Vm {
         Vm {
-            id: id.into(),
-            name: name.into(),
-            state: VmState::Starting,
-            state_reason: None,
-            image: "default".into(),
-            vcpus: 1,
-            memory_mib: 256,
             disk_mib: 1024,
-            created_at: "2026-01-01T00:00:00Z".into(),
-            started_at: None,
-            boot_ms: None,
-            ports: Vec::new(),
-            ready: false,
-            idle_timeout_seconds: None,
-            idle_timeout_route: None,
+            ..Vm::fresh(
+                id.into(),
+                name.into(),
+                VmState::Starting,
+                "default".into(),
+                "2026-01-01T00:00:00Z".into(),
+            )
         }
     }
 

@@ -318,21 +318,16 @@ impl VmManager {
             ));
         }
         let vm = Vm {
-            id: id.clone(),
-            name,
-            state: VmState::Starting,
-            state_reason: None,
-            image: image.name.clone(),
             vcpus,
             memory_mib,
             disk_mib,
-            created_at: now_rfc3339(),
-            started_at: None,
-            boot_ms: None,
-            ports: Vec::new(),
-            ready: false,
-            idle_timeout_seconds: None,
-            idle_timeout_route: None,
+            ..Vm::fresh(
+                id.clone(),
+                name,
+                VmState::Starting,
+                image.name.clone(),
+                now_rfc3339(),
+            )
         };
         if let Err(e) = self.insert_vm(&vm) {
             let _ = std::fs::remove_dir_all(&paths.dir);

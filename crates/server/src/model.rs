@@ -130,6 +130,36 @@ pub struct Vm {
     pub idle_timeout_route: Option<String>,
 }
 
+impl Vm {
+    /// A new VM's record in `state`, nothing measured yet; the default size
+    /// (callers set theirs with struct update syntax).
+    pub fn fresh(
+        id: String,
+        name: String,
+        state: VmState,
+        image: String,
+        created_at: String,
+    ) -> Vm {
+        Vm {
+            id,
+            name,
+            state,
+            state_reason: None,
+            image,
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            disk_mib: 0,
+            created_at,
+            started_at: None,
+            boot_ms: None,
+            ports: Vec::new(),
+            ready: false,
+            idle_timeout_seconds: None,
+            idle_timeout_route: None,
+        }
+    }
+}
+
 /// Body of `POST /vms`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -103,11 +103,14 @@ impl VmManager {
                 VmState::Stopping | VmState::Failed => return Err(WakeError::NotRunning(state)),
                 VmState::Stopped if !wakes => return Err(WakeError::NotRunning(state)),
                 VmState::Stopped => {
-                    // Autostart; a start already under way is joined below.
-                    if let Err(e) = self.start(&rt.id)
-                        && rt.state() == VmState::Stopped
-                    {
-                        return Err(WakeError::Failed(format!("starting it failed: {e}")));
+                    // Autostart. Refused only while another operation holds
+                    // the VM (another request's start, a delete): see what
+                    // it leads to.
+                    if self.start(&rt.id).is_err() {
+                        tokio::select! {
+                            _ = states.changed() => {}
+                            () = tokio::time::sleep_until(deadline) => return Err(WakeError::Timeout(timeout)),
+                        }
                     }
                     continue;
                 }

@@ -55,21 +55,17 @@ impl VmManager {
         std::fs::create_dir_all(&paths.dir)
             .with_context(|| format!("creating {}", paths.dir.display()))?;
         let vm = Vm {
-            id: id.clone(),
-            name,
-            state: VmState::Restoring,
             state_reason: Some(format!("forking from snapshot {sid} of {}", source.id)),
-            image: source.image.clone(),
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
             disk_mib: source.disk_mib,
-            created_at: now_rfc3339(),
-            started_at: None,
-            boot_ms: None,
-            ports: Vec::new(),
-            ready: false,
-            idle_timeout_seconds: None,
-            idle_timeout_route: None,
+            ..Vm::fresh(
+                id.clone(),
+                name,
+                VmState::Restoring,
+                source.image.clone(),
+                now_rfc3339(),
+            )
         };
         if let Err(e) = self.insert_vm(&vm) {
             let _ = std::fs::remove_dir_all(&paths.dir);
@@ -95,6 +91,7 @@ impl VmManager {
         let started = std::time::Instant::now();
         let result = async {
             let staging = self.copy_for_fork(&rt, &rec, &source).await?;
+            self.faults.hit("fork.copied", &rt.id)?;
             let machine = self
                 .start_from(&rt, &staging, &[BASE_LAYER.to_string()])
                 .await;
