@@ -220,10 +220,13 @@ impl VmManager {
         while Instant::now() < deadline {
             let ports: Vec<u16> = {
                 let inner = rt.lock();
-                if inner.state != VmState::Running || inner.ready {
-                    return;
+                match inner.state {
+                    _ if inner.ready => return,
+                    VmState::Running => inner.forwards.iter().map(|f| f.host).collect(),
+                    // A checkpoint pauses the guest: probe again after it.
+                    VmState::Snapshotting => Vec::new(),
+                    _ => return,
                 }
-                inner.forwards.iter().map(|f| f.host).collect()
             };
             let probes = ports.into_iter().map(http_answers);
             if futures_util::future::join_all(probes)
@@ -244,7 +247,11 @@ impl VmManager {
             // only way to see it.
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        tracing::warn!(vm = %rt.id, "the guest's app did not answer HTTP on any forwarded port; requests are forwarded after the wake timeout");
+        // The app may not speak HTTP: requests are not held any longer.
+        tracing::warn!(vm = %rt.id, "the guest's app never answered HTTP on a forwarded port; counting it as ready");
+        if rt.state() == VmState::Running {
+            rt.set_ready(true);
+        }
     }
 
     /// A snapshot or restore was cut short by a daemon restart while QEMU ran.
@@ -270,9 +277,15 @@ impl VmManager {
             // its clock is put right before it counts as running.
             if let Err(e) = self.sync_guest_clock(rt).await {
                 self.halt(rt).await;
+                // A fork has no snapshot of its own to be restored from.
+                let to = if self.has_restorable_snapshot(&rt.id)? {
+                    VmState::Snapshotted
+                } else {
+                    VmState::Failed
+                };
                 self.transition(
                     rt,
-                    VmState::Snapshotted,
+                    to,
                     Some(format!(
                         "restore interrupted by a daemon restart; then {e:#}"
                     )),

@@ -115,9 +115,6 @@ ALTER TABLE api_keys ADD COLUMN name TEXT;
 ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'legacy';
 "#,
     r#"
--- The default retention policy (model::DEFAULT_KEEP_LAST) for VMs that had
--- none: unlimited is now chosen explicitly (`PUT /retention {}`).
-UPDATE vms SET keep_last = 5 WHERE keep_last IS NULL AND max_age_seconds IS NULL;
 -- Degradations of an event that still succeeded (JSON list of strings).
 ALTER TABLE vm_events ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
 "#,
@@ -815,6 +812,29 @@ mod tests {
 
     /// Keys made before key sources were recorded are `legacy`, which the
     /// HATCH_API_KEY rule never revokes (an upgrade must not lock clients out).
+    #[test]
+    fn an_upgrade_keeps_the_retention_of_existing_vms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hatch.db");
+        let before = MIGRATIONS.len() - 1;
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..before] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before).unwrap();
+            conn.execute(
+                "INSERT INTO vms (id, name, state, image, vcpus, memory_mib, disk_mib, created_at)
+                 VALUES ('vm-old', 'old', 'stopped', 'default', 1, 256, 1024, 't')",
+                [],
+            )
+            .unwrap();
+        }
+        // Migrated to the newest schema: no default imposed on it.
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.retention("vm-old").unwrap(), Retention::default());
+    }
+
     #[test]
     fn keys_from_before_the_source_column_are_legacy() {
         let dir = tempfile::tempdir().unwrap();

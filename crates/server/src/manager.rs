@@ -209,10 +209,13 @@ impl VmManager {
             )));
         }
         self.db.set_vm_state(&rt.id, to, reason.as_deref())?;
-        if to == VmState::Running && from != VmState::Running {
-            // A cold boot is ready once its app answers (the boot probe);
-            // a restored guest resumes an app that answered.
-            inner.ready = from != VmState::Starting;
+        match (from, to) {
+            // A cold boot is ready once its app answers (the boot probe).
+            (VmState::Starting, VmState::Running) => inner.ready = false,
+            // A restored guest resumes an app that answered.
+            (VmState::Restoring, VmState::Running) => inner.ready = true,
+            // A checkpoint leaves it as it was.
+            _ => {}
         }
         rt.publish_state(&mut inner, to);
         match &reason {

@@ -374,7 +374,8 @@ pub struct CreateSnapshot {
 }
 
 /// Snapshots a new VM keeps (`keep_last`); the newest restorable one is
-/// always kept. Also in the migration that gave older VMs this default.
+/// always kept. VMs made before this default keep the policy they had (an
+/// upgrade deletes nobody's snapshots).
 pub const DEFAULT_KEEP_LAST: u32 = 5;
 
 /// Body of `POST /vms/{id}/restore`.

@@ -124,6 +124,8 @@ pub struct OpGuard {
 impl Drop for OpGuard {
     fn drop(&mut self) {
         self.rt.lock().busy_with = None;
+        // Requests waiting to start the VM (autostart) look again.
+        self.rt.state_tx.send_modify(|_| {});
     }
 }
 
@@ -143,7 +145,9 @@ impl VmRuntime {
                 machine: None,
                 agent: None,
                 busy_with: None,
-                ready: state == VmState::Running,
+                // Re-adopted at start: a guest that ran (or was being
+                // checkpointed) served before; a starting one is probed.
+                ready: matches!(state, VmState::Running | VmState::Snapshotting),
                 last_ports: forwards.clone(),
                 forwards,
             }),

@@ -92,13 +92,11 @@ impl VmManager {
         let result = async {
             let staging = self.copy_for_fork(&rt, &rec, &source).await?;
             self.faults.hit("fork.copied", &rt.id)?;
-            let machine = self
-                .start_from(&rt, &staging, &[BASE_LAYER.to_string()])
-                .await;
-            let _ = std::fs::remove_dir_all(&staging);
-            machine
+            self.start_from(&rt, &staging, &[BASE_LAYER.to_string()])
+                .await
         }
         .await;
+        let _ = std::fs::remove_dir_all(self.paths(&rt.id).dir.join("fork"));
         match result {
             Ok(machine) => {
                 let done = self
@@ -169,14 +167,14 @@ impl VmManager {
             .get(&source.image)
             .with_context(|| format!("image '{}'", source.image))?;
         let paths = self.paths(&rt.id);
-        hatch_vmm::disk::flatten_onto(
-            &top,
-            &image.disk,
-            &image.disk_format,
-            &paths.dir.join(BASE_LAYER),
-        )
-        .await
-        .context("copying the snapshot's disk")?;
+        // Under a temporary name: a fork that fails half way leaves no disk
+        // that a later start would boot from.
+        let disk = paths.dir.join(BASE_LAYER);
+        let part = crate::durable::partial(&disk);
+        hatch_vmm::disk::flatten_onto(&top, &image.disk, &image.disk_format, &part)
+            .await
+            .context("copying the snapshot's disk")?;
+        std::fs::rename(&part, &disk).context("placing the fork's disk")?;
         let snapshot_dir = self.snapshot_dir(&rec.snap.id);
         let staging = paths.dir.join("fork");
         std::fs::create_dir_all(&staging)?;
