@@ -8,10 +8,10 @@ use rand::distributions::Alphanumeric;
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
-use crate::db::{ApiKeyRecord, Db};
 use crate::error::ApiError;
 use crate::manager::{new_id, now_rfc3339};
 use crate::model::{ApiKey, CreatedApiKey};
+use crate::state::{ApiKeyRecord, StateStore};
 
 pub const KEY_PREFIX: &str = "hatch_";
 
@@ -32,7 +32,7 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 /// The accepted keys: hashes loaded from the database, reloaded whenever a
 /// key is created or revoked, so a revoked key is refused at once.
 pub struct KeyRing {
-    db: Arc<Db>,
+    store: Arc<dyn StateStore>,
     hashes: RwLock<Vec<[u8; 32]>>,
 }
 
@@ -44,8 +44,8 @@ impl KeyRing {
     /// holds is valid while it is set; a start with another key, or none,
     /// revokes the previous one. If no key is left, one is generated and
     /// returned (to be shown once).
-    pub fn open(
-        db: Arc<Db>,
+    pub async fn open(
+        store: Arc<dyn StateStore>,
         env_key: Option<&Secret>,
     ) -> Result<(KeyRing, Option<String>), ApiError> {
         let env_hash = env_key.map(|k| hash_key(k.expose()));
@@ -55,35 +55,41 @@ impl KeyRing {
                     "HATCH_API_KEY must be at least 16 characters",
                 ));
             }
-            db.insert_api_key(&ApiKeyRecord {
-                id: new_id("key"),
-                hash: hash_key(key.expose()).to_vec(),
-                name: Some("HATCH_API_KEY".into()),
-                source: "env".into(),
-                created_at: now_rfc3339(),
-            })?;
+            store
+                .insert_api_key(&ApiKeyRecord {
+                    id: new_id("key"),
+                    hash: hash_key(key.expose()).to_vec(),
+                    name: Some("HATCH_API_KEY".into()),
+                    source: "env".into(),
+                    created_at: now_rfc3339(),
+                })
+                .await?;
         }
-        let revoked = db.revoke_env_keys_except(env_hash.as_ref().map(|h| h.as_slice()))?;
+        let revoked = store
+            .revoke_env_keys_except(env_hash.as_ref().map(|h| h.as_slice()))
+            .await?;
         if revoked > 0 {
             tracing::info!(revoked, "revoked API keys from an earlier HATCH_API_KEY");
         }
         let ring = KeyRing {
-            db,
+            store,
             hashes: RwLock::new(Vec::new()),
         };
-        ring.reload()?;
+        ring.reload().await?;
         if !ring.lock().is_empty() {
             return Ok((ring, None));
         }
         let key = generate_key();
-        ring.db.insert_api_key(&ApiKeyRecord {
-            id: new_id("key"),
-            hash: hash_key(&key).to_vec(),
-            name: Some("generated".into()),
-            source: "generated".into(),
-            created_at: now_rfc3339(),
-        })?;
-        ring.reload()?;
+        ring.store
+            .insert_api_key(&ApiKeyRecord {
+                id: new_id("key"),
+                hash: hash_key(&key).to_vec(),
+                name: Some("generated".into()),
+                source: "generated".into(),
+                created_at: now_rfc3339(),
+            })
+            .await?;
+        ring.reload().await?;
         Ok((ring, Some(key)))
     }
 
@@ -91,10 +97,11 @@ impl KeyRing {
         self.hashes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn reload(&self) -> Result<(), ApiError> {
+    async fn reload(&self) -> Result<(), ApiError> {
         let hashes = self
-            .db
-            .api_keys()?
+            .store
+            .api_keys()
+            .await?
             .into_iter()
             .filter_map(|k| <[u8; 32]>::try_from(k.hash.as_slice()).ok())
             .collect();
@@ -113,12 +120,18 @@ impl KeyRing {
         ok.into()
     }
 
-    pub fn list(&self) -> Result<Vec<ApiKey>, ApiError> {
-        Ok(self.db.api_keys()?.into_iter().map(public).collect())
+    pub async fn list(&self) -> Result<Vec<ApiKey>, ApiError> {
+        Ok(self
+            .store
+            .api_keys()
+            .await?
+            .into_iter()
+            .map(public)
+            .collect())
     }
 
     /// A new random key; the answer carries it, nothing else ever will.
-    pub fn create(&self, name: Option<String>) -> Result<CreatedApiKey, ApiError> {
+    pub async fn create(&self, name: Option<String>) -> Result<CreatedApiKey, ApiError> {
         if let Some(n) = &name {
             let ok = !n.is_empty()
                 && n.len() <= MAX_NAME
@@ -138,8 +151,8 @@ impl KeyRing {
             source: "api".into(),
             created_at: now_rfc3339(),
         };
-        self.db.insert_api_key(&rec)?;
-        self.reload()?;
+        self.store.insert_api_key(&rec).await?;
+        self.reload().await?;
         tracing::info!(key = %rec.id, name = rec.name.as_deref().unwrap_or(""), "API key created");
         Ok(CreatedApiKey {
             info: public(rec),
@@ -149,8 +162,8 @@ impl KeyRing {
 
     /// Revoke key `id_or_name`; refused for the last key (nobody could
     /// call the API any more).
-    pub fn revoke(&self, id_or_name: &str) -> Result<ApiKey, ApiError> {
-        let keys = self.db.api_keys()?;
+    pub async fn revoke(&self, id_or_name: &str) -> Result<ApiKey, ApiError> {
+        let keys = self.store.api_keys().await?;
         let matches: Vec<_> = keys
             .iter()
             .filter(|k| k.id == id_or_name || k.name.as_deref() == Some(id_or_name))
@@ -165,12 +178,12 @@ impl KeyRing {
                 )));
             }
         };
-        if !self.db.delete_api_key_unless_last(&rec.id)? {
+        if !self.store.delete_api_key_unless_last(&rec.id).await? {
             return Err(ApiError::conflict(format!(
                 "key '{id_or_name}' is the only API key; create another first"
             )));
         }
-        self.reload()?;
+        self.reload().await?;
         tracing::info!(key = %rec.id, "API key revoked");
         Ok(public(rec))
     }
@@ -197,23 +210,24 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::SqliteStore;
 
-    fn db() -> (tempfile::TempDir, Arc<Db>) {
+    fn db() -> (tempfile::TempDir, Arc<dyn StateStore>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Db::open(&dir.path().join("db")).unwrap());
-        (dir, db)
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+        (dir, store)
     }
 
-    #[test]
-    fn keys_verify_only_when_equal_and_are_stored_hashed() {
-        let (_d, db) = db();
-        let (ring, generated) = KeyRing::open(db.clone(), None).unwrap();
+    #[tokio::test]
+    async fn keys_verify_only_when_equal_and_are_stored_hashed() {
+        let (_d, store) = db();
+        let (ring, generated) = KeyRing::open(store.clone(), None).await.unwrap();
         let key = generated.expect("a first key is generated");
         assert!(key.starts_with(KEY_PREFIX) && key.len() == KEY_PREFIX.len() + 32);
         assert!(ring.verify(&key));
         assert!(!ring.verify(&format!("{key}x")));
         assert!(!ring.verify(""));
-        let stored = db.api_keys().unwrap();
+        let stored = store.api_keys().await.unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].hash, hash_key(&key).to_vec());
         assert!(
@@ -224,44 +238,53 @@ mod tests {
         );
     }
 
-    #[test]
-    fn created_keys_work_until_revoked_and_the_last_key_stays() {
-        let (_d, db) = db();
+    #[tokio::test]
+    async fn created_keys_work_until_revoked_and_the_last_key_stays() {
+        let (_d, store) = db();
         let env = Secret::new("env-key-0123456789");
-        let (ring, generated) = KeyRing::open(db, Some(&env)).unwrap();
+        let (ring, generated) = KeyRing::open(store, Some(&env)).await.unwrap();
         assert!(generated.is_none());
-        let made = ring.create(Some("ci-bot".into())).unwrap();
+        let made = ring.create(Some("ci-bot".into())).await.unwrap();
         assert!(ring.verify(&made.key) && ring.verify(env.expose()));
-        assert_eq!(ring.list().unwrap().len(), 2);
-        assert!(ring.create(Some("bad name".into())).is_err());
-        ring.revoke("ci-bot").unwrap();
+        assert_eq!(ring.list().await.unwrap().len(), 2);
+        assert!(ring.create(Some("bad name".into())).await.is_err());
+        ring.revoke("ci-bot").await.unwrap();
         assert!(!ring.verify(&made.key), "revoked keys fail at once");
-        let err = ring.revoke(&ring.list().unwrap()[0].id).unwrap_err();
+        let err = ring
+            .revoke(&ring.list().await.unwrap()[0].id)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ApiError::Conflict(_)), "{err}");
-        assert!(matches!(ring.revoke("nope"), Err(ApiError::NotFound(_))));
+        assert!(matches!(
+            ring.revoke("nope").await,
+            Err(ApiError::NotFound(_))
+        ));
     }
 
-    #[test]
-    fn a_changed_environment_key_revokes_the_old_one() {
-        let (_d, db) = db();
+    #[tokio::test]
+    async fn a_changed_environment_key_revokes_the_old_one() {
+        let (_d, store) = db();
         let old = Secret::new("old-env-key-0123456789");
         let new = Secret::new("new-env-key-0123456789");
-        let (ring, _) = KeyRing::open(db.clone(), Some(&old)).unwrap();
-        let api = ring.create(None).unwrap();
+        let (ring, _) = KeyRing::open(store.clone(), Some(&old)).await.unwrap();
+        let api = ring.create(None).await.unwrap();
         drop(ring);
-        let (ring, _) = KeyRing::open(db.clone(), Some(&new)).unwrap();
+        let (ring, _) = KeyRing::open(store.clone(), Some(&new)).await.unwrap();
         assert!(!ring.verify(old.expose()), "the previous HATCH_API_KEY");
         assert!(ring.verify(new.expose()) && ring.verify(&api.key));
         drop(ring);
         // Unset: the environment key goes too; keys made through the API stay.
-        let (ring, generated) = KeyRing::open(db, None).unwrap();
+        let (ring, generated) = KeyRing::open(store, None).await.unwrap();
         assert!(generated.is_none());
         assert!(!ring.verify(new.expose()) && ring.verify(&api.key));
         assert!(
             KeyRing::open(
-                Arc::new(Db::open(&tempfile::tempdir().unwrap().path().join("d")).unwrap()),
+                Arc::new(
+                    SqliteStore::open(&tempfile::tempdir().unwrap().path().join("d")).unwrap()
+                ),
                 Some(&Secret::new("short"))
             )
+            .await
             .is_err()
         );
     }

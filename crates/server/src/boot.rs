@@ -25,10 +25,10 @@ impl VmManager {
         let started = Instant::now();
         match self.launch(&rt, false).await {
             Ok(machine) => {
-                if let Err(e) = self.transition(&rt, VmState::Running, None) {
+                if let Err(e) = self.transition(&rt, VmState::Running, None).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording boot failed");
                 }
-                if let Err(e) = self.db.set_vm_started(&rt.id, &now_rfc3339()) {
+                if let Err(e) = self.store.set_vm_started(&rt.id, &now_rfc3339()).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording start time failed");
                 }
                 tracing::info!(vm = %rt.id, pid = machine.pid(), launch_ms = started.elapsed().as_millis() as u64, "qemu launched");
@@ -49,9 +49,9 @@ impl VmManager {
             Err(e) => {
                 let reason = format!("boot failed: {e:#}");
                 tracing::error!(vm = %rt.id, %reason);
-                self.clear_forwards(&rt);
+                self.clear_forwards(&rt).await;
                 self.remove_runtime_files(&rt.id);
-                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
+                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording failure failed");
                 }
             }
@@ -65,7 +65,11 @@ impl VmManager {
         rt: &VmRuntime,
         restore: bool,
     ) -> anyhow::Result<Arc<Machine>> {
-        let rec = self.db.get_vm(&rt.id)?.context("vm record vanished")?;
+        let rec = self
+            .store
+            .get_vm(&rt.id)
+            .await?
+            .context("vm record vanished")?;
         let vm = rec.vm;
         let image = self
             .images
@@ -80,7 +84,7 @@ impl VmManager {
             let _ = std::fs::remove_file(&paths.mem);
             let _ = std::fs::remove_file(&paths.console_log);
         }
-        let mut layers = self.db.disk_layers(&vm.id)?;
+        let mut layers = self.store.disk_layers(&vm.id).await?;
         if !restore {
             self.unfreeze_top_layer(&vm, &mut layers).await?;
         }
@@ -135,7 +139,7 @@ impl VmManager {
                 inner.forwards = forwards.clone();
                 inner.last_ports = forwards.clone();
             }
-            self.db.set_vm_forwards(&vm.id, &forwards)?;
+            self.store.set_vm_forwards(&vm.id, &forwards).await?;
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
                     machine.set_command_timeout(self.cfg.qmp_timeout);
@@ -163,8 +167,9 @@ impl VmManager {
     ) -> anyhow::Result<()> {
         let top = layers.last().context("vm has no disk layer")?;
         let frozen = self
-            .db
-            .list_snapshots(&vm.id)?
+            .store
+            .list_snapshots(&vm.id)
+            .await?
             .iter()
             .any(|r| r.layers.contains(top));
         if !frozen {
@@ -180,7 +185,7 @@ impl VmManager {
         )
         .await?;
         layers.push(new_layer);
-        self.db.set_disk_layers(&vm.id, layers)?;
+        self.store.set_disk_layers(&vm.id, layers).await?;
         Ok(())
     }
 
@@ -189,25 +194,26 @@ impl VmManager {
         let this = self.clone();
         tokio::spawn(async move {
             let exit = machine.wait_exit().await;
-            let mut inner = rt.lock();
-            let ours = inner
-                .machine
-                .as_ref()
-                .is_some_and(|m| Arc::ptr_eq(m, &machine));
-            if !ours {
-                return;
-            }
-            inner.machine = None;
-            let state = inner.state;
-            drop(inner);
+            let state = {
+                let mut inner = rt.lock();
+                let ours = inner
+                    .machine
+                    .as_ref()
+                    .is_some_and(|m| Arc::ptr_eq(m, &machine));
+                if !ours {
+                    return;
+                }
+                inner.machine = None;
+                inner.state
+            };
             // Stop, delete and other operations handle the exits they cause.
             if !matches!(state, VmState::Running | VmState::Starting) {
                 return;
             }
-            this.clear_forwards(&rt);
+            this.clear_forwards(&rt).await;
             this.remove_runtime_files(&rt.id);
             let (to, reason) = unexpected_exit(&exit);
-            if let Err(e) = this.transition(&rt, to, Some(reason)) {
+            if let Err(e) = this.transition(&rt, to, Some(reason)).await {
                 tracing::error!(vm = %rt.id, error = %e, "recording exit failed");
             }
         });
@@ -237,7 +243,7 @@ impl VmManager {
                 let ms = started.elapsed().as_millis() as u64;
                 rt.set_ready(true);
                 self.metrics.boot_seconds.observe(ms as f64 / 1000.0);
-                if let Err(e) = self.db.set_vm_boot_ms(&rt.id, ms) {
+                if let Err(e) = self.store.set_vm_boot_ms(&rt.id, ms).await {
                     tracing::warn!(vm = %rt.id, error = %e, "recording boot time failed");
                 }
                 tracing::info!(vm = %rt.id, boot_ms = ms, "guest answers HTTP");
@@ -270,6 +276,7 @@ impl VmManager {
                 machine.resume().await?;
             }
             self.transition(rt, VmState::Running, None)
+                .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         } else if restored {
             // The guest runs: a restore that had loaded its state (or a
@@ -278,7 +285,7 @@ impl VmManager {
             if let Err(e) = self.sync_guest_clock(rt).await {
                 self.halt(rt).await;
                 // A fork has no snapshot of its own to be restored from.
-                let to = if self.has_restorable_snapshot(&rt.id)? {
+                let to = if self.has_restorable_snapshot(&rt.id).await? {
                     VmState::Snapshotted
                 } else {
                     VmState::Failed
@@ -290,10 +297,12 @@ impl VmManager {
                         "restore interrupted by a daemon restart; then {e:#}"
                     )),
                 )
+                .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
                 return Ok(());
             }
             self.transition(rt, VmState::Running, None)
+                .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         } else {
             // A restore that had not loaded its state: start it over later
@@ -301,9 +310,9 @@ impl VmManager {
             machine.kill();
             machine.wait_exit().await;
             rt.lock().machine = None;
-            self.clear_forwards(rt);
+            self.clear_forwards(rt).await;
             self.remove_runtime_files(&rt.id);
-            let (to, reason) = if self.has_restorable_snapshot(&rt.id)? {
+            let (to, reason) = if self.has_restorable_snapshot(&rt.id).await? {
                 (
                     VmState::Snapshotted,
                     "restore interrupted by a daemon restart; restore again",
@@ -315,16 +324,18 @@ impl VmManager {
                 )
             };
             self.transition(rt, to, Some(reason.into()))
+                .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(())
     }
 
     /// A snapshot to restore from: a complete local copy, or one in S3.
-    fn has_restorable_snapshot(&self, vm_id: &str) -> anyhow::Result<bool> {
+    async fn has_restorable_snapshot(&self, vm_id: &str) -> anyhow::Result<bool> {
         Ok(self
-            .db
-            .list_snapshots(vm_id)?
+            .store
+            .list_snapshots(vm_id)
+            .await?
             .iter()
             .any(|r| r.local || r.snap.status == crate::model::SnapshotStatus::Ready))
     }
@@ -348,11 +359,11 @@ impl VmManager {
             .collect();
         layers.reverse();
         anyhow::ensure!(!layers.is_empty(), "QEMU reports no disk layer of this vm");
-        let recorded = self.db.disk_layers(vm_id)?;
+        let recorded = self.store.disk_layers(vm_id).await?;
         if recorded != layers {
             tracing::warn!(vm = %vm_id, ?recorded, actual = ?layers,
                 "the recorded disk chain differs from QEMU's; taking QEMU's");
-            self.db.set_disk_layers(vm_id, &layers)?;
+            self.store.set_disk_layers(vm_id, &layers).await?;
         }
         Ok(())
     }
@@ -362,7 +373,7 @@ impl VmManager {
     /// whose recovery fails is marked failed with the reason; the others,
     /// and the daemon, come up.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
-        for rec in self.db.list_vms()? {
+        for rec in self.store.list_vms().await? {
             let vm = rec.vm;
             let rt = VmRuntime::new(vm.id.clone(), vm.state, rec.forwards.clone());
             self.insert_runtime(rt.clone());
@@ -386,8 +397,8 @@ impl VmManager {
                 if rt.machine().is_some() {
                     self.halt(&rt).await;
                 }
-                self.clear_forwards(&rt);
-                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
+                self.clear_forwards(&rt).await;
+                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)).await {
                     tracing::error!(vm = %vm.id, error = %e, "recording the failed recovery failed");
                 }
             }
@@ -410,6 +421,7 @@ impl VmManager {
                     VmState::Snapshotted,
                     Some("an interrupted suspend was completed at start".into()),
                 )
+                .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             return Ok(());
@@ -432,10 +444,12 @@ impl VmManager {
                         // The stop was interrupted: finish it.
                         self.halt(rt).await;
                         self.transition(rt, VmState::Stopped, None)
+                            .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
                     }
                     VmState::Starting => {
                         self.transition(rt, VmState::Running, None)
+                            .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
                         let (this, rt) = (self.clone(), rt.clone());
                         tokio::spawn(async move { this.measure_boot(rt, Instant::now()).await });
@@ -455,7 +469,7 @@ impl VmManager {
             Err(e) => {
                 let restorable = (state == VmState::Snapshotting
                     && self.complete_interrupted_capture(&id).await?)
-                    || self.has_restorable_snapshot(&id)?;
+                    || self.has_restorable_snapshot(&id).await?;
                 let (to, reason) = if state == VmState::Stopping {
                     (VmState::Stopped, None)
                 } else if restorable && matches!(state, VmState::Snapshotting | VmState::Restoring)
@@ -474,9 +488,10 @@ impl VmManager {
                         )),
                     )
                 };
-                self.clear_forwards(rt);
+                self.clear_forwards(rt).await;
                 self.remove_runtime_files(&id);
                 self.transition(rt, to, reason)
+                    .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }

@@ -47,6 +47,10 @@ pub struct Config {
     pub api_key: Option<Secret>,
     /// S3 settings; snapshots need them.
     pub s3: Option<S3Config>,
+    /// `postgres://...`: keep state in PostgreSQL (shared by the nodes of a
+    /// cluster) instead of SQLite in the data dir. Secret: it may carry a
+    /// password.
+    pub database_url: Option<Secret>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub gc_grace: Duration,
     /// How long a proxied request waits for its VM to wake before 503.
@@ -112,6 +116,7 @@ impl Config {
             stop_timeout: Duration::from_secs(10),
             api_key: None,
             s3: None,
+            database_url: None,
             gc_grace: Duration::from_secs(3600),
             wake_timeout: Duration::from_secs(30),
             wake_queue: 4096,
@@ -154,6 +159,7 @@ mod tests {
         cfg.api_key = Some(Secret::new("hatch_api_key_value_123"));
         cfg.snapshot_secret = Some(Secret::new("snapshot-secret-value"));
         cfg.previous_snapshot_secrets = vec![Secret::new("old-secret-value")];
+        cfg.database_url = Some(Secret::new("postgres://u:db-password@h/d"));
         cfg.s3 = Some(S3Config {
             endpoint: "http://127.0.0.1:3900".into(),
             bucket: "b".into(),
@@ -167,6 +173,7 @@ mod tests {
             "snapshot-secret-value",
             "old-secret-value",
             "s3-secret-value",
+            "db-password",
         ] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }

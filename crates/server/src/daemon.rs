@@ -1,4 +1,4 @@
-//! The composition root: config -> database, keys, images, VM manager ->
+//! The composition root: config -> state store, keys, images, VM manager ->
 //! re-attach to running VMs -> API and proxy servers, sharing one shutdown
 //! signal. VMs keep running when the daemon stops.
 
@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{AppState, router};
 use crate::auth::{self, KeyRing};
 use crate::config::Config;
-use crate::db::Db;
 use crate::images::Images;
 use crate::manager::VmManager;
 use crate::metrics::Metrics;
 use crate::resolver::VmResolver;
 use crate::snapshot::seal::SealKeys;
+use crate::state;
 
 /// How long shutdown waits for in-flight VM operations.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -29,9 +29,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let _lock = lock_data_dir(&cfg.data_dir)?;
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating run dir {}", cfg.run_dir.display()))?;
-    let db = Arc::new(Db::open(&cfg.data_dir.join("hatch.db")).context("opening the database")?);
-    let (keys, generated) =
-        KeyRing::open(db.clone(), cfg.api_key.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = state::open(cfg.database_url.as_ref().map(|u| u.expose()), &cfg.data_dir)
+        .await
+        .context("opening the state store")?;
+    tracing::info!(backend = store.backend(), "state store open");
+    let (keys, generated) = KeyRing::open(store.clone(), cfg.api_key.as_ref())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(key) = generated {
         // Printed, not logged: shown once to the operator, never in log files.
         println!("Generated API key (shown only once; set HATCH_API_KEY to use it):\n{key}");
@@ -65,14 +69,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             None
         }
     };
-    let vms = VmManager::new(cfg.clone(), db, images, metrics.clone(), storage, seal_keys)?;
+    let vms = VmManager::new(
+        cfg.clone(),
+        store,
+        images,
+        metrics.clone(),
+        storage,
+        seal_keys,
+    )
+    .await?;
     tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
     remove_stale_ram_copies(&cfg.run_dir);
     vms.recover().await.context("re-attaching to VMs")?;
     vms.recover_snapshots()
         .await
         .context("recovering interrupted snapshots")?;
-    vms.sweep_leftovers();
+    vms.sweep_leftovers().await;
 
     let api_listener = TcpListener::bind(cfg.api_addr)
         .await

@@ -89,8 +89,8 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-impl From<crate::db::DbError> for ApiError {
-    fn from(e: crate::db::DbError) -> Self {
+impl From<crate::state::StoreError> for ApiError {
+    fn from(e: crate::state::StoreError) -> Self {
         ApiError::Internal(e.into())
     }
 }

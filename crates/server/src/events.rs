@@ -9,7 +9,7 @@ use crate::snapshot::WakeCause;
 
 impl VmManager {
     /// A suspended VM was restored (or failed to be).
-    pub(crate) fn record_wake(
+    pub(crate) async fn record_wake(
         &self,
         vm_id: &str,
         cause: WakeCause,
@@ -41,11 +41,12 @@ impl VmManager {
             snapshot_id: Some(snapshot_id.to_string()),
             error,
             warnings,
-        });
+        })
+        .await;
     }
 
     /// An idle VM was suspended (or the attempt failed).
-    pub(crate) fn record_idle_suspend(
+    pub(crate) async fn record_idle_suspend(
         &self,
         vm_id: &str,
         snapshot_id: &str,
@@ -69,18 +70,19 @@ impl VmManager {
             snapshot_id: Some(snapshot_id.to_string()),
             error,
             warnings: Vec::new(),
-        });
+        })
+        .await;
     }
 
-    fn add_event(&self, event: VmEvent) {
-        if let Err(e) = self.db.add_event(&event) {
+    async fn add_event(&self, event: VmEvent) {
+        if let Err(e) = self.store.add_event(&event).await {
             tracing::warn!(vm = %event.vm_id, error = %e, "recording event failed");
         }
     }
 
     /// A VM's events, newest first.
-    pub fn events(&self, vm_id: &str) -> Result<Vec<VmEvent>, ApiError> {
+    pub async fn events(&self, vm_id: &str) -> Result<Vec<VmEvent>, ApiError> {
         self.runtime(vm_id)?;
-        Ok(self.db.list_events(vm_id)?)
+        Ok(self.store.list_events(vm_id).await?)
     }
 }

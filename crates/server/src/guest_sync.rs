@@ -26,7 +26,7 @@ impl VmManager {
     /// confirmed or `agent_sync_timeout` has passed. Images without the
     /// agent are left as they are.
     pub(crate) async fn sync_guest_clock(&self, rt: &VmRuntime) -> anyhow::Result<()> {
-        let vm = self.get(&rt.id)?;
+        let vm = self.get(&rt.id).await?;
         let has_agent = self.images.get(&vm.image).map(|i| i.agent).unwrap_or(false);
         if !has_agent {
             tracing::debug!(vm = %rt.id, image = %vm.image, "image has no guest agent; clock not synced");

@@ -27,12 +27,12 @@ impl VmManager {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.suspend_idle_vms();
+            self.suspend_idle_vms().await;
         }
     }
 
     /// Start an idle suspend of every VM that has been idle long enough.
-    fn suspend_idle_vms(self: &Arc<Self>) {
+    async fn suspend_idle_vms(self: &Arc<Self>) {
         for rt in self.all_runtimes() {
             let Some(timeout) = self.routes.idle_timeout_of(&rt.id) else {
                 continue;
@@ -44,7 +44,7 @@ impl VmManager {
             // Claimed: new requests are held from here on; the claim ends
             // when the capture does.
             let req = CreateSnapshot { stop: Some(true) };
-            if let Err(e) = self.snapshot(&rt.id, req, "idle") {
+            if let Err(e) = self.snapshot(&rt.id, req, "idle").await {
                 rt.release_idle();
                 tracing::debug!(vm = %rt.id, error = %e, "idle suspend not started");
             }

@@ -4,7 +4,7 @@
 //! - [`api`]: HTTP handlers, a thin layer over the core.
 //! - [`manager`] with [`boot`] and [`routes`]: the core that owns VMs, their
 //!   lifecycle and proxy routes; [`runtime`] is one VM's in-memory side.
-//! - [`db`]: SQLite state; [`auth`]: API keys; [`metrics`]: Prometheus.
+//! - [`state`]: the state store (SQLite or PostgreSQL); [`auth`]: API keys; [`metrics`]: Prometheus.
 //! - [`resolver`]: how the proxy finds a VM for a host name; [`wake`]: auto-wake
 //!   of suspended VMs for held requests; [`idle`]: suspending idle VMs;
 //!   [`events`]: wakes and idle suspends as events, metrics and logs.
@@ -14,7 +14,6 @@ pub mod auth;
 pub mod boot;
 pub mod config;
 pub mod daemon;
-pub mod db;
 pub mod durable;
 pub mod error;
 pub mod events;
@@ -29,6 +28,7 @@ pub mod resolver;
 pub mod routes;
 pub mod runtime;
 pub mod snapshot;
+pub mod state;
 pub mod wake;
 
 pub use config::{Config, S3Config, Secret};

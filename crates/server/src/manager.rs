@@ -12,7 +12,6 @@ use rand::Rng;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::db::Db;
 use crate::error::ApiError;
 use crate::fault::Faults;
 use crate::images::Images;
@@ -22,9 +21,10 @@ use crate::routes::RouteTable;
 use crate::runtime::VmRuntime;
 use crate::snapshot::seal::SealKeys;
 use crate::snapshot::uploads::Uploads;
+use crate::state::StateStore;
 
 pub struct VmManager {
-    pub(crate) db: Arc<Db>,
+    pub(crate) store: Arc<dyn StateStore>,
     pub(crate) images: Images,
     pub(crate) cfg: Arc<Config>,
     pub(crate) accel: Accel,
@@ -79,9 +79,9 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 impl VmManager {
-    pub fn new(
+    pub async fn new(
         cfg: Arc<Config>,
-        db: Arc<Db>,
+        store: Arc<dyn StateStore>,
         images: Images,
         metrics: Arc<Metrics>,
         storage: Option<Arc<hatch_chunks::ChunkStore>>,
@@ -101,9 +101,9 @@ impl VmManager {
             .and_then(|s| s.lines().next().map(str::to_string))
             .unwrap_or_default();
         let accel = cfg.accel.resolve();
-        let routes = RouteTable::load(&db)?;
+        let routes = RouteTable::load(store.as_ref()).await?;
         Ok(Arc::new(VmManager {
-            db,
+            store,
             images,
             accel,
             tsc_khz: hatch_vmm::host::tsc_khz(),
@@ -189,7 +189,7 @@ impl VmManager {
     }
 
     /// Move a VM to `to`, in memory and in the database, if the lifecycle allows it.
-    pub(crate) fn transition(
+    pub(crate) async fn transition(
         &self,
         rt: &VmRuntime,
         to: VmState,
@@ -200,15 +200,19 @@ impl VmManager {
             // before `inner` is taken: the lock order is activity, then inner.
             rt.activity.touch();
         }
-        let mut inner = rt.lock();
-        let from = inner.state;
+        let _serial = rt.transitions.lock().await;
+        let from = rt.state();
         if from != to && !from.can_become(to) {
             return Err(ApiError::conflict(format!(
                 "vm '{}' is {from} and cannot become {to}",
                 rt.id
             )));
         }
-        self.db.set_vm_state(&rt.id, to, reason.as_deref())?;
+        // Stored first: a state the store refused is never shown.
+        self.store
+            .set_vm_state(&rt.id, to, reason.as_deref())
+            .await?;
+        let mut inner = rt.lock();
         match (from, to) {
             // A cold boot is ready once its app answers (the boot probe).
             (VmState::Starting, VmState::Running) => inner.ready = false,
@@ -225,19 +229,21 @@ impl VmManager {
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> Result<Vm, ApiError> {
+    pub async fn get(&self, id: &str) -> Result<Vm, ApiError> {
         let vm = self
-            .db
-            .get_vm(id)?
+            .store
+            .get_vm(id)
+            .await?
             .ok_or_else(|| ApiError::not_found("vm", id))?
             .vm;
         Ok(self.present(vm))
     }
 
-    pub fn list(&self) -> Result<Vec<Vm>, ApiError> {
+    pub async fn list(&self) -> Result<Vec<Vm>, ApiError> {
         Ok(self
-            .db
-            .list_vms()?
+            .store
+            .list_vms()
+            .await?
             .into_iter()
             .map(|r| self.present(r.vm))
             .collect())
@@ -255,12 +261,13 @@ impl VmManager {
 
     /// The id of the VM with this id or name (unambiguous: a name never
     /// looks like an id, unless it is its own VM's id).
-    pub fn resolve(&self, id_or_name: &str) -> Result<String, ApiError> {
+    pub async fn resolve(&self, id_or_name: &str) -> Result<String, ApiError> {
         if self.runtime(id_or_name).is_ok() {
             return Ok(id_or_name.to_string());
         }
-        self.db
-            .vm_id_by_name(id_or_name)?
+        self.store
+            .vm_id_by_name(id_or_name)
+            .await?
             .ok_or_else(|| ApiError::not_found("vm", id_or_name))
     }
 
@@ -268,7 +275,7 @@ impl VmManager {
     /// (or, with `from_snapshot`, restoring it from that snapshot).
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<Vm, ApiError> {
         if let Some(sid) = req.from_snapshot.clone() {
-            return self.fork(req, &sid);
+            return self.fork(req, &sid).await;
         }
         let image_name = req.image.unwrap_or_else(|| "default".to_string());
         let image = match self.images.get(&image_name) {
@@ -306,7 +313,7 @@ impl VmManager {
             )));
         }
         let id = new_id("vm");
-        let name = self.free_name(req.name, &id)?;
+        let name = self.free_name(req.name, &id).await?;
 
         let paths = self.paths(&id);
         std::fs::create_dir_all(&paths.dir)
@@ -332,7 +339,7 @@ impl VmManager {
                 now_rfc3339(),
             )
         };
-        if let Err(e) = self.insert_vm(&vm) {
+        if let Err(e) = self.insert_vm(&vm).await {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(e);
         }
@@ -346,12 +353,16 @@ impl VmManager {
     }
 
     /// The name a new VM gets: the one asked for, if valid and free, else its id.
-    pub(crate) fn free_name(&self, name: Option<String>, id: &str) -> Result<String, ApiError> {
+    pub(crate) async fn free_name(
+        &self,
+        name: Option<String>,
+        id: &str,
+    ) -> Result<String, ApiError> {
         let Some(name) = name else {
             return Ok(id.to_string());
         };
         model::validate_vm_name(&name)?;
-        if self.db.vm_name_taken(&name)? {
+        if self.store.vm_name_taken(&name).await? {
             return Err(ApiError::conflict(format!(
                 "a vm named '{name}' already exists"
             )));
@@ -360,10 +371,10 @@ impl VmManager {
     }
 
     /// Record a new VM with the default retention policy.
-    pub(crate) fn insert_vm(&self, vm: &Vm) -> Result<(), ApiError> {
-        if let Err(e) = self.db.insert_vm(vm) {
+    pub(crate) async fn insert_vm(&self, vm: &Vm) -> Result<(), ApiError> {
+        if let Err(e) = self.store.insert_vm(vm).await {
             // Two creates racing for one name: the UNIQUE constraint decides.
-            if self.db.vm_name_taken(&vm.name).unwrap_or(false) {
+            if self.store.vm_name_taken(&vm.name).await.unwrap_or(false) {
                 return Err(ApiError::conflict(format!(
                     "a vm named '{}' already exists",
                     vm.name
@@ -375,16 +386,16 @@ impl VmManager {
             keep_last: Some(model::DEFAULT_KEEP_LAST),
             max_age_seconds: None,
         };
-        self.db.set_retention(&vm.id, &policy)?;
+        self.store.set_retention(&vm.id, &policy).await?;
         Ok(())
     }
 
     /// Boot a stopped or failed VM; wake a suspended one (restore from its
     /// newest snapshot, as `POST /restore` does).
-    pub fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
         let rt = self.runtime(id)?;
         if rt.state() == VmState::Snapshotted {
-            return self.restore(id, model::RestoreRequest::default());
+            return self.restore(id, model::RestoreRequest::default()).await;
         }
         let guard = rt.try_begin("start")?;
         let state = rt.state();
@@ -393,38 +404,38 @@ impl VmManager {
                 "vm '{id}' is {state}; a running vm needs no start (stop it first to reboot it)"
             )));
         }
-        self.transition(&rt, VmState::Starting, None)?;
+        self.transition(&rt, VmState::Starting, None).await?;
         let this = self.clone();
         self.tasks.spawn(async move { this.boot(rt, guard).await });
-        self.get(id)
+        self.get(id).await
     }
 
     /// Stop a running VM: QEMU exits (its disk flushed) and its memory is freed.
-    pub fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
         let rt = self.runtime(id)?;
         let guard = rt.try_begin("stop")?;
         let state = rt.state();
         if state == VmState::Snapshotted {
             // Its memory state is discarded (the snapshots stay, and its
             // disk); the next start boots from the disk.
-            self.transition(&rt, VmState::Stopped, Some("stopped while suspended: the next start boots from its disk; its snapshots can still be restored".into()))?;
-            return self.get(id);
+            self.transition(&rt, VmState::Stopped, Some("stopped while suspended: the next start boots from its disk; its snapshots can still be restored".into())).await?;
+            return self.get(id).await;
         }
         if state != VmState::Running {
             return Err(ApiError::conflict(format!(
                 "vm '{id}' is {state}; only a running or suspended vm can be stopped"
             )));
         }
-        self.transition(&rt, VmState::Stopping, None)?;
+        self.transition(&rt, VmState::Stopping, None).await?;
         let this = self.clone();
         self.tasks.spawn(async move {
             let _guard = guard;
             this.halt(&rt).await;
-            if let Err(e) = this.transition(&rt, VmState::Stopped, None) {
+            if let Err(e) = this.transition(&rt, VmState::Stopped, None).await {
                 tracing::error!(vm = %rt.id, error = %e, "recording stop failed");
             }
         });
-        self.get(id)
+        self.get(id).await
     }
 
     /// Delete a VM, its routes, disk and logs. A running VM is stopped first.
@@ -433,10 +444,10 @@ impl VmManager {
         let _guard = rt.try_begin("delete")?;
         if rt.state().has_process() {
             // So that the exit watcher does not record the quit as a failure.
-            self.transition(&rt, VmState::Stopping, None)?;
+            self.transition(&rt, VmState::Stopping, None).await?;
         }
         self.halt(&rt).await;
-        let snapshots = self.db.list_snapshots(id)?;
+        let snapshots = self.store.list_snapshots(id).await?;
         // No upload may write a manifest after the VM is gone.
         let ids: Vec<String> = snapshots.iter().map(|s| s.snap.id.clone()).collect();
         self.cancel_uploads(&ids).await;
@@ -446,7 +457,7 @@ impl VmManager {
             .iter()
             .map(|sid| crate::snapshot::manifest::manifest_key(id, sid))
             .collect();
-        let hostnames = self.db.delete_vm(id, &manifests, &now_rfc3339())?;
+        let hostnames = self.store.delete_vm(id, &manifests, &now_rfc3339()).await?;
         // Local cleanup first, with no await in between: a caller that
         // hangs up cannot leave it half done.
         for sid in &ids {
@@ -494,14 +505,14 @@ impl VmManager {
             inner.machine = None;
             inner.agent = None;
         }
-        self.clear_forwards(rt);
+        self.clear_forwards(rt).await;
         self.remove_runtime_files(&rt.id);
     }
 
     /// Forget a VM's port forwards (its QEMU is gone; the ports are free).
-    pub(crate) fn clear_forwards(&self, rt: &VmRuntime) {
+    pub(crate) async fn clear_forwards(&self, rt: &VmRuntime) {
         rt.lock().forwards.clear();
-        if let Err(e) = self.db.set_vm_forwards(&rt.id, &[]) {
+        if let Err(e) = self.store.set_vm_forwards(&rt.id, &[]).await {
             tracing::warn!(vm = %rt.id, error = %e, "clearing forwards failed");
         }
     }

@@ -1,4 +1,4 @@
-//! Proxy routes: stored in SQLite, served from an in-memory table so that a
+//! Proxy routes: stored in the state store, served from an in-memory table so that a
 //! proxied request never touches the database.
 
 use std::collections::{BTreeSet, HashMap};
@@ -6,10 +6,10 @@ use std::sync::{Arc, RwLock};
 
 use hatch_vmm::PortForward;
 
-use crate::db::Db;
 use crate::error::ApiError;
 use crate::manager::{VmManager, new_id, now_rfc3339};
 use crate::model::{self, CreateRoute, Route, VmState};
+use crate::state::{StateStore, StoreError};
 
 /// Longest idle timeout accepted: 30 days.
 const MAX_IDLE_TIMEOUT_SECONDS: u64 = 30 * 24 * 3600;
@@ -22,9 +22,9 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn load(db: &Db) -> Result<RouteTable, crate::db::DbError> {
+    pub async fn load(store: &dyn StateStore) -> Result<RouteTable, StoreError> {
         let table = RouteTable::default();
-        for r in db.list_routes()? {
+        for r in store.list_routes().await? {
             table.insert(r);
         }
         Ok(table)
@@ -101,7 +101,7 @@ impl VmManager {
                 "idle_ignore_paths must be at most {MAX_IGNORED_PATHS} path prefixes, each starting with '/' and at most 256 bytes"
             )));
         }
-        let vm_id = self.resolve(&req.vm_id)?;
+        let vm_id = self.resolve(&req.vm_id).await?;
         let rt = self.runtime(&vm_id)?;
         // Under the VM's operation lock: a boot picks its forwards from the
         // route table, and a delete removes the VM's routes; neither may
@@ -126,10 +126,11 @@ impl VmManager {
             created_at: now_rfc3339(),
             vm_state: None,
         };
-        if let Err(e) = self.db.insert_route(&route) {
+        if let Err(e) = self.store.insert_route(&route).await {
             if self
-                .db
-                .list_routes()?
+                .store
+                .list_routes()
+                .await?
                 .iter()
                 .any(|r| r.hostname == route.hostname)
             {
@@ -172,11 +173,14 @@ impl VmManager {
         machine.add_forward(forward).await.map_err(|e| {
             ApiError::Internal(anyhow::Error::new(e).context("adding port forward"))
         })?;
-        let mut inner = rt.lock();
-        inner.forwards.push(forward);
-        inner.last_ports.retain(|f| f.guest != guest_port);
-        inner.last_ports.push(forward);
-        self.db.set_vm_forwards(&rt.id, &inner.forwards)?;
+        let forwards = {
+            let mut inner = rt.lock();
+            inner.forwards.push(forward);
+            inner.last_ports.retain(|f| f.guest != guest_port);
+            inner.last_ports.push(forward);
+            inner.forwards.clone()
+        };
+        self.store.set_vm_forwards(&rt.id, &forwards).await?;
         Ok(())
     }
 
@@ -185,27 +189,29 @@ impl VmManager {
         route
     }
 
-    pub fn list_routes(&self) -> Result<Vec<Route>, ApiError> {
+    pub async fn list_routes(&self) -> Result<Vec<Route>, ApiError> {
         Ok(self
-            .db
-            .list_routes()?
+            .store
+            .list_routes()
+            .await?
             .into_iter()
             .map(|r| self.with_vm_state(r))
             .collect())
     }
 
     /// A route by id or host name.
-    pub fn get_route(&self, id_or_host: &str) -> Result<Route, ApiError> {
+    pub async fn get_route(&self, id_or_host: &str) -> Result<Route, ApiError> {
         let host = id_or_host.to_ascii_lowercase();
-        self.list_routes()?
+        self.list_routes()
+            .await?
             .into_iter()
             .find(|r| r.id == id_or_host || r.hostname == host)
             .ok_or_else(|| ApiError::not_found("route", id_or_host))
     }
 
-    pub fn delete_route(&self, id_or_host: &str) -> Result<(), ApiError> {
-        let route = self.get_route(id_or_host)?;
-        if !self.db.delete_route(&route.id)? {
+    pub async fn delete_route(&self, id_or_host: &str) -> Result<(), ApiError> {
+        let route = self.get_route(id_or_host).await?;
+        if !self.store.delete_route(&route.id).await? {
             return Err(ApiError::not_found("route", id_or_host));
         }
         self.routes.remove(&route.hostname);

@@ -1,4 +1,4 @@
-//! The in-memory side of one VM: its lifecycle state (mirrored in SQLite), its
+//! The in-memory side of one VM: its lifecycle state (mirrored in the state store), its
 //! port forwards, its QEMU machine, and the lock that serializes operations.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +28,9 @@ pub struct VmRuntime {
     /// Held for the whole of an operation (boot, stop, delete, ...). Taken with
     /// `try_lock`: a second operation on a busy VM is answered 409 at once.
     op: Arc<tokio::sync::Mutex<()>>,
+    /// Serializes state changes: held across the write to the state store
+    /// so that the stored state and the published one change in one order.
+    pub(crate) transitions: tokio::sync::Mutex<()>,
     // A std Mutex: held only to read or swap a field, never across an await.
     inner: Mutex<Inner>,
 }
@@ -140,6 +143,7 @@ impl VmRuntime {
             wake_failure: Mutex::new(None),
             warnings: Mutex::default(),
             op: Arc::default(),
+            transitions: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 state,
                 machine: None,

@@ -106,7 +106,7 @@ impl VmManager {
                     // Autostart. Refused only while another operation holds
                     // the VM (another request's start, a delete): see what
                     // it leads to.
-                    if self.start(&rt.id).is_err() {
+                    if self.start(&rt.id).await.is_err() {
                         tokio::select! {
                             _ = states.changed() => {}
                             () = tokio::time::sleep_until(deadline) => return Err(WakeError::Timeout(timeout)),
@@ -200,7 +200,10 @@ impl VmManager {
             match rt.state() {
                 VmState::Running => return Ok(()),
                 VmState::Snapshotted => {
-                    let (rec, prior) = self.begin_restore(rt, None).map_err(|e| e.to_string())?;
+                    let (rec, prior) = self
+                        .begin_restore(rt, None)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let cause = WakeCause {
                         trigger: "request",
                         since,
@@ -212,6 +215,7 @@ impl VmManager {
                         VmState::Running => Ok(()),
                         state => Err(self
                             .get(&rt.id)
+                            .await
                             .ok()
                             .and_then(|vm| vm.state_reason)
                             .unwrap_or_else(|| format!("vm is {state}"))),

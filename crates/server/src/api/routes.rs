@@ -19,16 +19,16 @@ pub async fn create(
 
 #[utoipa::path(get, path = "/routes", operation_id = "listRoutes", tag = "routes", responses((status = 200, description = "{\"routes\": [Route]}")))]
 pub async fn list(State(app): App) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "routes": app.vms.list_routes()? })))
+    Ok(Json(json!({ "routes": app.vms.list_routes().await? })))
 }
 
 #[utoipa::path(get, path = "/routes/{id}", operation_id = "getRoute", tag = "routes", responses((status = 200, body = Route), (status = 404)))]
 pub async fn get(State(app): App, Path(id): Path<String>) -> Result<Json<Route>, ApiError> {
-    Ok(Json(app.vms.get_route(&id)?))
+    Ok(Json(app.vms.get_route(&id).await?))
 }
 
 #[utoipa::path(delete, path = "/routes/{id}", operation_id = "deleteRoute", tag = "routes", responses((status = 204), (status = 404)))]
 pub async fn delete(State(app): App, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    app.vms.delete_route(&id)?;
+    app.vms.delete_route(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

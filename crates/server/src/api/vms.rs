@@ -24,18 +24,18 @@ pub async fn create(
 
 #[utoipa::path(get, path = "/vms", operation_id = "listVms", tag = "vms", responses((status = 200, description = "{\"vms\": [Vm]}")))]
 pub async fn list(State(app): App) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "vms": app.vms.list()? })))
+    Ok(Json(json!({ "vms": app.vms.list().await? })))
 }
 
 #[utoipa::path(get, path = "/vms/{id}", operation_id = "getVm", tag = "vms", responses((status = 200, body = Vm), (status = 404)))]
 pub async fn get(State(app): App, Path(id): Path<String>) -> Result<Json<Vm>, ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok(Json(app.vms.get(&id)?))
+    let id = app.vms.resolve(&id).await?;
+    Ok(Json(app.vms.get(&id).await?))
 }
 
 #[utoipa::path(delete, path = "/vms/{id}", operation_id = "deleteVm", tag = "vms", responses((status = 204), (status = 404), (status = 409)))]
 pub async fn delete(State(app): App, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    let id = app.vms.resolve(&id)?;
+    let id = app.vms.resolve(&id).await?;
     app.vms.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -45,8 +45,8 @@ pub async fn start(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok((StatusCode::ACCEPTED, Json(app.vms.start(&id)?)))
+    let id = app.vms.resolve(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(app.vms.start(&id).await?)))
 }
 
 #[utoipa::path(post, path = "/vms/{id}/stop", operation_id = "stopVm", tag = "vms", responses((status = 202, body = Vm), (status = 404), (status = 409)))]
@@ -54,8 +54,8 @@ pub async fn stop(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok((StatusCode::ACCEPTED, Json(app.vms.stop(&id)?)))
+    let id = app.vms.resolve(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(app.vms.stop(&id).await?)))
 }
 
 #[derive(Deserialize)]
@@ -72,7 +72,7 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let id = app.vms.resolve(&id)?;
+    let id = app.vms.resolve(&id).await?;
     let (bytes, next) = app.vms.logs(&id, q.offset)?;
     Ok((
         [
@@ -95,10 +95,10 @@ pub async fn snapshot(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CreateSnapshot>,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
-    let id = app.vms.resolve(&id)?;
+    let id = app.vms.resolve(&id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(app.vms.snapshot(&id, req, "manual")?),
+        Json(app.vms.snapshot(&id, req, "manual").await?),
     ))
 }
 
@@ -109,24 +109,26 @@ pub async fn restore(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req)?)))
+    let id = app.vms.resolve(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req).await?)))
 }
 
 #[utoipa::path(get, path = "/vms/{id}/events", operation_id = "listVmEvents", tag = "vms",
     responses((status = 200, body = EventList, description = "wakes and idle suspends, newest first (the last 100)"), (status = 404)))]
 pub async fn events(State(app): App, Path(id): Path<String>) -> Result<Json<EventList>, ApiError> {
-    let id = app.vms.resolve(&id)?;
+    let id = app.vms.resolve(&id).await?;
     Ok(Json(EventList {
-        events: app.vms.events(&id)?,
+        events: app.vms.events(&id).await?,
     }))
 }
 
 #[utoipa::path(get, path = "/vms/{id}/snapshots", operation_id = "listSnapshots", tag = "snapshots",
     responses((status = 200, description = "{\"snapshots\": [Snapshot]}, newest first"), (status = 404), (status = 503)))]
 pub async fn snapshots(State(app): App, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok(Json(json!({ "snapshots": app.vms.list_snapshots(&id)? })))
+    let id = app.vms.resolve(&id).await?;
+    Ok(Json(
+        json!({ "snapshots": app.vms.list_snapshots(&id).await? }),
+    ))
 }
 
 #[utoipa::path(get, path = "/vms/{id}/snapshots/{sid}", operation_id = "getSnapshot", tag = "snapshots", responses((status = 200, body = Snapshot), (status = 404), (status = 503)))]
@@ -134,8 +136,8 @@ pub async fn get_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
 ) -> Result<Json<Snapshot>, ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok(Json(app.vms.get_snapshot(&id, &sid)?))
+    let id = app.vms.resolve(&id).await?;
+    Ok(Json(app.vms.get_snapshot(&id, &sid).await?))
 }
 
 #[utoipa::path(delete, path = "/vms/{id}/snapshots/{sid}", operation_id = "deleteSnapshot", tag = "snapshots", responses((status = 204), (status = 404), (status = 409), (status = 503)))]
@@ -143,7 +145,7 @@ pub async fn delete_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let id = app.vms.resolve(&id)?;
+    let id = app.vms.resolve(&id).await?;
     app.vms.delete_snapshot(&id, &sid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -155,7 +157,7 @@ pub async fn retention(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<Retention>,
 ) -> Result<Json<Retention>, ApiError> {
-    let id = app.vms.resolve(&id)?;
+    let id = app.vms.resolve(&id).await?;
     Ok(Json(app.vms.set_retention(&id, req).await?))
 }
 
@@ -164,13 +166,13 @@ pub async fn get_retention(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<Json<Retention>, ApiError> {
-    let id = app.vms.resolve(&id)?;
-    Ok(Json(app.vms.retention(&id)?))
+    let id = app.vms.resolve(&id).await?;
+    Ok(Json(app.vms.retention(&id).await?))
 }
 
 #[utoipa::path(get, path = "/storage", operation_id = "getStorage", tag = "storage", responses((status = 200, body = Storage), (status = 503)))]
 pub async fn storage(State(app): App) -> Result<Json<Storage>, ApiError> {
-    Ok(Json(app.vms.storage_usage()?))
+    Ok(Json(app.vms.storage_usage().await?))
 }
 
 #[utoipa::path(post, path = "/storage/gc", operation_id = "collectGarbage", tag = "storage", responses((status = 200, body = crate::snapshot::gc::GcReport), (status = 503)))]

@@ -19,11 +19,11 @@ use hatch_vmm::Machine;
 use super::local_copy::LocalCopy;
 use super::manifest::{Layer, MANIFEST_VERSION, Manifest, manifest_key};
 use super::{SnapshotCorrupt, new_layer_name, node_name};
-use crate::db::SnapshotRecord;
 use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotKind, SnapshotStatus, Vm, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
+use crate::state::SnapshotRecord;
 
 impl VmManager {
     pub(super) async fn run_snapshot(
@@ -33,7 +33,7 @@ impl VmManager {
         mut rec: SnapshotRecord,
     ) {
         rec.snap.status = SnapshotStatus::Capturing;
-        self.save_record(&rec);
+        self.save_record(&rec).await;
         let stop = rec.snap.kind == SnapshotKind::Suspend;
         let captured = if stop {
             self.capture_suspend(&rt, &mut rec).await
@@ -47,7 +47,7 @@ impl VmManager {
             if stop && gone && matches!(self.complete_interrupted_capture(&rt.id).await, Ok(true)) {
                 tracing::warn!(vm = %rt.id, snapshot = %rec.snap.id, error = format!("{e:#}"),
                     "a suspend step failed after QEMU ended; the capture was completed");
-                let _ = self.transition(&rt, VmState::Snapshotted, None);
+                let _ = self.transition(&rt, VmState::Snapshotted, None).await;
                 rt.release_idle();
                 drop(guard);
                 self.uploads.kick();
@@ -62,14 +62,14 @@ impl VmManager {
                 );
                 tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, %reason);
                 rec.snap.error = Some(reason.clone());
-                self.save_record(&rec);
+                self.save_record(&rec).await;
                 {
                     let mut inner = rt.lock();
                     inner.machine = None;
                     inner.agent = None;
                 }
-                self.clear_forwards(&rt);
-                let _ = self.transition(&rt, VmState::Failed, Some(reason));
+                self.clear_forwards(&rt).await;
+                let _ = self.transition(&rt, VmState::Failed, Some(reason)).await;
                 rt.release_idle();
                 return;
             }
@@ -77,27 +77,28 @@ impl VmManager {
             tracing::error!(vm = %rt.id, snapshot = %rec.snap.id, %reason);
             rec.snap.status = SnapshotStatus::Failed;
             rec.snap.error = Some(reason.clone());
-            self.save_record(&rec);
+            self.save_record(&rec).await;
             let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
             // The guest was resumed (or never paused) if its QEMU lives; a
             // QEMU that hung was killed.
             let alive = rt.machine().is_some_and(|m| m.is_alive());
             if alive {
-                let _ = self.transition(&rt, VmState::Running, Some(reason));
+                let _ = self.transition(&rt, VmState::Running, Some(reason)).await;
             } else {
                 self.halt(&rt).await;
-                let _ = self.transition(&rt, VmState::Failed, Some(reason));
+                let _ = self.transition(&rt, VmState::Failed, Some(reason)).await;
             }
             rt.release_idle();
             if rec.snap.trigger == "idle" {
-                self.record_idle_suspend(&rt.id, &rec.snap.id, None, rec.snap.error.clone());
+                self.record_idle_suspend(&rt.id, &rec.snap.id, None, rec.snap.error.clone())
+                    .await;
             }
             return;
         }
         rec.local = true;
         rec.local_used_at = Some(now_rfc3339());
         rec.snap.status = SnapshotStatus::Uploading;
-        self.save_record(&rec);
+        self.save_record(&rec).await;
         let _ = self
             .faults
             .hit(&format!("{}.recorded", rec.snap.kind.as_str()), &rt.id);
@@ -106,27 +107,28 @@ impl VmManager {
         } else {
             VmState::Running
         };
-        if let Err(e) = self.transition(&rt, to, None) {
+        if let Err(e) = self.transition(&rt, to, None).await {
             tracing::error!(vm = %rt.id, error = %e, "recording snapshot state failed");
         }
         rt.release_idle();
         if rec.snap.trigger == "idle" {
-            self.record_idle_suspend(&rt.id, &rec.snap.id, rec.snap.pause_ms, None);
+            self.record_idle_suspend(&rt.id, &rec.snap.id, rec.snap.pause_ms, None)
+                .await;
         }
         // The VM is free for other operations while the upload runs.
         drop(guard);
         tracing::info!(vm = %rt.id, snapshot = %rec.snap.id, kind = rec.snap.kind.as_str(),
             pause_ms = rec.snap.pause_ms, "captured");
         self.uploads.kick();
-        self.enforce_local_budget_soon();
+        self.enforce_local_budget_soon().await;
     }
 
-    pub(crate) fn save_record(&self, rec: &SnapshotRecord) {
+    pub(crate) async fn save_record(&self, rec: &SnapshotRecord) {
         // A snapshot deleted meanwhile (with its VM) is not brought back.
-        if !matches!(self.db.get_snapshot(&rec.snap.id), Ok(Some(_))) {
+        if !matches!(self.store.get_snapshot(&rec.snap.id).await, Ok(Some(_))) {
             return;
         }
-        if let Err(e) = self.db.save_snapshot(rec) {
+        if let Err(e) = self.store.save_snapshot(rec).await {
             tracing::error!(snapshot = %rec.snap.id, error = %e, "recording snapshot failed");
         }
     }
@@ -167,7 +169,7 @@ impl VmManager {
             .record_vm_pause(&rt.id, t0.elapsed().as_millis() as u64);
         self.halt_keeping_ram(rt, &machine).await;
         self.faults.hit("suspend.qemu_ended", &rt.id)?;
-        rec.layers = self.db.disk_layers(&rt.id)?;
+        rec.layers = self.store.disk_layers(&rt.id).await?;
         rec.snap.disk_bytes = layers_size(&self.paths(&rt.id).dir, &rec.layers);
         self.keep_ram(&rt.id, &rec.snap.id).await?;
         self.faults.hit("suspend.ram_kept", &rt.id)?;
@@ -218,7 +220,7 @@ impl VmManager {
     /// whether the VM has a complete local snapshot afterwards.
     pub(crate) async fn complete_interrupted_capture(&self, vm_id: &str) -> anyhow::Result<bool> {
         self.faults.hit("suspend.complete", vm_id)?;
-        for mut rec in self.db.list_snapshots(vm_id)? {
+        for mut rec in self.store.list_snapshots(vm_id).await? {
             if rec.snap.status != SnapshotStatus::Capturing
                 || rec.snap.kind != SnapshotKind::Suspend
             {
@@ -241,14 +243,14 @@ impl VmManager {
             } else {
                 self.keep_ram(vm_id, &rec.snap.id).await?;
             }
-            rec.layers = self.db.disk_layers(vm_id)?;
+            rec.layers = self.store.disk_layers(vm_id).await?;
             rec.snap.disk_bytes = layers_size(&self.paths(vm_id).dir, &rec.layers);
             self.describe_local_copy(&rec).await?;
             rec.local = true;
             rec.local_used_at = Some(now_rfc3339());
             // Uploading: the storage worker uploads it.
             rec.snap.status = SnapshotStatus::Uploading;
-            self.save_record(&rec);
+            self.save_record(&rec).await;
             tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "finished an interrupted suspend");
             return Ok(true);
         }
@@ -266,13 +268,13 @@ impl VmManager {
         let dir = self.snapshot_dir(&rec.snap.id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let paths = self.paths(&rt.id);
-        let layers = self.db.disk_layers(&rt.id)?;
+        let layers = self.store.disk_layers(&rt.id).await?;
         let top = layers.last().context("vm has no disk layer")?.clone();
         let new_layer = new_layer_name();
         // The copy taken while paused goes to tmpfs when it fits: writing
         // hundreds of MiB into a disk file's page cache can stall on
         // dirty-page throttling. Otherwise straight into the snapshot.
-        let vm_mib = self.get(&rt.id)?.memory_mib;
+        let vm_mib = self.get(&rt.id).await?.memory_mib;
         let fits =
             hatch_vmm::host::fs_free_mib(&self.cfg.run_dir).is_some_and(|free| free > vm_mib + 256);
         let mem_part = durable::partial(&dir.join("mem"));
@@ -301,7 +303,7 @@ impl VmManager {
             self.faults.hit("checkpoint.layer_switched", &rt.id)?;
             let mut all = layers.clone();
             all.push(new_layer.clone());
-            self.db.set_disk_layers(&rt.id, &all)?;
+            self.store.set_disk_layers(&rt.id, &all).await?;
             self.faults.hit("checkpoint.disk_frozen", &rt.id)?;
             let state_part = durable::partial(&dir.join("state"));
             machine.save_state(&state_part).await?;
@@ -365,7 +367,7 @@ impl VmManager {
             inner.machine = None;
             inner.agent = None;
         }
-        self.clear_forwards(rt);
+        self.clear_forwards(rt).await;
     }
 
     /// Upload state, memory and disk layers, then the manifest (the commit

@@ -21,13 +21,13 @@ impl VmManager {
     /// is longer than the limit. Holds the VM's operation lock meanwhile
     /// (a capture cannot switch layers during a stream job).
     pub(crate) fn compact_disk_if_long(self: &Arc<Self>, rt: Arc<VmRuntime>) {
-        if !self.disk_chain_is_long(&rt.id) {
-            return;
-        }
         let this = self.clone();
         self.tasks.spawn(async move {
+            if !this.disk_chain_is_long(&rt.id).await {
+                return;
+            }
             let _guard = rt.begin("disk compaction").await;
-            if rt.state() != VmState::Running || !this.disk_chain_is_long(&rt.id) {
+            if rt.state() != VmState::Running || !this.disk_chain_is_long(&rt.id).await {
                 return;
             }
             if let Err(e) = this.compact_disk(&rt).await {
@@ -36,9 +36,10 @@ impl VmManager {
         });
     }
 
-    fn disk_chain_is_long(&self, vm_id: &str) -> bool {
-        self.db
+    async fn disk_chain_is_long(&self, vm_id: &str) -> bool {
+        self.store
             .disk_layers(vm_id)
+            .await
             .is_ok_and(|l| l.len() > self.cfg.max_disk_layers)
     }
 
@@ -46,11 +47,11 @@ impl VmManager {
         let Some(machine) = rt.machine() else {
             return Ok(());
         };
-        let layers = self.db.disk_layers(&rt.id)?;
+        let layers = self.store.disk_layers(&rt.id).await?;
         let Some(top) = layers.last().cloned() else {
             return Ok(());
         };
-        let vm = self.get(&rt.id)?;
+        let vm = self.get(&rt.id).await?;
         let image = self.images.get(&vm.image)?;
         let started = std::time::Instant::now();
         machine
@@ -58,11 +59,12 @@ impl VmManager {
             .await?;
         // Recorded only once QEMU finished: until then the chain on disk
         // and in the database is the old one, intact.
-        self.db
-            .set_disk_layers(&rt.id, std::slice::from_ref(&top))?;
+        self.store
+            .set_disk_layers(&rt.id, std::slice::from_ref(&top))
+            .await?;
         tracing::info!(vm = %rt.id, from_layers = layers.len(),
             ms = started.elapsed().as_millis() as u64, "disk chain compacted");
-        self.prune_layers(&rt.id)?;
+        self.prune_layers(&rt.id).await?;
         Ok(())
     }
 }

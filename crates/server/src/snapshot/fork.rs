@@ -15,17 +15,17 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::SnapshotCorrupt;
-use crate::db::SnapshotRecord;
 use crate::error::ApiError;
 use crate::manager::{VmManager, new_id, now_rfc3339};
 use crate::model::{CreateVm, SnapshotStatus, Vm, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
+use crate::state::SnapshotRecord;
 
 /// The fork's first disk layer (as a created VM's).
 const BASE_LAYER: &str = "disk.qcow2";
 
 impl VmManager {
-    pub(crate) fn fork(self: &Arc<Self>, req: CreateVm, sid: &str) -> Result<Vm, ApiError> {
+    pub(crate) async fn fork(self: &Arc<Self>, req: CreateVm, sid: &str) -> Result<Vm, ApiError> {
         if req.image.is_some()
             || req.vcpus.is_some()
             || req.memory_mib.is_some()
@@ -36,8 +36,9 @@ impl VmManager {
             ));
         }
         let rec = self
-            .db
-            .get_snapshot(sid)?
+            .store
+            .get_snapshot(sid)
+            .await?
             .ok_or_else(|| ApiError::not_found("snapshot", sid))?;
         if rec.snap.status != SnapshotStatus::Ready && !rec.local {
             return Err(ApiError::conflict(format!(
@@ -48,9 +49,9 @@ impl VmManager {
         if self.storage.is_none() && !rec.local {
             return Err(ApiError::SnapshotStorageUnavailable);
         }
-        let source = self.get(&rec.snap.vm_id)?;
+        let source = self.get(&rec.snap.vm_id).await?;
         let id = new_id("vm");
-        let name = self.free_name(req.name, &id)?;
+        let name = self.free_name(req.name, &id).await?;
         let paths = self.paths(&id);
         std::fs::create_dir_all(&paths.dir)
             .with_context(|| format!("creating {}", paths.dir.display()))?;
@@ -67,7 +68,7 @@ impl VmManager {
                 now_rfc3339(),
             )
         };
-        if let Err(e) = self.insert_vm(&vm) {
+        if let Err(e) = self.insert_vm(&vm).await {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(e);
         }
@@ -99,9 +100,14 @@ impl VmManager {
         let _ = std::fs::remove_dir_all(self.paths(&rt.id).dir.join("fork"));
         match result {
             Ok(machine) => {
-                let done = self
-                    .transition(&rt, VmState::Running, None)
-                    .and_then(|()| Ok(self.db.set_vm_started(&rt.id, &now_rfc3339())?));
+                let done = match self.transition(&rt, VmState::Running, None).await {
+                    Ok(()) => self
+                        .store
+                        .set_vm_started(&rt.id, &now_rfc3339())
+                        .await
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = done {
                     tracing::error!(vm = %rt.id, error = %e, "recording the fork failed");
                 }
@@ -118,7 +124,7 @@ impl VmManager {
                 }
                 tracing::error!(vm = %rt.id, %reason);
                 self.halt(&rt).await;
-                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)) {
+                if let Err(e) = self.transition(&rt, VmState::Failed, Some(reason)).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording the failed fork failed");
                 }
             }
@@ -141,11 +147,12 @@ impl VmManager {
         let _source_guard = source_rt.begin("fork").await;
         // Re-read: deleted (or its copy evicted) while we waited?
         let rec = self
-            .db
-            .get_snapshot(&rec.snap.id)?
+            .store
+            .get_snapshot(&rec.snap.id)
+            .await?
             .with_context(|| format!("snapshot {} was deleted", rec.snap.id))?;
         let _in_use = self.use_local_copy(&rec.snap.id);
-        let layers = match self.verified_local_copy(&rec, source) {
+        let layers = match self.verified_local_copy(&rec, source).await {
             Ok(layers) => layers,
             Err(why) => {
                 let store = self.storage.clone().with_context(|| {

@@ -53,13 +53,13 @@ impl VmManager {
     }
 
     /// Bytes on disk of every local copy, and of the evictable ones.
-    pub(crate) fn local_usage(&self) -> LocalStorage {
+    pub(crate) async fn local_usage(&self) -> LocalStorage {
         let mut usage = LocalStorage {
             budget_bytes: self.local_budget(),
             evictions: self.evictions.load(Ordering::Relaxed),
             ..Default::default()
         };
-        for rec in self.db.local_snapshots().unwrap_or_default() {
+        for rec in self.store.local_snapshots().await.unwrap_or_default() {
             let bytes = allocated_bytes(&self.snapshot_dir(&rec.snap.id));
             usage.bytes += bytes;
             usage.snapshots += 1;
@@ -72,7 +72,7 @@ impl VmManager {
     }
 
     /// Check the budget in the background (after a capture or an upload).
-    pub(crate) fn enforce_local_budget_soon(self: &Arc<Self>) {
+    pub(crate) async fn enforce_local_budget_soon(self: &Arc<Self>) {
         let this = self.clone();
         self.tasks
             .spawn(async move { this.enforce_local_budget().await });
@@ -86,7 +86,7 @@ impl VmManager {
     /// copy alone needed are removed later, by the next compaction or start.
     pub(crate) async fn enforce_local_budget(&self) {
         let budget = self.local_budget();
-        let Ok(local) = self.db.local_snapshots() else {
+        let Ok(local) = self.store.local_snapshots().await else {
             return;
         };
         let sizes: Vec<u64> = local
@@ -103,28 +103,30 @@ impl VmManager {
             }
             let dir = self.snapshot_dir(&rec.snap.id);
             let doomed = dir.with_extension("evicted");
+            // Re-read: a wake may have taken the copy meanwhile.
+            let Ok(Some(mut current)) = self.store.get_snapshot(&rec.snap.id).await else {
+                continue;
+            };
+            if !current.local || current.snap.status != SnapshotStatus::Ready {
+                continue;
+            }
             {
                 let in_use = self.copies_in_use.lock().unwrap_or_else(|p| p.into_inner());
                 if in_use.contains_key(&rec.snap.id) {
                     continue;
                 }
-                // Re-read: a wake may have taken the copy meanwhile.
-                let Ok(Some(mut current)) = self.db.get_snapshot(&rec.snap.id) else {
-                    continue;
-                };
-                if !current.local || current.snap.status != SnapshotStatus::Ready {
-                    continue;
-                }
-                current.local = false;
-                self.save_record(&current);
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-                self.metrics.local_evictions.inc();
-                // Out of a restore's sight at once; deleted below.
+                // Out of a restore's sight at once (under the lock: no
+                // restore registers meanwhile); deleted below. A restore
+                // that registers after this finds no copy and reads S3.
                 if let Err(e) = std::fs::rename(&dir, &doomed) {
                     tracing::warn!(snapshot = %rec.snap.id, error = %e, "could not evict a copy");
                     continue;
                 }
             }
+            current.local = false;
+            self.save_record(&current).await;
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            self.metrics.local_evictions.inc();
             if let Err(e) = std::fs::remove_dir_all(&doomed) {
                 tracing::warn!(snapshot = %rec.snap.id, error = %e, "could not remove an evicted copy");
             }
@@ -154,9 +156,9 @@ impl VmManager {
     /// copy of its snapshots uses (snapshots only in S3 fetch their layers
     /// again). Call under the VM's operation lock: a capture creates layer
     /// files before it records them.
-    pub(crate) fn prune_layers(&self, vm_id: &str) -> anyhow::Result<()> {
-        let mut keep: HashSet<String> = self.db.disk_layers(vm_id)?.into_iter().collect();
-        for rec in self.db.list_snapshots(vm_id)? {
+    pub(crate) async fn prune_layers(&self, vm_id: &str) -> anyhow::Result<()> {
+        let mut keep: HashSet<String> = self.store.disk_layers(vm_id).await?.into_iter().collect();
+        for rec in self.store.list_snapshots(vm_id).await? {
             if rec.local {
                 keep.extend(rec.layers);
             }
@@ -177,12 +179,12 @@ impl VmManager {
 
     /// At start-up, after recovery and before any operation: remove what
     /// interrupted work left behind.
-    pub(crate) fn sweep_leftovers(&self) {
+    pub(crate) async fn sweep_leftovers(&self) {
         let snapshots = self.cfg.data_dir.join("snapshots");
         if let Ok(entries) = std::fs::read_dir(&snapshots) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let record = self.db.get_snapshot(&name).ok().flatten();
+                let record = self.store.get_snapshot(&name).await.ok().flatten();
                 // Kept: complete copies, and suspends still being completed
                 // (their saved state may be the VM's only state).
                 let trusted = record
@@ -201,7 +203,7 @@ impl VmManager {
                 }
             }
         }
-        for vm in self.db.list_vms().unwrap_or_default() {
+        for vm in self.store.list_vms().await.unwrap_or_default() {
             let dir = self.paths(&vm.vm.id).dir;
             remove_partials(&dir);
             // A running QEMU's chain may not be the recorded one (if it could
@@ -209,7 +211,7 @@ impl VmManager {
             if vm.vm.state.has_process() {
                 continue;
             }
-            if let Err(e) = self.prune_layers(&vm.vm.id) {
+            if let Err(e) = self.prune_layers(&vm.vm.id).await {
                 tracing::warn!(vm = %vm.vm.id, error = %e, "could not prune disk layers");
             }
         }
@@ -219,7 +221,7 @@ impl VmManager {
 impl VmManager {
     /// A local copy made before copies were described (`local.json`) is
     /// described once, as it is: it was trusted when it was made.
-    fn describe_legacy_copy(&self, rec: &crate::db::SnapshotRecord) {
+    fn describe_legacy_copy(&self, rec: &crate::state::SnapshotRecord) {
         let dir = self.snapshot_dir(&rec.snap.id);
         if dir.join(super::local_copy::FILE).exists() {
             return;

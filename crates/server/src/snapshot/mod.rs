@@ -23,13 +23,13 @@ use std::sync::Arc;
 
 use hatch_chunks::ChunkStore;
 
-use crate::db::SnapshotRecord;
 use crate::error::ApiError;
 use crate::manager::{VmManager, new_id, now_rfc3339};
 use crate::model::{
     CreateSnapshot, RestoreRequest, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmState,
 };
 use crate::runtime::VmRuntime;
+use crate::state::SnapshotRecord;
 
 /// What was read back (from S3 or the local copy) is not what Hatch wrote:
 /// the restore fails with `snapshot_corrupt` and older snapshots remain.
@@ -56,8 +56,8 @@ impl VmManager {
     /// complete local copy); a checkpoint whose files were all written (its
     /// sealed description checks out) is kept; anything else failed.
     pub async fn recover_snapshots(self: &Arc<Self>) -> anyhow::Result<()> {
-        for vm in self.db.list_vms()? {
-            for mut rec in self.db.list_snapshots(&vm.vm.id)? {
+        for vm in self.store.list_vms().await? {
+            for mut rec in self.store.list_snapshots(&vm.vm.id).await? {
                 match rec.snap.status {
                     SnapshotStatus::Ready | SnapshotStatus::Failed => {}
                     SnapshotStatus::Uploading if rec.local => {}
@@ -76,7 +76,7 @@ impl VmManager {
                         rec.local = true;
                         rec.local_used_at = Some(now_rfc3339());
                         rec.snap.status = SnapshotStatus::Uploading;
-                        self.save_record(&rec);
+                        self.save_record(&rec).await;
                         tracing::info!(snapshot = %rec.snap.id, "kept a checkpoint completed before a restart");
                     }
                     // A suspend whose device state was saved but that could
@@ -94,18 +94,22 @@ impl VmManager {
                         rec.snap.status = SnapshotStatus::Failed;
                         rec.snap.error = Some("interrupted by a daemon restart".into());
                         rec.local = false;
-                        self.save_record(&rec);
+                        self.save_record(&rec).await;
                     }
                 }
             }
         }
         if self.storage.is_none() {
-            for mut rec in self.db.snapshots_with_status(SnapshotStatus::Uploading)? {
+            for mut rec in self
+                .store
+                .snapshots_with_status(SnapshotStatus::Uploading)
+                .await?
+            {
                 rec.snap.error = Some(
                     "S3 is not configured; the upload waits for it and the local copy stays restorable"
                         .into(),
                 );
-                self.save_record(&rec);
+                self.save_record(&rec).await;
             }
         }
         self.uploads.kick();
@@ -123,7 +127,7 @@ impl VmManager {
     }
 
     /// Start a snapshot; answers at once with the `pending` record.
-    pub fn snapshot(
+    pub async fn snapshot(
         self: &Arc<Self>,
         vm_id: &str,
         req: CreateSnapshot,
@@ -138,7 +142,7 @@ impl VmManager {
                 "vm '{vm_id}' is {state}; only a running vm can be snapshotted"
             )));
         }
-        let vm = self.get(vm_id)?;
+        let vm = self.get(vm_id).await?;
         let stop = req.stop.unwrap_or(false);
         let rec = SnapshotRecord {
             snap: Snapshot {
@@ -163,8 +167,8 @@ impl VmManager {
             local_used_at: None,
             upload_attempts: 0,
         };
-        self.db.save_snapshot(&rec)?;
-        self.transition(&rt, VmState::Snapshotting, None)?;
+        self.store.save_snapshot(&rec).await?;
+        self.transition(&rt, VmState::Snapshotting, None).await?;
         let snap = rec.snap.clone();
         let this = self.clone();
         self.tasks.spawn(async move {
@@ -173,28 +177,33 @@ impl VmManager {
         Ok(snap)
     }
 
-    pub fn list_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>, ApiError> {
+    pub async fn list_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>, ApiError> {
         self.storage()?;
         self.runtime(vm_id)?;
         Ok(self
-            .db
-            .list_snapshots(vm_id)?
+            .store
+            .list_snapshots(vm_id)
+            .await?
             .into_iter()
             .map(|r| r.snap)
             .collect())
     }
 
-    fn snapshot_record(&self, vm_id: &str, snapshot_id: &str) -> Result<SnapshotRecord, ApiError> {
+    async fn snapshot_record(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+    ) -> Result<SnapshotRecord, ApiError> {
         self.runtime(vm_id)?;
-        match self.db.get_snapshot(snapshot_id)? {
+        match self.store.get_snapshot(snapshot_id).await? {
             Some(r) if r.snap.vm_id == vm_id => Ok(r),
             _ => Err(ApiError::not_found("snapshot", snapshot_id)),
         }
     }
 
-    pub fn get_snapshot(&self, vm_id: &str, snapshot_id: &str) -> Result<Snapshot, ApiError> {
+    pub async fn get_snapshot(&self, vm_id: &str, snapshot_id: &str) -> Result<Snapshot, ApiError> {
         self.storage()?;
-        Ok(self.snapshot_record(vm_id, snapshot_id)?.snap)
+        Ok(self.snapshot_record(vm_id, snapshot_id).await?.snap)
     }
 
     /// Delete a snapshot: its manifest in S3 and its local copy. Chunks are
@@ -205,7 +214,7 @@ impl VmManager {
         let store = self.storage()?;
         let rt = self.runtime(vm_id)?;
         let _guard = rt.try_begin("snapshot delete")?;
-        let rec = self.snapshot_record(vm_id, snapshot_id)?;
+        let rec = self.snapshot_record(vm_id, snapshot_id).await?;
         if matches!(
             rec.snap.status,
             SnapshotStatus::Pending | SnapshotStatus::Capturing
@@ -215,56 +224,72 @@ impl VmManager {
                 rec.snap.status.as_str()
             )));
         }
-        if rt.state() == VmState::Snapshotted && self.is_newest_restorable(vm_id, snapshot_id)? {
+        if rt.state() == VmState::Snapshotted
+            && self.is_newest_restorable(vm_id, snapshot_id).await?
+        {
             return Err(ApiError::conflict(format!(
                 "snapshot '{snapshot_id}' holds the state of suspended vm '{vm_id}' (a wake restores it); restore or delete the vm instead"
             )));
         }
         self.cancel_uploads(&[snapshot_id.to_string()]).await;
-        self.db.delete_snapshot(
-            snapshot_id,
-            &manifest::manifest_key(vm_id, snapshot_id),
-            &now_rfc3339(),
-        )?;
+        self.store
+            .delete_snapshot(
+                snapshot_id,
+                &manifest::manifest_key(vm_id, snapshot_id),
+                &now_rfc3339(),
+            )
+            .await?;
         let _ = std::fs::remove_dir_all(self.snapshot_dir(snapshot_id));
         self.delete_manifest(&store, vm_id, snapshot_id).await;
         Ok(())
     }
 
     /// Whether `snapshot_id` is the one a wake of the VM would restore.
-    fn is_newest_restorable(&self, vm_id: &str, snapshot_id: &str) -> Result<bool, ApiError> {
+    async fn is_newest_restorable(&self, vm_id: &str, snapshot_id: &str) -> Result<bool, ApiError> {
         Ok(self
-            .db
-            .list_snapshots(vm_id)?
+            .store
+            .list_snapshots(vm_id)
+            .await?
             .into_iter()
             .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
             .is_some_and(|r| r.snap.id == snapshot_id))
     }
 
     /// Start restoring; answers at once with the VM (`restoring`).
-    pub fn restore(self: &Arc<Self>, vm_id: &str, req: RestoreRequest) -> Result<Vm, ApiError> {
+    pub async fn restore(
+        self: &Arc<Self>,
+        vm_id: &str,
+        req: RestoreRequest,
+    ) -> Result<Vm, ApiError> {
         let since = std::time::Instant::now();
         let rt = self.runtime(vm_id)?;
         // Without S3 only local copies can be restored: say so at once when
         // there is none (whatever else the VM is doing).
-        if self.storage.is_none() && !self.db.list_snapshots(vm_id)?.iter().any(|r| r.local) {
+        if self.storage.is_none()
+            && !self
+                .store
+                .list_snapshots(vm_id)
+                .await?
+                .iter()
+                .any(|r| r.local)
+        {
             return Err(ApiError::SnapshotStorageUnavailable);
         }
         let guard = rt.try_begin("restore")?;
-        let (rec, prior) = self.begin_restore(&rt, req.snapshot_id.as_deref())?;
+        let (rec, prior) = self.begin_restore(&rt, req.snapshot_id.as_deref()).await?;
         let this = self.clone();
         let store = self.storage.clone();
         self.tasks.spawn(async move {
             this.run_restore(rt, guard, rec, prior, store, WakeCause::api(since))
                 .await;
         });
-        self.get(vm_id)
+        self.get(vm_id).await
     }
 
     /// Under the operation lock: check the VM can be restored, pick the
     /// snapshot (`snapshot_id`, else the newest restorable) and enter
     /// `restoring`. Returns the snapshot and the state before.
-    pub(crate) fn begin_restore(
+    pub(crate) async fn begin_restore(
         &self,
         rt: &VmRuntime,
         snapshot_id: Option<&str>,
@@ -286,7 +311,10 @@ impl VmManager {
         };
         let rec = match snapshot_id {
             Some(sid) => {
-                let rec = self.snapshot_record(vm_id, sid).map_err(unavailable)?;
+                let rec = self
+                    .snapshot_record(vm_id, sid)
+                    .await
+                    .map_err(unavailable)?;
                 if rec.snap.status != SnapshotStatus::Ready && !rec.local {
                     return Err(ApiError::conflict(format!(
                         "snapshot '{sid}' is {} and cannot be restored",
@@ -296,8 +324,9 @@ impl VmManager {
                 rec
             }
             None => self
-                .db
-                .list_snapshots(vm_id)?
+                .store
+                .list_snapshots(vm_id)
+                .await?
                 .into_iter()
                 .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
                 .ok_or_else(|| {
@@ -308,13 +337,13 @@ impl VmManager {
         };
         if self.storage.is_none() {
             // Only a local copy that checks out can be restored.
-            let vm = self.get(vm_id)?;
-            if let Err(why) = self.verified_local_copy(&rec, &vm) {
+            let vm = self.get(vm_id).await?;
+            if let Err(why) = self.verified_local_copy(&rec, &vm).await {
                 tracing::warn!(vm = %vm_id, snapshot = %rec.snap.id, %why, "no usable local copy");
                 return Err(ApiError::SnapshotStorageUnavailable);
             }
         }
-        self.transition(rt, VmState::Restoring, None)?;
+        self.transition(rt, VmState::Restoring, None).await?;
         Ok((rec, state))
     }
 }

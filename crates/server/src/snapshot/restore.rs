@@ -20,11 +20,11 @@ use super::capture::{blocking, move_file};
 use super::local_copy::LocalCopy;
 use super::manifest::{Expected, MAX_MANIFEST_BYTES, Manifest, manifest_key};
 use super::{SnapshotCorrupt, WakeCause, new_layer_name};
-use crate::db::SnapshotRecord;
 use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, Vm, VmState};
 use crate::runtime::{OpGuard, VmRuntime};
+use crate::state::SnapshotRecord;
 
 /// Why a restore failed, and whether the VM's running guest was left as it
 /// was (a rollback that failed before stopping it).
@@ -61,10 +61,10 @@ impl VmManager {
         rt.take_warnings(); // this restore's own from here on
         match self.restore_from(&rt, &rec, prior, store.as_deref()).await {
             Ok(machine) => {
-                if let Err(e) = self.transition(&rt, VmState::Running, None) {
+                if let Err(e) = self.transition(&rt, VmState::Running, None).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording restore failed");
                 }
-                if let Err(e) = self.db.set_vm_started(&rt.id, &now_rfc3339()) {
+                if let Err(e) = self.store.set_vm_started(&rt.id, &now_rfc3339()).await {
                     tracing::warn!(vm = %rt.id, error = %e, "recording start time failed");
                 }
                 self.watch(rt.clone(), machine);
@@ -72,7 +72,8 @@ impl VmManager {
                 tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
                     restore_ms = started.elapsed().as_millis() as u64, "restored");
                 if prior == VmState::Snapshotted {
-                    self.record_wake(&rt.id, cause, &rec.snap.id, None, rt.take_warnings());
+                    self.record_wake(&rt.id, cause, &rec.snap.id, None, rt.take_warnings())
+                        .await;
                 }
             }
             Err(RestoreFailure {
@@ -96,7 +97,7 @@ impl VmManager {
                 tracing::error!(vm = %rt.id, %reason);
                 if running_intact && prior == VmState::Running {
                     reason.push_str("; the vm runs on unchanged");
-                    if let Err(e) = self.transition(&rt, VmState::Running, Some(reason)) {
+                    if let Err(e) = self.transition(&rt, VmState::Running, Some(reason)).await {
                         tracing::error!(vm = %rt.id, error = %e, "recording restore failure failed");
                     }
                     drop(guard);
@@ -111,7 +112,7 @@ impl VmManager {
                     inner.machine = None;
                     inner.agent = None;
                 }
-                self.clear_forwards(&rt);
+                self.clear_forwards(&rt).await;
                 self.remove_runtime_files(&rt.id);
                 // The VM stays as restorable as it was: its snapshots are intact.
                 let to = match prior {
@@ -125,9 +126,10 @@ impl VmManager {
                         &rec.snap.id,
                         Some(reason.clone()),
                         rt.take_warnings(),
-                    );
+                    )
+                    .await;
                 }
-                if let Err(e) = self.transition(&rt, to, Some(reason)) {
+                if let Err(e) = self.transition(&rt, to, Some(reason)).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording restore failure failed");
                 }
             }
@@ -144,6 +146,7 @@ impl VmManager {
     ) -> Result<Arc<Machine>, RestoreFailure> {
         let vm = self
             .get(&rt.id)
+            .await
             .map_err(|e| intact(anyhow::anyhow!("{e}")))?;
         let rollback = rt.machine().is_some();
         let dir = self.snapshot_dir(&rec.snap.id);
@@ -152,7 +155,7 @@ impl VmManager {
         // 1. The snapshot's files, here and verified. A rolled-back guest
         // runs on meanwhile. The local copy is not evicted while in use.
         let _in_use = self.use_local_copy(&rec.snap.id);
-        let (layers, from_local) = match self.verified_local_copy(rec, &vm) {
+        let (layers, from_local) = match self.verified_local_copy(rec, &vm).await {
             Ok(layers) => (layers, true),
             Err(why) => {
                 // The copy is left as it is (not trusted, not deleted): it
@@ -228,7 +231,7 @@ impl VmManager {
                 if rec.local || from_local {
                     let mut taken = rec.clone();
                     taken.local = false;
-                    self.save_record(&taken);
+                    self.save_record(&taken).await;
                 }
                 move_file(&dir.join("mem"), &paths.mem)
                     .await
@@ -239,7 +242,7 @@ impl VmManager {
             }
         }
         if from_local {
-            self.touch_local_copy(&rec.snap.id);
+            self.touch_local_copy(&rec.snap.id).await;
         }
 
         let started = self.start_from(rt, &dir, &layers).await;
@@ -254,7 +257,7 @@ impl VmManager {
                 m.wait_exit().await;
             }
             if move_file(&paths.mem, &dir.join("mem")).await.is_ok() && from_local {
-                self.save_record(rec);
+                self.save_record(rec).await;
             }
         }
         started.map_err(broken)
@@ -262,7 +265,7 @@ impl VmManager {
 
     /// The layers of the snapshot's local copy, if it is complete and its
     /// sealed description matches its files (sizes, state hash, ids).
-    pub(super) fn verified_local_copy(
+    pub(super) async fn verified_local_copy(
         &self,
         rec: &SnapshotRecord,
         vm: &Vm,
@@ -288,12 +291,12 @@ impl VmManager {
         Ok(copy.layer_names())
     }
 
-    fn touch_local_copy(&self, snapshot_id: &str) {
-        if let Ok(Some(mut r)) = self.db.get_snapshot(snapshot_id)
+    async fn touch_local_copy(&self, snapshot_id: &str) {
+        if let Ok(Some(mut r)) = self.store.get_snapshot(snapshot_id).await
             && r.local
         {
             r.local_used_at = Some(now_rfc3339());
-            self.save_record(&r);
+            self.save_record(&r).await;
         }
     }
 
@@ -310,7 +313,7 @@ impl VmManager {
         let prepare = async {
             // A new writable disk layer over the snapshot's frozen ones.
             let top = layers.last().context("snapshot has no disk layer")?;
-            let vm = self.get(&rt.id)?;
+            let vm = self.get(&rt.id).await?;
             let new_layer = new_layer_name();
             hatch_vmm::disk::create_overlay(
                 &paths.dir.join(top),
@@ -321,7 +324,7 @@ impl VmManager {
             .await?;
             let mut all = layers.to_vec();
             all.push(new_layer);
-            self.db.set_disk_layers(&rt.id, &all)?;
+            self.store.set_disk_layers(&rt.id, &all).await?;
             let machine = self.launch(rt, true).await?;
             self.faults.hit("restore.launched", &rt.id)?;
             anyhow::Ok(machine)
@@ -355,7 +358,7 @@ impl VmManager {
     pub(super) fn trust_fetched_copy_when_durable(&self, rec: &SnapshotRecord, layers: &[String]) {
         let dir = self.snapshot_dir(&rec.snap.id);
         let vm_dir = self.paths(&rec.snap.vm_id).dir;
-        let db = self.db.clone();
+        let store = self.store.clone();
         let keys = self.seal_keys.clone();
         let (id, vm_id, kind, layers) = (
             rec.snap.id.clone(),
@@ -363,22 +366,30 @@ impl VmManager {
             rec.snap.kind,
             layers.to_vec(),
         );
-        tokio::task::spawn_blocking(move || {
-            let described = (|| {
-                durable::sync_file(&dir.join("mem"))?;
-                durable::sync_file(&dir.join("state"))?;
-                durable::sync_dir(&dir)?;
-                LocalCopy::describe(&dir, &vm_dir, &id, &vm_id, kind, &layers)?.write(&dir, &keys)
-            })();
+        tokio::spawn(async move {
+            let described = {
+                let (id, layers) = (id.clone(), layers.clone());
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    durable::sync_file(&dir.join("mem"))?;
+                    durable::sync_file(&dir.join("state"))?;
+                    durable::sync_dir(&dir)?;
+                    LocalCopy::describe(&dir, &vm_dir, &id, &vm_id, kind, &layers)?
+                        .write(&dir, &keys)?;
+                    Ok(())
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|described| described)
+            };
             if let Err(e) = described {
                 tracing::warn!(snapshot = %id, error = %e, "the fetched copy is not kept");
                 return;
             }
-            if let Ok(Some(mut rec)) = db.get_snapshot(&id) {
+            if let Ok(Some(mut rec)) = store.get_snapshot(&id).await {
                 rec.local = true;
                 rec.local_used_at = Some(now_rfc3339());
                 rec.layers = layers;
-                if let Err(e) = db.save_snapshot(&rec) {
+                if let Err(e) = store.save_snapshot(&rec).await {
                     tracing::warn!(snapshot = %id, error = %e, "recording local copy failed");
                 }
             }

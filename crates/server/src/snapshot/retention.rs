@@ -5,10 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::db::SnapshotRecord;
 use crate::error::ApiError;
 use crate::manager::VmManager;
 use crate::model::{Retention, SnapshotStatus, Storage, StorageUsage, VmStorage};
+use crate::state::SnapshotRecord;
 
 const MAX_KEEP_LAST: u32 = 10_000;
 /// How often age-based retention runs in the background.
@@ -32,15 +32,15 @@ impl VmManager {
         if r.max_age_seconds == Some(0) {
             return Err(ApiError::invalid("max_age_seconds must be at least 1"));
         }
-        self.db.set_retention(vm_id, &r)?;
+        self.store.set_retention(vm_id, &r).await?;
         self.apply_retention(vm_id, None).await?;
         Ok(r)
     }
 
-    pub fn retention(&self, vm_id: &str) -> Result<Retention, ApiError> {
+    pub async fn retention(&self, vm_id: &str) -> Result<Retention, ApiError> {
         self.storage()?;
         self.runtime(vm_id)?;
-        Ok(self.db.retention(vm_id)?)
+        Ok(self.store.retention(vm_id).await?)
     }
 
     /// Delete the snapshots the VM's policy no longer keeps. `just_ready` is
@@ -52,7 +52,7 @@ impl VmManager {
         vm_id: &str,
         just_ready: Option<&SnapshotRecord>,
     ) -> Result<(), ApiError> {
-        let policy = self.db.retention(vm_id)?;
+        let policy = self.store.retention(vm_id).await?;
         if policy == Retention::default() {
             return Ok(());
         }
@@ -60,7 +60,7 @@ impl VmManager {
         let rt = self.runtime(vm_id)?;
         // Not during a restore that may read one of these snapshots.
         let _guard = rt.begin("retention").await;
-        let mut snapshots = self.db.list_snapshots(vm_id)?; // newest first
+        let mut snapshots = self.store.list_snapshots(vm_id).await?; // newest first
         if let Some(ready) = just_ready {
             for r in snapshots.iter_mut().filter(|r| r.snap.id == ready.snap.id) {
                 *r = ready.clone();
@@ -91,11 +91,13 @@ impl VmManager {
             if !(beyond_count || too_old) {
                 continue;
             }
-            self.db.delete_snapshot(
-                &rec.snap.id,
-                &super::manifest::manifest_key(vm_id, &rec.snap.id),
-                &crate::manager::now_rfc3339(),
-            )?;
+            self.store
+                .delete_snapshot(
+                    &rec.snap.id,
+                    &super::manifest::manifest_key(vm_id, &rec.snap.id),
+                    &crate::manager::now_rfc3339(),
+                )
+                .await?;
             self.delete_manifest(&store, vm_id, &rec.snap.id).await;
             let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
             tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "retention deleted snapshot");
@@ -119,7 +121,7 @@ impl VmManager {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
             }
-            let Ok(vms) = self.db.list_vms() else {
+            let Ok(vms) = self.store.list_vms().await else {
                 continue;
             };
             for vm in vms {
@@ -132,13 +134,13 @@ impl VmManager {
     }
 
     /// S3 use by VM, from the ready snapshots' records.
-    pub fn storage_usage(&self) -> Result<Storage, ApiError> {
+    pub async fn storage_usage(&self) -> Result<Storage, ApiError> {
         self.storage()?;
         let mut total = StorageUsage::default();
         let mut vms = Vec::new();
-        for vm in self.db.list_vms()? {
+        for vm in self.store.list_vms().await? {
             let mut usage = StorageUsage::default();
-            for rec in self.db.list_snapshots(&vm.vm.id)? {
+            for rec in self.store.list_snapshots(&vm.vm.id).await? {
                 if rec.snap.status != SnapshotStatus::Ready {
                     continue;
                 }
@@ -158,11 +160,12 @@ impl VmManager {
         Ok(Storage {
             total,
             vms,
-            uploads: self.upload_status(),
-            local: self.local_usage(),
+            uploads: self.upload_status().await,
+            local: self.local_usage().await,
             pending_deletes: self
-                .db
+                .store
                 .pending_deletes()
+                .await
                 .map(|p| p.len() as u64)
                 .unwrap_or(0),
         })

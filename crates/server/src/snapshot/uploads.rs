@@ -15,9 +15,9 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::manifest::manifest_key;
-use crate::db::SnapshotRecord;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, UploadStatus};
+use crate::state::SnapshotRecord;
 
 /// Snapshots uploaded at once (each moves 16 chunks at a time).
 const MAX_PARALLEL: usize = 2;
@@ -98,7 +98,7 @@ impl VmManager {
             return;
         };
         loop {
-            self.start_due_uploads(&store);
+            self.start_due_uploads(&store).await;
             self.retry_pending_deletes(&store).await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -108,8 +108,12 @@ impl VmManager {
         }
     }
 
-    fn start_due_uploads(self: &Arc<Self>, store: &Arc<ChunkStore>) {
-        let waiting = match self.db.snapshots_with_status(SnapshotStatus::Uploading) {
+    async fn start_due_uploads(self: &Arc<Self>, store: &Arc<ChunkStore>) {
+        let waiting = match self
+            .store
+            .snapshots_with_status(SnapshotStatus::Uploading)
+            .await
+        {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the upload queue");
@@ -128,33 +132,38 @@ impl VmManager {
         }
         for mut rec in waiting {
             let id = rec.snap.id.clone();
-            let mut s = self.uploads.lock();
-            if s.running.contains_key(&id)
-                || s.cancelled.contains(&id)
-                || s.running.len() >= MAX_PARALLEL
-                || s.retry_at.get(&id).is_some_and(|at| *at > now)
-            {
+            let blocked = |s: &State| {
+                s.running.contains_key(&id)
+                    || s.cancelled.contains(&id)
+                    || s.running.len() >= MAX_PARALLEL
+                    || s.retry_at.get(&id).is_some_and(|at| *at > now)
+            };
+            if blocked(&self.uploads.lock()) {
                 continue;
             }
             if !rec.local {
-                drop(s);
                 rec.snap.status = SnapshotStatus::Failed;
                 rec.snap.error = Some("its local copy is gone and S3 does not hold it".to_string());
-                self.save_record(&rec);
+                self.save_record(&rec).await;
                 continue;
             }
             let (done_tx, done_rx) = watch::channel(false);
             let cancel = CancellationToken::new();
-            // Registered under the same lock as the checks above: a
-            // cancellation either sees it running or marks it cancelled first.
-            s.running.insert(
-                id.clone(),
-                Running {
-                    cancel: cancel.clone(),
-                    done: done_rx,
-                },
-            );
-            drop(s);
+            {
+                // Checked again and registered under one lock: a
+                // cancellation either sees it running or marks it cancelled first.
+                let mut s = self.uploads.lock();
+                if blocked(&s) {
+                    continue;
+                }
+                s.running.insert(
+                    id.clone(),
+                    Running {
+                        cancel: cancel.clone(),
+                        done: done_rx,
+                    },
+                );
+            }
             let (this, store) = (self.clone(), store.clone());
             self.tasks.spawn(async move {
                 let _finished = Finished {
@@ -172,7 +181,7 @@ impl VmManager {
 
     /// One attempt; records success, or the failure and when to retry.
     async fn upload_once(self: &Arc<Self>, mut rec: SnapshotRecord, store: &ChunkStore) {
-        let Ok(vm) = self.get(&rec.snap.vm_id) else {
+        let Ok(vm) = self.get(&rec.snap.vm_id).await else {
             return;
         };
         let started = Instant::now();
@@ -187,10 +196,10 @@ impl VmManager {
                 if let Err(e) = self.apply_retention(&vm.id, Some(&rec)).await {
                     tracing::warn!(vm = %vm.id, error = %e, "retention failed");
                 }
-                self.save_record(&rec);
+                self.save_record(&rec).await;
                 tracing::info!(vm = %vm.id, snapshot = %rec.snap.id, stored_bytes = stored,
                     upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
-                self.enforce_local_budget_soon();
+                self.enforce_local_budget_soon().await;
             }
             Err(e) if e.downcast_ref::<super::SnapshotCorrupt>().is_some() => {
                 // Retrying cannot help: the copy is not what was captured.
@@ -198,7 +207,7 @@ impl VmManager {
                 rec.snap.status = SnapshotStatus::Failed;
                 rec.snap.error = Some(format!("upload refused: {e:#}"));
                 self.metrics.record_upload("failed");
-                self.save_record(&rec);
+                self.save_record(&rec).await;
                 tracing::error!(vm = %vm.id, snapshot = %rec.snap.id, error = format!("{e:#}"), "upload refused");
             }
             Err(e) => {
@@ -218,7 +227,7 @@ impl VmManager {
                     s.last_error = Some((now_rfc3339(), format!("{}: {error}", rec.snap.id)));
                 }
                 self.metrics.record_upload("failed");
-                self.save_record(&rec);
+                self.save_record(&rec).await;
                 tracing::warn!(vm = %vm.id, snapshot = %rec.snap.id, attempt = rec.upload_attempts,
                     retry_in_s = wait.as_secs(), error, "upload failed");
             }
@@ -254,11 +263,12 @@ impl VmManager {
     pub(crate) async fn delete_manifest(&self, store: &ChunkStore, vm_id: &str, snapshot_id: &str) {
         let key = manifest_key(vm_id, snapshot_id);
         let outcome = match store.delete(&key).await {
-            Ok(()) => self.db.remove_pending_delete(&key),
+            Ok(()) => self.store.remove_pending_delete(&key).await,
             Err(e) => {
                 tracing::warn!(key, error = %e, "manifest deletion failed; it will be retried");
-                self.db
+                self.store
                     .add_pending_delete(&key, &format!("{e:#}"), &now_rfc3339())
+                    .await
             }
         };
         if let Err(e) = outcome {
@@ -276,16 +286,18 @@ impl VmManager {
             }
             s.deletes_tried = Some(Instant::now());
         }
-        let Ok(pending) = self.db.pending_deletes() else {
+        let Ok(pending) = self.store.pending_deletes().await else {
             return;
         };
         self.metrics.pending_deletes.set(pending.len() as i64);
         for (key, _) in pending {
             let outcome = match store.delete(&key).await {
-                Ok(()) => self.db.remove_pending_delete(&key),
-                Err(e) => self
-                    .db
-                    .add_pending_delete(&key, &format!("{e:#}"), &now_rfc3339()),
+                Ok(()) => self.store.remove_pending_delete(&key).await,
+                Err(e) => {
+                    self.store
+                        .add_pending_delete(&key, &format!("{e:#}"), &now_rfc3339())
+                        .await
+                }
             };
             if let Err(e) = outcome {
                 tracing::warn!(key, error = %e, "recording a manifest deletion failed");
@@ -294,10 +306,11 @@ impl VmManager {
     }
 
     /// For `GET /storage`.
-    pub(crate) fn upload_status(&self) -> UploadStatus {
+    pub(crate) async fn upload_status(&self) -> UploadStatus {
         let queued = self
-            .db
+            .store
             .snapshots_with_status(SnapshotStatus::Uploading)
+            .await
             .map(|v| v.len() as u64)
             .unwrap_or(0);
         self.uploads.status(queued)

@@ -1,4 +1,4 @@
-//! SQLite state: VMs, routes and API key hashes, under `<data-dir>/hatch.db`.
+//! The SQLite backend: one host, `<data-dir>/hatch.db`.
 //!
 //! One connection behind a std Mutex: every statement is short and none is
 //! held across an await, so an async lock would only add overhead.
@@ -6,20 +6,15 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::model::{
-    Retention, Route, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmEvent, VmState,
+use super::{
+    ApiKeyRecord, EVENTS_KEPT, SNAPSHOT_COLUMNS, SnapshotRecord, SnapshotRow, StateStore,
+    StoreError, VM_COLUMNS, VmRecord, VmRow, from_json, to_json,
 };
+use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 use hatch_vmm::PortForward;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error("database error")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("corrupt record: {0}")]
-    Corrupt(String),
-}
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
 const MIGRATIONS: &[&str] = &[
@@ -120,22 +115,12 @@ ALTER TABLE vm_events ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
 "#,
 ];
 
-pub struct Db {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-/// Events kept per VM.
-const EVENTS_KEPT: i64 = 100;
-
-/// A VM row: the API record plus what the runtime needs after a restart.
-#[derive(Debug, Clone)]
-pub struct VmRecord {
-    pub vm: Vm,
-    pub forwards: Vec<PortForward>,
-}
-
-impl Db {
-    pub fn open(path: &Path) -> Result<Db, DbError> {
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // With WAL, NORMAL stays consistent after a crash and avoids an fsync
@@ -143,7 +128,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let db = Db {
+        let db = SqliteStore {
             conn: Mutex::new(conn),
         };
         db.migrate()?;
@@ -155,7 +140,7 @@ impl Db {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn migrate(&self) -> Result<(), DbError> {
+    fn migrate(&self) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
@@ -166,10 +151,15 @@ impl Db {
         }
         Ok(())
     }
+}
 
-    // --- VMs ---
+#[async_trait]
+impl StateStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
 
-    pub fn insert_vm(&self, vm: &Vm) -> Result<(), DbError> {
+    async fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -188,7 +178,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn vm_name_taken(&self, name: &str) -> Result<bool, DbError> {
+    async fn vm_name_taken(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
             .query_row("SELECT 1 FROM vms WHERE name = ?1", [name], |_| Ok(()))
@@ -196,23 +186,26 @@ impl Db {
             .is_some())
     }
 
-    pub fn vm_id_by_name(&self, name: &str) -> Result<Option<String>, DbError> {
+    async fn vm_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
             .query_row("SELECT id FROM vms WHERE name = ?1", [name], |r| r.get(0))
             .optional()?)
     }
 
-    pub fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, DbError> {
+    async fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("{VM_SELECT} WHERE id = ?1"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"))?;
         let rec = stmt.query_row([id], vm_from_row).optional()?;
         rec.transpose()
     }
 
-    pub fn list_vms(&self) -> Result<Vec<VmRecord>, DbError> {
+    async fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("{VM_SELECT} ORDER BY created_at, id"))?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {VM_COLUMNS} FROM vms ORDER BY created_at, id"
+        ))?;
         let rows = stmt.query_map([], vm_from_row)?;
         let mut out = Vec::new();
         for r in rows {
@@ -221,12 +214,12 @@ impl Db {
         Ok(out)
     }
 
-    pub fn set_vm_state(
+    async fn set_vm_state(
         &self,
         id: &str,
         state: VmState,
         reason: Option<&str>,
-    ) -> Result<(), DbError> {
+    ) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE vms SET state = ?2, state_reason = ?3 WHERE id = ?1",
             params![id, state.as_str(), reason],
@@ -234,7 +227,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), DbError> {
+    async fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE vms SET started_at = ?2, boot_ms = NULL WHERE id = ?1",
             params![id, started_at],
@@ -242,9 +235,8 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), DbError> {
-        let forwards =
-            serde_json::to_string(forwards).map_err(|e| DbError::Corrupt(e.to_string()))?;
+    async fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), StoreError> {
+        let forwards = to_json(&forwards)?;
         self.conn().execute(
             "UPDATE vms SET forwards = ?2 WHERE id = ?1",
             params![id, forwards],
@@ -252,7 +244,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), DbError> {
+    async fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE vms SET boot_ms = ?2 WHERE id = ?1",
             params![id, boot_ms],
@@ -260,15 +252,12 @@ impl Db {
         Ok(())
     }
 
-    /// Delete a VM and its routes in one transaction, queueing the deletion
-    /// of `objects` (its manifests in S3) in the same transaction: a crash
-    /// right after cannot leave them behind forever.
-    pub fn delete_vm(
+    async fn delete_vm(
         &self,
         id: &str,
         objects: &[String],
         now: &str,
-    ) -> Result<Vec<String>, DbError> {
+    ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for key in objects {
@@ -289,17 +278,17 @@ impl Db {
 
     // --- disk layers and snapshots ---
 
-    pub fn disk_layers(&self, vm_id: &str) -> Result<Vec<String>, DbError> {
+    async fn disk_layers(&self, vm_id: &str) -> Result<Vec<String>, StoreError> {
         let text: String =
             self.conn()
                 .query_row("SELECT disk_layers FROM vms WHERE id = ?1", [vm_id], |r| {
                     r.get(0)
                 })?;
-        serde_json::from_str(&text).map_err(|e| DbError::Corrupt(format!("disk layers: {e}")))
+        from_json("disk layers", &text)
     }
 
-    pub fn set_disk_layers(&self, vm_id: &str, layers: &[String]) -> Result<(), DbError> {
-        let text = serde_json::to_string(layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
+    async fn set_disk_layers(&self, vm_id: &str, layers: &[String]) -> Result<(), StoreError> {
+        let text = to_json(&layers)?;
         self.conn().execute(
             "UPDATE vms SET disk_layers = ?2 WHERE id = ?1",
             params![vm_id, text],
@@ -307,10 +296,8 @@ impl Db {
         Ok(())
     }
 
-    /// Insert a snapshot, or write back every mutable field of an existing one.
-    pub fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), DbError> {
-        let layers =
-            serde_json::to_string(&s.layers).map_err(|e| DbError::Corrupt(e.to_string()))?;
+    async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        let layers = to_json(&s.layers)?;
         let snap = &s.snap;
         self.conn().execute(
             "INSERT INTO snapshots (id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
@@ -342,11 +329,10 @@ impl Db {
         Ok(())
     }
 
-    /// A VM's snapshots, newest first.
-    pub fn list_snapshots(&self, vm_id: &str) -> Result<Vec<SnapshotRecord>, DbError> {
+    async fn list_snapshots(&self, vm_id: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "{SNAP_SELECT} WHERE vm_id = ?1 ORDER BY created_at DESC, rowid DESC"
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE vm_id = ?1 ORDER BY created_at DESC, rowid DESC"
         ))?;
         let rows = stmt.query_map([vm_id], snapshot_from_row)?;
         let mut out = Vec::new();
@@ -356,16 +342,17 @@ impl Db {
         Ok(out)
     }
 
-    pub fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>, DbError> {
+    async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("{SNAP_SELECT} WHERE id = ?1"))?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?1"
+        ))?;
         stmt.query_row([id], snapshot_from_row)
             .optional()?
             .transpose()
     }
 
-    /// Append an event to a VM's history (the newest `EVENTS_KEPT` are kept).
-    pub fn add_event(&self, e: &VmEvent) -> Result<(), DbError> {
+    async fn add_event(&self, e: &VmEvent) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO vm_events (vm_id, at, kind, trigger, duration_ms, snapshot_id, error, warnings)
@@ -389,8 +376,7 @@ impl Db {
         Ok(())
     }
 
-    /// A VM's events, newest first.
-    pub fn list_events(&self, vm_id: &str) -> Result<Vec<VmEvent>, DbError> {
+    async fn list_events(&self, vm_id: &str) -> Result<Vec<VmEvent>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT vm_id, at, kind, trigger, duration_ms, snapshot_id, error, warnings
@@ -412,9 +398,7 @@ impl Db {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Delete a snapshot record, queueing the deletion of `object` (its
-    /// manifest) in the same transaction.
-    pub fn delete_snapshot(&self, id: &str, object: &str, now: &str) -> Result<(), DbError> {
+    async fn delete_snapshot(&self, id: &str, object: &str, now: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         queue_delete(&tx, object, now)?;
@@ -423,7 +407,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn retention(&self, vm_id: &str) -> Result<Retention, DbError> {
+    async fn retention(&self, vm_id: &str) -> Result<Retention, StoreError> {
         Ok(self.conn().query_row(
             "SELECT keep_last, max_age_seconds FROM vms WHERE id = ?1",
             [vm_id],
@@ -436,7 +420,7 @@ impl Db {
         )?)
     }
 
-    pub fn set_retention(&self, vm_id: &str, r: &Retention) -> Result<(), DbError> {
+    async fn set_retention(&self, vm_id: &str, r: &Retention) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE vms SET keep_last = ?2, max_age_seconds = ?3 WHERE id = ?1",
             params![vm_id, r.keep_last, r.max_age_seconds],
@@ -446,7 +430,7 @@ impl Db {
 
     // --- routes ---
 
-    pub fn insert_route(&self, route: &Route) -> Result<(), DbError> {
+    async fn insert_route(&self, route: &Route) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO routes (id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at, idle_ignore_paths)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -464,7 +448,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn list_routes(&self) -> Result<Vec<Route>, DbError> {
+    async fn list_routes(&self) -> Result<Vec<Route>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT id, hostname, vm_id, port, auto_wake, idle_timeout_seconds, created_at, idle_ignore_paths
@@ -487,7 +471,7 @@ impl Db {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    pub fn delete_route(&self, id: &str) -> Result<bool, DbError> {
+    async fn delete_route(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
             .execute("DELETE FROM routes WHERE id = ?1", [id])?
@@ -496,7 +480,7 @@ impl Db {
 
     // --- API keys ---
 
-    pub fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, DbError> {
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT id, hash, name, source, created_at FROM api_keys ORDER BY created_at, id",
@@ -513,8 +497,7 @@ impl Db {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Add a key; an existing key with the same hash is left as it is.
-    pub fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), DbError> {
+    async fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT OR IGNORE INTO api_keys (id, hash, name, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![k.id, k.hash, k.name, k.source, k.created_at],
@@ -522,9 +505,7 @@ impl Db {
         Ok(())
     }
 
-    /// Delete key `id` unless it is the last one, in one transaction (two
-    /// revocations at once cannot leave no key). Ok(false): it is the last.
-    pub fn delete_api_key_unless_last(&self, id: &str) -> Result<bool, DbError> {
+    async fn delete_api_key_unless_last(&self, id: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let count: i64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
@@ -536,9 +517,7 @@ impl Db {
         Ok(true)
     }
 
-    /// Revoke every key that came from `HATCH_API_KEY` but `keep` (the
-    /// hash of the one set now, if any).
-    pub fn revoke_env_keys_except(&self, keep: Option<&[u8]>) -> Result<usize, DbError> {
+    async fn revoke_env_keys_except(&self, keep: Option<&[u8]>) -> Result<usize, StoreError> {
         Ok(self.conn().execute(
             "DELETE FROM api_keys WHERE source = 'env' AND (?1 IS NULL OR hash != ?1)",
             params![keep],
@@ -547,8 +526,12 @@ impl Db {
 
     // --- objects to delete from S3, retried ---
 
-    /// Record a failed attempt to delete `key` (queueing it if need be).
-    pub fn add_pending_delete(&self, key: &str, error: &str, now: &str) -> Result<(), DbError> {
+    async fn add_pending_delete(
+        &self,
+        key: &str,
+        error: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO pending_deletes (key, attempts, last_error, added_at) VALUES (?1, 1, ?2, ?3)
              ON CONFLICT (key) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error",
@@ -557,7 +540,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn pending_deletes(&self) -> Result<Vec<(String, u32)>, DbError> {
+    async fn pending_deletes(&self) -> Result<Vec<(String, u32)>, StoreError> {
         let conn = self.conn();
         let mut stmt =
             conn.prepare_cached("SELECT key, attempts FROM pending_deletes ORDER BY added_at")?;
@@ -565,20 +548,19 @@ impl Db {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    pub fn remove_pending_delete(&self, key: &str) -> Result<(), DbError> {
+    async fn remove_pending_delete(&self, key: &str) -> Result<(), StoreError> {
         self.conn()
             .execute("DELETE FROM pending_deletes WHERE key = ?1", [key])?;
         Ok(())
     }
 
-    /// Snapshots of every VM with `status`, oldest first.
-    pub fn snapshots_with_status(
+    async fn snapshots_with_status(
         &self,
         status: SnapshotStatus,
-    ) -> Result<Vec<SnapshotRecord>, DbError> {
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "{SNAP_SELECT} WHERE status = ?1 ORDER BY created_at, rowid"
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE status = ?1 ORDER BY created_at, rowid"
         ))?;
         let rows = stmt.query_map([status.as_str()], snapshot_from_row)?;
         let mut out = Vec::new();
@@ -588,11 +570,10 @@ impl Db {
         Ok(out)
     }
 
-    /// Every snapshot with a local copy, least recently used first.
-    pub fn local_snapshots(&self) -> Result<Vec<SnapshotRecord>, DbError> {
+    async fn local_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "{SNAP_SELECT} WHERE local = 1 ORDER BY COALESCE(local_used_at, created_at), rowid"
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE local = 1 ORDER BY COALESCE(local_used_at, created_at), rowid"
         ))?;
         let rows = stmt.query_map([], snapshot_from_row)?;
         let mut out = Vec::new();
@@ -603,7 +584,7 @@ impl Db {
     }
 }
 
-fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<(), DbError> {
+fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<(), StoreError> {
     tx.execute(
         "INSERT OR IGNORE INTO pending_deletes (key, attempts, last_error, added_at) VALUES (?1, 0, NULL, ?2)",
         params![key, now],
@@ -611,209 +592,63 @@ fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<
     Ok(())
 }
 
-/// An API key row (the key itself is never stored).
-#[derive(Debug, Clone)]
-pub struct ApiKeyRecord {
-    pub id: String,
-    pub hash: Vec<u8>,
-    pub name: Option<String>,
-    pub source: String,
-    pub created_at: String,
-}
-
-/// A snapshot row: the API record plus what only the daemon needs.
-#[derive(Debug, Clone)]
-pub struct SnapshotRecord {
-    pub snap: Snapshot,
-    /// The local copy is complete (restorable without S3).
-    pub local: bool,
-    /// Disk layer files (in the VM's directory), oldest first.
-    pub layers: Vec<String>,
-    /// When the local copy was last captured or restored from.
-    pub local_used_at: Option<String>,
-    /// Failed upload attempts so far.
-    pub upload_attempts: u32,
-}
-
-const SNAP_SELECT: &str = "SELECT id, vm_id, status, trigger, created_at, memory_bytes, disk_bytes,
-    stored_bytes, pause_ms, error, local, layers, kind, local_used_at, upload_attempts FROM snapshots";
-
-fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, DbError>> {
-    let status: String = r.get(2)?;
-    let layers: String = r.get(11)?;
-    let Some(status) = SnapshotStatus::parse(&status) else {
-        return Ok(Err(DbError::Corrupt(format!(
-            "unknown snapshot status {status:?}"
-        ))));
-    };
-    let layers = match serde_json::from_str(&layers) {
-        Ok(l) => l,
-        Err(e) => return Ok(Err(DbError::Corrupt(format!("bad layers: {e}")))),
-    };
-    let kind: String = r.get(12)?;
-    let Some(kind) = SnapshotKind::parse(&kind) else {
-        return Ok(Err(DbError::Corrupt(format!(
-            "unknown snapshot kind {kind:?}"
-        ))));
-    };
-    Ok(Ok(SnapshotRecord {
-        snap: Snapshot {
-            id: r.get(0)?,
-            vm_id: r.get(1)?,
-            kind,
-            status,
-            trigger: r.get(3)?,
-            created_at: r.get(4)?,
-            memory_bytes: r.get(5)?,
-            disk_bytes: r.get(6)?,
-            stored_bytes: r.get(7)?,
-            pause_ms: r.get(8)?,
-            error: r.get(9)?,
-        },
+fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, StoreError>> {
+    Ok(SnapshotRow {
+        id: r.get(0)?,
+        vm_id: r.get(1)?,
+        status: r.get(2)?,
+        trigger: r.get(3)?,
+        created_at: r.get(4)?,
+        memory_bytes: r.get(5)?,
+        disk_bytes: r.get(6)?,
+        stored_bytes: r.get(7)?,
+        pause_ms: r.get(8)?,
+        error: r.get(9)?,
         local: r.get(10)?,
-        layers,
+        layers: r.get(11)?,
+        kind: r.get(12)?,
         local_used_at: r.get(13)?,
         upload_attempts: r.get(14)?,
-    }))
+    }
+    .parse())
 }
 
-const VM_SELECT: &str = "SELECT id, name, state, state_reason, image, vcpus, memory_mib, disk_mib,
-    created_at, started_at, boot_ms, forwards FROM vms";
-
-fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, DbError>> {
-    let state: String = r.get(2)?;
-    let forwards: String = r.get(11)?;
-    let Some(state) = VmState::parse(&state) else {
-        return Ok(Err(DbError::Corrupt(format!("unknown VM state {state:?}"))));
-    };
-    let forwards: Vec<PortForward> = match serde_json::from_str(&forwards) {
-        Ok(f) => f,
-        Err(e) => return Ok(Err(DbError::Corrupt(format!("bad forwards: {e}")))),
-    };
-    Ok(Ok(VmRecord {
-        vm: Vm {
-            id: r.get(0)?,
-            name: r.get(1)?,
-            state,
-            state_reason: r.get(3)?,
-            image: r.get(4)?,
-            vcpus: r.get(5)?,
-            memory_mib: r.get(6)?,
-            disk_mib: r.get(7)?,
-            created_at: r.get(8)?,
-            started_at: r.get(9)?,
-            boot_ms: r.get(10)?,
-            ports: forwards.clone(),
-            ready: false,
-            idle_timeout_seconds: None,
-            idle_timeout_route: None,
-        },
-        forwards,
-    }))
+fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
+    Ok(VmRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        state: r.get(2)?,
+        state_reason: r.get(3)?,
+        image: r.get(4)?,
+        vcpus: r.get(5)?,
+        memory_mib: r.get(6)?,
+        disk_mib: r.get(7)?,
+        created_at: r.get(8)?,
+        started_at: r.get(9)?,
+        boot_ms: r.get(10)?,
+        forwards: r.get(11)?,
+    }
+    .parse())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn vm(id: &str, name: &str) -> Vm {
-        Vm {
-            disk_mib: 1024,
-            ..Vm::fresh(
-                id.into(),
-                name.into(),
-                VmState::Starting,
-                "default".into(),
-                "2026-01-01T00:00:00Z".into(),
-            )
-        }
-    }
-
-    #[test]
-    fn vm_and_route_round_trip_and_survive_reopen() {
+    #[tokio::test]
+    async fn passes_the_store_suite_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hatch.db");
         {
-            let db = Db::open(&path).unwrap();
-            db.insert_vm(&vm("vm-1", "web")).unwrap();
-            assert!(db.vm_name_taken("web").unwrap());
-            db.set_vm_started("vm-1", "t").unwrap();
-            db.set_vm_forwards(
-                "vm-1",
-                &[PortForward {
-                    host: 4000,
-                    guest: 8080,
-                }],
-            )
-            .unwrap();
-            db.set_vm_state("vm-1", VmState::Running, None).unwrap();
-            db.insert_route(&Route {
-                id: "rt-1".into(),
-                hostname: "a.localhost".into(),
-                vm_id: "vm-1".into(),
-                port: 8080,
-                auto_wake: true,
-                idle_timeout_seconds: Some(30),
-                idle_ignore_paths: vec!["/healthz".into()],
-                created_at: "t".into(),
-                vm_state: None,
-            })
-            .unwrap();
+            let store = SqliteStore::open(&path).unwrap();
+            super::super::conformance::run(&store).await;
         }
-        let db = Db::open(&path).unwrap();
-        let rec = db.get_vm("vm-1").unwrap().unwrap();
-        assert_eq!(rec.vm.state, VmState::Running);
-        assert_eq!(
-            rec.forwards,
-            [PortForward {
-                host: 4000,
-                guest: 8080
-            }]
-        );
-        let routes = db.list_routes().unwrap();
-        assert_eq!(routes.len(), 1);
-        assert_eq!(routes[0].idle_timeout_seconds, Some(30));
-        assert_eq!(routes[0].idle_ignore_paths, ["/healthz"]);
-        assert!(routes[0].tracks("/counter") && !routes[0].tracks("/healthz/deep"));
-        for i in 0..(EVENTS_KEPT + 5) {
-            db.add_event(&VmEvent {
-                vm_id: "vm-1".into(),
-                at: format!("t{i}"),
-                kind: "wake".into(),
-                trigger: "request".into(),
-                duration_ms: Some(i as u64),
-                snapshot_id: None,
-                error: None,
-                warnings: vec![format!("w{i}")],
-            })
-            .unwrap();
-        }
-        let events = db.list_events("vm-1").unwrap();
-        assert_eq!(events[0].warnings, [format!("w{}", EVENTS_KEPT + 4)]);
-        assert_eq!(events.len() as i64, EVENTS_KEPT, "only the newest are kept");
-        assert_eq!(
-            events[0].at,
-            format!("t{}", EVENTS_KEPT + 4),
-            "newest first"
-        );
-        assert_eq!(
-            db.delete_vm("vm-1", &["manifests/vm-1/s.json".into()], "t")
-                .unwrap(),
-            ["a.localhost"]
-        );
-        assert_eq!(
-            db.pending_deletes().unwrap(),
-            [("manifests/vm-1/s.json".to_string(), 0)]
-        );
-        assert!(db.list_events("vm-1").unwrap().is_empty());
-        assert!(db.list_routes().unwrap().is_empty());
-        assert!(db.get_vm("vm-1").unwrap().is_none());
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.get_vm("vm-a1").await.unwrap().is_some());
     }
 
-    /// Keys made before key sources were recorded are `legacy`, which the
-    /// HATCH_API_KEY rule never revokes (an upgrade must not lock clients out).
-    #[test]
-    fn an_upgrade_keeps_the_retention_of_existing_vms() {
+    #[tokio::test]
+    async fn an_upgrade_keeps_the_retention_of_existing_vms() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hatch.db");
         let before = MIGRATIONS.len() - 1;
@@ -831,12 +666,17 @@ mod tests {
             .unwrap();
         }
         // Migrated to the newest schema: no default imposed on it.
-        let db = Db::open(&path).unwrap();
-        assert_eq!(db.retention("vm-old").unwrap(), Retention::default());
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            store.retention("vm-old").await.unwrap(),
+            Retention::default()
+        );
     }
 
-    #[test]
-    fn keys_from_before_the_source_column_are_legacy() {
+    /// Keys made before key sources were recorded are `legacy`, which the
+    /// HATCH_API_KEY rule never revokes (an upgrade must not lock clients out).
+    #[tokio::test]
+    async fn keys_from_before_the_source_column_are_legacy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hatch.db");
         {
@@ -851,16 +691,8 @@ mod tests {
             )
             .unwrap();
         }
-        let db = Db::open(&path).unwrap();
-        assert_eq!(db.api_keys().unwrap()[0].source, "legacy");
-        assert_eq!(db.revoke_env_keys_except(None).unwrap(), 0);
-    }
-
-    #[test]
-    fn names_and_hostnames_are_unique() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("hatch.db")).unwrap();
-        db.insert_vm(&vm("vm-1", "web")).unwrap();
-        assert!(db.insert_vm(&vm("vm-2", "web")).is_err());
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.api_keys().await.unwrap()[0].source, "legacy");
+        assert_eq!(store.revoke_env_keys_except(None).await.unwrap(), 0);
     }
 }

@@ -1,0 +1,472 @@
+//! The test suite every [`StateStore`] backend must pass.
+//!
+//! Public (and hidden from the docs) so that the end-to-end tests can run it
+//! against a real PostgreSQL; this crate's unit tests run it against SQLite.
+//! It expects an empty store and panics on the first difference.
+
+use hatch_vmm::PortForward;
+
+use super::{ApiKeyRecord, EVENTS_KEPT, SnapshotRecord, StateStore};
+use crate::model::{
+    Retention, Route, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmEvent, VmState,
+};
+
+/// Run every check, in order, on one empty store.
+pub async fn run(store: &dyn StateStore) {
+    vms(store).await;
+    names_and_hostnames_are_unique(store).await;
+    routes(store).await;
+    events(store).await;
+    snapshots(store).await;
+    deleting_a_vm_takes_its_records_and_queues_its_objects(store).await;
+    api_keys(store).await;
+    pending_deletes(store).await;
+}
+
+fn vm(id: &str, name: &str) -> Vm {
+    Vm {
+        disk_mib: 1024,
+        memory_mib: 1 << 33,
+        vcpus: 3,
+        ..Vm::fresh(
+            id.into(),
+            name.into(),
+            VmState::Starting,
+            "default".into(),
+            format!("2026-01-01T00:00:0{}Z", id.len() % 10),
+        )
+    }
+}
+
+fn route(id: &str, hostname: &str, vm_id: &str) -> Route {
+    Route {
+        id: id.into(),
+        hostname: hostname.into(),
+        vm_id: vm_id.into(),
+        port: 65535,
+        auto_wake: true,
+        idle_timeout_seconds: Some(30),
+        idle_ignore_paths: vec!["/healthz".into()],
+        created_at: format!("2026-01-01T00:00:00Z-{id}"),
+        vm_state: None,
+    }
+}
+
+fn snapshot(id: &str, vm_id: &str, created_at: &str, status: SnapshotStatus) -> SnapshotRecord {
+    SnapshotRecord {
+        snap: Snapshot {
+            id: id.into(),
+            vm_id: vm_id.into(),
+            kind: SnapshotKind::Suspend,
+            status,
+            created_at: created_at.into(),
+            trigger: "manual".into(),
+            memory_bytes: 1 << 40,
+            disk_bytes: 7,
+            stored_bytes: 0,
+            pause_ms: None,
+            error: None,
+        },
+        local: false,
+        layers: vec!["disk.qcow2".into()],
+        local_used_at: None,
+        upload_attempts: 0,
+    }
+}
+
+async fn vms(store: &dyn StateStore) {
+    let v = vm("vm-a1", "web");
+    store.insert_vm(&v).await.expect("insert");
+    assert!(store.vm_name_taken("web").await.expect("taken"));
+    assert!(!store.vm_name_taken("other").await.expect("taken"));
+    assert_eq!(
+        store
+            .vm_id_by_name("web")
+            .await
+            .expect("by name")
+            .as_deref(),
+        Some("vm-a1")
+    );
+    assert_eq!(store.vm_id_by_name("nope").await.expect("by name"), None);
+
+    store.set_vm_started("vm-a1", "t1").await.expect("started");
+    store.set_vm_boot_ms("vm-a1", 4321).await.expect("boot ms");
+    let forwards = [PortForward {
+        host: 40000,
+        guest: 8080,
+    }];
+    store
+        .set_vm_forwards("vm-a1", &forwards)
+        .await
+        .expect("forwards");
+    store
+        .set_vm_state("vm-a1", VmState::Failed, Some("qemu exited"))
+        .await
+        .expect("state");
+    let rec = store.get_vm("vm-a1").await.expect("get").expect("present");
+    assert_eq!(rec.vm.state, VmState::Failed);
+    assert_eq!(rec.vm.state_reason.as_deref(), Some("qemu exited"));
+    assert_eq!(rec.vm.started_at.as_deref(), Some("t1"));
+    assert_eq!(rec.vm.boot_ms, Some(4321));
+    assert_eq!(rec.vm.memory_mib, 1 << 33, "u64 columns keep large values");
+    assert_eq!((rec.vm.vcpus, rec.vm.disk_mib), (3, 1024));
+    assert_eq!(rec.forwards, forwards);
+    assert_eq!(rec.vm.ports, forwards);
+    // A restart clears the boot time of the previous one.
+    store.set_vm_started("vm-a1", "t2").await.expect("started");
+    let rec = store.get_vm("vm-a1").await.expect("get").expect("present");
+    assert_eq!(
+        (rec.vm.started_at.as_deref(), rec.vm.boot_ms),
+        (Some("t2"), None)
+    );
+
+    assert_eq!(
+        store.disk_layers("vm-a1").await.expect("layers"),
+        ["disk.qcow2"],
+        "a new VM has its base layer"
+    );
+    let layers = ["disk.qcow2".to_string(), "layer-1.qcow2".to_string()];
+    store
+        .set_disk_layers("vm-a1", &layers)
+        .await
+        .expect("set layers");
+    assert_eq!(store.disk_layers("vm-a1").await.expect("layers"), layers);
+
+    assert_eq!(
+        store.retention("vm-a1").await.expect("retention"),
+        Retention::default()
+    );
+    let policy = Retention {
+        keep_last: Some(5),
+        max_age_seconds: Some(1 << 40),
+    };
+    store
+        .set_retention("vm-a1", &policy)
+        .await
+        .expect("set retention");
+    assert_eq!(store.retention("vm-a1").await.expect("retention"), policy);
+
+    assert!(store.get_vm("vm-none").await.expect("get").is_none());
+    store
+        .insert_vm(&vm("vm-a2", "web2"))
+        .await
+        .expect("insert second");
+    let ids: Vec<String> = store
+        .list_vms()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.vm.id)
+        .filter(|id| id.starts_with("vm-a"))
+        .collect();
+    assert_eq!(ids, ["vm-a1", "vm-a2"], "oldest first");
+}
+
+async fn names_and_hostnames_are_unique(store: &dyn StateStore) {
+    store.insert_vm(&vm("vm-u1", "same")).await.expect("insert");
+    assert!(store.insert_vm(&vm("vm-u2", "same")).await.is_err());
+    assert!(store.get_vm("vm-u2").await.expect("get").is_none());
+    store
+        .insert_route(&route("rt-u1", "u.localhost", "vm-u1"))
+        .await
+        .expect("route");
+    assert!(
+        store
+            .insert_route(&route("rt-u2", "u.localhost", "vm-u1"))
+            .await
+            .is_err()
+    );
+}
+
+async fn routes(store: &dyn StateStore) {
+    store.insert_vm(&vm("vm-r1", "routed")).await.expect("vm");
+    store
+        .insert_route(&route("rt-r1", "r1.localhost", "vm-r1"))
+        .await
+        .expect("route");
+    let mut plain = route("rt-r2", "r2.localhost", "vm-r1");
+    plain.auto_wake = false;
+    plain.idle_timeout_seconds = None;
+    plain.idle_ignore_paths = vec![];
+    store.insert_route(&plain).await.expect("route");
+    let all: Vec<Route> = store
+        .list_routes()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|r| r.vm_id == "vm-r1")
+        .collect();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].hostname, "r1.localhost", "oldest first");
+    assert_eq!(all[0].port, 65535);
+    assert!(all[0].auto_wake);
+    assert_eq!(all[0].idle_timeout_seconds, Some(30));
+    assert_eq!(all[0].idle_ignore_paths, ["/healthz"]);
+    assert!(!all[1].auto_wake);
+    assert_eq!(all[1].idle_timeout_seconds, None);
+    assert!(store.delete_route("rt-r2").await.expect("delete"));
+    assert!(!store.delete_route("rt-r2").await.expect("delete again"));
+}
+
+async fn events(store: &dyn StateStore) {
+    store.insert_vm(&vm("vm-e1", "evented")).await.expect("vm");
+    for i in 0..(EVENTS_KEPT + 5) {
+        store
+            .add_event(&VmEvent {
+                vm_id: "vm-e1".into(),
+                at: format!("t{i}"),
+                kind: "wake".into(),
+                trigger: "request".into(),
+                duration_ms: Some(i as u64),
+                snapshot_id: (i % 2 == 0).then(|| format!("snap-{i}")),
+                error: None,
+                warnings: vec![format!("w{i}")],
+            })
+            .await
+            .expect("event");
+    }
+    let events = store.list_events("vm-e1").await.expect("list");
+    assert_eq!(events.len() as i64, EVENTS_KEPT, "only the newest are kept");
+    let newest = EVENTS_KEPT + 4;
+    assert_eq!(events[0].at, format!("t{newest}"), "newest first");
+    assert_eq!(events[0].warnings, [format!("w{newest}")]);
+    assert_eq!(events[0].duration_ms, Some(newest as u64));
+    assert_eq!(events[0].snapshot_id, Some(format!("snap-{newest}")));
+    assert_eq!(events[1].snapshot_id, None);
+    assert!(store.list_events("vm-none").await.expect("list").is_empty());
+}
+
+async fn snapshots(store: &dyn StateStore) {
+    store.insert_vm(&vm("vm-s1", "snapped")).await.expect("vm");
+    // Two with the same creation second: the later insert is the newer.
+    for id in ["snap-s1", "snap-s2"] {
+        store
+            .save_snapshot(&snapshot(
+                id,
+                "vm-s1",
+                "2026-01-01T00:00:01Z",
+                SnapshotStatus::Uploading,
+            ))
+            .await
+            .expect("save");
+    }
+    store
+        .save_snapshot(&snapshot(
+            "snap-s0",
+            "vm-s1",
+            "2026-01-01T00:00:00Z",
+            SnapshotStatus::Ready,
+        ))
+        .await
+        .expect("save");
+    let ids = |v: Vec<SnapshotRecord>| v.into_iter().map(|r| r.snap.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_snapshots("vm-s1").await.expect("list")),
+        ["snap-s2", "snap-s1", "snap-s0"],
+        "newest first"
+    );
+    assert_eq!(
+        ids(store
+            .snapshots_with_status(SnapshotStatus::Uploading)
+            .await
+            .expect("with status")),
+        ["snap-s1", "snap-s2"],
+        "oldest first"
+    );
+
+    // Saving again writes back every mutable field.
+    let mut rec = store
+        .get_snapshot("snap-s1")
+        .await
+        .expect("get")
+        .expect("present");
+    rec.snap.status = SnapshotStatus::Failed;
+    rec.snap.stored_bytes = 1 << 41;
+    rec.snap.pause_ms = Some(12);
+    rec.snap.error = Some("upload failed".into());
+    rec.local = true;
+    rec.layers = vec!["disk.qcow2".into(), "layer-2.qcow2".into()];
+    rec.local_used_at = Some("2026-01-02T00:00:00Z".into());
+    rec.upload_attempts = 3;
+    store.save_snapshot(&rec).await.expect("update");
+    let back = store
+        .get_snapshot("snap-s1")
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(back.snap.status, SnapshotStatus::Failed);
+    assert_eq!(back.snap.stored_bytes, 1 << 41);
+    assert_eq!(back.snap.memory_bytes, 1 << 40);
+    assert_eq!(back.snap.pause_ms, Some(12));
+    assert_eq!(back.snap.error.as_deref(), Some("upload failed"));
+    assert_eq!(back.snap.kind, SnapshotKind::Suspend);
+    assert!(back.local);
+    assert_eq!(back.layers, rec.layers);
+    assert_eq!(back.upload_attempts, 3);
+
+    // Local copies, least recently used first (never used: by creation).
+    let mut older = store
+        .get_snapshot("snap-s0")
+        .await
+        .expect("get")
+        .expect("present");
+    older.local = true;
+    store.save_snapshot(&older).await.expect("update");
+    assert_eq!(
+        ids(store.local_snapshots().await.expect("local")),
+        ["snap-s0", "snap-s1"]
+    );
+
+    store
+        .delete_snapshot("snap-s2", "manifests/vm-s1/snap-s2.json", "t")
+        .await
+        .expect("delete");
+    assert!(store.get_snapshot("snap-s2").await.expect("get").is_none());
+    assert!(
+        store
+            .pending_deletes()
+            .await
+            .expect("pending")
+            .contains(&("manifests/vm-s1/snap-s2.json".to_string(), 0))
+    );
+    store
+        .remove_pending_delete("manifests/vm-s1/snap-s2.json")
+        .await
+        .expect("remove");
+}
+
+async fn deleting_a_vm_takes_its_records_and_queues_its_objects(store: &dyn StateStore) {
+    store.insert_vm(&vm("vm-d1", "doomed")).await.expect("vm");
+    store
+        .insert_route(&route("rt-d1", "d.localhost", "vm-d1"))
+        .await
+        .expect("route");
+    store
+        .save_snapshot(&snapshot("snap-d1", "vm-d1", "t", SnapshotStatus::Ready))
+        .await
+        .expect("snapshot");
+    store
+        .add_event(&VmEvent {
+            vm_id: "vm-d1".into(),
+            at: "t".into(),
+            kind: "wake".into(),
+            trigger: "request".into(),
+            duration_ms: None,
+            snapshot_id: None,
+            error: Some("boom".into()),
+            warnings: vec![],
+        })
+        .await
+        .expect("event");
+    let hostnames = store
+        .delete_vm("vm-d1", &["manifests/vm-d1/snap-d1.json".into()], "t")
+        .await
+        .expect("delete");
+    assert_eq!(hostnames, ["d.localhost"]);
+    assert!(store.get_vm("vm-d1").await.expect("get").is_none());
+    assert!(store.get_snapshot("snap-d1").await.expect("get").is_none());
+    assert!(store.list_events("vm-d1").await.expect("events").is_empty());
+    assert!(
+        !store
+            .list_routes()
+            .await
+            .expect("routes")
+            .iter()
+            .any(|r| r.vm_id == "vm-d1")
+    );
+    assert!(
+        store
+            .pending_deletes()
+            .await
+            .expect("pending")
+            .contains(&("manifests/vm-d1/snap-d1.json".to_string(), 0))
+    );
+    store
+        .remove_pending_delete("manifests/vm-d1/snap-d1.json")
+        .await
+        .expect("remove");
+}
+
+async fn api_keys(store: &dyn StateStore) {
+    let key = |id: &str, hash: &[u8], source: &str| ApiKeyRecord {
+        id: id.into(),
+        hash: hash.to_vec(),
+        name: Some(format!("name of {id}")),
+        source: source.into(),
+        created_at: format!("2026-01-01T00:00:00Z-{id}"),
+    };
+    store
+        .insert_api_key(&key("key-1", &[1, 0, 255], "generated"))
+        .await
+        .expect("insert");
+    // The same hash again is ignored (a daemon restarted with the same key).
+    store
+        .insert_api_key(&key("key-1b", &[1, 0, 255], "env"))
+        .await
+        .expect("insert same hash");
+    store
+        .insert_api_key(&key("key-2", &[2], "env"))
+        .await
+        .expect("insert");
+    store
+        .insert_api_key(&key("key-3", &[3], "env"))
+        .await
+        .expect("insert");
+    let keys = store.api_keys().await.expect("keys");
+    let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+    assert_eq!(ids, ["key-1", "key-2", "key-3"], "oldest first");
+    assert_eq!(keys[0].hash, [1, 0, 255]);
+    assert_eq!(keys[0].name.as_deref(), Some("name of key-1"));
+    assert_eq!(keys[0].source, "generated");
+
+    assert_eq!(
+        store
+            .revoke_env_keys_except(Some(&[3]))
+            .await
+            .expect("revoke"),
+        1
+    );
+    assert_eq!(store.revoke_env_keys_except(None).await.expect("revoke"), 1);
+    assert!(
+        store
+            .delete_api_key_unless_last("key-1")
+            .await
+            .is_ok_and(|deleted| !deleted)
+    );
+    assert_eq!(
+        store.api_keys().await.expect("keys").len(),
+        1,
+        "the last stays"
+    );
+}
+
+async fn pending_deletes(store: &dyn StateStore) {
+    store
+        .add_pending_delete("manifests/x.json", "timeout", "2026-01-01T00:00:00Z")
+        .await
+        .expect("add");
+    store
+        .add_pending_delete("manifests/x.json", "timeout again", "2026-01-01T00:00:09Z")
+        .await
+        .expect("add again");
+    store
+        .add_pending_delete("manifests/y.json", "timeout", "2026-01-01T00:00:05Z")
+        .await
+        .expect("add");
+    assert_eq!(
+        store.pending_deletes().await.expect("pending"),
+        [
+            ("manifests/x.json".to_string(), 2),
+            ("manifests/y.json".to_string(), 1)
+        ]
+    );
+    store
+        .remove_pending_delete("manifests/x.json")
+        .await
+        .expect("remove");
+    store
+        .remove_pending_delete("manifests/y.json")
+        .await
+        .expect("remove");
+    assert!(store.pending_deletes().await.expect("pending").is_empty());
+}
