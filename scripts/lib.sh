@@ -50,6 +50,34 @@ install_packages() {
   check_programs
 }
 
+# PostgreSQL's server programs (the cluster's state store; the tests run
+# their own server): the newest /usr/lib/postgresql/<version>/bin.
+pg_bin_dir() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -n "$d" ] && echo "$d"
+}
+
+# PostgreSQL (Debian's package) for a cluster's state and for the tests,
+# which run their own servers as the postgres user. Sets PG_BIN.
+install_postgres() {
+  if [ -z "$(pg_bin_dir || true)" ]; then
+    log "installing PostgreSQL"
+    apt_install postgresql
+  fi
+  PG_BIN=$(pg_bin_dir || true)
+  if [ -z "$PG_BIN" ] || ! "$PG_BIN/initdb" --version >/dev/null 2>&1 \
+      || ! "$PG_BIN/pg_ctl" --version >/dev/null 2>&1; then
+    echo "error: PostgreSQL's initdb and pg_ctl do not run (package postgresql)" >&2
+    exit 1
+  fi
+  if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    echo "error: no postgres user (PostgreSQL's server refuses to run as root)" >&2
+    exit 1
+  fi
+  log "PostgreSQL $("$PG_BIN/pg_ctl" --version | awk '{print $3}'): ok"
+}
+
 # Fail loudly unless every program Hatch runs is there and works.
 check_programs() {
   local failed=0

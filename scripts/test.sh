@@ -9,6 +9,8 @@ cd "$REPO"
 install_packages
 install_garage   # real S3 for the snapshot tests
 export HATCH_GARAGE="$GARAGE"
+install_postgres   # the tests start their own PostgreSQL servers
+export HATCH_PG_BIN="$PG_BIN"
 install_openapi_validator   # checks the served OpenAPI document
 export HATCH_OPENAPI_VALIDATOR="$OPENAPI_VALIDATOR"
 log "building hatch"

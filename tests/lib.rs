@@ -15,6 +15,9 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+pub mod postgres;
+pub use postgres::Postgres;
+
 pub const KEY: &str = "hatch_e2e_test_key_0123456789";
 
 /// Longest wait for any condition: a TCG boot on a loaded 2-core machine.
@@ -139,6 +142,7 @@ impl Daemon {
             .env_remove("HATCH_S3_BUCKET")
             .env_remove("HATCH_S3_ACCESS_KEY_ID")
             .env_remove("HATCH_S3_SECRET_ACCESS_KEY")
+            .env_remove("HATCH_DATABASE_URL")
             .env("HATCH_LOG", "info,hatch_proxy=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

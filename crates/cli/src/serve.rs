@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// ~/.cache/hatch/images, where the set-up scripts build the default image).
     #[arg(long, env = "HATCH_IMAGE_CACHE_DIR")]
     image_cache_dir: Option<PathBuf>,
+    /// Keep state in PostgreSQL (postgres://user:password@host:port/db)
+    /// instead of SQLite in the data dir; nodes of a cluster share it.
+    #[arg(long, env = "HATCH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 /// The TOML file: every field optional.
@@ -89,6 +93,8 @@ struct FileConfig {
     /// An API key, valid while the file holds it (like `HATCH_API_KEY`).
     api_key: Option<String>,
     snapshot_secret: Option<String>,
+    /// Like `--database-url` (may hold a password).
+    database_url: Option<String>,
     s3: Option<FileS3>,
 }
 
@@ -112,6 +118,7 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
     let has_secrets = file.api_key.is_some()
         || file.snapshot_secret.is_some()
+        || file.database_url.is_some()
         || file
             .s3
             .as_ref()
@@ -216,6 +223,11 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     // Test-only fault injection (see crates/server/src/fault.rs).
     cfg.faults = std::env::var("HATCH_FAULTS").unwrap_or_default();
     cfg.s3 = s3_config(file.s3.unwrap_or_default())?;
+    cfg.database_url = args
+        .database_url
+        .filter(|u| !u.is_empty())
+        .or(file.database_url)
+        .map(Secret::new);
     Ok(cfg)
 }
 

@@ -16,7 +16,7 @@ pub struct ErrorBody {
 #[allow(dead_code)]
 pub struct ErrorDetail {
     /// snake_case: bad_request, invalid, unauthorized, not_found, conflict,
-    /// snapshot_storage_unavailable, internal, ...
+    /// snapshot_storage_unavailable, state_store_unavailable, internal, ...
     code: String,
     /// For people.
     message: String,
@@ -39,6 +39,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("snapshot storage is unavailable: no S3 storage is configured")]
     SnapshotStorageUnavailable,
+    /// The database (PostgreSQL) cannot be reached now: nothing changed;
+    /// the call can be repeated once it is back.
+    #[error("the state database is unreachable; nothing was changed, try again")]
+    StateStoreUnavailable,
     #[error("{0}")]
     NotImplemented(String),
     #[error("internal error: {0:#}")]
@@ -63,7 +67,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::SnapshotStorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::SnapshotStorageUnavailable | ApiError::StateStoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,6 +83,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::SnapshotStorageUnavailable => "snapshot_storage_unavailable",
+            ApiError::StateStoreUnavailable => "state_store_unavailable",
             ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }
@@ -91,6 +98,10 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<crate::state::StoreError> for ApiError {
     fn from(e: crate::state::StoreError) -> Self {
+        if e.is_unreachable() {
+            tracing::warn!(error = %anyhow::Error::from(e), "state store unreachable");
+            return ApiError::StateStoreUnavailable;
+        }
         ApiError::Internal(e.into())
     }
 }

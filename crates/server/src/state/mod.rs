@@ -39,6 +39,21 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The database could not be reached (connection refused, lost, pool
+    /// timed out): the call did nothing and may be repeated later.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Unreachable(_) => true,
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+            }
+            StoreError::Sqlite(_) | StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
 /// Events kept per VM.
 pub const EVENTS_KEPT: i64 = 100;
 
