@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: API, proxy and VMs.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Create, inspect and control VMs.
     #[command(subcommand)]
     Vm(commands::vm::VmCommand),
@@ -40,6 +40,9 @@ enum Command {
     /// List, create and revoke API keys.
     #[command(subcommand)]
     Key(commands::key::KeyCommand),
+    /// The daemons of a cluster.
+    #[command(subcommand)]
+    Node(commands::node::NodeCommand),
     /// Build and register guest images (local; no daemon needed).
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
@@ -56,10 +59,11 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Vm(cmd) => commands::vm::run(cmd).await,
             Command::Route(cmd) => commands::route::run(cmd).await,
             Command::Key(cmd) => commands::key::run(cmd).await,
+            Command::Node(cmd) => commands::node::run(cmd).await,
             Command::Snapshot(cmd) => commands::snapshot::run(cmd).await,
             Command::Storage(args) => commands::storage::run(args).await,
             Command::Image(cmd) => commands::image::run(cmd),

@@ -76,6 +76,15 @@ pub struct ServeArgs {
     /// instead of SQLite in the data dir; nodes of a cluster share it.
     #[arg(long, env = "HATCH_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// This daemon's name in a cluster [default: the host name].
+    #[arg(long, env = "HATCH_NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the other nodes of a cluster reach this one (HOST:PORT).
+    #[arg(long, env = "HATCH_CLUSTER_ADDR")]
+    cluster_addr: Option<SocketAddr>,
+    /// Seconds without a heartbeat after which a node counts as down [default: 15].
+    #[arg(long, env = "HATCH_NODE_DOWN_SECONDS")]
+    node_down_seconds: Option<u64>,
 }
 
 /// The TOML file: every field optional.
@@ -95,6 +104,10 @@ struct FileConfig {
     snapshot_secret: Option<String>,
     /// Like `--database-url` (may hold a password).
     database_url: Option<String>,
+    node_name: Option<String>,
+    cluster_addr: Option<SocketAddr>,
+    /// Like `HATCH_CLUSTER_SECRET`.
+    cluster_secret: Option<String>,
     s3: Option<FileS3>,
 }
 
@@ -119,6 +132,7 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let has_secrets = file.api_key.is_some()
         || file.snapshot_secret.is_some()
         || file.database_url.is_some()
+        || file.cluster_secret.is_some()
         || file
             .s3
             .as_ref()
@@ -228,6 +242,20 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
         .filter(|u| !u.is_empty())
         .or(file.database_url)
         .map(Secret::new);
+    if let Some(name) = args.node_name.or(file.node_name) {
+        anyhow::ensure!(
+            hatch_server::config::valid_node_name(&name),
+            "invalid node name {name:?}: use 1-63 letters, digits, '.', '_' or '-'"
+        );
+        cfg.node_name = name;
+    }
+    cfg.cluster_addr = args.cluster_addr.or(file.cluster_addr);
+    cfg.cluster_secret =
+        secret_var("HATCH_CLUSTER_SECRET").or(file.cluster_secret.map(Secret::new));
+    if let Some(s) = args.node_down_seconds {
+        anyhow::ensure!(s >= 2, "--node-down-seconds must be at least 2");
+        cfg.node_down_after = Duration::from_secs(s);
+    }
     Ok(cfg)
 }
 

@@ -373,8 +373,16 @@ impl VmManager {
     /// whose recovery fails is marked failed with the reason; the others,
     /// and the daemon, come up.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        let me = self.cfg.node_name.as_str();
         for rec in self.store.list_vms().await? {
             let vm = rec.vm;
+            match vm.node.as_deref() {
+                // Another node's VM: not ours to re-attach or judge.
+                Some(node) if node != me => continue,
+                Some(_) => {}
+                // From before nodes were recorded: this daemon's.
+                None => self.store.set_vm_node(&vm.id, me).await?,
+            }
             let rt = VmRuntime::new(vm.id.clone(), vm.state, rec.forwards.clone());
             self.insert_runtime(rt.clone());
             let recovered = async {

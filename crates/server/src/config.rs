@@ -51,6 +51,14 @@ pub struct Config {
     /// cluster) instead of SQLite in the data dir. Secret: it may carry a
     /// password.
     pub database_url: Option<Secret>,
+    /// This daemon's name in the cluster (`--node-name`); default the host name.
+    pub node_name: String,
+    /// Where other nodes reach this one (`--cluster-addr`), shown in `GET /nodes`.
+    pub cluster_addr: Option<SocketAddr>,
+    /// Shared by the nodes of a cluster; authenticates node-to-node calls.
+    pub cluster_secret: Option<Secret>,
+    /// A node not heard from for this long is `down`.
+    pub node_down_after: Duration,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub gc_grace: Duration,
     /// How long a proxied request waits for its VM to wake before 503.
@@ -117,6 +125,10 @@ impl Config {
             api_key: None,
             s3: None,
             database_url: None,
+            node_name: default_node_name(),
+            cluster_addr: None,
+            cluster_secret: None,
+            node_down_after: Duration::from_secs(15),
             gc_grace: Duration::from_secs(3600),
             wake_timeout: Duration::from_secs(30),
             wake_queue: 4096,
@@ -131,6 +143,25 @@ impl Config {
             faults: String::new(),
         }
     }
+}
+
+/// Node names: 1-63 letters, digits, '.', '_' or '-' (they appear in URLs
+/// and logs).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The host name (a node's default name), or `hatch` if it cannot be read.
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hatch".to_string())
 }
 
 /// `$HATCH_CACHE_DIR/images`, else `~/.cache/hatch/images`: where
@@ -160,6 +191,7 @@ mod tests {
         cfg.snapshot_secret = Some(Secret::new("snapshot-secret-value"));
         cfg.previous_snapshot_secrets = vec![Secret::new("old-secret-value")];
         cfg.database_url = Some(Secret::new("postgres://u:db-password@h/d"));
+        cfg.cluster_secret = Some(Secret::new("cluster-secret-value"));
         cfg.s3 = Some(S3Config {
             endpoint: "http://127.0.0.1:3900".into(),
             bucket: "b".into(),
@@ -174,6 +206,7 @@ mod tests {
             "old-secret-value",
             "s3-secret-value",
             "db-password",
+            "cluster-secret-value",
         ] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }

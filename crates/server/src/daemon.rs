@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, router};
 use crate::auth::{self, KeyRing};
+use crate::cluster::nodes::{self, NodeIdentity};
 use crate::config::Config;
 use crate::images::Images;
 use crate::manager::VmManager;
@@ -32,7 +33,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let store = state::open(cfg.database_url.as_ref().map(|u| u.expose()), &cfg.data_dir)
         .await
         .context("opening the state store")?;
-    tracing::info!(backend = store.backend(), "state store open");
+    let me = NodeIdentity::from_config(&cfg);
+    nodes::register(store.as_ref(), &me)
+        .await
+        .context("registering this node")?;
+    tracing::info!(backend = store.backend(), node = %me.name, "state store open");
     let (keys, generated) = KeyRing::open(store.clone(), cfg.api_key.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -102,6 +107,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tokio::spawn(vms.clone().retention_worker(shutdown.clone()));
     tokio::spawn(vms.clone().idle_worker(shutdown.clone()));
     tokio::spawn(vms.clone().storage_worker(shutdown.clone()));
+    tokio::spawn(nodes::heartbeat_worker(
+        vms.store.clone(),
+        me,
+        shutdown.clone(),
+    ));
     let api_shutdown = shutdown.clone();
     let api = tokio::spawn(async move {
         axum::serve(api_listener, app)

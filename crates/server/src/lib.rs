@@ -5,6 +5,7 @@
 //! - [`manager`] with [`boot`] and [`routes`]: the core that owns VMs, their
 //!   lifecycle and proxy routes; [`runtime`] is one VM's in-memory side.
 //! - [`state`]: the state store (SQLite or PostgreSQL); [`auth`]: API keys; [`metrics`]: Prometheus.
+//! - [`cluster`]: nodes sharing one database (heartbeats, `GET /nodes`).
 //! - [`resolver`]: how the proxy finds a VM for a host name; [`wake`]: auto-wake
 //!   of suspended VMs for held requests; [`idle`]: suspending idle VMs;
 //!   [`events`]: wakes and idle suspends as events, metrics and logs.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod auth;
 pub mod boot;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod durable;

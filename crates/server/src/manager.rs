@@ -265,10 +265,41 @@ impl VmManager {
         if self.runtime(id_or_name).is_ok() {
             return Ok(id_or_name.to_string());
         }
-        self.store
-            .vm_id_by_name(id_or_name)
+        if let Some(id) = self.store.vm_id_by_name(id_or_name).await? {
+            return Ok(id);
+        }
+        // A VM of another node has no runtime here.
+        match self.store.get_vm(id_or_name).await? {
+            Some(rec) => Ok(rec.vm.id),
+            None => Err(ApiError::not_found("vm", id_or_name)),
+        }
+    }
+
+    /// Like [`resolve`](Self::resolve), for calls that act on the VM: those
+    /// are refused (409) for a VM that another node runs.
+    pub async fn resolve_local(&self, id_or_name: &str) -> Result<String, ApiError> {
+        if self.runtime(id_or_name).is_ok() {
+            return Ok(id_or_name.to_string());
+        }
+        let id = self.resolve(id_or_name).await?;
+        if self.runtime(&id).is_ok() {
+            return Ok(id);
+        }
+        let node = self
+            .store
+            .get_vm(&id)
             .await?
-            .ok_or_else(|| ApiError::not_found("vm", id_or_name))
+            .and_then(|r| r.vm.node)
+            .unwrap_or_default();
+        Err(ApiError::conflict(format!(
+            "vm '{id_or_name}' belongs to node '{node}' (this is '{}'): send this call to that node's API",
+            self.cfg.node_name
+        )))
+    }
+
+    /// Every node of the cluster (this one alone without a shared database).
+    pub async fn nodes(&self) -> Result<Vec<model::Node>, ApiError> {
+        Ok(crate::cluster::nodes::list(self.store.as_ref(), self.cfg.node_down_after).await?)
     }
 
     /// Validate, create the VM's disk and record, and start booting it
@@ -372,6 +403,10 @@ impl VmManager {
 
     /// Record a new VM with the default retention policy.
     pub(crate) async fn insert_vm(&self, vm: &Vm) -> Result<(), ApiError> {
+        let vm = &Vm {
+            node: Some(self.cfg.node_name.clone()),
+            ..vm.clone()
+        };
         if let Err(e) = self.store.insert_vm(vm).await {
             // Two creates racing for one name: the UNIQUE constraint decides.
             if self.store.vm_name_taken(&vm.name).await.unwrap_or(false) {

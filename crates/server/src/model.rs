@@ -128,6 +128,9 @@ pub struct Vm {
     /// The host name of the route that sets `idle_timeout_seconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_route: Option<String>,
+    /// The node that runs this VM, or ran it last (`--node-name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Vm {
@@ -156,6 +159,7 @@ impl Vm {
             ready: false,
             idle_timeout_seconds: None,
             idle_timeout_route: None,
+            node: None,
         }
     }
 }
@@ -583,4 +587,26 @@ mod tests {
             assert_eq!(VmState::parse(s.as_str()), Some(s));
         }
     }
+}
+
+/// A daemon of the cluster as `GET /nodes` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    /// `--node-name`.
+    pub name: String,
+    /// `--cluster-addr`: where other nodes reach it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// `up`, `down` (not heard from for longer than the down time) or
+    /// `draining` (takes no new wakes).
+    pub state: String,
+    /// VMs it runs (starting, running, snapshotting, restoring, stopping).
+    pub vms: u64,
+    /// Memory the host had available at its last heartbeat.
+    pub free_memory_mib: u64,
+    /// Its last heartbeat (the database's clock).
+    pub last_heartbeat: String,
+    /// Seconds since its last heartbeat (the database's clock).
+    pub seconds_since_heartbeat: f64,
+    pub started_at: String,
 }

@@ -101,7 +101,7 @@ impl VmManager {
                 "idle_ignore_paths must be at most {MAX_IGNORED_PATHS} path prefixes, each starting with '/' and at most 256 bytes"
             )));
         }
-        let vm_id = self.resolve(&req.vm_id).await?;
+        let vm_id = self.resolve_local(&req.vm_id).await?;
         let rt = self.runtime(&vm_id)?;
         // Under the VM's operation lock: a boot picks its forwards from the
         // route table, and a delete removes the VM's routes; neither may

@@ -1,5 +1,6 @@
 pub mod image;
 pub mod key;
+pub mod node;
 pub mod route;
 pub mod snapshot;
 pub mod storage;

@@ -3,6 +3,7 @@
 
 mod extract;
 mod keys;
+mod nodes;
 mod openapi;
 mod routes;
 mod system;
@@ -59,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/routes/{id}", get(routes::get).delete(routes::delete))
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
+        .route("/nodes", get(nodes::list))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));

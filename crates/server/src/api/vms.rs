@@ -35,7 +35,7 @@ pub async fn get(State(app): App, Path(id): Path<String>) -> Result<Json<Vm>, Ap
 
 #[utoipa::path(delete, path = "/vms/{id}", operation_id = "deleteVm", tag = "vms", responses((status = 204), (status = 404), (status = 409)))]
 pub async fn delete(State(app): App, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     app.vms.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -45,7 +45,7 @@ pub async fn start(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(app.vms.start(&id).await?)))
 }
 
@@ -54,7 +54,7 @@ pub async fn stop(
     State(app): App,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(app.vms.stop(&id).await?)))
 }
 
@@ -72,7 +72,7 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     let (bytes, next) = app.vms.logs(&id, q.offset)?;
     Ok((
         [
@@ -95,7 +95,7 @@ pub async fn snapshot(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CreateSnapshot>,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(app.vms.snapshot(&id, req, "manual").await?),
@@ -109,7 +109,7 @@ pub async fn restore(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(app.vms.restore(&id, req).await?)))
 }
 
@@ -145,7 +145,7 @@ pub async fn delete_snapshot(
     State(app): App,
     Path((id, sid)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     app.vms.delete_snapshot(&id, &sid).await?;
     Ok(StatusCode::NO_CONTENT)
 }

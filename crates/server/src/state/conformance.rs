@@ -6,7 +6,7 @@
 
 use hatch_vmm::PortForward;
 
-use super::{ApiKeyRecord, EVENTS_KEPT, SnapshotRecord, StateStore};
+use super::{ApiKeyRecord, EVENTS_KEPT, NodeBeat, SnapshotRecord, StateStore};
 use crate::model::{
     Retention, Route, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmEvent, VmState,
 };
@@ -21,6 +21,7 @@ pub async fn run(store: &dyn StateStore) {
     deleting_a_vm_takes_its_records_and_queues_its_objects(store).await;
     api_keys(store).await;
     pending_deletes(store).await;
+    nodes(store).await;
 }
 
 fn vm(id: &str, name: &str) -> Vm {
@@ -469,4 +470,63 @@ async fn pending_deletes(store: &dyn StateStore) {
         .await
         .expect("remove");
     assert!(store.pending_deletes().await.expect("pending").is_empty());
+}
+
+async fn nodes(store: &dyn StateStore) {
+    let beat = |name: &str, free: u64| NodeBeat {
+        name: name.into(),
+        addr: Some(format!("127.0.0.1:7{}", name.len())),
+        free_memory_mib: free,
+        started_at: "2026-01-01T00:00:00Z".into(),
+    };
+    store.heartbeat(&beat("n2", 100)).await.expect("beat");
+    store.heartbeat(&beat("n1", 100)).await.expect("beat");
+    store
+        .heartbeat(&beat("n1", 2048))
+        .await
+        .expect("beat again");
+    let mut on_n1 = vm("vm-n1", "on-n1");
+    on_n1.node = Some("n1".into());
+    store.insert_vm(&on_n1).await.expect("vm");
+    assert_eq!(
+        store
+            .get_vm("vm-n1")
+            .await
+            .expect("get")
+            .expect("present")
+            .vm
+            .node
+            .as_deref(),
+        Some("n1")
+    );
+    store
+        .insert_vm(&Vm {
+            node: Some("n1".into()),
+            ..vm("vm-n2", "stopped-on-n1")
+        })
+        .await
+        .expect("vm");
+    store
+        .set_vm_state("vm-n2", VmState::Stopped, None)
+        .await
+        .expect("state");
+
+    let nodes = store.list_nodes().await.expect("nodes");
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["n1", "n2"], "by name, each once");
+    assert_eq!(nodes[0].free_memory_mib, 2048, "the newest heartbeat");
+    assert_eq!(nodes[0].addr.as_deref(), Some("127.0.0.1:72"));
+    assert_eq!(nodes[0].state, "up");
+    assert_eq!(nodes[0].vms, 1, "only VMs with a process count");
+    assert_eq!(nodes[1].vms, 0);
+    assert!(nodes[0].silent_for < std::time::Duration::from_secs(60));
+    assert!(
+        nodes[0].heartbeat_at.starts_with("20"),
+        "{}",
+        nodes[0].heartbeat_at
+    );
+
+    store.set_vm_node("vm-n1", "n2").await.expect("move");
+    let nodes = store.list_nodes().await.expect("nodes");
+    assert_eq!((nodes[0].vms, nodes[1].vms), (0, 1));
 }

@@ -54,6 +54,9 @@ impl StoreError {
     }
 }
 
+/// States in which a VM has a process on its node (counted per node).
+const PROCESS_STATES: &str = "'starting', 'running', 'snapshotting', 'restoring', 'stopping'";
+
 /// Events kept per VM.
 pub const EVENTS_KEPT: i64 = 100;
 
@@ -88,6 +91,36 @@ pub struct SnapshotRecord {
     pub upload_attempts: u32,
 }
 
+/// What a node writes with each heartbeat.
+#[derive(Debug, Clone)]
+pub struct NodeBeat {
+    pub name: String,
+    /// `--cluster-addr`, if any.
+    pub addr: Option<String>,
+    pub free_memory_mib: u64,
+    /// When this daemon started (RFC 3339).
+    pub started_at: String,
+}
+
+/// A `nodes` row with what the store computes on reading it.
+#[derive(Debug, Clone)]
+pub struct NodeRecord {
+    pub name: String,
+    pub addr: Option<String>,
+    /// What the node asked to be: `up` or `draining` (`down` is computed
+    /// from the heartbeat's age by the reader).
+    pub state: String,
+    pub started_at: String,
+    pub free_memory_mib: u64,
+    /// The last heartbeat, RFC 3339 (the store's clock).
+    pub heartbeat_at: String,
+    /// Age of the last heartbeat by the store's clock (in a cluster, the
+    /// database's: node clocks are never compared).
+    pub silent_for: std::time::Duration,
+    /// VMs whose process runs on the node.
+    pub vms: u64,
+}
+
 /// Where Hatch keeps its state. Every method is one atomic change or one
 /// consistent read; none holds a lock across calls.
 #[async_trait]
@@ -112,6 +145,8 @@ pub trait StateStore: Send + Sync {
     async fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), StoreError>;
     async fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), StoreError>;
     async fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError>;
+    /// Record the node that runs (or ran last) a VM.
+    async fn set_vm_node(&self, id: &str, node: &str) -> Result<(), StoreError>;
     /// Delete a VM with its routes, snapshots and events in one transaction,
     /// queueing the deletion of `objects` (its manifests in S3) in the same
     /// transaction: a crash right after cannot leave them behind forever.
@@ -170,6 +205,13 @@ pub trait StateStore: Send + Sync {
     /// hash of the one set now, if any). Answers how many went.
     async fn revoke_env_keys_except(&self, keep: Option<&[u8]>) -> Result<usize, StoreError>;
 
+    // --- nodes ---
+    /// Register a node or renew its heartbeat (stamped with the store's
+    /// clock). A node's `draining` mark survives its heartbeats.
+    async fn heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError>;
+    /// Every node that ever joined, by name.
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
     // --- objects to delete from S3, retried ---
     /// Record a failed attempt to delete `key` (queueing it if need be).
     async fn add_pending_delete(&self, key: &str, error: &str, now: &str)
@@ -214,11 +256,12 @@ struct VmRow {
     started_at: Option<String>,
     boot_ms: Option<u64>,
     forwards: String,
+    node: Option<String>,
 }
 
 /// The columns of a VM row, in [`VmRow`]'s order.
 const VM_COLUMNS: &str = "id, name, state, state_reason, image, vcpus, memory_mib, disk_mib,
-    created_at, started_at, boot_ms, forwards";
+    created_at, started_at, boot_ms, forwards, node";
 
 impl VmRow {
     fn parse(self) -> Result<VmRecord, StoreError> {
@@ -242,6 +285,7 @@ impl VmRow {
                 ready: false,
                 idle_timeout_seconds: None,
                 idle_timeout_route: None,
+                node: self.node,
             },
             forwards,
         })

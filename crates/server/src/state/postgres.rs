@@ -14,8 +14,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ApiKeyRecord, EVENTS_KEPT, SNAPSHOT_COLUMNS, SnapshotRecord, SnapshotRow, StateStore,
-    StoreError, VM_COLUMNS, VmRecord, VmRow, from_json, to_json,
+    ApiKeyRecord, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
+    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, from_json,
+    to_json,
 };
 use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 
@@ -37,7 +38,9 @@ CREATE TABLE vms (
     forwards TEXT NOT NULL DEFAULT '[]',
     disk_layers TEXT NOT NULL DEFAULT '["disk.qcow2"]',
     keep_last BIGINT,
-    max_age_seconds BIGINT
+    max_age_seconds BIGINT,
+    -- the node that runs the VM or ran it last
+    node TEXT
 );
 CREATE TABLE routes (
     id TEXT PRIMARY KEY,
@@ -94,6 +97,16 @@ CREATE TABLE pending_deletes (
     attempts BIGINT NOT NULL DEFAULT 0,
     last_error TEXT,
     added_at TEXT NOT NULL
+);
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    addr TEXT,
+    -- up or draining; down is computed from the heartbeat's age
+    state TEXT NOT NULL DEFAULT 'up',
+    started_at TEXT NOT NULL,
+    free_memory_mib BIGINT NOT NULL DEFAULT 0,
+    -- the database's clock: nodes' clocks are never compared
+    heartbeat_at TIMESTAMPTZ NOT NULL
 );
 "#];
 
@@ -226,6 +239,7 @@ fn vm_from_row(r: &Row) -> Result<VmRecord, StoreError> {
         started_at: r.try_get(9)?,
         boot_ms: opt_unsigned(r, 10)?,
         forwards: r.try_get(11)?,
+        node: r.try_get(12)?,
     }
     .parse()
 }
@@ -262,8 +276,8 @@ impl StateStore for PgStore {
 
     async fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at, node)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             &[
                 &vm.id,
                 &vm.name,
@@ -274,6 +288,7 @@ impl StateStore for PgStore {
                 &big(vm.memory_mib)?,
                 &big(vm.disk_mib)?,
                 &vm.created_at,
+                &vm.node,
             ],
         )
         .await?;
@@ -357,6 +372,12 @@ impl StateStore for PgStore {
             &[&id, &big(boot_ms)?],
         )
         .await?;
+        Ok(())
+    }
+
+    async fn set_vm_node(&self, id: &str, node: &str) -> Result<(), StoreError> {
+        self.execute("UPDATE vms SET node = $2 WHERE id = $1", &[&id, &node])
+            .await?;
         Ok(())
     }
 
@@ -692,6 +713,53 @@ impl StateStore for PgStore {
             )
             .await?;
         Ok(n as usize)
+    }
+
+    async fn heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO nodes (name, addr, started_at, free_memory_mib, heartbeat_at)
+             VALUES ($1, $2, $3, $4, now())
+             ON CONFLICT (name) DO UPDATE SET addr = excluded.addr, started_at = excluded.started_at,
+                free_memory_mib = excluded.free_memory_mib, heartbeat_at = now()",
+            &[
+                &beat.name,
+                &beat.addr,
+                &beat.started_at,
+                &big(beat.free_memory_mib)?,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.query(
+            &format!(
+                "SELECT name, addr, state, started_at, free_memory_mib,
+                    to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8,
+                    (SELECT COUNT(*) FROM vms WHERE vms.node = nodes.name
+                        AND vms.state IN ({PROCESS_STATES}))
+                 FROM nodes ORDER BY name"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let silent: f64 = r.try_get(6)?;
+            Ok(NodeRecord {
+                name: r.try_get(0)?,
+                addr: r.try_get(1)?,
+                state: r.try_get(2)?,
+                started_at: r.try_get(3)?,
+                free_memory_mib: unsigned(r, 4)?,
+                heartbeat_at: r.try_get(5)?,
+                silent_for: std::time::Duration::from_secs_f64(silent.max(0.0)),
+                vms: unsigned(r, 7)?,
+            })
+        })
+        .collect()
     }
 
     async fn add_pending_delete(

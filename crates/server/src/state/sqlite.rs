@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ApiKeyRecord, EVENTS_KEPT, SNAPSHOT_COLUMNS, SnapshotRecord, SnapshotRow, StateStore,
-    StoreError, VM_COLUMNS, VmRecord, VmRow, from_json, to_json,
+    ApiKeyRecord, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
+    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, from_json,
+    to_json,
 };
 use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 use hatch_vmm::PortForward;
@@ -113,6 +114,20 @@ ALTER TABLE api_keys ADD COLUMN source TEXT NOT NULL DEFAULT 'legacy';
 -- Degradations of an event that still succeeded (JSON list of strings).
 ALTER TABLE vm_events ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
 "#,
+    r#"
+-- The node that runs the VM or ran it last (NULL: from before nodes).
+ALTER TABLE vms ADD COLUMN node TEXT;
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    addr TEXT,
+    state TEXT NOT NULL DEFAULT 'up',
+    started_at TEXT NOT NULL,
+    free_memory_mib INTEGER NOT NULL DEFAULT 0,
+    heartbeat_at TEXT NOT NULL,
+    -- the same instant as unix seconds, for computing its age
+    heartbeat_unix REAL NOT NULL
+);
+"#,
 ];
 
 pub struct SqliteStore {
@@ -161,8 +176,8 @@ impl StateStore for SqliteStore {
 
     async fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at, node)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 vm.id,
                 vm.name,
@@ -172,7 +187,8 @@ impl StateStore for SqliteStore {
                 vm.vcpus,
                 vm.memory_mib,
                 vm.disk_mib,
-                vm.created_at
+                vm.created_at,
+                vm.node
             ],
         )?;
         Ok(())
@@ -249,6 +265,12 @@ impl StateStore for SqliteStore {
             "UPDATE vms SET boot_ms = ?2 WHERE id = ?1",
             params![id, boot_ms],
         )?;
+        Ok(())
+    }
+
+    async fn set_vm_node(&self, id: &str, node: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE vms SET node = ?2 WHERE id = ?1", params![id, node])?;
         Ok(())
     }
 
@@ -526,6 +548,57 @@ impl StateStore for SqliteStore {
 
     // --- objects to delete from S3, retried ---
 
+    async fn heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now();
+        let unix = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.conn().execute(
+            "INSERT INTO nodes (name, addr, started_at, free_memory_mib, heartbeat_at, heartbeat_unix)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET addr = excluded.addr, started_at = excluded.started_at,
+                free_memory_mib = excluded.free_memory_mib, heartbeat_at = excluded.heartbeat_at,
+                heartbeat_unix = excluded.heartbeat_unix",
+            params![
+                beat.name,
+                beat.addr,
+                beat.started_at,
+                beat.free_memory_mib,
+                humantime::format_rfc3339_seconds(now).to_string(),
+                unix
+            ],
+        )?;
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT name, addr, state, started_at, free_memory_mib, heartbeat_at, heartbeat_unix,
+                (SELECT COUNT(*) FROM vms WHERE vms.node = nodes.name AND vms.state IN ({PROCESS_STATES}))
+             FROM nodes ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            let beat: f64 = r.get(6)?;
+            Ok(NodeRecord {
+                name: r.get(0)?,
+                addr: r.get(1)?,
+                state: r.get(2)?,
+                started_at: r.get(3)?,
+                free_memory_mib: r.get(4)?,
+                heartbeat_at: r.get(5)?,
+                silent_for: std::time::Duration::from_secs_f64((now - beat).max(0.0)),
+                vms: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     async fn add_pending_delete(
         &self,
         key: &str,
@@ -627,6 +700,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
         started_at: r.get(9)?,
         boot_ms: r.get(10)?,
         forwards: r.get(11)?,
+        node: r.get(12)?,
     }
     .parse())
 }
