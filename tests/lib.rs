@@ -52,7 +52,7 @@ pub fn images_dir() -> PathBuf {
         })
 }
 
-fn free_addr() -> SocketAddr {
+pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use hatch_e2e::{Daemon, KEY, PATIENCE, Postgres, hatch_bin, kv};
+use hatch_e2e::{Daemon, Garage, KEY, PATIENCE, Postgres, free_addr, hatch_bin, kv};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -15,10 +15,6 @@ async fn node_daemon(pg: &Postgres, name: &str) -> Daemon {
     Daemon::start_with_env(vec![
         ("HATCH_DATABASE_URL".into(), pg.url()),
         ("HATCH_NODE_NAME".into(), name.into()),
-        (
-            "HATCH_CLUSTER_ADDR".into(),
-            format!("127.0.0.1:{}", 7100 + name.len()),
-        ),
         ("HATCH_NODE_DOWN_SECONDS".into(), "3".into()),
     ])
     .await
@@ -55,11 +51,12 @@ async fn nodes_share_vms_and_each_acts_only_on_its_own() {
     assert!(all.iter().all(|n| n["state"] == "up"), "{all:?}");
     assert_eq!(all[0]["vms"], 1);
     assert_eq!(all[1]["vms"], 0);
-    assert_eq!(all[0]["address"], "127.0.0.1:7102");
+    assert!(all[0]["address"].is_null(), "no --cluster-addr");
     assert!(all[0]["free_memory_mib"].as_u64().unwrap() > 0);
 
-    // Calls that act on the VM are refused by the node that does not run it,
-    // naming the node that does; nothing changes.
+    // Without cluster addresses nothing can be forwarded: calls that act on
+    // the VM are refused by the node that does not run it, naming the node
+    // that does; nothing changes.
     for (method, path, body) in [
         (Method::POST, format!("/vms/{id}/stop"), None),
         (
@@ -109,7 +106,7 @@ async fn nodes_share_vms_and_each_acts_only_on_its_own() {
     loop {
         let all = nodes(&n2).await;
         if all[0]["state"] == "down" {
-            assert!(all[0]["seconds_since_heartbeat"].as_f64().unwrap() > 3.0);
+            assert!(all[0]["seconds_since_heartbeat"].as_f64().unwrap() >= 3.0);
             assert_eq!(all[1]["state"], "up");
             break;
         }
@@ -125,4 +122,128 @@ async fn nodes_share_vms_and_each_acts_only_on_its_own() {
         "up",
         "a returning node is up again"
     );
+}
+
+/// A node of a three-node cluster with cluster addresses and a shared secret.
+async fn cluster_node(pg: &Postgres, garage: &Garage, name: &str) -> Daemon {
+    let mut env = garage.env();
+    env.extend(
+        [
+            ("HATCH_DATABASE_URL", pg.url()),
+            ("HATCH_NODE_NAME", name.to_string()),
+            ("HATCH_CLUSTER_ADDR", free_addr().to_string()),
+            (
+                "HATCH_CLUSTER_SECRET",
+                "cluster-secret-for-tests-0123".to_string(),
+            ),
+            (
+                "HATCH_SNAPSHOT_SECRET",
+                "snapshot-secret-for-tests-0123".to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    Daemon::start_with_env(env).await
+}
+
+async fn cluster_addr_of(d: &Daemon, name: &str) -> String {
+    let all = nodes(d).await;
+    let node = all.iter().find(|n| n["name"] == name).unwrap();
+    node["address"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn any_node_serves_requests_and_api_calls_for_a_vm_on_another() {
+    let pg = Postgres::start();
+    let garage = Garage::start().await;
+    let n1 = cluster_node(&pg, &garage, "n1").await;
+    let n2 = cluster_node(&pg, &garage, "n2").await;
+    let n3 = cluster_node(&pg, &garage, "n3").await;
+
+    // Created through n1, routed through n2 (carried out by n1), requested
+    // through n3's proxy (forwarded to n1).
+    let id = n1.create_vm(json!({ "name": "web" })).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    n1.wait_state(&id, "running").await;
+    let (s, route) = n2
+        .call(
+            Method::POST,
+            "/routes",
+            Some(json!({ "hostname": "web.localhost", "vm_id": "web" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{route}");
+    let boot = kv(&n3.wait_http("web.localhost", "/").await, "boot_id");
+    assert_eq!(
+        n3.get_ok("web.localhost", "/counter").await.trim(),
+        "counter=1"
+    );
+    assert_eq!(
+        n2.get_ok("web.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+    assert_eq!(
+        n1.get_ok("web.localhost", "/counter").await.trim(),
+        "counter=3"
+    );
+
+    // API calls that act on the VM, through a node that does not run it.
+    let (s, logs) = n2.call(Method::GET, "/vms/web/logs", None).await;
+    assert_eq!(s, StatusCode::OK, "{logs}");
+    let (s, snap) = n3
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/snapshot"),
+            Some(json!({ "stop": true })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{snap}");
+    let sid = snap["id"].as_str().unwrap();
+    n2.wait_snapshot(&id, sid, "ready").await;
+    n3.wait_state(&id, "snapshotted").await;
+    // A request through n2 wakes it on its node: the same machine.
+    let root = n2.get_ok("web.localhost", "/").await;
+    assert_eq!(kv(&root, "boot_id"), boot);
+    assert_eq!(
+        n3.get_ok("web.localhost", "/counter").await.trim(),
+        "counter=4"
+    );
+    let vm = n2.vm(&id).await;
+    assert_eq!(
+        (vm["state"].as_str(), vm["node"].as_str()),
+        (Some("running"), Some("n1"))
+    );
+
+    // The cluster address serves signed hops only.
+    let n1_cluster = cluster_addr_of(&n2, "n1").await;
+    let http = reqwest::Client::new();
+    let unsigned = http
+        .get(format!("http://{n1_cluster}/"))
+        .header("host", "web.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), StatusCode::FORBIDDEN);
+    let forged = http
+        .get(format!("http://{n1_cluster}/"))
+        .header("host", "web.localhost")
+        .header(
+            "x-hatch-hop",
+            format!("n2 {} {}", now_secs(), "ab".repeat(32)),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let body: Value = forged.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden", "{body}");
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

@@ -72,14 +72,15 @@ pub struct ServeArgs {
     /// ~/.cache/hatch/images, where the set-up scripts build the default image).
     #[arg(long, env = "HATCH_IMAGE_CACHE_DIR")]
     image_cache_dir: Option<PathBuf>,
-    /// Keep state in PostgreSQL (postgres://user:password@host:port/db)
-    /// instead of SQLite in the data dir; nodes of a cluster share it.
+    /// Keep state in PostgreSQL (postgres://user:password@host:port/db);
+    /// nodes of a cluster share it [default: none, SQLite in the data dir].
     #[arg(long, env = "HATCH_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// This daemon's name in a cluster [default: the host name].
     #[arg(long, env = "HATCH_NODE_NAME")]
     node_name: Option<String>,
-    /// Where the other nodes of a cluster reach this one (HOST:PORT).
+    /// Where the other nodes of a cluster reach this one (HOST:PORT); needs
+    /// HATCH_CLUSTER_SECRET [default: none, no requests from other nodes].
     #[arg(long, env = "HATCH_CLUSTER_ADDR")]
     cluster_addr: Option<SocketAddr>,
     /// Seconds without a heartbeat after which a node counts as down [default: 15].

@@ -35,6 +35,8 @@ pub(crate) enum ProxyError {
         "VM '{vm_id}' answered 101 Switching Protocols to a request that did not ask to upgrade"
     )]
     UnexpectedUpgrade { vm_id: String },
+    #[error("{0}")]
+    Forbidden(String),
     #[error("internal proxy error: {0}")]
     Internal(String),
 }
@@ -49,6 +51,7 @@ impl ProxyError {
             Self::BackendConnect { .. }
             | Self::BackendFailed { .. }
             | Self::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +66,7 @@ impl ProxyError {
             Self::BackendConnect { .. }
             | Self::BackendFailed { .. }
             | Self::UnexpectedUpgrade { .. } => "bad_gateway",
+            Self::Forbidden(_) => "forbidden",
             Self::Internal(_) => "internal",
         }
     }
@@ -77,6 +81,7 @@ impl ProxyError {
             Self::BackendConnect { .. }
             | Self::BackendFailed { .. }
             | Self::UnexpectedUpgrade { .. } => Outcome::BadGateway,
+            Self::Forbidden(_) => Outcome::BadRequest,
             Self::Internal(_) => Outcome::Internal,
         }
     }

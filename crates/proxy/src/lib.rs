@@ -58,6 +58,23 @@ pub enum Resolution {
         /// Its current state, e.g. `stopped` or `snapshotted`.
         state: String,
     },
+    /// The VM runs on another node of the cluster: forward there (to that
+    /// node's cluster address), adding `header` (the signed hop that node
+    /// checks). Not tracked here: the node that runs the VM counts it.
+    Peer {
+        /// The other node's cluster address.
+        addr: SocketAddr,
+        /// The VM serving this host.
+        vm_id: String,
+        /// Set on the forwarded request (replacing any the client sent).
+        header: (http::HeaderName, http::HeaderValue),
+    },
+    /// The request may not be served here: 403 `forbidden` (e.g. a hop
+    /// between nodes whose signature does not verify).
+    Forbidden {
+        /// Human-readable reason.
+        message: String,
+    },
     /// The VM could not be made ready in time (its wake failed or took too
     /// long): 503 with this error code and `Retry-After: retry_after_secs`.
     Unavailable {
@@ -84,12 +101,18 @@ pub trait Resolver: Send + Sync + 'static {
     /// here counts toward the proxy's latency histogram. Dropped without
     /// completion if the client goes away or the proxy is hard-stopped.
     /// `path` is the request's path (no query), for decisions such as "health
-    /// checks do not count as activity".
+    /// checks do not count as activity"; `headers` are the request's (for
+    /// example to check a signed hop between nodes).
     ///
     /// Returning [`Resolution::Backend`] with `track: true` marks the start
     /// of a request to that VM (counted before the proxy forwards it, so
     /// that idle detection never acts in between).
-    fn resolve(&self, host: &str, path: &str) -> impl Future<Output = Resolution> + Send;
+    fn resolve(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> impl Future<Output = Resolution> + Send;
 
     /// Called exactly once for each [`Resolution::Backend`] with
     /// `track: true`, when that request is over: its response body was fully sent or dropped, the backend

@@ -291,9 +291,13 @@ async fn proxy_request<R: Resolver>(
             return Err(err);
         }
     };
-    let req = Request::from_parts(parts, body);
+    let mut req = Request::from_parts(parts, body);
     let path = req.uri().path().to_owned();
-    match shared.resolver.resolve(&target.route, &path).await {
+    match shared
+        .resolver
+        .resolve(&target.route, &path, req.headers())
+        .await
+    {
         Resolution::UnknownHost => {
             debug!(host = %target.route, "no route");
             Err(ProxyError::UnknownHost(target.route))
@@ -318,6 +322,19 @@ async fn proxy_request<R: Resolver>(
         }
         Resolution::Backend { addr, vm_id, track } => {
             forward(shared, req, peer, target, addr, vm_id, track).await
+        }
+        Resolution::Peer {
+            addr,
+            vm_id,
+            header: (name, value),
+        } => {
+            debug!(host = %target.route, %vm_id, node = %addr, "forwarding to another node");
+            req.headers_mut().insert(name, value);
+            forward(shared, req, peer, target, addr, vm_id, false).await
+        }
+        Resolution::Forbidden { message } => {
+            debug!(host = %target.route, %message, "refused");
+            Err(ProxyError::Forbidden(message))
         }
     }
 }

@@ -97,7 +97,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let proxy_listener = TcpListener::bind(cfg.proxy_addr)
         .await
         .with_context(|| format!("binding proxy address {}", cfg.proxy_addr))?;
-    tracing::info!(api = %api_listener.local_addr()?, proxy = %proxy_listener.local_addr()?, "listening");
+    let cluster_listener = match cfg.cluster_addr {
+        Some(addr) => {
+            anyhow::ensure!(
+                cfg.cluster_secret.is_some(),
+                "--cluster-addr needs HATCH_CLUSTER_SECRET (the same on every node)"
+            );
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding cluster address {addr}"))?,
+            )
+        }
+        None => None,
+    };
+    let api_addr = api_listener.local_addr()?;
+    tracing::info!(api = %api_addr, proxy = %proxy_listener.local_addr()?, cluster = ?cfg.cluster_addr, "listening");
 
     let app = router(Arc::new(AppState {
         vms: vms.clone(),
@@ -120,16 +135,40 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     });
     let proxy = tokio::spawn(hatch_proxy::serve(
         proxy_listener,
-        Arc::new(VmResolver { vms: vms.clone() }),
+        Arc::new(VmResolver {
+            vms: vms.clone(),
+            hop_only: false,
+            api_addr,
+        }),
         metrics.proxy.clone(),
         shutdown.clone(),
     ));
+    // Requests other nodes forward here (signed hops), for VMs this node runs.
+    let cluster = cluster_listener.map(|listener| {
+        tokio::spawn(hatch_proxy::serve(
+            listener,
+            Arc::new(VmResolver {
+                vms: vms.clone(),
+                hop_only: true,
+                api_addr,
+            }),
+            metrics.proxy.clone(),
+            shutdown.clone(),
+        ))
+    });
+    tokio::spawn(vms.clone().route_refresher(shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; VMs keep running");
     let (api, proxy) = tokio::join!(api, proxy);
     api.context("API task")?.context("API server")?;
     proxy.context("proxy task")?.context("proxy server")?;
+    if let Some(cluster) = cluster {
+        cluster
+            .await
+            .context("cluster task")?
+            .context("cluster server")?;
+    }
     if tokio::time::timeout(DRAIN_LIMIT, vms.drain())
         .await
         .is_err()

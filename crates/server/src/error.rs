@@ -43,6 +43,13 @@ pub enum ApiError {
     /// the call can be repeated once it is back.
     #[error("the state database is unreachable; nothing was changed, try again")]
     StateStoreUnavailable,
+    /// The VM belongs to a node that is down (its VMs are taken over
+    /// once the cluster notices; see docs/CLUSTER.md).
+    #[error("the vm's node '{0}' is down")]
+    NodeDown(String),
+    /// The VM's node could not be reached to carry out the call.
+    #[error("the vm's node '{0}' could not be reached; nothing was changed here")]
+    NodeUnreachable(String),
     #[error("{0}")]
     NotImplemented(String),
     #[error("internal error: {0:#}")]
@@ -67,9 +74,10 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::SnapshotStorageUnavailable | ApiError::StateStoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::SnapshotStorageUnavailable
+            | ApiError::StateStoreUnavailable
+            | ApiError::NodeDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NodeUnreachable(_) => StatusCode::BAD_GATEWAY,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -84,6 +92,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::SnapshotStorageUnavailable => "snapshot_storage_unavailable",
             ApiError::StateStoreUnavailable => "state_store_unavailable",
+            ApiError::NodeDown(_) => "node_down",
+            ApiError::NodeUnreachable(_) => "node_unreachable",
             ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }

@@ -82,7 +82,7 @@ impl VmManager {
 
     /// A VM's events, newest first.
     pub async fn events(&self, vm_id: &str) -> Result<Vec<VmEvent>, ApiError> {
-        self.runtime(vm_id)?;
+        self.known_vm(vm_id).await?;
         Ok(self.store.list_events(vm_id).await?)
     }
 }

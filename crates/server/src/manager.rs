@@ -11,6 +11,8 @@ use hatch_vmm::Accel;
 use rand::Rng;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::hop::HopKey;
+use crate::cluster::peers::Peers;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::fault::Faults;
@@ -48,6 +50,13 @@ pub struct VmManager {
     pub(crate) uploads: Uploads,
     /// Who holds this daemon's bucket locks (for people reading them).
     pub(crate) owner: String,
+    /// When the route table was last read from the store (cluster mode).
+    pub(crate) routes_read_at: Mutex<Option<std::time::Instant>>,
+    /// Which node owns another node's VM (for forwarding).
+    pub(crate) peers: Peers,
+    /// Signs and checks requests between nodes; None without
+    /// `HATCH_CLUSTER_SECRET`.
+    pub(crate) hop: Option<HopKey>,
     /// Local snapshot copies evicted since start.
     pub(crate) evictions: AtomicU64,
     /// Local snapshot copies a restore is reading (count per snapshot id).
@@ -102,6 +111,11 @@ impl VmManager {
             .unwrap_or_default();
         let accel = cfg.accel.resolve();
         let routes = RouteTable::load(store.as_ref()).await?;
+        let peers = Peers::new(store.clone(), &cfg.node_name, cfg.node_down_after);
+        let hop = cfg
+            .cluster_secret
+            .as_ref()
+            .map(|s| HopKey::new(s, &cfg.node_name));
         Ok(Arc::new(VmManager {
             store,
             images,
@@ -118,6 +132,9 @@ impl VmManager {
             faults,
             uploads: Uploads::default(),
             owner: format!("{} pid {}", cfg.data_dir.display(), std::process::id()),
+            routes_read_at: Mutex::default(),
+            peers,
+            hop,
             evictions: AtomicU64::new(0),
             copies_in_use: Mutex::default(),
             cfg,
@@ -154,6 +171,19 @@ impl VmManager {
             .get(id)
             .cloned()
             .ok_or_else(|| ApiError::not_found("vm", id))
+    }
+
+    /// Not found unless the VM exists (here or on another node).
+    pub(crate) async fn known_vm(&self, id: &str) -> Result<(), ApiError> {
+        if self.runtime(id).is_ok() || self.store.get_vm(id).await?.is_some() {
+            return Ok(());
+        }
+        Err(ApiError::not_found("vm", id))
+    }
+
+    /// This node runs (or manages) the VM.
+    pub fn runs_here(&self, id: &str) -> bool {
+        self.runtime(id).is_ok()
     }
 
     pub(crate) fn insert_runtime(&self, rt: Arc<VmRuntime>) {

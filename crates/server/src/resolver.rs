@@ -2,26 +2,64 @@
 //! forwarded port, waking the VM first when it is suspended and the route
 //! auto-wakes. Also counts proxied requests per VM, which idle detection
 //! builds on.
+//!
+//! In a cluster a route may lead to a VM another node runs: the request is
+//! forwarded to that node's cluster address with a signed hop
+//! ([`crate::cluster::hop`]), where a [`VmResolver`] in hop mode checks the
+//! signature and serves it as a local request (never forwarding it again).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use hatch_proxy::{Resolution, Resolver};
 
+use crate::cluster::hop;
 use crate::manager::VmManager;
 use crate::wake::{WAKE_RETRY_AFTER, WakeError};
 
+/// The host name under which a node's cluster address serves its API to
+/// other nodes (API calls forwarded to the node that runs the VM).
+pub const API_HOST: &str = "api.hatch.internal";
+
 pub struct VmResolver {
     pub vms: Arc<VmManager>,
+    /// The cluster address: only signed hops from other nodes, served here.
+    pub hop_only: bool,
+    /// This node's API, for API calls forwarded by other nodes.
+    pub api_addr: SocketAddr,
 }
 
 impl Resolver for VmResolver {
-    async fn resolve(&self, host: &str, path: &str) -> Resolution {
-        let Some(route) = self.vms.routes.get(host) else {
-            return Resolution::UnknownHost;
+    async fn resolve(&self, host: &str, path: &str, headers: &http::HeaderMap) -> Resolution {
+        if self.hop_only {
+            let Some(key) = &self.vms.hop else {
+                return Resolution::Forbidden {
+                    message: "this node has no HATCH_CLUSTER_SECRET".into(),
+                };
+            };
+            if let Err(e) = key.verify(headers.get(hop::HEADER), host) {
+                return Resolution::Forbidden {
+                    message: e.to_string(),
+                };
+            }
+            if host == API_HOST {
+                return Resolution::Backend {
+                    addr: self.api_addr,
+                    vm_id: String::new(),
+                    track: false,
+                };
+            }
+        }
+        let route = match self.vms.routes.get(host) {
+            Some(route) => route,
+            None if self.vms.refresh_routes_on_miss().await => match self.vms.routes.get(host) {
+                Some(route) => route,
+                None => return Resolution::UnknownHost,
+            },
+            None => return Resolution::UnknownHost,
         };
         let Ok(rt) = self.vms.runtime(&route.vm_id) else {
-            return Resolution::UnknownHost;
+            return self.elsewhere(host, route.vm_id).await;
         };
         let track = route.tracks(path);
         let vm_id = route.vm_id;
@@ -63,6 +101,59 @@ impl Resolver for VmResolver {
     fn on_request_end(&self, vm_id: &str) {
         if let Ok(rt) = self.vms.runtime(vm_id) {
             rt.activity.end();
+        }
+    }
+}
+
+impl VmResolver {
+    /// A route to a VM this node does not run: forward it to the node that
+    /// does, once (a hop is never forwarded again).
+    async fn elsewhere(&self, host: &str, vm_id: String) -> Resolution {
+        if self.hop_only {
+            return Resolution::Unavailable {
+                vm_id,
+                code: "vm_moved",
+                message: "it no longer runs on this node".into(),
+                retry_after_secs: 1,
+            };
+        }
+        let remote = match self.vms.peers.remote(&vm_id).await {
+            Ok(Some(remote)) => remote,
+            Ok(None) => return Resolution::UnknownHost,
+            Err(e) => {
+                tracing::warn!(vm = %vm_id, error = %anyhow::Error::from(e), "owner lookup failed");
+                return Resolution::Unavailable {
+                    vm_id,
+                    code: "state_store_unavailable",
+                    message: "the state database is unreachable".into(),
+                    retry_after_secs: 1,
+                };
+            }
+        };
+        if !remote.up {
+            return Resolution::Unavailable {
+                vm_id,
+                code: "node_down",
+                message: format!("its node '{}' is down", remote.node),
+                retry_after_secs: 5,
+            };
+        }
+        match (remote.addr, &self.vms.hop) {
+            (Some(addr), Some(key)) => Resolution::Peer {
+                addr,
+                vm_id,
+                header: key.sign(host),
+            },
+            _ => Resolution::Unavailable {
+                vm_id,
+                code: "node_unreachable",
+                message: format!(
+                    "it runs on node '{}', which this node cannot forward to (both need \
+                     --cluster-addr and the same HATCH_CLUSTER_SECRET)",
+                    remote.node
+                ),
+                retry_after_secs: 5,
+            },
         }
     }
 }

@@ -38,6 +38,15 @@ impl RouteTable {
         self.by_host.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Replace every route with `routes` (read again from a store that other
+    /// nodes write too).
+    pub fn replace_all(&self, routes: Vec<Route>) {
+        *self.write() = routes
+            .into_iter()
+            .map(|r| (r.hostname.clone(), r))
+            .collect();
+    }
+
     pub fn insert(&self, route: Route) {
         self.write().insert(route.hostname.clone(), route);
     }

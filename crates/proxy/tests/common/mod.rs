@@ -322,7 +322,7 @@ impl FakeResolver {
 }
 
 impl Resolver for FakeResolver {
-    async fn resolve(&self, host: &str, _path: &str) -> Resolution {
+    async fn resolve(&self, host: &str, _path: &str, _headers: &http::HeaderMap) -> Resolution {
         self.resolved.lock().unwrap().push(host.to_owned());
         let resolution = self
             .routes

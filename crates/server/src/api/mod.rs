@@ -2,6 +2,7 @@
 //! ([`VmManager`]) and encodes answers. Errors become HTTP in `error.rs` only.
 
 mod extract;
+mod forward;
 mod keys;
 mod nodes;
 mod openapi;
@@ -63,6 +64,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/nodes", get(nodes::list))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
+        // Layers run last-added first: the key is checked, then calls on
+        // another node's VM go there.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_owner,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(system::healthz))

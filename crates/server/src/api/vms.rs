@@ -157,7 +157,7 @@ pub async fn retention(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<Retention>,
 ) -> Result<Json<Retention>, ApiError> {
-    let id = app.vms.resolve(&id).await?;
+    let id = app.vms.resolve_local(&id).await?;
     Ok(Json(app.vms.set_retention(&id, req).await?))
 }
 

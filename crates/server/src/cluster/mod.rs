@@ -3,4 +3,7 @@
 //! (`vms.node`). The design, and what is still to come (takeover of a lost
 //! node's VMs, forwarding between nodes), is in `docs/CLUSTER.md`.
 
+pub mod hop;
 pub mod nodes;
+pub mod peers;
+pub mod routes;

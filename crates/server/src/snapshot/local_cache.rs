@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 
 use crate::manager::VmManager;
 use crate::model::{LocalStorage, SnapshotStatus};
+use crate::state::{SnapshotRecord, StoreError};
 
 /// A restore reading a local copy (see [`VmManager::use_local_copy`]).
 pub(crate) struct CopyInUse<'a> {
@@ -52,6 +53,14 @@ impl VmManager {
         })
     }
 
+    /// Snapshots with a local copy on this node (in a cluster the database
+    /// also holds other nodes'), least recently used first.
+    async fn own_local_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let mut local = self.store.local_snapshots().await?;
+        local.retain(|r| self.runs_here(&r.snap.vm_id));
+        Ok(local)
+    }
+
     /// Bytes on disk of every local copy, and of the evictable ones.
     pub(crate) async fn local_usage(&self) -> LocalStorage {
         let mut usage = LocalStorage {
@@ -59,7 +68,7 @@ impl VmManager {
             evictions: self.evictions.load(Ordering::Relaxed),
             ..Default::default()
         };
-        for rec in self.store.local_snapshots().await.unwrap_or_default() {
+        for rec in self.own_local_snapshots().await.unwrap_or_default() {
             let bytes = allocated_bytes(&self.snapshot_dir(&rec.snap.id));
             usage.bytes += bytes;
             usage.snapshots += 1;
@@ -86,7 +95,7 @@ impl VmManager {
     /// copy alone needed are removed later, by the next compaction or start.
     pub(crate) async fn enforce_local_budget(&self) {
         let budget = self.local_budget();
-        let Ok(local) = self.store.local_snapshots().await else {
+        let Ok(local) = self.own_local_snapshots().await else {
             return;
         };
         let sizes: Vec<u64> = local
@@ -204,6 +213,9 @@ impl VmManager {
             }
         }
         for vm in self.store.list_vms().await.unwrap_or_default() {
+            if !self.runs_here(&vm.vm.id) {
+                continue; // another node's
+            }
             let dir = self.paths(&vm.vm.id).dir;
             remove_partials(&dir);
             // A running QEMU's chain may not be the recorded one (if it could

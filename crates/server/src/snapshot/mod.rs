@@ -57,6 +57,11 @@ impl VmManager {
     /// sealed description checks out) is kept; anything else failed.
     pub async fn recover_snapshots(self: &Arc<Self>) -> anyhow::Result<()> {
         for vm in self.store.list_vms().await? {
+            // Another node's snapshots are its to recover (`recover` made
+            // runtimes for this node's VMs only).
+            if !self.runs_here(&vm.vm.id) {
+                continue;
+            }
             for mut rec in self.store.list_snapshots(&vm.vm.id).await? {
                 match rec.snap.status {
                     SnapshotStatus::Ready | SnapshotStatus::Failed => {}
@@ -104,6 +109,8 @@ impl VmManager {
                 .store
                 .snapshots_with_status(SnapshotStatus::Uploading)
                 .await?
+                .into_iter()
+                .filter(|r| self.runs_here(&r.snap.vm_id))
             {
                 rec.snap.error = Some(
                     "S3 is not configured; the upload waits for it and the local copy stays restorable"
@@ -179,7 +186,7 @@ impl VmManager {
 
     pub async fn list_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>, ApiError> {
         self.storage()?;
-        self.runtime(vm_id)?;
+        self.known_vm(vm_id).await?;
         Ok(self
             .store
             .list_snapshots(vm_id)
@@ -194,7 +201,7 @@ impl VmManager {
         vm_id: &str,
         snapshot_id: &str,
     ) -> Result<SnapshotRecord, ApiError> {
-        self.runtime(vm_id)?;
+        self.known_vm(vm_id).await?;
         match self.store.get_snapshot(snapshot_id).await? {
             Some(r) if r.snap.vm_id == vm_id => Ok(r),
             _ => Err(ApiError::not_found("snapshot", snapshot_id)),

@@ -39,7 +39,7 @@ impl VmManager {
 
     pub async fn retention(&self, vm_id: &str) -> Result<Retention, ApiError> {
         self.storage()?;
-        self.runtime(vm_id)?;
+        self.known_vm(vm_id).await?;
         Ok(self.store.retention(vm_id).await?)
     }
 
@@ -124,7 +124,8 @@ impl VmManager {
             let Ok(vms) = self.store.list_vms().await else {
                 continue;
             };
-            for vm in vms {
+            // Each node applies the policies of the VMs it runs.
+            for vm in vms.iter().filter(|vm| self.runs_here(&vm.vm.id)) {
                 if let Err(e) = self.apply_retention(&vm.vm.id, None).await {
                     tracing::warn!(vm = %vm.vm.id, error = %e, "retention failed");
                 }

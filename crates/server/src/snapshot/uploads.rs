@@ -114,7 +114,11 @@ impl VmManager {
             .snapshots_with_status(SnapshotStatus::Uploading)
             .await
         {
-            Ok(w) => w,
+            // Other nodes upload their own snapshots.
+            Ok(mut w) => {
+                w.retain(|r| self.runs_here(&r.snap.vm_id));
+                w
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the upload queue");
                 return;
@@ -311,7 +315,7 @@ impl VmManager {
             .store
             .snapshots_with_status(SnapshotStatus::Uploading)
             .await
-            .map(|v| v.len() as u64)
+            .map(|v| v.iter().filter(|r| self.runs_here(&r.snap.vm_id)).count() as u64)
             .unwrap_or(0);
         self.uploads.status(queued)
     }

@@ -1,0 +1,153 @@
+//! API calls that act on a VM another node runs are carried out by that
+//! node: the request goes unchanged (the caller's key included: keys live in
+//! the shared database) to the owner's cluster address as a signed hop for
+//! [`API_HOST`], and the owner's answer comes back as it is. Reads that the
+//! shared database answers (the VM, its snapshots, events, retention) stay
+//! on the node that received them.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, Method, header};
+
+use super::App;
+use crate::error::ApiError;
+use crate::resolver::API_HOST;
+
+/// Largest request body looked into (for the `vm_id` of a new route).
+const MAX_PEEKED_BODY: usize = 64 << 10;
+
+pub async fn to_owner(State(app): App, req: Request, next: Next) -> Response {
+    // A call another node forwarded is answered here, never sent on.
+    if !app.vms.shares_state() || req.headers().contains_key(crate::cluster::hop::HEADER) {
+        return next.run(req).await;
+    }
+    let (req, vm) = match acted_on_vm(req).await {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    let Some(vm) = vm else {
+        return next.run(req).await;
+    };
+    let Ok(id) = app.vms.resolve(&vm).await else {
+        return next.run(req).await; // not found: answered there
+    };
+    if app.vms.runs_here(&id) {
+        return next.run(req).await;
+    }
+    let remote = match app.vms.peers.remote(&id).await {
+        Ok(Some(remote)) => remote,
+        Ok(None) => return next.run(req).await,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let (Some(addr), Some(key)) = (remote.addr, &app.vms.hop) else {
+        return next.run(req).await; // refused there, naming the owner
+    };
+    if !remote.up {
+        return ApiError::NodeDown(remote.node).into_response();
+    }
+    match forward(req, addr, key.sign(API_HOST)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(node = %remote.node, error = %e, "forwarding an API call failed");
+            ApiError::NodeUnreachable(remote.node).into_response()
+        }
+    }
+}
+
+/// The VM (id or name) a request acts on, if it acts on one; the request
+/// is handed back whole (its body re-attached if it was read).
+async fn acted_on_vm(req: Request) -> Result<(Request, Option<String>), ApiError> {
+    let segments: Vec<String> = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let method = req.method().clone();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let vm = match (&method, segs.as_slice()) {
+        // Answered from the shared database by any node.
+        (&Method::GET, ["vms", _])
+        | (&Method::GET, ["vms", _, "snapshots" | "events" | "retention"])
+        | (&Method::GET, ["vms", _, "snapshots", _]) => None,
+        (_, ["vms", id, ..]) if !id.is_empty() => Some(id.to_string()),
+        (&Method::POST, ["routes"]) => {
+            let (parts, body) = req.into_parts();
+            let bytes = to_bytes(body, MAX_PEEKED_BODY)
+                .await
+                .map_err(|_| ApiError::BadRequest("request body too large".into()))?;
+            let vm = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["vm_id"].as_str().map(str::to_string));
+            return Ok((Request::from_parts(parts, Body::from(bytes)), vm));
+        }
+        _ => None,
+    };
+    Ok((req, vm))
+}
+
+fn client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    })
+}
+
+async fn forward(
+    req: Request,
+    addr: std::net::SocketAddr,
+    (hop_name, hop_value): (http::HeaderName, http::HeaderValue),
+) -> Result<Response, reqwest::Error> {
+    let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut headers = end_to_end(&parts.headers);
+    headers.insert(header::HOST, http::HeaderValue::from_static(API_HOST));
+    headers.insert(hop_name, hop_value);
+    let answer = client()
+        .request(parts.method, format!("http://{addr}{path}"))
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .send()
+        .await?;
+    let mut response = Response::builder().status(answer.status());
+    if let Some(h) = response.headers_mut() {
+        *h = end_to_end(answer.headers());
+    }
+    Ok(response
+        .body(Body::from_stream(answer.bytes_stream()))
+        .unwrap_or_else(|_| ApiError::Internal(anyhow::anyhow!("bad answer")).into_response()))
+}
+
+/// Headers without the hop-by-hop ones (and without Host and lengths, which
+/// the next hop sets itself).
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    for h in [
+        header::CONNECTION,
+        header::HOST,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        out.remove(h);
+    }
+    out.remove("keep-alive");
+    out.remove(crate::cluster::hop::HEADER);
+    out
+}
