@@ -179,6 +179,11 @@ impl Daemon {
         std::fs::read_to_string(self.data_dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// SIGKILL the daemon (VMs keep running), as a crash would.
     pub fn kill_daemon(&mut self) {
         if let Some(mut c) = self.child.take() {

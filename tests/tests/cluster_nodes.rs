@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use hatch_e2e::{Daemon, Garage, KEY, PATIENCE, Postgres, free_addr, hatch_bin, kv};
+use hatch_e2e::{Daemon, Garage, KEY, PATIENCE, Postgres, free_addr, hatch_bin, kill_pid, kv};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -246,4 +246,194 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+async fn wait_vm(d: &Daemon, id: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let vm = d.vm(id).await;
+        if ok(&vm) {
+            return vm;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {what}: {vm}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_lost_nodes_vms_wake_on_other_nodes_from_s3_with_one_restore() {
+    let pg = Postgres::start();
+    let garage = Garage::start().await;
+    let mut n1 = cluster_node(&pg, &garage, "n1").await;
+    let n2 = cluster_node(&pg, &garage, "n2").await;
+    let n3 = cluster_node(&pg, &garage, "n3").await;
+
+    // `a` is suspended on n1; `b` runs on n1 with a checkpoint in S3 and
+    // work done after it.
+    let (a, boot_a) = n1.boot_routed("a").await;
+    assert_eq!(
+        n1.get_ok("a.localhost", "/counter").await.trim(),
+        "counter=1"
+    );
+    let sa = n1.snapshot(&a, true).await;
+    n1.wait_snapshot(&a, &sa, "ready").await;
+    n1.wait_state(&a, "snapshotted").await;
+    let (b, boot_b) = n1.boot_routed("b").await;
+    assert_eq!(
+        n1.get_ok("b.localhost", "/counter").await.trim(),
+        "counter=1"
+    );
+    let sb = n1.snapshot(&b, false).await;
+    n1.wait_snapshot(&b, &sb, "ready").await;
+    assert_eq!(
+        n1.get_ok("b.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+
+    // n1 is lost: its daemon and its QEMU processes die.
+    let qemus = n1.qemu_pids();
+    n1.kill_daemon();
+    for pid in qemus {
+        kill_pid(pid);
+    }
+
+    // `b` is taken over from its checkpoint; the reason says what was lost.
+    let vm = wait_vm(&n2, &b, "taken over", |v| v["state"] == "snapshotted").await;
+    let reason = vm["state_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("node 'n1' was lost") && reason.contains(&sb) && reason.contains("gone"),
+        "{reason}"
+    );
+    assert_eq!(
+        n2.vm(&a).await["state"],
+        "snapshotted",
+        "a suspended VM stays as it is"
+    );
+
+    // Requests through n2 and n3 at once for `a`: one node claims and wakes
+    // it from S3, the other forwards to it; both are served, one restore.
+    let (r2, r3) = tokio::join!(
+        n2.proxy_get("a.localhost", "/counter"),
+        n3.proxy_get("a.localhost", "/counter")
+    );
+    assert_eq!(
+        (r2.0, r3.0),
+        (StatusCode::OK, StatusCode::OK),
+        "{r2:?} {r3:?}"
+    );
+    let mut counters = [r2.1.trim().to_string(), r3.1.trim().to_string()];
+    counters.sort();
+    assert_eq!(
+        counters,
+        ["counter=2", "counter=3"],
+        "the counter continues"
+    );
+    assert_eq!(kv(&n3.get_ok("a.localhost", "/").await, "boot_id"), boot_a);
+    let vm = n2.vm(&a).await;
+    let owner = vm["node"].as_str().unwrap().to_string();
+    assert!(owner == "n2" || owner == "n3", "{vm}");
+    assert_eq!(vm["state"], "running");
+    let (_, events) = n2
+        .call(Method::GET, &format!("/vms/{a}/events"), None)
+        .await;
+    let wakes = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "wake")
+        .count();
+    assert_eq!(wakes, 1, "exactly one restore: {events}");
+
+    // `b` resumes from its checkpoint on another node: the work after the
+    // checkpoint is gone, the machine is the same.
+    assert_eq!(
+        n3.get_ok("b.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+    assert_eq!(kv(&n2.get_ok("b.localhost", "/").await, "boot_id"), boot_b);
+    let vm = n3.vm(&b).await;
+    assert!(vm["node"] == "n2" || vm["node"] == "n3", "{vm}");
+
+    // A takeover is an event too.
+    let (_, events) = n3
+        .call(Method::GET, &format!("/vms/{b}/events"), None)
+        .await;
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "takeover"),
+        "{events}"
+    );
+}
+
+fn signal(pids: &[i32], sig: i32) {
+    for &pid in pids {
+        // SAFETY: kill(2) with a pid this test started (directly or through
+        // the daemon); it has no memory-safety preconditions.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+#[tokio::test]
+async fn a_node_frozen_past_its_lease_lets_go_of_what_was_taken_over() {
+    let pg = Postgres::start();
+    let garage = Garage::start().await;
+    let n1 = cluster_node(&pg, &garage, "n1").await;
+    let n2 = cluster_node(&pg, &garage, "n2").await;
+    let (c, boot) = n1.boot_routed("c").await;
+    assert_eq!(
+        n2.get_ok("c.localhost", "/counter").await.trim(),
+        "counter=1"
+    );
+    let sc = n1.snapshot(&c, false).await;
+    n1.wait_snapshot(&c, &sc, "ready").await;
+    assert_eq!(
+        n1.get_ok("c.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+
+    // The whole host freezes (daemon and QEMU): n2 takes the VM over from
+    // its checkpoint and wakes it.
+    let mut frozen = n1.qemu_pids();
+    let qemu = frozen[0];
+    frozen.push(n1.daemon_pid().unwrap());
+    signal(&frozen, libc::SIGSTOP);
+    wait_vm(&n2, &c, "taken over", |v| v["state"] == "snapshotted").await;
+    assert_eq!(
+        n2.get_ok("c.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+    let vm = n2.vm(&c).await;
+    assert_eq!(
+        (vm["node"].as_str(), vm["state"].as_str()),
+        (Some("n2"), Some("running"))
+    );
+
+    // n1 thaws: it fences itself, sees the VM is n2's, and ends its own
+    // QEMU without writing anything about the VM.
+    signal(&frozen, libc::SIGCONT);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while hatch_e2e::process_alive(qemu) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n1 kept running the vm"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vm = n2.vm(&c).await;
+    assert_eq!(
+        (vm["node"].as_str(), vm["state"].as_str()),
+        (Some("n2"), Some("running")),
+        "{vm}"
+    );
+    // Through n1's proxy the request goes to the VM where it runs now.
+    assert_eq!(
+        n1.get_ok("c.localhost", "/counter").await.trim(),
+        "counter=3"
+    );
+    assert_eq!(kv(&n1.get_ok("c.localhost", "/").await, "boot_id"), boot);
+    let all = nodes(&n2).await;
+    assert!(all.iter().all(|n| n["state"] == "up"), "{all:?}");
 }

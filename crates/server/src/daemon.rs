@@ -122,11 +122,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tokio::spawn(vms.clone().retention_worker(shutdown.clone()));
     tokio::spawn(vms.clone().idle_worker(shutdown.clone()));
     tokio::spawn(vms.clone().storage_worker(shutdown.clone()));
-    tokio::spawn(nodes::heartbeat_worker(
-        vms.store.clone(),
-        me,
-        shutdown.clone(),
-    ));
+    tokio::spawn(vms.clone().membership_worker(me, shutdown.clone()));
     let api_shutdown = shutdown.clone();
     let api = tokio::spawn(async move {
         axum::serve(api_listener, app)
@@ -157,6 +153,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ))
     });
     tokio::spawn(vms.clone().route_refresher(shutdown.clone()));
+    tokio::spawn(vms.clone().takeover_worker(shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; VMs keep running");

@@ -52,6 +52,8 @@ pub struct VmManager {
     pub(crate) owner: String,
     /// When the route table was last read from the store (cluster mode).
     pub(crate) routes_read_at: Mutex<Option<std::time::Instant>>,
+    /// This node's right to run its VMs (self-fencing, cluster mode).
+    pub(crate) lease: crate::cluster::lease::Lease,
     /// Which node owns another node's VM (for forwarding).
     pub(crate) peers: Peers,
     /// Signs and checks requests between nodes; None without
@@ -133,6 +135,7 @@ impl VmManager {
             uploads: Uploads::default(),
             owner: format!("{} pid {}", cfg.data_dir.display(), std::process::id()),
             routes_read_at: Mutex::default(),
+            lease: Default::default(),
             peers,
             hop,
             evictions: AtomicU64::new(0),
@@ -200,6 +203,13 @@ impl VmManager {
             .remove(id);
     }
 
+    /// Let go of a VM this node no longer runs (another node took it over):
+    /// its runtime and run-dir files go, its record is not touched.
+    pub(crate) fn forget_runtime(&self, id: &str) {
+        self.remove_runtime(id);
+        self.remove_runtime_files(id);
+    }
+
     pub(crate) fn all_runtimes(&self) -> Vec<Arc<VmRuntime>> {
         self.runtimes
             .lock()
@@ -239,9 +249,16 @@ impl VmManager {
             )));
         }
         // Stored first: a state the store refused is never shown.
-        self.store
-            .set_vm_state(&rt.id, to, reason.as_deref())
-            .await?;
+        if !self
+            .store
+            .set_vm_state(&rt.id, to, reason.as_deref(), &self.cfg.node_name)
+            .await?
+        {
+            return Err(ApiError::conflict(format!(
+                "vm '{}' was taken over by another node; this node no longer runs it",
+                rt.id
+            )));
+        }
         let mut inner = rt.lock();
         match (from, to) {
             // A cold boot is ready once its app answers (the boot probe).

@@ -58,8 +58,12 @@ impl Resolver for VmResolver {
             },
             None => return Resolution::UnknownHost,
         };
-        let Ok(rt) = self.vms.runtime(&route.vm_id) else {
-            return self.elsewhere(host, route.vm_id).await;
+        let rt = match self.vms.runtime(&route.vm_id) {
+            Ok(rt) => rt,
+            Err(_) => match self.elsewhere(host, &route.vm_id).await {
+                Elsewhere::Adopted(rt) => rt,
+                Elsewhere::Answer(resolution) => return resolution,
+            },
         };
         let track = route.tracks(path);
         let vm_id = route.vm_id;
@@ -108,37 +112,61 @@ impl Resolver for VmResolver {
 impl VmResolver {
     /// A route to a VM this node does not run: forward it to the node that
     /// does, once (a hop is never forwarded again).
-    async fn elsewhere(&self, host: &str, vm_id: String) -> Resolution {
+    /// A suspended VM whose node is down is claimed by this node and woken
+    /// here (from S3).
+    async fn elsewhere(&self, host: &str, vm_id: &str) -> Elsewhere {
+        let vm_id = vm_id.to_string();
         if self.hop_only {
-            return Resolution::Unavailable {
+            return Elsewhere::Answer(Resolution::Unavailable {
                 vm_id,
                 code: "vm_moved",
                 message: "it no longer runs on this node".into(),
                 retry_after_secs: 1,
-            };
+            });
         }
-        let remote = match self.vms.peers.remote(&vm_id).await {
+        let unreachable_store = |vm_id: String, e: crate::state::StoreError| {
+            tracing::warn!(vm = %vm_id, error = %anyhow::Error::from(e), "owner lookup failed");
+            Elsewhere::Answer(Resolution::Unavailable {
+                vm_id,
+                code: "state_store_unavailable",
+                message: "the state database is unreachable".into(),
+                retry_after_secs: 1,
+            })
+        };
+        let mut remote = match self.vms.peers.remote(&vm_id).await {
             Ok(Some(remote)) => remote,
-            Ok(None) => return Resolution::UnknownHost,
-            Err(e) => {
-                tracing::warn!(vm = %vm_id, error = %anyhow::Error::from(e), "owner lookup failed");
-                return Resolution::Unavailable {
-                    vm_id,
-                    code: "state_store_unavailable",
-                    message: "the state database is unreachable".into(),
-                    retry_after_secs: 1,
-                };
-            }
+            Ok(None) => return Elsewhere::Answer(Resolution::UnknownHost),
+            Err(e) => return unreachable_store(vm_id, e),
         };
         if !remote.up {
-            return Resolution::Unavailable {
-                vm_id,
-                code: "node_down",
-                message: format!("its node '{}' is down", remote.node),
-                retry_after_secs: 5,
+            match self.vms.adopt(&vm_id).await {
+                Ok(Some(rt)) => return Elsewhere::Adopted(rt),
+                Ok(None) => {}
+                Err(e) => return unreachable_store(vm_id, e),
+            }
+            // Another node claimed it first (it wakes there: forward to it,
+            // so every request is served by the one restore), or it is not
+            // suspended yet (the takeover comes with the next heartbeat).
+            self.vms.peers.forget(&vm_id);
+            remote = match self.vms.peers.remote(&vm_id).await {
+                Ok(Some(remote)) if remote.up => remote,
+                Ok(Some(remote)) => {
+                    return Elsewhere::Answer(Resolution::Unavailable {
+                        vm_id,
+                        code: "node_down",
+                        message: format!("its node '{}' is down; retry shortly", remote.node),
+                        retry_after_secs: 1,
+                    });
+                }
+                Ok(None) => match self.vms.runtime(&vm_id) {
+                    // Claimed by a request on this node meanwhile.
+                    Ok(rt) => return Elsewhere::Adopted(rt),
+                    Err(_) => return Elsewhere::Answer(Resolution::UnknownHost),
+                },
+                Err(e) => return unreachable_store(vm_id, e),
             };
         }
-        match (remote.addr, &self.vms.hop) {
+        Elsewhere::Answer(match (remote.addr, &self.vms.hop) {
             (Some(addr), Some(key)) => Resolution::Peer {
                 addr,
                 vm_id,
@@ -154,6 +182,12 @@ impl VmResolver {
                 ),
                 retry_after_secs: 5,
             },
-        }
+        })
     }
+}
+
+enum Elsewhere {
+    /// This node claimed the VM: serve it here.
+    Adopted(Arc<crate::runtime::VmRuntime>),
+    Answer(Resolution),
 }

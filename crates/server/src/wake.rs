@@ -72,6 +72,13 @@ impl VmManager {
         track: bool,
         auto_wake: bool,
     ) -> Result<u16, WakeError> {
+        // A node that lost its lease serves nothing (its VMs are paused
+        // and may be taken over).
+        if self.fenced() {
+            return Err(WakeError::Failed(
+                "this node cannot reach the state database; its vms are paused".into(),
+            ));
+        }
         if let Some(port) = rt.admit(guest_port, track, false) {
             return Ok(port);
         }

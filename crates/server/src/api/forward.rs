@@ -44,12 +44,17 @@ pub async fn to_owner(State(app): App, req: Request, next: Next) -> Response {
         Ok(None) => return next.run(req).await,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    if !remote.up {
+        // A suspended VM of a lost node is claimed and handled here.
+        return match app.vms.adopt(&id).await {
+            Ok(Some(_)) => next.run(req).await,
+            Ok(None) => ApiError::NodeDown(remote.node).into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        };
+    }
     let (Some(addr), Some(key)) = (remote.addr, &app.vms.hop) else {
         return next.run(req).await; // refused there, naming the owner
     };
-    if !remote.up {
-        return ApiError::NodeDown(remote.node).into_response();
-    }
     match forward(req, addr, key.sign(API_HOST)).await {
         Ok(response) => response,
         Err(e) => {

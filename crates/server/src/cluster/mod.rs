@@ -4,6 +4,8 @@
 //! node's VMs, forwarding between nodes), is in `docs/CLUSTER.md`.
 
 pub mod hop;
+pub mod lease;
 pub mod nodes;
 pub mod peers;
 pub mod routes;
+pub mod takeover;

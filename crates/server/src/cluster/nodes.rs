@@ -2,10 +2,7 @@
 //! [`HEARTBEAT_EVERY`]; a node whose heartbeat is older than the down time
 //! (by the database's clock, never a node's) is shown `down`.
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::manager::now_rfc3339;
@@ -48,37 +45,6 @@ impl NodeIdentity {
 /// Register this node (before it serves anything).
 pub async fn register(store: &dyn StateStore, me: &NodeIdentity) -> Result<(), StoreError> {
     store.heartbeat(&me.beat()).await
-}
-
-/// Renew the heartbeat until `shutdown`. A failed write is logged and
-/// retried on the next beat; the node keeps serving meanwhile.
-pub async fn heartbeat_worker(
-    store: Arc<dyn StateStore>,
-    me: NodeIdentity,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match store.heartbeat(&me.beat()).await {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!(node = %me.name, "heartbeat renewed");
-            }
-            Ok(()) => {}
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(node = %me.name, error = %anyhow::Error::from(e), "heartbeat failed");
-                }
-                failing = true;
-            }
-        }
-    }
 }
 
 /// Every node, as the API shows it.

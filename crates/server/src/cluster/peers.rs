@@ -80,6 +80,11 @@ impl Peers {
         }))
     }
 
+    /// Drop what is known about `vm_id` (its owner changed).
+    pub fn forget(&self, vm_id: &str) {
+        self.lock().remove(vm_id);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Option<RemoteVm>)>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }

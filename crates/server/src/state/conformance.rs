@@ -22,6 +22,7 @@ pub async fn run(store: &dyn StateStore) {
     api_keys(store).await;
     pending_deletes(store).await;
     nodes(store).await;
+    ownership_changes_are_compare_and_set(store).await;
 }
 
 fn vm(id: &str, name: &str) -> Vm {
@@ -101,7 +102,7 @@ async fn vms(store: &dyn StateStore) {
         .await
         .expect("forwards");
     store
-        .set_vm_state("vm-a1", VmState::Failed, Some("qemu exited"))
+        .set_vm_state("vm-a1", VmState::Failed, Some("qemu exited"), "n0")
         .await
         .expect("state");
     let rec = store.get_vm("vm-a1").await.expect("get").expect("present");
@@ -506,10 +507,12 @@ async fn nodes(store: &dyn StateStore) {
         })
         .await
         .expect("vm");
-    store
-        .set_vm_state("vm-n2", VmState::Stopped, None)
-        .await
-        .expect("state");
+    assert!(
+        store
+            .set_vm_state("vm-n2", VmState::Stopped, None, "n1")
+            .await
+            .expect("state")
+    );
 
     let nodes = store.list_nodes().await.expect("nodes");
     let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
@@ -529,4 +532,81 @@ async fn nodes(store: &dyn StateStore) {
     store.set_vm_node("vm-n1", "n2").await.expect("move");
     let nodes = store.list_nodes().await.expect("nodes");
     assert_eq!((nodes[0].vms, nodes[1].vms), (0, 1));
+}
+
+async fn ownership_changes_are_compare_and_set(store: &dyn StateStore) {
+    let mut v = vm("vm-o1", "owned");
+    v.node = Some("n1".into());
+    store.insert_vm(&v).await.expect("vm");
+    let epoch = store
+        .get_vm("vm-o1")
+        .await
+        .expect("get")
+        .expect("present")
+        .epoch;
+    // n2 is not the owner: its state write changes nothing.
+    assert!(
+        !store
+            .set_vm_state("vm-o1", VmState::Failed, Some("stale"), "n2")
+            .await
+            .expect("state")
+    );
+    assert_eq!(
+        store
+            .get_vm("vm-o1")
+            .await
+            .expect("get")
+            .expect("present")
+            .vm
+            .state,
+        VmState::Starting
+    );
+    // A takeover with the epoch seen wins once; a second with the same fails.
+    assert!(
+        store
+            .take_over_vm("vm-o1", epoch, VmState::Snapshotted, "node n1 was lost")
+            .await
+            .expect("take over")
+    );
+    assert!(
+        !store
+            .take_over_vm("vm-o1", epoch, VmState::Failed, "again")
+            .await
+            .expect("take over")
+    );
+    let rec = store.get_vm("vm-o1").await.expect("get").expect("present");
+    assert_eq!((rec.vm.state, rec.epoch), (VmState::Snapshotted, epoch + 1));
+    assert_eq!(rec.vm.state_reason.as_deref(), Some("node n1 was lost"));
+    // Two nodes claim with the epoch they read: exactly one wins.
+    let a = store
+        .claim_vm("vm-o1", "n2", epoch + 1)
+        .await
+        .expect("claim");
+    let b = store
+        .claim_vm("vm-o1", "n3", epoch + 1)
+        .await
+        .expect("claim");
+    assert!(a && !b);
+    let rec = store.get_vm("vm-o1").await.expect("get").expect("present");
+    assert_eq!((rec.vm.node.as_deref(), rec.epoch), (Some("n2"), epoch + 2));
+    // The old owner's writes are refused from now on; the new owner's go in.
+    assert!(
+        !store
+            .set_vm_state("vm-o1", VmState::Running, None, "n1")
+            .await
+            .expect("state")
+    );
+    assert!(
+        store
+            .set_vm_state("vm-o1", VmState::Restoring, None, "n2")
+            .await
+            .expect("state")
+    );
+    // A VM that is gone is not "taken over".
+    assert!(
+        store
+            .set_vm_state("vm-none", VmState::Running, None, "n1")
+            .await
+            .expect("state")
+    );
 }

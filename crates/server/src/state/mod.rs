@@ -65,6 +65,9 @@ pub const EVENTS_KEPT: i64 = 100;
 pub struct VmRecord {
     pub vm: Vm,
     pub forwards: Vec<PortForward>,
+    /// Fencing generation: raised by every change of owner or takeover, and
+    /// compared by each (compare-and-set), so a stale actor changes nothing.
+    pub epoch: i64,
 }
 
 /// An API key row (the key itself is never stored).
@@ -135,12 +138,27 @@ pub trait StateStore: Send + Sync {
     async fn get_vm(&self, id: &str) -> Result<Option<VmRecord>, StoreError>;
     /// Every VM, oldest first.
     async fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError>;
+    /// Record a VM's state, as node `owner`: Ok(false) (and nothing
+    /// changed) if another node owns the VM now (it was taken over).
     async fn set_vm_state(
         &self,
         id: &str,
         state: VmState,
         reason: Option<&str>,
-    ) -> Result<(), StoreError>;
+        owner: &str,
+    ) -> Result<bool, StoreError>;
+    /// Make `node` the VM's owner if its epoch is still `seen` (raising
+    /// it); Ok(false): someone else changed it first.
+    async fn claim_vm(&self, id: &str, node: &str, seen: i64) -> Result<bool, StoreError>;
+    /// Set the state of a VM whose node was lost if its epoch is still
+    /// `seen` (raising it); Ok(false): someone else acted first.
+    async fn take_over_vm(
+        &self,
+        id: &str,
+        seen: i64,
+        state: VmState,
+        reason: &str,
+    ) -> Result<bool, StoreError>;
     /// Record a (re)start: `started_at` set, the boot time cleared.
     async fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), StoreError>;
     async fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), StoreError>;
@@ -257,11 +275,12 @@ struct VmRow {
     boot_ms: Option<u64>,
     forwards: String,
     node: Option<String>,
+    epoch: i64,
 }
 
 /// The columns of a VM row, in [`VmRow`]'s order.
 const VM_COLUMNS: &str = "id, name, state, state_reason, image, vcpus, memory_mib, disk_mib,
-    created_at, started_at, boot_ms, forwards, node";
+    created_at, started_at, boot_ms, forwards, node, epoch";
 
 impl VmRow {
     fn parse(self) -> Result<VmRecord, StoreError> {
@@ -288,6 +307,7 @@ impl VmRow {
                 node: self.node,
             },
             forwards,
+            epoch: self.epoch,
         })
     }
 }

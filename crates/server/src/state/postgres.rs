@@ -40,7 +40,9 @@ CREATE TABLE vms (
     keep_last BIGINT,
     max_age_seconds BIGINT,
     -- the node that runs the VM or ran it last
-    node TEXT
+    node TEXT,
+    -- fencing generation: raised by every change of owner or takeover
+    epoch BIGINT NOT NULL DEFAULT 0
 );
 CREATE TABLE routes (
     id TEXT PRIMARY KEY,
@@ -240,6 +242,7 @@ fn vm_from_row(r: &Row) -> Result<VmRecord, StoreError> {
         boot_ms: opt_unsigned(r, 10)?,
         forwards: r.try_get(11)?,
         node: r.try_get(12)?,
+        epoch: r.try_get(13)?,
     }
     .parse()
 }
@@ -339,13 +342,48 @@ impl StateStore for PgStore {
         id: &str,
         state: VmState,
         reason: Option<&str>,
-    ) -> Result<(), StoreError> {
-        self.execute(
-            "UPDATE vms SET state = $2, state_reason = $3 WHERE id = $1",
-            &[&id, &state.as_str(), &reason],
-        )
-        .await?;
-        Ok(())
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                "UPDATE vms SET state = $2, state_reason = $3
+                 WHERE id = $1 AND (node IS NULL OR node = $4)",
+                &[&id, &state.as_str(), &reason, &owner],
+            )
+            .await?;
+        // A VM that is gone altogether is not "taken over".
+        Ok(n > 0
+            || self
+                .query_opt("SELECT 1 FROM vms WHERE id = $1", &[&id])
+                .await?
+                .is_none())
+    }
+
+    async fn claim_vm(&self, id: &str, node: &str, seen: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .execute(
+                "UPDATE vms SET node = $2, epoch = epoch + 1 WHERE id = $1 AND epoch = $3",
+                &[&id, &node, &seen],
+            )
+            .await?
+            > 0)
+    }
+
+    async fn take_over_vm(
+        &self,
+        id: &str,
+        seen: i64,
+        state: VmState,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .execute(
+                "UPDATE vms SET state = $3, state_reason = $4, epoch = epoch + 1
+                 WHERE id = $1 AND epoch = $2",
+                &[&id, &seen, &state.as_str(), &reason],
+            )
+            .await?
+            > 0)
     }
 
     async fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), StoreError> {

@@ -117,6 +117,8 @@ ALTER TABLE vm_events ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
     r#"
 -- The node that runs the VM or ran it last (NULL: from before nodes).
 ALTER TABLE vms ADD COLUMN node TEXT;
+-- fencing generation: raised by every change of owner or takeover
+ALTER TABLE vms ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE nodes (
     name TEXT PRIMARY KEY,
     addr TEXT,
@@ -235,12 +237,41 @@ impl StateStore for SqliteStore {
         id: &str,
         state: VmState,
         reason: Option<&str>,
-    ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE vms SET state = ?2, state_reason = ?3 WHERE id = ?1",
-            params![id, state.as_str(), reason],
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE vms SET state = ?2, state_reason = ?3
+             WHERE id = ?1 AND (node IS NULL OR node = ?4)",
+            params![id, state.as_str(), reason, owner],
         )?;
-        Ok(())
+        // A VM that is gone altogether is not "taken over".
+        Ok(n > 0
+            || conn
+                .query_row("SELECT 1 FROM vms WHERE id = ?1", [id], |_| Ok(()))
+                .optional()?
+                .is_none())
+    }
+
+    async fn claim_vm(&self, id: &str, node: &str, seen: i64) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE vms SET node = ?2, epoch = epoch + 1 WHERE id = ?1 AND epoch = ?3",
+            params![id, node, seen],
+        )? > 0)
+    }
+
+    async fn take_over_vm(
+        &self,
+        id: &str,
+        seen: i64,
+        state: VmState,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE vms SET state = ?3, state_reason = ?4, epoch = epoch + 1
+             WHERE id = ?1 AND epoch = ?2",
+            params![id, seen, state.as_str(), reason],
+        )? > 0)
     }
 
     async fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), StoreError> {
@@ -701,6 +732,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
         boot_ms: r.get(10)?,
         forwards: r.get(11)?,
         node: r.get(12)?,
+        epoch: r.get(13)?,
     }
     .parse())
 }
