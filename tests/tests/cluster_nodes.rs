@@ -437,3 +437,70 @@ async fn a_node_frozen_past_its_lease_lets_go_of_what_was_taken_over() {
     let all = nodes(&n2).await;
     assert!(all.iter().all(|n| n["state"] == "up"), "{all:?}");
 }
+
+#[tokio::test]
+async fn a_vm_moves_to_another_node_and_continues_there() {
+    let pg = Postgres::start();
+    let garage = Garage::start().await;
+    let n1 = cluster_node(&pg, &garage, "n1").await;
+    let n2 = cluster_node(&pg, &garage, "n2").await;
+    let (id, boot) = n1.boot_routed("mover").await;
+    assert_eq!(
+        n1.get_ok("mover.localhost", "/counter").await.trim(),
+        "counter=1"
+    );
+
+    // Asked through n2 (carried out by n1, which runs it).
+    let (s, vm) = n2
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/move"),
+            Some(json!({ "to": "n2" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{vm}");
+    assert_eq!(vm["node"], "n2", "{vm}");
+    let vm = n2.wait_state(&id, "running").await;
+    assert_eq!(vm["node"], "n2");
+    assert!(n1.qemu_pids().is_empty(), "nothing of it runs on n1");
+    // The same machine, its counter continuing, reached through either node.
+    assert_eq!(
+        n1.get_ok("mover.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+    assert_eq!(
+        kv(&n2.get_ok("mover.localhost", "/").await, "boot_id"),
+        boot
+    );
+
+    // Bad moves change nothing.
+    for (body, status) in [
+        (json!({ "to": "nowhere" }), StatusCode::NOT_FOUND),
+        (json!({ "to": "n2" }), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let (s, v) = n1
+            .call(Method::POST, &format!("/vms/{id}/move"), Some(body))
+            .await;
+        assert_eq!(s, status, "{v}");
+    }
+    assert_eq!(n1.vm(&id).await["state"], "running");
+
+    // Moved back without waking: it waits, suspended, for its next request.
+    let (s, vm) = n1
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/move"),
+            Some(json!({ "to": "n1", "start": false })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{vm}");
+    assert_eq!(
+        (vm["node"].as_str(), vm["state"].as_str()),
+        (Some("n1"), Some("snapshotted"))
+    );
+    assert_eq!(
+        n2.get_ok("mover.localhost", "/counter").await.trim(),
+        "counter=3"
+    );
+    assert_eq!(n1.vm(&id).await["node"], "n1");
+}

@@ -329,7 +329,7 @@ impl VmManager {
             return Ok(id_or_name.to_string());
         }
         let id = self.resolve(id_or_name).await?;
-        if self.runtime(&id).is_ok() {
+        if self.attach_handed_over(&id).await?.is_some() {
             return Ok(id);
         }
         let node = self

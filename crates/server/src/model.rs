@@ -382,6 +382,17 @@ pub struct CreateSnapshot {
 /// upgrade deletes nobody's snapshots).
 pub const DEFAULT_KEEP_LAST: u32 = 5;
 
+/// Body of `POST /vms/{id}/move`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// The node to move to (`GET /nodes`).
+    pub to: String,
+    /// Wake it on that node at once (default true); false leaves it
+    /// suspended there, woken by its next request.
+    pub start: Option<bool>,
+}
+
 /// Body of `POST /vms/{id}/restore`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -117,6 +117,9 @@ impl VmResolver {
     async fn elsewhere(&self, host: &str, vm_id: &str) -> Elsewhere {
         let vm_id = vm_id.to_string();
         if self.hop_only {
+            if let Ok(Some(rt)) = self.vms.attach_handed_over(&vm_id).await {
+                return Elsewhere::Adopted(rt);
+            }
             return Elsewhere::Answer(Resolution::Unavailable {
                 vm_id,
                 code: "vm_moved",
@@ -135,7 +138,14 @@ impl VmResolver {
         };
         let mut remote = match self.vms.peers.remote(&vm_id).await {
             Ok(Some(remote)) => remote,
-            Ok(None) => return Elsewhere::Answer(Resolution::UnknownHost),
+            // Handed to this node by another (a move)?
+            Ok(None) => {
+                return match self.vms.attach_handed_over(&vm_id).await {
+                    Ok(Some(rt)) => Elsewhere::Adopted(rt),
+                    Ok(None) => Elsewhere::Answer(Resolution::UnknownHost),
+                    Err(e) => unreachable_store(vm_id, e),
+                };
+            }
             Err(e) => return unreachable_store(vm_id, e),
         };
         if !remote.up {

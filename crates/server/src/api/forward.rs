@@ -97,6 +97,42 @@ async fn acted_on_vm(req: Request) -> Result<(Request, Option<String>), ApiError
     Ok((req, vm))
 }
 
+/// Send `method path` (no body) to node `node`'s API with the caller's
+/// `Authorization`, as a signed hop; answers that node's response.
+pub async fn call_node(
+    app: &super::AppState,
+    vm_id: &str,
+    method: Method,
+    path: &str,
+    authorization: Option<http::HeaderValue>,
+) -> Response {
+    app.vms.peers.forget(vm_id);
+    let remote = match app.vms.peers.remote(vm_id).await {
+        Ok(Some(remote)) => remote,
+        Ok(None) => return ApiError::not_found("vm", vm_id).into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let (Some(addr), Some(key)) = (remote.addr, &app.vms.hop) else {
+        return ApiError::NodeUnreachable(remote.node).into_response();
+    };
+    let mut req = Request::new(Body::empty());
+    *req.method_mut() = method;
+    *req.uri_mut() = match path.parse() {
+        Ok(uri) => uri,
+        Err(_) => return ApiError::BadRequest(format!("bad path {path}")).into_response(),
+    };
+    if let Some(auth) = authorization {
+        req.headers_mut().insert(header::AUTHORIZATION, auth);
+    }
+    match forward(req, addr, key.sign(API_HOST)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(node = %remote.node, error = %e, "calling another node failed");
+            ApiError::NodeUnreachable(remote.node).into_response()
+        }
+    }
+}
+
 fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {

@@ -45,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/logs", get(vms::logs))
         .route("/vms/{id}/snapshot", post(vms::snapshot))
         .route("/vms/{id}/restore", post(vms::restore))
+        .route("/vms/{id}/move", post(vms::move_vm))
         .route("/vms/{id}/snapshots", get(vms::snapshots))
         .route("/vms/{id}/events", get(vms::events))
         .route(

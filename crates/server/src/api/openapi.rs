@@ -10,8 +10,8 @@ use crate::error::{ErrorBody, ErrorDetail};
 
 use crate::model::{
     ApiKey, CreateApiKey, CreateRoute, CreateSnapshot, CreateVm, CreatedApiKey, EventList,
-    LocalStorage, Node, RestoreRequest, Retention, Route, Snapshot, SnapshotKind, SnapshotStatus,
-    Storage, StorageUsage, UploadStatus, Vm, VmEvent, VmState, VmStorage,
+    LocalStorage, MoveRequest, Node, RestoreRequest, Retention, Route, Snapshot, SnapshotKind,
+    SnapshotStatus, Storage, StorageUsage, UploadStatus, Vm, VmEvent, VmState, VmStorage,
 };
 
 #[derive(OpenApi)]
@@ -25,12 +25,12 @@ use crate::model::{
         super::vms::retention, super::vms::get_retention, super::vms::storage, super::vms::gc,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
         super::keys::list, super::keys::create, super::keys::revoke,
-        super::nodes::list,
+        super::nodes::list, super::vms::move_vm,
     ),
     components(schemas(Vm, VmState, VmEvent, EventList, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
         CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
         SnapshotKind, UploadStatus, LocalStorage, ApiKey, CreatedApiKey, CreateApiKey,
-        crate::snapshot::gc::GcReport, Node, ErrorBody, ErrorDetail)),
+        crate::snapshot::gc::GcReport, Node, MoveRequest, ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []))
 )]

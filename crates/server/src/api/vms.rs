@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use super::{ApiJson, App};
 use crate::error::ApiError;
 use crate::model::{
-    CreateSnapshot, CreateVm, EventList, RestoreRequest, Retention, Snapshot, Storage, Vm,
+    CreateSnapshot, CreateVm, EventList, MoveRequest, RestoreRequest, Retention, Snapshot, Storage,
+    Vm,
 };
 
 #[utoipa::path(post, path = "/vms", operation_id = "createVm", tag = "vms", request_body = CreateVm,
@@ -178,4 +179,28 @@ pub async fn storage(State(app): App) -> Result<Json<Storage>, ApiError> {
 #[utoipa::path(post, path = "/storage/gc", operation_id = "collectGarbage", tag = "storage", responses((status = 200, body = crate::snapshot::gc::GcReport), (status = 503)))]
 pub async fn gc(State(app): App) -> Result<Json<crate::snapshot::gc::GcReport>, ApiError> {
     Ok(Json(app.vms.collect_garbage().await?))
+}
+
+#[utoipa::path(post, path = "/vms/{id}/move", operation_id = "moveVm", tag = "vms", request_body = MoveRequest,
+    responses((status = 202, body = Vm, description = "the VM on its new node (restoring, or snapshotted with start: false)"),
+        (status = 404), (status = 409, description = "the VM or the target cannot move now"), (status = 422)))]
+pub async fn move_vm(
+    State(app): App,
+    Path(id): Path<String>,
+    headers: http::HeaderMap,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> Result<Response, ApiError> {
+    let id = app.vms.resolve_local(&id).await?;
+    let vm = app.vms.move_vm(&id, &req.to).await?;
+    if !req.start.unwrap_or(true) {
+        return Ok((StatusCode::ACCEPTED, Json(vm)).into_response());
+    }
+    Ok(super::forward::call_node(
+        &app,
+        &id,
+        http::Method::POST,
+        &format!("/vms/{id}/start"),
+        headers.get(http::header::AUTHORIZATION).cloned(),
+    )
+    .await)
 }

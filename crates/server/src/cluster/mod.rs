@@ -5,6 +5,7 @@
 
 pub mod hop;
 pub mod lease;
+pub mod moves;
 pub mod nodes;
 pub mod peers;
 pub mod routes;

@@ -148,6 +148,34 @@ impl VmManager {
     }
 }
 
+impl VmManager {
+    /// A VM another node handed to this one (`move`) has no runtime here
+    /// yet: make it (the VM is suspended; its wake reads S3). Ok(None): the
+    /// VM is not this node's.
+    pub(crate) async fn attach_handed_over(
+        &self,
+        vm_id: &str,
+    ) -> Result<Option<Arc<VmRuntime>>, StoreError> {
+        if let Ok(rt) = self.runtime(vm_id) {
+            return Ok(Some(rt));
+        }
+        let Some(rec) = self.store.get_vm(vm_id).await? else {
+            return Ok(None);
+        };
+        if rec.vm.node.as_deref() != Some(self.cfg.node_name.as_str()) || rec.vm.state.has_process()
+        {
+            return Ok(None);
+        }
+        if let Err(e) = std::fs::create_dir_all(self.paths(vm_id).dir) {
+            tracing::warn!(vm = %vm_id, error = %e, "creating the vm's directory failed");
+        }
+        let rt = VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new());
+        self.insert_runtime(rt.clone());
+        tracing::info!(vm = %vm_id, state = %rec.vm.state, "took charge of a vm handed to this node");
+        Ok(Some(rt))
+    }
+}
+
 /// States in which a lost node held the VM's only current state.
 fn needs_takeover(state: VmState) -> bool {
     !matches!(
