@@ -503,4 +503,42 @@ async fn a_vm_moves_to_another_node_and_continues_there() {
         "counter=3"
     );
     assert_eq!(n1.vm(&id).await["node"], "n1");
+
+    // Draining n1 (through the CLI on n2) moves both of its VMs to n2.
+    let (other, other_boot) = n1.boot_routed("other").await;
+    let out = std::process::Command::new(hatch_bin())
+        .args(["node", "drain", "n1", "--api", &n2.api_addr.to_string()])
+        .env("HATCH_API_KEY", KEY)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("moved {id} to n2")), "{text}");
+    assert!(text.contains(&format!("moved {other} to n2")), "{text}");
+    let all = nodes(&n1).await;
+    assert_eq!(
+        (all[0]["name"].as_str(), all[0]["state"].as_str()),
+        (Some("n1"), Some("draining"))
+    );
+    let vm = n2.wait_state(&other, "running").await;
+    assert_eq!(vm["node"], "n2");
+    assert_eq!(
+        kv(&n1.get_ok("other.localhost", "/").await, "boot_id"),
+        other_boot
+    );
+    assert_eq!(
+        n1.get_ok("mover.localhost", "/counter").await.trim(),
+        "counter=4"
+    );
+    assert_eq!(n2.vm(&id).await["node"], "n2");
+    assert!(n1.qemu_pids().is_empty());
+    let (s, _) = n2.call(Method::POST, "/nodes/n1/undrain", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(nodes(&n2).await[0]["state"], "up");
+    let (s, _) = n2.call(Method::POST, "/nodes/nope/drain", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

@@ -16,6 +16,21 @@ pub enum NodeCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Mark a node draining (new wakes avoid it) and move its running and
+    /// suspended VMs to the least loaded other nodes.
+    Drain {
+        /// Node name.
+        node: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Let a drained node take VMs again.
+    Undrain {
+        /// Node name.
+        node: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 pub async fn run(cmd: NodeCommand) -> anyhow::Result<()> {
@@ -53,6 +68,42 @@ pub async fn run(cmd: NodeCommand) -> anyhow::Result<()> {
                 ],
                 rows,
             );
+        }
+        NodeCommand::Drain { node, api } => {
+            let c = Client::new(&api)?;
+            let report = c
+                .json(Method::POST, &format!("/nodes/{node}/drain"), None)
+                .await?;
+            if api.json {
+                output::json(&report);
+                return Ok(());
+            }
+            for m in report["moved"].as_array().into_iter().flatten() {
+                println!(
+                    "moved {} to {}",
+                    output::field(m, "vm"),
+                    output::field(m, "to")
+                );
+            }
+            for l in report["left"].as_array().into_iter().flatten() {
+                println!(
+                    "left {} ({}): {}",
+                    output::field(l, "vm"),
+                    output::field(l, "state"),
+                    output::field(l, "reason")
+                );
+            }
+            println!("node {node} is draining");
+        }
+        NodeCommand::Undrain { node, api } => {
+            let c = Client::new(&api)?;
+            c.json(Method::POST, &format!("/nodes/{node}/undrain"), None)
+                .await?;
+            if api.json {
+                output::json(&serde_json::json!({ "node": node, "state": "up" }));
+            } else {
+                println!("node {node} takes VMs again");
+            }
         }
     }
     Ok(())

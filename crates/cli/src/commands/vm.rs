@@ -87,6 +87,27 @@ pub enum VmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Move a VM to another node of the cluster: suspended where it runs,
+    /// then woken there from S3 (same memory, disk and boot).
+    Move {
+        /// VM id or name.
+        vm: String,
+        /// The node to move to (`hatch node list`).
+        #[arg(long)]
+        to: String,
+        /// Leave it suspended on that node (its next request wakes it)
+        /// [default: wake it there at once].
+        #[arg(long)]
+        no_start: bool,
+        /// Wait until it runs on that node [default: return once it is handed over].
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (seconds, or e.g. 90s, 5m).
+        #[arg(long, value_parser = parse::duration, default_value = "10m")]
+        timeout: Duration,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Delete a VM with its disk and routes.
     #[command(alias = "delete")]
     Rm {
@@ -260,6 +281,25 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 .await?;
             if wait {
                 vm = wait_vm(&c, &vm, Goal::Stopped, timeout).await?;
+            }
+            show_vm(&api, &vm);
+        }
+        VmCommand::Move {
+            vm,
+            to,
+            no_start,
+            wait,
+            timeout,
+            api,
+        } => {
+            let c = Client::new(&api)?;
+            let id = c.vm_id(&vm).await?;
+            let body = json!({ "to": to, "start": !no_start });
+            let mut vm = c
+                .json(Method::POST, &format!("/vms/{id}/move"), Some(&body))
+                .await?;
+            if wait && !no_start {
+                vm = wait_vm(&c, &vm, Goal::Running, timeout).await?;
             }
             show_vm(&api, &vm);
         }

@@ -5,9 +5,6 @@
 //! shared database answers (the VM, its snapshots, events, retention) stay
 //! on the node that received them.
 
-use std::sync::OnceLock;
-use std::time::Duration;
-
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -133,16 +130,6 @@ pub async fn call_node(
     }
 }
 
-fn client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default()
-    })
-}
-
 async fn forward(
     req: Request,
     addr: std::net::SocketAddr,
@@ -157,7 +144,7 @@ async fn forward(
     let mut headers = end_to_end(&parts.headers);
     headers.insert(header::HOST, http::HeaderValue::from_static(API_HOST));
     headers.insert(hop_name, hop_value);
-    let answer = client()
+    let answer = crate::cluster::peers::client()
         .request(parts.method, format!("http://{addr}{path}"))
         .headers(headers)
         .body(reqwest::Body::wrap_stream(body.into_data_stream()))

@@ -63,6 +63,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .route("/nodes", get(nodes::list))
+        .route("/nodes/{name}/drain", post(nodes::drain))
+        .route("/nodes/{name}/undrain", post(nodes::undrain))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
         // Layers run last-added first: the key is checked, then calls on

@@ -25,12 +25,13 @@ use crate::model::{
         super::vms::retention, super::vms::get_retention, super::vms::storage, super::vms::gc,
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
         super::keys::list, super::keys::create, super::keys::revoke,
-        super::nodes::list, super::vms::move_vm,
+        super::nodes::list, super::nodes::drain, super::nodes::undrain, super::vms::move_vm,
     ),
     components(schemas(Vm, VmState, VmEvent, EventList, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
         CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
         SnapshotKind, UploadStatus, LocalStorage, ApiKey, CreatedApiKey, CreateApiKey,
-        crate::snapshot::gc::GcReport, Node, MoveRequest, ErrorBody, ErrorDetail)),
+        crate::snapshot::gc::GcReport, Node, MoveRequest, crate::cluster::drain::DrainReport,
+        ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []))
 )]

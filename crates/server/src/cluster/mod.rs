@@ -3,6 +3,7 @@
 //! (`vms.node`). The design, and what is still to come (takeover of a lost
 //! node's VMs, forwarding between nodes), is in `docs/CLUSTER.md`.
 
+pub mod drain;
 pub mod hop;
 pub mod lease;
 pub mod moves;

@@ -9,6 +9,17 @@ use std::time::{Duration, Instant};
 
 use crate::state::{StateStore, StoreError};
 
+/// The HTTP client for calls to other nodes (shared: it pools connections).
+pub fn client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    })
+}
+
 /// How long an owner lookup is reused. Ownership changes (a move, a
 /// takeover) are seen by other nodes' proxies within this time; until then
 /// the old owner answers (it serves only VMs it still runs).
@@ -78,6 +89,11 @@ impl Peers {
             up: record.is_some_and(|n| n.silent_for <= self.down_after && n.state != "down"),
             node,
         }))
+    }
+
+    /// Drop everything known (a node's state changed).
+    pub fn forget_all(&self) {
+        self.lock().clear();
     }
 
     /// Drop what is known about `vm_id` (its owner changed).

@@ -529,6 +529,13 @@ async fn nodes(store: &dyn StateStore) {
         nodes[0].heartbeat_at
     );
 
+    assert!(store.set_node_state("n2", "draining").await.expect("drain"));
+    assert!(!store.set_node_state("n9", "draining").await.expect("drain"));
+    store.heartbeat(&beat("n2", 1)).await.expect("beat");
+    let nodes = store.list_nodes().await.expect("nodes");
+    assert_eq!(nodes[1].state, "draining", "a heartbeat keeps the mark");
+    assert!(store.set_node_state("n2", "up").await.expect("undrain"));
+
     store.set_vm_node("vm-n1", "n2").await.expect("move");
     let nodes = store.list_nodes().await.expect("nodes");
     assert_eq!((nodes[0].vms, nodes[1].vms), (0, 1));

@@ -229,6 +229,8 @@ pub trait StateStore: Send + Sync {
     async fn heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError>;
     /// Every node that ever joined, by name.
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Mark a node `up` or `draining`; Ok(false): no such node.
+    async fn set_node_state(&self, name: &str, state: &str) -> Result<bool, StoreError>;
 
     // --- objects to delete from S3, retried ---
     /// Record a failed attempt to delete `key` (queueing it if need be).

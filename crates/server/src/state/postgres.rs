@@ -770,6 +770,16 @@ impl StateStore for PgStore {
         Ok(())
     }
 
+    async fn set_node_state(&self, name: &str, state: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .execute(
+                "UPDATE nodes SET state = $2 WHERE name = $1",
+                &[&name, &state],
+            )
+            .await?
+            > 0)
+    }
+
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.query(
             &format!(

@@ -603,6 +603,13 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    async fn set_node_state(&self, name: &str, state: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE nodes SET state = ?2 WHERE name = ?1",
+            params![name, state],
+        )? > 0)
+    }
+
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
