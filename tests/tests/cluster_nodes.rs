@@ -140,6 +140,8 @@ async fn cluster_node(pg: &Postgres, garage: &Garage, name: &str) -> Daemon {
                 "HATCH_SNAPSHOT_SECRET",
                 "snapshot-secret-for-tests-0123".to_string(),
             ),
+            // Lost nodes are noticed in seconds, not the default 15.
+            ("HATCH_NODE_DOWN_SECONDS", "3".to_string()),
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );

@@ -189,6 +189,22 @@ impl VmManager {
         self.runtime(id).is_ok()
     }
 
+    /// The VM's runtime, made with `make` if there is none yet (two
+    /// callers racing to take charge of a VM share one runtime, and so one
+    /// wake).
+    pub(crate) fn runtime_or_insert(
+        &self,
+        id: &str,
+        make: impl FnOnce() -> Arc<VmRuntime>,
+    ) -> Arc<VmRuntime> {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_insert_with(make)
+            .clone()
+    }
+
     pub(crate) fn insert_runtime(&self, rt: Arc<VmRuntime>) {
         self.runtimes
             .lock()

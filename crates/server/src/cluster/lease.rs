@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::nodes::{HEARTBEAT_EVERY, NodeIdentity};
+use crate::cluster::nodes::{NodeIdentity, heartbeat_every};
 use crate::manager::VmManager;
 use crate::model::VmState;
 
@@ -62,7 +62,7 @@ impl VmManager {
                 || self.lease.renewed_at().elapsed() > self.lease_time())
     }
 
-    /// Heartbeat every [`HEARTBEAT_EVERY`] and keep the lease until
+    /// Heartbeat (see [`heartbeat_every`]) and keep the lease until
     /// `shutdown`; with a shared database, also fence when it runs out.
     pub async fn membership_worker(self: Arc<Self>, me: NodeIdentity, shutdown: CancellationToken) {
         let watchdog = {
@@ -70,7 +70,7 @@ impl VmManager {
             let shutdown = shutdown.clone();
             tokio::spawn(async move { this.lease_watchdog(shutdown).await })
         };
-        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut tick = tokio::time::interval(heartbeat_every(self.cfg.node_down_after));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {

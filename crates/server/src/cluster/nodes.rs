@@ -1,5 +1,5 @@
 //! Node membership: each daemon upserts its row in `nodes` every
-//! [`HEARTBEAT_EVERY`]; a node whose heartbeat is older than the down time
+//! [`heartbeat_every`]; a node whose heartbeat is older than the down time
 //! (by the database's clock, never a node's) is shown `down`.
 
 use std::time::Duration;
@@ -9,9 +9,12 @@ use crate::manager::now_rfc3339;
 use crate::model::Node;
 use crate::state::{NodeBeat, NodeRecord, StateStore, StoreError};
 
-/// How often a node renews its heartbeat. The down time (default 15 s) is
-/// several of these, so one slow write does not make a node look lost.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// How often a node renews its heartbeat: every 2 s, and at least six times
+/// per down time, so that the lease (half the down time) spans three beats
+/// and one slow write neither fences a node nor makes it look lost.
+pub fn heartbeat_every(down_after: Duration) -> Duration {
+    Duration::from_secs(2).min(down_after / 6)
+}
 
 /// Who this daemon is in the cluster.
 #[derive(Debug, Clone)]
@@ -113,5 +116,10 @@ mod tests {
         assert_eq!(present(record(1, "draining"), down_after).state, "draining");
         assert_eq!(present(record(99, "draining"), down_after).state, "down");
         assert!(available_memory_mib().is_some_and(|m| m > 0));
+        // The lease (half the down time) always spans three heartbeats.
+        for secs in [2, 3, 15, 60] {
+            let down = Duration::from_secs(secs);
+            assert!(heartbeat_every(down) * 3 <= down / 2, "{secs}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::nodes::HEARTBEAT_EVERY;
+use crate::cluster::nodes::heartbeat_every;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, VmEvent, VmState};
 use crate::runtime::VmRuntime;
@@ -25,7 +25,7 @@ impl VmManager {
         if !self.shares_state() {
             return;
         }
-        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut tick = tokio::time::interval(heartbeat_every(self.cfg.node_down_after));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -140,8 +140,9 @@ impl VmManager {
         if let Err(e) = std::fs::create_dir_all(self.paths(vm_id).dir) {
             tracing::warn!(vm = %vm_id, error = %e, "creating the vm's directory failed");
         }
-        let rt = VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new());
-        self.insert_runtime(rt.clone());
+        let rt = self.runtime_or_insert(vm_id, || {
+            VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new())
+        });
         self.peers.forget(vm_id);
         tracing::info!(vm = %vm_id, from = ?rec.vm.node, "claimed a suspended vm of a lost node");
         Ok(Some(rt))
@@ -169,8 +170,9 @@ impl VmManager {
         if let Err(e) = std::fs::create_dir_all(self.paths(vm_id).dir) {
             tracing::warn!(vm = %vm_id, error = %e, "creating the vm's directory failed");
         }
-        let rt = VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new());
-        self.insert_runtime(rt.clone());
+        let rt = self.runtime_or_insert(vm_id, || {
+            VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new())
+        });
         tracing::info!(vm = %vm_id, state = %rec.vm.state, "took charge of a vm handed to this node");
         Ok(Some(rt))
     }
