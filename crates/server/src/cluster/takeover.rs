@@ -124,6 +124,20 @@ impl VmManager {
         if needs_takeover(rec.vm.state) {
             return Ok(None);
         }
+        // Only from a node that is down, as of the record just read (whose
+        // epoch the claim compares): a node that claimed it meanwhile is up,
+        // and keeps it.
+        if let Some(owner) = rec.vm.node.as_deref() {
+            let owner_up = self
+                .store
+                .list_nodes()
+                .await?
+                .into_iter()
+                .any(|n| n.name == owner && n.silent_for <= self.cfg.node_down_after);
+            if owner_up || owner == self.cfg.node_name {
+                return Ok(None);
+            }
+        }
         if !self
             .store
             .claim_vm(vm_id, &self.cfg.node_name, rec.epoch)
