@@ -9,9 +9,12 @@
 //!   QEMU `migrate` to a file, then `-incoming` from it.
 //! - `wake`: the first proxied answer after an idle suspend (local cache and
 //!   S3 only), and proxy throughput next to a direct connection to the VM.
+//! - `cluster`: two nodes; a wake on the node with the local copy vs one on
+//!   the other node from S3, and forwarded vs local request latency.
 
 mod api;
 mod baseline;
+mod cluster;
 mod stats;
 mod wake;
 
@@ -37,6 +40,9 @@ enum Bench {
     Snapshot(Args),
     /// Wake latency through the proxy after idle suspends, and throughput.
     Wake(wake::WakeArgs),
+    /// Two nodes: wake with the local copy vs on another node from S3, and
+    /// forwarded vs local request latency.
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Snapshot(args) => snapshot(args).await,
         Bench::Wake(args) => wake::run(args).await,
+        Bench::Cluster(args) => cluster::run(args).await,
     }
 }
 

@@ -139,7 +139,9 @@ impl VmManager {
                 inner.forwards = forwards.clone();
                 inner.last_ports = forwards.clone();
             }
-            self.store.set_vm_forwards(&vm.id, &forwards).await?;
+            self.store
+                .set_vm_forwards(&vm.id, &forwards, &self.cfg.node_name)
+                .await?;
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
                     machine.set_command_timeout(self.cfg.qmp_timeout);
@@ -185,7 +187,9 @@ impl VmManager {
         )
         .await?;
         layers.push(new_layer);
-        self.store.set_disk_layers(&vm.id, layers).await?;
+        self.store
+            .set_disk_layers(&vm.id, layers, &self.cfg.node_name)
+            .await?;
         Ok(())
     }
 
@@ -363,7 +367,9 @@ impl VmManager {
         if recorded != layers {
             tracing::warn!(vm = %vm_id, ?recorded, actual = ?layers,
                 "the recorded disk chain differs from QEMU's; taking QEMU's");
-            self.store.set_disk_layers(vm_id, &layers).await?;
+            self.store
+                .set_disk_layers(vm_id, &layers, &self.cfg.node_name)
+                .await?;
         }
         Ok(())
     }

@@ -108,6 +108,11 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<crate::state::StoreError> for ApiError {
     fn from(e: crate::state::StoreError) -> Self {
+        if let crate::state::StoreError::NotOwner(id) = &e {
+            return ApiError::conflict(format!(
+                "vm '{id}' was taken over by another node; this node no longer runs it"
+            ));
+        }
         if e.is_unreachable() {
             tracing::warn!(error = %anyhow::Error::from(e), "state store unreachable");
             return ApiError::StateStoreUnavailable;

@@ -610,7 +610,11 @@ impl VmManager {
     /// Forget a VM's port forwards (its QEMU is gone; the ports are free).
     pub(crate) async fn clear_forwards(&self, rt: &VmRuntime) {
         rt.lock().forwards.clear();
-        if let Err(e) = self.store.set_vm_forwards(&rt.id, &[]).await {
+        if let Err(e) = self
+            .store
+            .set_vm_forwards(&rt.id, &[], &self.cfg.node_name)
+            .await
+        {
             tracing::warn!(vm = %rt.id, error = %e, "clearing forwards failed");
         }
     }

@@ -189,7 +189,9 @@ impl VmManager {
             inner.last_ports.push(forward);
             inner.forwards.clone()
         };
-        self.store.set_vm_forwards(&rt.id, &forwards).await?;
+        self.store
+            .set_vm_forwards(&rt.id, &forwards, &self.cfg.node_name)
+            .await?;
         Ok(())
     }
 

@@ -303,7 +303,9 @@ impl VmManager {
             self.faults.hit("checkpoint.layer_switched", &rt.id)?;
             let mut all = layers.clone();
             all.push(new_layer.clone());
-            self.store.set_disk_layers(&rt.id, &all).await?;
+            self.store
+                .set_disk_layers(&rt.id, &all, &self.cfg.node_name)
+                .await?;
             self.faults.hit("checkpoint.disk_frozen", &rt.id)?;
             let state_part = durable::partial(&dir.join("state"));
             machine.save_state(&state_part).await?;

@@ -60,7 +60,7 @@ impl VmManager {
         // Recorded only once QEMU finished: until then the chain on disk
         // and in the database is the old one, intact.
         self.store
-            .set_disk_layers(&rt.id, std::slice::from_ref(&top))
+            .set_disk_layers(&rt.id, std::slice::from_ref(&top), &self.cfg.node_name)
             .await?;
         tracing::info!(vm = %rt.id, from_layers = layers.len(),
             ms = started.elapsed().as_millis() as u64, "disk chain compacted");

@@ -324,7 +324,9 @@ impl VmManager {
             .await?;
             let mut all = layers.to_vec();
             all.push(new_layer);
-            self.store.set_disk_layers(&rt.id, &all).await?;
+            self.store
+                .set_disk_layers(&rt.id, &all, &self.cfg.node_name)
+                .await?;
             let machine = self.launch(rt, true).await?;
             self.faults.hit("restore.launched", &rt.id)?;
             anyhow::Ok(machine)

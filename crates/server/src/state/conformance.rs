@@ -98,7 +98,7 @@ async fn vms(store: &dyn StateStore) {
         guest: 8080,
     }];
     store
-        .set_vm_forwards("vm-a1", &forwards)
+        .set_vm_forwards("vm-a1", &forwards, "n0")
         .await
         .expect("forwards");
     store
@@ -129,7 +129,7 @@ async fn vms(store: &dyn StateStore) {
     );
     let layers = ["disk.qcow2".to_string(), "layer-1.qcow2".to_string()];
     store
-        .set_disk_layers("vm-a1", &layers)
+        .set_disk_layers("vm-a1", &layers, "n0")
         .await
         .expect("set layers");
     assert_eq!(store.disk_layers("vm-a1").await.expect("layers"), layers);
@@ -597,6 +597,19 @@ async fn ownership_changes_are_compare_and_set(store: &dyn StateStore) {
     let rec = store.get_vm("vm-o1").await.expect("get").expect("present");
     assert_eq!((rec.vm.node.as_deref(), rec.epoch), (Some("n2"), epoch + 2));
     // The old owner's writes are refused from now on; the new owner's go in.
+    assert!(matches!(
+        store.set_disk_layers("vm-o1", &["x".into()], "n1").await,
+        Err(super::StoreError::NotOwner(_))
+    ));
+    assert!(matches!(
+        store.set_vm_forwards("vm-o1", &[], "n1").await,
+        Err(super::StoreError::NotOwner(_))
+    ));
+    store
+        .set_disk_layers("vm-o1", &["y".into()], "n2")
+        .await
+        .expect("owner writes");
+    assert_eq!(store.disk_layers("vm-o1").await.expect("layers"), ["y"]);
     assert!(
         !store
             .set_vm_state("vm-o1", VmState::Running, None, "n1")

@@ -37,6 +37,9 @@ pub enum StoreError {
     Unreachable(#[from] deadpool_postgres::PoolError),
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// Another node owns the VM now (it was taken over): nothing written.
+    #[error("vm '{0}' belongs to another node now")]
+    NotOwner(String),
 }
 
 impl StoreError {
@@ -49,7 +52,7 @@ impl StoreError {
                 e.is_closed()
                     || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
             }
-            StoreError::Sqlite(_) | StoreError::Corrupt(_) => false,
+            StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::NotOwner(_) => false,
         }
     }
 }
@@ -161,7 +164,13 @@ pub trait StateStore: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Record a (re)start: `started_at` set, the boot time cleared.
     async fn set_vm_started(&self, id: &str, started_at: &str) -> Result<(), StoreError>;
-    async fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), StoreError>;
+    /// As node `owner` (NotOwner if another node owns the VM now).
+    async fn set_vm_forwards(
+        &self,
+        id: &str,
+        forwards: &[PortForward],
+        owner: &str,
+    ) -> Result<(), StoreError>;
     async fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError>;
     /// Record the node that runs (or ran last) a VM.
     async fn set_vm_node(&self, id: &str, node: &str) -> Result<(), StoreError>;
@@ -179,7 +188,13 @@ pub trait StateStore: Send + Sync {
     // --- disk layers and snapshots ---
     /// A VM's disk layer files, oldest first.
     async fn disk_layers(&self, vm_id: &str) -> Result<Vec<String>, StoreError>;
-    async fn set_disk_layers(&self, vm_id: &str, layers: &[String]) -> Result<(), StoreError>;
+    /// As node `owner` (NotOwner if another node owns the VM now).
+    async fn set_disk_layers(
+        &self,
+        vm_id: &str,
+        layers: &[String],
+        owner: &str,
+    ) -> Result<(), StoreError>;
     /// Insert a snapshot, or write back every mutable field of an existing one.
     async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError>;
     /// A VM's snapshots, newest first.

@@ -187,6 +187,20 @@ impl PgStore {
         Ok(())
     }
 
+    /// After an owner-guarded update of `n` rows: NotOwner if the VM
+    /// exists but another node owns it.
+    async fn owned(&self, id: &str, n: u64) -> Result<(), StoreError> {
+        if n == 0
+            && self
+                .query_opt("SELECT 1 FROM vms WHERE id = $1", &[&id])
+                .await?
+                .is_some()
+        {
+            return Err(StoreError::NotOwner(id.to_string()));
+        }
+        Ok(())
+    }
+
     async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(sql).await?;
@@ -395,13 +409,19 @@ impl StateStore for PgStore {
         Ok(())
     }
 
-    async fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), StoreError> {
-        self.execute(
-            "UPDATE vms SET forwards = $2 WHERE id = $1",
-            &[&id, &to_json(&forwards)?],
-        )
-        .await?;
-        Ok(())
+    async fn set_vm_forwards(
+        &self,
+        id: &str,
+        forwards: &[PortForward],
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                "UPDATE vms SET forwards = $2 WHERE id = $1 AND (node IS NULL OR node = $3)",
+                &[&id, &to_json(&forwards)?, &owner],
+            )
+            .await?;
+        self.owned(id, n).await
     }
 
     async fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError> {
@@ -456,13 +476,19 @@ impl StateStore for PgStore {
         from_json("disk layers", row.try_get(0)?)
     }
 
-    async fn set_disk_layers(&self, vm_id: &str, layers: &[String]) -> Result<(), StoreError> {
-        self.execute(
-            "UPDATE vms SET disk_layers = $2 WHERE id = $1",
-            &[&vm_id, &to_json(&layers)?],
-        )
-        .await?;
-        Ok(())
+    async fn set_disk_layers(
+        &self,
+        vm_id: &str,
+        layers: &[String],
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .execute(
+                "UPDATE vms SET disk_layers = $2 WHERE id = $1 AND (node IS NULL OR node = $3)",
+                &[&vm_id, &to_json(&layers)?, &owner],
+            )
+            .await?;
+        self.owned(vm_id, n).await
     }
 
     async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {

@@ -282,13 +282,19 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
-    async fn set_vm_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), StoreError> {
+    async fn set_vm_forwards(
+        &self,
+        id: &str,
+        forwards: &[PortForward],
+        owner: &str,
+    ) -> Result<(), StoreError> {
         let forwards = to_json(&forwards)?;
-        self.conn().execute(
-            "UPDATE vms SET forwards = ?2 WHERE id = ?1",
-            params![id, forwards],
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE vms SET forwards = ?2 WHERE id = ?1 AND (node IS NULL OR node = ?3)",
+            params![id, forwards, owner],
         )?;
-        Ok(())
+        owned(&conn, id, n)
     }
 
     async fn set_vm_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError> {
@@ -340,13 +346,19 @@ impl StateStore for SqliteStore {
         from_json("disk layers", &text)
     }
 
-    async fn set_disk_layers(&self, vm_id: &str, layers: &[String]) -> Result<(), StoreError> {
+    async fn set_disk_layers(
+        &self,
+        vm_id: &str,
+        layers: &[String],
+        owner: &str,
+    ) -> Result<(), StoreError> {
         let text = to_json(&layers)?;
-        self.conn().execute(
-            "UPDATE vms SET disk_layers = ?2 WHERE id = ?1",
-            params![vm_id, text],
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE vms SET disk_layers = ?2 WHERE id = ?1 AND (node IS NULL OR node = ?3)",
+            params![vm_id, text, owner],
         )?;
-        Ok(())
+        owned(&conn, vm_id, n)
     }
 
     async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
@@ -693,6 +705,20 @@ impl StateStore for SqliteStore {
         }
         Ok(out)
     }
+}
+
+/// After an owner-guarded update of `n` rows: NotOwner if the VM exists
+/// but another node owns it.
+fn owned(conn: &Connection, id: &str, n: usize) -> Result<(), StoreError> {
+    if n == 0
+        && conn
+            .query_row("SELECT 1 FROM vms WHERE id = ?1", [id], |_| Ok(()))
+            .optional()?
+            .is_some()
+    {
+        return Err(StoreError::NotOwner(id.to_string()));
+    }
+    Ok(())
 }
 
 fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<(), StoreError> {
