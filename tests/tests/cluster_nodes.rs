@@ -191,6 +191,28 @@ async fn any_node_serves_requests_and_api_calls_for_a_vm_on_another() {
         "counter=3"
     );
 
+    // A WebSocket through n3 reaches the VM on n1, both ways.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}/ws", n3.proxy_addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("host", "web.localhost".parse().unwrap());
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        for msg in [
+            Message::text("across nodes"),
+            Message::binary(vec![0u8, 255]),
+        ] {
+            ws.send(msg.clone()).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), msg);
+        }
+        ws.close(None).await.unwrap();
+    }
+
     // API calls that act on the VM, through a node that does not run it.
     let (s, logs) = n2.call(Method::GET, "/vms/web/logs", None).await;
     assert_eq!(s, StatusCode::OK, "{logs}");
