@@ -566,3 +566,41 @@ async fn a_vm_moves_to_another_node_and_continues_there() {
     let (s, _) = n2.call(Method::POST, "/nodes/nope/drain", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_node_with_another_cpu_model_refuses_the_restore_clearly() {
+    let pg = Postgres::start();
+    let garage = Garage::start().await;
+    let n1 = cluster_node(&pg, &garage, "n1").await;
+    let mut n2 = cluster_node(&pg, &garage, "n2").await;
+    n2.set_env("HATCH_CPU_MODEL", Some("qemu64"));
+    n2.restart().await;
+    let (id, _) = n1.boot_routed("cpu").await;
+    let (s, vm) = n1
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/move"),
+            Some(json!({ "to": "n2", "start": false })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{vm}");
+    let (s, body) = n2.proxy_get("cpu.localhost", "/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body.contains("CPU model") && body.contains("--cpu-model"),
+        "{body}"
+    );
+    // Nothing is lost: the VM stays suspended, restorable where the model fits.
+    let vm = n2.vm(&id).await;
+    assert_eq!(vm["state"], "snapshotted", "{vm}");
+    let (s, vm) = n2
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/move"),
+            Some(json!({ "to": "n1" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{vm}");
+    n1.wait_state(&id, "running").await;
+    n1.get_ok("cpu.localhost", "/").await;
+}

@@ -30,6 +30,7 @@ pub async fn run(
     let spec = |incoming: bool| -> anyhow::Result<MachineSpec> {
         Ok(MachineSpec {
             accel: AccelChoice::Auto.resolve(),
+            cpu_model: hatch_vmm::spec::default_cpu_model(AccelChoice::Auto.resolve()).into(),
             vcpus: 1,
             memory_mib,
             kernel: image.kernel.clone(),

@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// Seconds without a heartbeat after which a node counts as down [default: 15].
     #[arg(long, env = "HATCH_NODE_DOWN_SECONDS")]
     node_down_seconds: Option<u64>,
+    /// QEMU -cpu model for the VMs; snapshots restore only where it is the
+    /// same (a cluster of KVM hosts pins one every host supports, e.g.
+    /// Haswell-v4) [default: host under KVM, max under TCG].
+    #[arg(long, env = "HATCH_CPU_MODEL")]
+    cpu_model: Option<String>,
 }
 
 /// The TOML file: every field optional.
@@ -109,6 +114,7 @@ struct FileConfig {
     cluster_addr: Option<SocketAddr>,
     /// Like `HATCH_CLUSTER_SECRET`.
     cluster_secret: Option<String>,
+    cpu_model: Option<String>,
     s3: Option<FileS3>,
 }
 
@@ -253,6 +259,13 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     cfg.cluster_addr = args.cluster_addr.or(file.cluster_addr);
     cfg.cluster_secret =
         secret_var("HATCH_CLUSTER_SECRET").or(file.cluster_secret.map(Secret::new));
+    if let Some(model) = args.cpu_model.or(file.cpu_model) {
+        anyhow::ensure!(
+            hatch_vmm::spec::valid_cpu_model(&model),
+            "invalid --cpu-model {model:?}: a QEMU CPU model name, optionally with ,feature settings"
+        );
+        cfg.cpu_model = Some(model);
+    }
     if let Some(s) = args.node_down_seconds {
         anyhow::ensure!(s >= 2, "--node-down-seconds must be at least 2");
         cfg.node_down_after = Duration::from_secs(s);

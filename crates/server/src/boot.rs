@@ -114,6 +114,7 @@ impl VmManager {
                 .context("picking host ports")?;
             let spec = MachineSpec {
                 accel: self.accel,
+                cpu_model: self.cpu_model.clone(),
                 vcpus: vm.vcpus,
                 memory_mib: vm.memory_mib,
                 kernel: image.kernel.clone(),

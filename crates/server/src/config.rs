@@ -59,6 +59,9 @@ pub struct Config {
     pub cluster_secret: Option<Secret>,
     /// A node not heard from for this long is `down`.
     pub node_down_after: Duration,
+    /// QEMU `-cpu` model (`--cpu-model`); None: `host` under KVM, `max`
+    /// under TCG. Recorded in snapshot manifests and checked on restore.
+    pub cpu_model: Option<String>,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub gc_grace: Duration,
     /// How long a proxied request waits for its VM to wake before 503.
@@ -129,6 +132,7 @@ impl Config {
             cluster_addr: None,
             cluster_secret: None,
             node_down_after: Duration::from_secs(15),
+            cpu_model: None,
             gc_grace: Duration::from_secs(3600),
             wake_timeout: Duration::from_secs(30),
             wake_queue: 4096,

@@ -52,6 +52,10 @@ pub struct VmManager {
     pub(crate) owner: String,
     /// When the route table was last read from the store (cluster mode).
     pub(crate) routes_read_at: Mutex<Option<std::time::Instant>>,
+    /// QEMU `-cpu` model of the VMs this node launches.
+    pub(crate) cpu_model: String,
+    /// This host's CPU (for snapshots taken under `-cpu host`).
+    pub(crate) cpu_signature: String,
     /// This node's right to run its VMs (self-fencing, cluster mode).
     pub(crate) lease: crate::cluster::lease::Lease,
     /// Which node owns another node's VM (for forwarding).
@@ -136,6 +140,11 @@ impl VmManager {
             owner: format!("{} pid {}", cfg.data_dir.display(), std::process::id()),
             routes_read_at: Mutex::default(),
             lease: Default::default(),
+            cpu_model: cfg
+                .cpu_model
+                .clone()
+                .unwrap_or_else(|| hatch_vmm::spec::default_cpu_model(accel).to_string()),
+            cpu_signature: hatch_vmm::host::cpu_signature(),
             peers,
             hop,
             evictions: AtomicU64::new(0),

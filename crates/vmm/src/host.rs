@@ -21,6 +21,23 @@ fn tsc_khz_from(cpuinfo: &str) -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
+/// What identifies this host's CPU for a `-cpu host` guest: a hash of the
+/// first processor's model name and feature flags. A snapshot taken under
+/// `host` restores only where this is the same.
+pub fn cpu_signature() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let wanted = |l: &&str| l.starts_with("model name") || l.starts_with("flags");
+    let mut lines: Vec<&str> = cpuinfo
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .filter(wanted)
+        .collect();
+    lines.sort_unstable();
+    blake3::hash(lines.join("\n").as_bytes()).to_hex()[..16].to_string()
+}
+
 /// Number of CPUs usable by this process.
 pub fn cpu_count() -> u32 {
     std::thread::available_parallelism()

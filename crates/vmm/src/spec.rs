@@ -25,6 +25,9 @@ impl PortForward {
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
     pub accel: Accel,
+    /// QEMU `-cpu` model: [`default_cpu_model`] unless the operator pinned
+    /// one (a cluster under KVM needs a model every host provides).
+    pub cpu_model: String,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub kernel: PathBuf,
@@ -52,6 +55,27 @@ pub struct MachineSpec {
     pub incoming: bool,
 }
 
+/// The CPU model when none is pinned: `host` passes the real CPU through
+/// under KVM (ties a snapshot to its host's CPU); under TCG `max` emulates
+/// every feature QEMU can, the same on every host.
+pub fn default_cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    }
+}
+
+/// Whether `model` looks like a QEMU `-cpu` value (a model name with
+/// optional `,feature` settings), not something else smuggled in.
+pub fn valid_cpu_model(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= 256
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-,+=".contains(&b))
+        && model.as_bytes()[0].is_ascii_alphanumeric()
+}
+
 /// Network device id used by `hostfwd_add` at run time.
 pub const NETDEV_ID: &str = "net0";
 
@@ -76,12 +100,7 @@ impl MachineSpec {
         push("-accel".into());
         push(self.accel.as_str().into());
         push("-cpu".into());
-        // `host` passes the real CPU through under KVM; under TCG `max`
-        // emulates every feature QEMU can, which the Debian kernel uses well.
-        push(match self.accel {
-            Accel::Kvm => "host".into(),
-            Accel::Tcg => "max".into(),
-        });
+        push(self.cpu_model.clone());
         push("-smp".into());
         push(self.vcpus.to_string());
         push("-m".into());
@@ -179,6 +198,7 @@ mod tests {
     fn spec(accel: Accel) -> MachineSpec {
         MachineSpec {
             accel,
+            cpu_model: default_cpu_model(accel).into(),
             vcpus: 2,
             memory_mib: 512,
             kernel: "/img/vmlinuz".into(),
@@ -253,6 +273,15 @@ mod tests {
     fn kvm_uses_host_cpu_and_no_tsc_hint() {
         let a = args(&spec(Accel::Kvm));
         assert_eq!(value_of(&a, "-cpu"), ["host"]);
+        let pinned = MachineSpec {
+            cpu_model: "Haswell-v4,-hle".into(),
+            ..spec(Accel::Kvm)
+        };
+        assert_eq!(value_of(&args(&pinned), "-cpu"), ["Haswell-v4,-hle"]);
+        assert!(valid_cpu_model("Haswell-v4,-hle") && valid_cpu_model("max"));
+        for bad in ["", "-x", "max ", "a;b", "host\n"] {
+            assert!(!valid_cpu_model(bad), "{bad:?}");
+        }
         assert_eq!(
             value_of(&a, "-append"),
             ["console=ttyS0 quiet hatch.disk_grow=1"]

@@ -235,12 +235,15 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                         output::field(vm, "image"),
                         output::field(vm, "vcpus"),
                         format!("{} MiB", output::field(vm, "memory_mib")),
+                        output::field(vm, "node"),
                         output::field(vm, "created_at"),
                     ]
                 })
                 .collect();
             output::table(
-                &["ID", "NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "CREATED"],
+                &[
+                    "ID", "NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "NODE", "CREATED",
+                ],
                 rows,
             );
         }

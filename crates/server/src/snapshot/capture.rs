@@ -428,6 +428,8 @@ impl VmManager {
             memory_mib: vm.memory_mib,
             disk_mib: vm.disk_mib,
             qemu_version: self.qemu_version.clone(),
+            cpu_model: self.cpu_model.clone(),
+            host_cpu: self.cpu_signature.clone(),
             device_state,
             memory,
             disk_layers,

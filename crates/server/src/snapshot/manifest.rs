@@ -40,6 +40,14 @@ pub struct Manifest {
     pub disk_mib: u64,
     /// QEMU version that saved the device state.
     pub qemu_version: String,
+    /// QEMU `-cpu` model the guest ran with: a restore needs the same
+    /// (empty in manifests from before it was recorded: not checked).
+    #[serde(default)]
+    pub cpu_model: String,
+    /// With `cpu_model` `host`: the host CPU's signature
+    /// (`hatch_vmm::host::cpu_signature`), which a restore needs too.
+    #[serde(default)]
+    pub host_cpu: String,
     pub device_state: FileChunks,
     pub memory: FileChunks,
     /// Disk layers, oldest first; the first is backed by the image's base disk.
@@ -73,6 +81,9 @@ pub struct Expected<'a> {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_mib: u64,
+    /// This node's `-cpu` model and CPU signature.
+    pub cpu_model: &'a str,
+    pub host_cpu: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,6 +167,20 @@ impl Manifest {
         }
         if self.qemu_version.len() > 256 || self.qemu_version.chars().any(char::is_control) {
             return Err("QEMU version string".into());
+        }
+        if !self.cpu_model.is_empty() && self.cpu_model != e.cpu_model {
+            return Err(format!(
+                "the guest ran with CPU model {:?} and this node runs {:?}: start every node of \
+                 the cluster with the same --cpu-model",
+                self.cpu_model, e.cpu_model
+            ));
+        }
+        if self.cpu_model == "host" && !self.host_cpu.is_empty() && self.host_cpu != e.host_cpu {
+            return Err(
+                "the guest ran with CPU model \"host\" on a host with another CPU: pin a \
+                 --cpu-model that every node supports to restore across hosts"
+                    .into(),
+            );
         }
         self.device_state
             .validate(MAX_STATE_BYTES)
@@ -248,6 +273,8 @@ mod tests {
             memory_mib: 256,
             disk_mib: 1024,
             qemu_version: "QEMU emulator version 7.2.22".into(),
+            cpu_model: "max".into(),
+            host_cpu: "0123456789abcdef".into(),
             device_state: chunks(60_000),
             memory: chunks(256 << 20),
             disk_layers: vec![
@@ -271,6 +298,8 @@ mod tests {
             vcpus: m.vcpus,
             memory_mib: m.memory_mib,
             disk_mib: m.disk_mib,
+            cpu_model: &m.cpu_model,
+            host_cpu: &m.host_cpu,
         }
     }
 
@@ -371,5 +400,50 @@ mod tests {
                 "{what}: {err}"
             );
         }
+    }
+
+    /// A snapshot restores only on a node with the CPU model it ran with;
+    /// under `host`, only on a host with the same CPU. Manifests from before
+    /// the model was recorded are not checked.
+    #[test]
+    fn a_restore_needs_the_cpu_model_the_guest_ran_with() {
+        let m = sample();
+        let bytes = m.encode(&keys()).unwrap();
+        let other = Expected {
+            cpu_model: "Haswell-v4",
+            ..expected(&m)
+        };
+        let err = Manifest::decode(&bytes, &keys(), &other).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::Invalid(r) if r.contains("CPU model \"max\"") && r.contains("--cpu-model")),
+            "{err}"
+        );
+        let host = Manifest {
+            cpu_model: "host".into(),
+            ..sample()
+        };
+        let bytes = host.encode(&keys()).unwrap();
+        assert!(Manifest::decode(&bytes, &keys(), &expected(&host)).is_ok());
+        let elsewhere = Expected {
+            host_cpu: "fedcba9876543210",
+            ..expected(&host)
+        };
+        let err = Manifest::decode(&bytes, &keys(), &elsewhere).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::Invalid(r) if r.contains("another CPU")),
+            "{err}"
+        );
+        // An older manifest without the fields restores anywhere.
+        let old = Manifest {
+            cpu_model: String::new(),
+            host_cpu: String::new(),
+            ..sample()
+        };
+        let text = serde_json::to_string(&old)
+            .unwrap()
+            .replace(",\"cpu_model\":\"\",\"host_cpu\":\"\"", "");
+        assert!(!text.contains("cpu_model"));
+        let parsed: Manifest = serde_json::from_str(&text).unwrap();
+        assert!(parsed.validate(&other).is_ok());
     }
 }

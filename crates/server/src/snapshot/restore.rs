@@ -421,6 +421,8 @@ impl VmManager {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_mib: vm.disk_mib,
+            cpu_model: &self.cpu_model,
+            host_cpu: &self.cpu_signature,
         };
         let manifest = Manifest::decode(&bytes, &self.seal_keys, &expected)
             .map_err(|e| SnapshotCorrupt(format!("manifest of {}: {e}", rec.snap.id)))?;
