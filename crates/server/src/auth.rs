@@ -44,9 +44,13 @@ impl KeyRing {
     /// holds is valid while it is set; a start with another key, or none,
     /// revokes the previous one. If no key is left, one is generated and
     /// returned (to be shown once).
+    ///
+    /// With a `shared` store (a cluster) keys from other nodes'
+    /// `HATCH_API_KEY` are not revoked: each node may set its own.
     pub async fn open(
         store: Arc<dyn StateStore>,
         env_key: Option<&Secret>,
+        shared: bool,
     ) -> Result<(KeyRing, Option<String>), ApiError> {
         let env_hash = env_key.map(|k| hash_key(k.expose()));
         if let Some(key) = env_key {
@@ -65,9 +69,13 @@ impl KeyRing {
                 })
                 .await?;
         }
-        let revoked = store
-            .revoke_env_keys_except(env_hash.as_ref().map(|h| h.as_slice()))
-            .await?;
+        let revoked = if shared {
+            0
+        } else {
+            store
+                .revoke_env_keys_except(env_hash.as_ref().map(|h| h.as_slice()))
+                .await?
+        };
         if revoked > 0 {
             tracing::info!(revoked, "revoked API keys from an earlier HATCH_API_KEY");
         }
@@ -97,7 +105,9 @@ impl KeyRing {
         self.hashes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn reload(&self) -> Result<(), ApiError> {
+    /// Read the keys again (in a cluster, every second: keys made or
+    /// revoked through another node take effect here too).
+    pub async fn reload(&self) -> Result<(), ApiError> {
         let hashes = self
             .store
             .api_keys()
@@ -221,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn keys_verify_only_when_equal_and_are_stored_hashed() {
         let (_d, store) = db();
-        let (ring, generated) = KeyRing::open(store.clone(), None).await.unwrap();
+        let (ring, generated) = KeyRing::open(store.clone(), None, false).await.unwrap();
         let key = generated.expect("a first key is generated");
         assert!(key.starts_with(KEY_PREFIX) && key.len() == KEY_PREFIX.len() + 32);
         assert!(ring.verify(&key));
@@ -242,7 +252,7 @@ mod tests {
     async fn created_keys_work_until_revoked_and_the_last_key_stays() {
         let (_d, store) = db();
         let env = Secret::new("env-key-0123456789");
-        let (ring, generated) = KeyRing::open(store, Some(&env)).await.unwrap();
+        let (ring, generated) = KeyRing::open(store, Some(&env), false).await.unwrap();
         assert!(generated.is_none());
         let made = ring.create(Some("ci-bot".into())).await.unwrap();
         assert!(ring.verify(&made.key) && ring.verify(env.expose()));
@@ -266,15 +276,19 @@ mod tests {
         let (_d, store) = db();
         let old = Secret::new("old-env-key-0123456789");
         let new = Secret::new("new-env-key-0123456789");
-        let (ring, _) = KeyRing::open(store.clone(), Some(&old)).await.unwrap();
+        let (ring, _) = KeyRing::open(store.clone(), Some(&old), false)
+            .await
+            .unwrap();
         let api = ring.create(None).await.unwrap();
         drop(ring);
-        let (ring, _) = KeyRing::open(store.clone(), Some(&new)).await.unwrap();
+        let (ring, _) = KeyRing::open(store.clone(), Some(&new), false)
+            .await
+            .unwrap();
         assert!(!ring.verify(old.expose()), "the previous HATCH_API_KEY");
         assert!(ring.verify(new.expose()) && ring.verify(&api.key));
         drop(ring);
         // Unset: the environment key goes too; keys made through the API stay.
-        let (ring, generated) = KeyRing::open(store, None).await.unwrap();
+        let (ring, generated) = KeyRing::open(store, None, false).await.unwrap();
         assert!(generated.is_none());
         assert!(!ring.verify(new.expose()) && ring.verify(&api.key));
         assert!(
@@ -282,7 +296,8 @@ mod tests {
                 Arc::new(
                     SqliteStore::open(&tempfile::tempdir().unwrap().path().join("d")).unwrap()
                 ),
-                Some(&Secret::new("short"))
+                Some(&Secret::new("short")),
+                false
             )
             .await
             .is_err()

@@ -384,8 +384,19 @@ impl VmManager {
         for rec in self.store.list_vms().await? {
             let vm = rec.vm;
             match vm.node.as_deref() {
-                // Another node's VM: not ours to re-attach or judge.
-                Some(node) if node != me => continue,
+                // Another node's VM (taken over or moved while this daemon
+                // was away): not ours to re-attach or judge; a QEMU of it
+                // still running here must go.
+                Some(node) if node != me => {
+                    let paths = self.paths(&vm.id);
+                    if let Ok(machine) = Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
+                        tracing::warn!(vm = %vm.id, owner = %node, pid = machine.pid(),
+                            "ending a qemu of a vm another node owns now");
+                        machine.kill();
+                        self.remove_runtime_files(&vm.id);
+                    }
+                    continue;
+                }
                 Some(_) => {}
                 // From before nodes were recorded: this daemon's.
                 None => self.store.set_vm_node(&vm.id, me).await?,

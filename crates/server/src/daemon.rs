@@ -38,7 +38,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .await
         .context("registering this node")?;
     tracing::info!(backend = store.backend(), node = %me.name, "state store open");
-    let (keys, generated) = KeyRing::open(store.clone(), cfg.api_key.as_ref())
+    let shared = cfg.database_url.is_some();
+    let (keys, generated) = KeyRing::open(store.clone(), cfg.api_key.as_ref(), shared)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(key) = generated {
@@ -84,6 +85,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     )
     .await?;
     tracing::info!(accel = %vms.accel(), data_dir = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), "hatch starting");
+    // Heartbeats (and, in a cluster, the lease) from before recovery: a
+    // slow recovery must neither make this node look lost nor let it run
+    // VMs without a lease.
+    tokio::spawn(vms.clone().membership_worker(me, shutdown.clone()));
     remove_stale_ram_copies(&cfg.run_dir);
     vms.recover().await.context("re-attaching to VMs")?;
     vms.recover_snapshots()
@@ -114,15 +119,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let api_addr = api_listener.local_addr()?;
     tracing::info!(api = %api_addr, proxy = %proxy_listener.local_addr()?, cluster = ?cfg.cluster_addr, "listening");
 
-    let app = router(Arc::new(AppState {
+    let state = Arc::new(AppState {
         vms: vms.clone(),
         keys,
         metrics: metrics.clone(),
-    }));
+    });
+    if shared {
+        tokio::spawn(reload_keys(state.clone(), shutdown.clone()));
+    }
+    let app = router(state);
     tokio::spawn(vms.clone().retention_worker(shutdown.clone()));
     tokio::spawn(vms.clone().idle_worker(shutdown.clone()));
     tokio::spawn(vms.clone().storage_worker(shutdown.clone()));
-    tokio::spawn(vms.clone().membership_worker(me, shutdown.clone()));
     let api_shutdown = shutdown.clone();
     let api = tokio::spawn(async move {
         axum::serve(api_listener, app)
@@ -173,6 +181,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::warn!("gave up waiting for VM operations; they resume on next start");
     }
     Ok(())
+}
+
+/// Keys made or revoked through other nodes take effect here within a second.
+async fn reload_keys(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = state.keys.reload().await {
+            tracing::debug!(error = %e, "re-reading API keys failed");
+        }
+    }
 }
 
 /// The keys snapshots are sealed with: `HATCH_SNAPSHOT_SECRET` if set (daemons

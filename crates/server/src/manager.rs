@@ -274,11 +274,21 @@ impl VmManager {
             )));
         }
         // Stored first: a state the store refused is never shown.
+        if self.fenced() {
+            return Err(ApiError::StateStoreUnavailable);
+        }
         if !self
             .store
             .set_vm_state(&rt.id, to, reason.as_deref(), &self.cfg.node_name)
             .await?
         {
+            // Another node owns it now: whatever runs here must not.
+            let machine = rt.lock().machine.take();
+            if let Some(machine) = machine {
+                machine.kill();
+            }
+            self.forget_runtime(&rt.id);
+            tracing::warn!(vm = %rt.id, "a vm this node ran was taken over: its process was ended");
             return Err(ApiError::conflict(format!(
                 "vm '{}' was taken over by another node; this node no longer runs it",
                 rt.id

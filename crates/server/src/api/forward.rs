@@ -19,8 +19,16 @@ use crate::resolver::API_HOST;
 const MAX_PEEKED_BODY: usize = 64 << 10;
 
 pub async fn to_owner(State(app): App, req: Request, next: Next) -> Response {
-    // A call another node forwarded is answered here, never sent on.
-    if !app.vms.shares_state() || req.headers().contains_key(crate::cluster::hop::HEADER) {
+    // A call another node forwarded (a valid hop) is answered here, never
+    // sent on.
+    let hop = req.headers().get(crate::cluster::hop::HEADER);
+    let forwarded = hop.is_some_and(|h| {
+        app.vms
+            .hop
+            .as_ref()
+            .is_some_and(|key| key.verify(Some(h), API_HOST).is_ok())
+    });
+    if !app.vms.shares_state() || forwarded {
         return next.run(req).await;
     }
     let (req, vm) = match acted_on_vm(req).await {

@@ -23,8 +23,13 @@ use crate::model::VmState;
 /// How often the lease is checked (bounds how long a guest runs on after
 /// the lease ran out while the daemon was scheduled).
 const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Longest a fence waits for a QEMU to pause before killing it.
+const PAUSE_LIMIT: Duration = Duration::from_secs(2);
 
 pub struct Lease {
+    /// Held by a fence and by a renewal: a renewal never runs while a fence
+    /// is still pausing VMs (it would miss them).
+    gate: tokio::sync::Mutex<()>,
     /// Start of the last heartbeat write that succeeded.
     renewed: std::sync::Mutex<Instant>,
     fenced: AtomicBool,
@@ -35,6 +40,7 @@ pub struct Lease {
 impl Default for Lease {
     fn default() -> Self {
         Lease {
+            gate: tokio::sync::Mutex::new(()),
             renewed: std::sync::Mutex::new(Instant::now()),
             fenced: AtomicBool::new(false),
             paused: std::sync::Mutex::default(),
@@ -109,32 +115,42 @@ impl VmManager {
                 _ = tick.tick() => {}
             }
             let silent = self.lease.renewed_at().elapsed();
-            if silent > self.lease_time() && !self.lease.fenced.swap(true, Ordering::SeqCst) {
-                self.fence(silent).await;
+            if silent > self.lease_time() && !self.lease.fenced.load(Ordering::SeqCst) {
+                let _gate = self.lease.gate.lock().await;
+                // Renewed while we waited for the gate?
+                if self.lease.renewed_at().elapsed() > self.lease_time()
+                    && !self.lease.fenced.swap(true, Ordering::SeqCst)
+                {
+                    self.fence(silent).await;
+                }
             }
         }
     }
 
-    /// Pause every VM this node runs.
+    /// Pause every VM this node has a QEMU for, all at once; one that does
+    /// not pause within [`PAUSE_LIMIT`] is killed (a takeover resumes it
+    /// elsewhere from its last snapshot). Call with the gate held.
     async fn fence(&self, silent: Duration) {
-        let mut paused = Vec::new();
-        for rt in self.all_runtimes() {
-            if rt.state() != VmState::Running {
-                continue;
-            }
-            let Some(machine) = rt.machine() else {
-                continue;
-            };
-            match machine.command(&hatch_qmp::commands::Stop).await {
-                Ok(_) => paused.push(rt.id.clone()),
-                Err(e) => {
-                    // It must not run on: end it (a takeover resumes it
-                    // elsewhere from its last snapshot).
-                    tracing::error!(vm = %rt.id, error = %e, "could not pause a vm while fenced: killing it");
-                    machine.kill();
+        let pauses = self.all_runtimes().into_iter().filter_map(|rt| {
+            let machine = rt.machine()?;
+            let was_running = rt.state() == VmState::Running;
+            Some(async move {
+                let stop = machine.command(&hatch_qmp::commands::Stop);
+                match tokio::time::timeout(PAUSE_LIMIT, stop).await {
+                    Ok(Ok(_)) => was_running.then(|| rt.id.clone()),
+                    outcome => {
+                        tracing::error!(vm = %rt.id, ?outcome, "could not pause a vm while fenced: killing it");
+                        machine.kill();
+                        None
+                    }
                 }
-            }
-        }
+            })
+        });
+        let paused: Vec<String> = futures_util::future::join_all(pauses)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         tracing::error!(
             silent_ms = silent.as_millis() as u64,
             paused = paused.len(),
@@ -149,6 +165,7 @@ impl VmManager {
 
     /// A heartbeat that started at `started` got through.
     async fn lease_renewed(&self, started: Instant) {
+        let _gate = self.lease.gate.lock().await;
         let silent = self.lease.renewed_at().elapsed();
         // The lease ran out even if the watchdog has not run yet (the whole
         // process was frozen): fence first, then reconcile.

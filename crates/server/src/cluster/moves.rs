@@ -68,19 +68,36 @@ impl VmManager {
             .get_vm(id)
             .await?
             .ok_or_else(|| ApiError::not_found("vm", id))?;
-        if !self.store.claim_vm(id, to, rec.epoch).await? {
+        let claim = crate::state::Claim {
+            id,
+            seen: rec.epoch,
+            from: Some(self.cfg.node_name.as_str()),
+            to,
+            from_silent_for: None,
+        };
+        if !self.store.claim_vm(&claim).await? {
             return Err(ApiError::conflict(format!(
                 "vm '{id}' changed owner while moving; nothing was moved"
             )));
         }
-        // The target restores from S3: the local copies here are not its.
+        // The target restores from S3: the local copies here are not its,
+        // and what never reached S3 cannot follow the VM.
         for mut snap in self.store.list_snapshots(id).await? {
             let dir = self.snapshot_dir(&snap.snap.id);
-            if snap.local {
-                snap.local = false;
-                self.store.save_snapshot(&snap).await?;
+            if !matches!(
+                snap.snap.status,
+                SnapshotStatus::Ready | SnapshotStatus::Failed
+            ) {
+                snap.snap.status = SnapshotStatus::Failed;
+                snap.snap.error = Some(format!(
+                    "the vm moved to node '{to}' before this snapshot reached S3"
+                ));
             }
-            let _ = std::fs::remove_dir_all(dir);
+            snap.local = false;
+            if let Err(e) = self.store.save_snapshot(&snap).await {
+                tracing::warn!(snapshot = %snap.snap.id, error = %anyhow::Error::from(e), "recording a moved vm's snapshot failed");
+            }
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
         self.forget_runtime(id);
         let _ = std::fs::remove_dir_all(self.paths(id).dir);

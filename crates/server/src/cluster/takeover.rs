@@ -1,10 +1,12 @@
 //! Lost nodes and their VMs. Every node checks, with each heartbeat, for
 //! nodes not heard from for the down time, and takes over their VMs that had
-//! a process: one with a ready snapshot in S3 becomes `snapshotted` from the
-//! newest one (its `state_reason` says which, and that work since is gone),
-//! one without becomes `failed`. Each takeover is a compare-and-set on the
-//! VM's epoch, so exactly one node does it and a node that comes back late
-//! cannot undo it. The next request (or `start`/`restore`) through any node
+//! a process (or a suspend not yet in S3): one with a ready snapshot in S3
+//! becomes `snapshotted` from the newest one (its `state_reason` says which,
+//! and that work since is gone), one without becomes `failed`; the VM is
+//! then the taking node's. Each takeover is one compare-and-set on the VM's
+//! epoch and owner that also requires the owner's heartbeat to be stale, so
+//! exactly one node does it and a node that comes back keeps its VMs or, if
+//! too late, finds them owned by another and lets go (`lease.rs`). The next request (or `start`/`restore`) through any node
 //! then claims the VM for that node ([`VmManager::adopt`]) and wakes it
 //! there from S3.
 
@@ -17,7 +19,7 @@ use crate::cluster::nodes::heartbeat_every;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, VmEvent, VmState};
 use crate::runtime::VmRuntime;
-use crate::state::StoreError;
+use crate::state::{Claim, StoreError};
 
 impl VmManager {
     /// Take over the VMs of lost nodes until `shutdown` (cluster mode only).
@@ -38,15 +40,17 @@ impl VmManager {
         }
     }
 
-    /// One pass: every VM with a process on a node that is down.
+    /// One pass: every VM of a node that is down whose current state was
+    /// that node's alone (a process, or a suspend not yet in S3).
     pub(crate) async fn take_over_lost_vms(&self) -> Result<(), StoreError> {
         let down_after = self.cfg.node_down_after;
+        let me = self.cfg.node_name.as_str();
         let lost: HashSet<String> = self
             .store
             .list_nodes()
             .await?
             .into_iter()
-            .filter(|n| n.silent_for > down_after && n.name != self.cfg.node_name)
+            .filter(|n| n.silent_for > down_after && n.name != me)
             .map(|n| n.name)
             .collect();
         if lost.is_empty() {
@@ -56,15 +60,20 @@ impl VmManager {
             let Some(node) = rec.vm.node.as_deref() else {
                 continue;
             };
-            if !lost.contains(node) || !needs_takeover(rec.vm.state) {
+            if !lost.contains(node) || !has_process_or_suspend(rec.vm.state) {
                 continue;
             }
-            let newest_ready = self
-                .store
-                .list_snapshots(&rec.vm.id)
-                .await?
-                .into_iter()
-                .find(|s| s.snap.status == SnapshotStatus::Ready);
+            let snapshots = self.store.list_snapshots(&rec.vm.id).await?;
+            let newest_ready = snapshots
+                .iter()
+                .find(|s| s.snap.status == SnapshotStatus::Ready)
+                .cloned();
+            let newest_in_s3 = snapshots
+                .first()
+                .is_some_and(|s| s.snap.status == SnapshotStatus::Ready);
+            if rec.vm.state == VmState::Snapshotted && newest_in_s3 {
+                continue; // restorable anywhere as it is: a request claims it
+            }
             let silent = down_after.as_secs();
             let (state, reason) = match &newest_ready {
                 Some(s) => (
@@ -83,14 +92,31 @@ impl VmManager {
                     ),
                 ),
             };
-            if !self
-                .store
-                .take_over_vm(&rec.vm.id, rec.epoch, state, &reason)
-                .await?
-            {
-                continue; // another node did it first
+            let claim = Claim {
+                id: &rec.vm.id,
+                seen: rec.epoch,
+                from: Some(node),
+                to: me,
+                from_silent_for: Some(down_after),
+            };
+            if !self.store.take_over_vm(&claim, state, &reason).await? {
+                continue; // another node did it first, or the node came back
             }
             tracing::warn!(vm = %rec.vm.id, lost = %node, %state, %reason, "took over a lost node's vm");
+            // What the lost node had not uploaded is gone with it.
+            for mut snap in snapshots {
+                if !matches!(
+                    snap.snap.status,
+                    SnapshotStatus::Ready | SnapshotStatus::Failed
+                ) {
+                    snap.snap.status = SnapshotStatus::Failed;
+                    snap.snap.error = Some(format!(
+                        "node '{node}' was lost before this snapshot reached S3"
+                    ));
+                }
+                snap.local = false;
+                self.store.save_snapshot(&snap).await?;
+            }
             let event = VmEvent {
                 vm_id: rec.vm.id.clone(),
                 at: now_rfc3339(),
@@ -108,44 +134,39 @@ impl VmManager {
         Ok(())
     }
 
-    /// Make this node the owner of a VM without a process whose node is down
-    /// (suspended: so that it can wake here from S3; stopped or failed: so
-    /// that it can be deleted, or started, though its disk was the lost
-    /// node's): a compare-and-set on the VM's epoch
-    /// (only one node wins; the others forward to it). The VM's local
-    /// copies were the lost node's: its snapshots are marked as not local,
-    /// so the wake reads S3. Ok(None): not claimable (another node won, or
-    /// the VM is not suspended).
+    /// Make this node the owner of a suspended VM whose node is down (or
+    /// that has none), so that it wakes here from S3: only if its newest
+    /// snapshot is in S3 (else the takeover above decides what it resumes
+    /// from, and says so), as one compare-and-set that also requires the
+    /// owner to be silent, so only one node wins and an owner that comes
+    /// back keeps its VM. The lost node's local copies are not this node's:
+    /// its snapshots are marked as not local. Ok(None): not claimable.
     pub(crate) async fn adopt(&self, vm_id: &str) -> Result<Option<Arc<VmRuntime>>, StoreError> {
         let Some(rec) = self.store.get_vm(vm_id).await? else {
             return Ok(None);
         };
-        // A VM with a process is taken over first (takeover_worker).
-        if needs_takeover(rec.vm.state) {
+        let me = self.cfg.node_name.as_str();
+        if rec.vm.state != VmState::Snapshotted || rec.vm.node.as_deref() == Some(me) {
             return Ok(None);
         }
-        // Only from a node that is down, as of the record just read (whose
-        // epoch the claim compares): a node that claimed it meanwhile is up,
-        // and keeps it.
-        if let Some(owner) = rec.vm.node.as_deref() {
-            let owner_up = self
-                .store
-                .list_nodes()
-                .await?
-                .into_iter()
-                .any(|n| n.name == owner && n.silent_for <= self.cfg.node_down_after);
-            if owner_up || owner == self.cfg.node_name {
-                return Ok(None);
-            }
-        }
-        if !self
-            .store
-            .claim_vm(vm_id, &self.cfg.node_name, rec.epoch)
-            .await?
+        let snapshots = self.store.list_snapshots(vm_id).await?;
+        if !snapshots
+            .first()
+            .is_some_and(|s| s.snap.status == SnapshotStatus::Ready)
         {
             return Ok(None);
         }
-        for mut snap in self.store.list_snapshots(vm_id).await? {
+        let claim = Claim {
+            id: vm_id,
+            seen: rec.epoch,
+            from: rec.vm.node.as_deref(),
+            to: me,
+            from_silent_for: rec.vm.node.as_ref().map(|_| self.cfg.node_down_after),
+        };
+        if !self.store.claim_vm(&claim).await? {
+            return Ok(None);
+        }
+        for mut snap in snapshots {
             if snap.local {
                 snap.local = false;
                 self.store.save_snapshot(&snap).await?;
@@ -192,10 +213,8 @@ impl VmManager {
     }
 }
 
-/// States in which a lost node held the VM's only current state.
-fn needs_takeover(state: VmState) -> bool {
-    !matches!(
-        state,
-        VmState::Snapshotted | VmState::Stopped | VmState::Failed
-    )
+/// States in which a lost node may have held the VM's only current state
+/// (a stopped or failed VM stays with its node: its disk is there).
+fn has_process_or_suspend(state: VmState) -> bool {
+    !matches!(state, VmState::Stopped | VmState::Failed)
 }

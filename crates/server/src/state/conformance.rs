@@ -6,7 +6,7 @@
 
 use hatch_vmm::PortForward;
 
-use super::{ApiKeyRecord, EVENTS_KEPT, NodeBeat, SnapshotRecord, StateStore};
+use super::{ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, SnapshotRecord, StateStore};
 use crate::model::{
     Retention, Route, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmEvent, VmState,
 };
@@ -542,8 +542,16 @@ async fn nodes(store: &dyn StateStore) {
 }
 
 async fn ownership_changes_are_compare_and_set(store: &dyn StateStore) {
+    use std::time::Duration;
+    let beat = |name: &str| NodeBeat {
+        name: name.into(),
+        addr: None,
+        free_memory_mib: 1,
+        started_at: "t".into(),
+    };
+    store.heartbeat(&beat("o1")).await.expect("beat");
     let mut v = vm("vm-o1", "owned");
-    v.node = Some("n1".into());
+    v.node = Some("o1".into());
     store.insert_vm(&v).await.expect("vm");
     let epoch = store
         .get_vm("vm-o1")
@@ -551,10 +559,10 @@ async fn ownership_changes_are_compare_and_set(store: &dyn StateStore) {
         .expect("get")
         .expect("present")
         .epoch;
-    // n2 is not the owner: its state write changes nothing.
+    // o2 is not the owner: its state write changes nothing.
     assert!(
         !store
-            .set_vm_state("vm-o1", VmState::Failed, Some("stale"), "n2")
+            .set_vm_state("vm-o1", VmState::Failed, Some("stale"), "o2")
             .await
             .expect("state")
     );
@@ -568,65 +576,110 @@ async fn ownership_changes_are_compare_and_set(store: &dyn StateStore) {
             .state,
         VmState::Starting
     );
-    // A takeover with the epoch seen wins once; a second with the same fails.
+    let takeover = |seen, from_silent_for| Claim {
+        id: "vm-o1",
+        seen,
+        from: Some("o1"),
+        to: "o2",
+        from_silent_for,
+    };
+    // The owner heartbeat just now: a takeover that requires it to be
+    // silent for a minute is refused, whatever the epoch.
+    assert!(
+        !store
+            .take_over_vm(
+                &takeover(epoch, Some(Duration::from_secs(60))),
+                VmState::Failed,
+                "no"
+            )
+            .await
+            .expect("take over")
+    );
+    // Silent for "0 s" (it is, by a hair): the takeover wins once, and the
+    // VM is the taker's; a second with the same epoch fails.
     assert!(
         store
-            .take_over_vm("vm-o1", epoch, VmState::Snapshotted, "node n1 was lost")
+            .take_over_vm(
+                &takeover(epoch, Some(Duration::ZERO)),
+                VmState::Snapshotted,
+                "node o1 was lost"
+            )
             .await
             .expect("take over")
     );
     assert!(
         !store
-            .take_over_vm("vm-o1", epoch, VmState::Failed, "again")
+            .take_over_vm(&takeover(epoch, None), VmState::Failed, "again")
             .await
             .expect("take over")
     );
     let rec = store.get_vm("vm-o1").await.expect("get").expect("present");
     assert_eq!((rec.vm.state, rec.epoch), (VmState::Snapshotted, epoch + 1));
-    assert_eq!(rec.vm.state_reason.as_deref(), Some("node n1 was lost"));
-    // Two nodes claim with the epoch they read: exactly one wins.
-    let a = store
-        .claim_vm("vm-o1", "n2", epoch + 1)
-        .await
-        .expect("claim");
-    let b = store
-        .claim_vm("vm-o1", "n3", epoch + 1)
-        .await
-        .expect("claim");
+    assert_eq!(rec.vm.node.as_deref(), Some("o2"));
+    assert_eq!(rec.vm.state_reason.as_deref(), Some("node o1 was lost"));
+    // Two nodes claim with what they read: exactly one wins.
+    let claim = |to| Claim {
+        id: "vm-o1",
+        seen: epoch + 1,
+        from: Some("o2"),
+        to,
+        from_silent_for: None,
+    };
+    let a = store.claim_vm(&claim("o3")).await.expect("claim");
+    let b = store.claim_vm(&claim("o4")).await.expect("claim");
     assert!(a && !b);
+    // A claim from an owner that is not the one recorded fails.
+    let wrong_owner = Claim {
+        id: "vm-o1",
+        seen: epoch + 2,
+        from: Some("o2"),
+        to: "o4",
+        from_silent_for: None,
+    };
+    assert!(!store.claim_vm(&wrong_owner).await.expect("claim"));
     let rec = store.get_vm("vm-o1").await.expect("get").expect("present");
-    assert_eq!((rec.vm.node.as_deref(), rec.epoch), (Some("n2"), epoch + 2));
-    // The old owner's writes are refused from now on; the new owner's go in.
+    assert_eq!((rec.vm.node.as_deref(), rec.epoch), (Some("o3"), epoch + 2));
+    // The old owners' writes are refused from now on; the new owner's go in.
     assert!(matches!(
-        store.set_disk_layers("vm-o1", &["x".into()], "n1").await,
+        store.set_disk_layers("vm-o1", &["x".into()], "o1").await,
         Err(super::StoreError::NotOwner(_))
     ));
     assert!(matches!(
-        store.set_vm_forwards("vm-o1", &[], "n1").await,
+        store.set_vm_forwards("vm-o1", &[], "o2").await,
         Err(super::StoreError::NotOwner(_))
     ));
     store
-        .set_disk_layers("vm-o1", &["y".into()], "n2")
+        .set_disk_layers("vm-o1", &["y".into()], "o3")
         .await
         .expect("owner writes");
     assert_eq!(store.disk_layers("vm-o1").await.expect("layers"), ["y"]);
     assert!(
         !store
-            .set_vm_state("vm-o1", VmState::Running, None, "n1")
+            .set_vm_state("vm-o1", VmState::Running, None, "o1")
             .await
             .expect("state")
     );
     assert!(
         store
-            .set_vm_state("vm-o1", VmState::Restoring, None, "n2")
+            .set_vm_state("vm-o1", VmState::Restoring, None, "o3")
             .await
             .expect("state")
     );
     // A VM that is gone is not "taken over".
     assert!(
         store
-            .set_vm_state("vm-none", VmState::Running, None, "n1")
+            .set_vm_state("vm-none", VmState::Running, None, "o1")
             .await
             .expect("state")
     );
+    // An unowned VM is claimed without conditions on an owner.
+    store.insert_vm(&vm("vm-o2", "unowned")).await.expect("vm");
+    let free = Claim {
+        id: "vm-o2",
+        seen: 0,
+        from: None,
+        to: "o3",
+        from_silent_for: Some(Duration::from_secs(60)),
+    };
+    assert!(store.claim_vm(&free).await.expect("claim"));
 }

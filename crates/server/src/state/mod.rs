@@ -97,6 +97,21 @@ pub struct SnapshotRecord {
     pub upload_attempts: u32,
 }
 
+/// A change of a VM's owner, as a compare-and-set on what was read.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub id: &'a str,
+    /// The epoch read with the record.
+    pub seen: i64,
+    /// The owner read with the record (None: no owner recorded).
+    pub from: Option<&'a str>,
+    pub to: &'a str,
+    /// Only if `from` has not heartbeat for longer than this (by the
+    /// store's clock): the check and the change are one statement, so an
+    /// owner that comes back in between keeps its VM.
+    pub from_silent_for: Option<std::time::Duration>,
+}
+
 /// What a node writes with each heartbeat.
 #[derive(Debug, Clone)]
 pub struct NodeBeat {
@@ -150,15 +165,14 @@ pub trait StateStore: Send + Sync {
         reason: Option<&str>,
         owner: &str,
     ) -> Result<bool, StoreError>;
-    /// Make `node` the VM's owner if its epoch is still `seen` (raising
-    /// it); Ok(false): someone else changed it first.
-    async fn claim_vm(&self, id: &str, node: &str, seen: i64) -> Result<bool, StoreError>;
-    /// Set the state of a VM whose node was lost if its epoch is still
-    /// `seen` (raising it); Ok(false): someone else acted first.
+    /// Make `claim.to` the VM's owner if nothing changed since it was read
+    /// (raising the epoch); Ok(false): someone else changed it first, or the
+    /// owner is not silent as required.
+    async fn claim_vm(&self, claim: &Claim<'_>) -> Result<bool, StoreError>;
+    /// A claim that also sets the state of a VM whose node was lost.
     async fn take_over_vm(
         &self,
-        id: &str,
-        seen: i64,
+        claim: &Claim<'_>,
         state: VmState,
         reason: &str,
     ) -> Result<bool, StoreError>;

@@ -14,7 +14,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ApiKeyRecord, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
+    ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
     SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, from_json,
     to_json,
 };
@@ -137,9 +137,11 @@ impl PgStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(8)
+            .max_size(16)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
+            // Well under a lease (half the down time): a heartbeat that waits
+            // for a connection fails and is retried instead of fencing the node.
+            .wait_timeout(Some(Duration::from_secs(3)))
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
@@ -282,6 +284,12 @@ fn snapshot_from_row(r: &Row) -> Result<SnapshotRecord, StoreError> {
     .parse()
 }
 
+/// The compare-and-set of a claim: $1 id, $2 epoch seen, $3 owner seen,
+/// $5 seconds the owner must have been silent (NULL: no condition).
+const CLAIM_WHERE: &str = "id = $1 AND epoch = $2 AND node IS NOT DISTINCT FROM $3
+    AND ($5::float8 IS NULL OR NOT EXISTS (SELECT 1 FROM nodes WHERE name = $3
+        AND EXTRACT(EPOCH FROM (now() - heartbeat_at)) <= $5::float8))";
+
 const QUEUE_DELETE: &str = "INSERT INTO pending_deletes (key, attempts, last_error, added_at)
     VALUES ($1, 0, NULL, $2) ON CONFLICT (key) DO NOTHING";
 
@@ -373,11 +381,12 @@ impl StateStore for PgStore {
                 .is_none())
     }
 
-    async fn claim_vm(&self, id: &str, node: &str, seen: i64) -> Result<bool, StoreError> {
+    async fn claim_vm(&self, c: &Claim<'_>) -> Result<bool, StoreError> {
+        let silent = c.from_silent_for.map(|d| d.as_secs_f64());
         Ok(self
             .execute(
-                "UPDATE vms SET node = $2, epoch = epoch + 1 WHERE id = $1 AND epoch = $3",
-                &[&id, &node, &seen],
+                &format!("UPDATE vms SET node = $4, epoch = epoch + 1 WHERE {CLAIM_WHERE}"),
+                &[&c.id, &c.seen, &c.from, &c.to, &silent],
             )
             .await?
             > 0)
@@ -385,16 +394,26 @@ impl StateStore for PgStore {
 
     async fn take_over_vm(
         &self,
-        id: &str,
-        seen: i64,
+        c: &Claim<'_>,
         state: VmState,
         reason: &str,
     ) -> Result<bool, StoreError> {
+        let silent = c.from_silent_for.map(|d| d.as_secs_f64());
         Ok(self
             .execute(
-                "UPDATE vms SET state = $3, state_reason = $4, epoch = epoch + 1
-                 WHERE id = $1 AND epoch = $2",
-                &[&id, &seen, &state.as_str(), &reason],
+                &format!(
+                    "UPDATE vms SET node = $4, epoch = epoch + 1, state = $6, state_reason = $7
+                     WHERE {CLAIM_WHERE}"
+                ),
+                &[
+                    &c.id,
+                    &c.seen,
+                    &c.from,
+                    &c.to,
+                    &silent,
+                    &state.as_str(),
+                    &reason,
+                ],
             )
             .await?
             > 0)

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ApiKeyRecord, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
+    ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
     SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, from_json,
     to_json,
 };
@@ -253,24 +253,41 @@ impl StateStore for SqliteStore {
                 .is_none())
     }
 
-    async fn claim_vm(&self, id: &str, node: &str, seen: i64) -> Result<bool, StoreError> {
+    async fn claim_vm(&self, c: &Claim<'_>) -> Result<bool, StoreError> {
         Ok(self.conn().execute(
-            "UPDATE vms SET node = ?2, epoch = epoch + 1 WHERE id = ?1 AND epoch = ?3",
-            params![id, node, seen],
+            &format!("UPDATE vms SET node = ?4, epoch = epoch + 1 WHERE {CLAIM_WHERE}"),
+            params![
+                c.id,
+                c.seen,
+                c.from,
+                c.to,
+                c.from_silent_for.map(|d| d.as_secs_f64()),
+                unix_now()
+            ],
         )? > 0)
     }
 
     async fn take_over_vm(
         &self,
-        id: &str,
-        seen: i64,
+        c: &Claim<'_>,
         state: VmState,
         reason: &str,
     ) -> Result<bool, StoreError> {
         Ok(self.conn().execute(
-            "UPDATE vms SET state = ?3, state_reason = ?4, epoch = epoch + 1
-             WHERE id = ?1 AND epoch = ?2",
-            params![id, seen, state.as_str(), reason],
+            &format!(
+                "UPDATE vms SET node = ?4, epoch = epoch + 1, state = ?7, state_reason = ?8
+                 WHERE {CLAIM_WHERE}"
+            ),
+            params![
+                c.id,
+                c.seen,
+                c.from,
+                c.to,
+                c.from_silent_for.map(|d| d.as_secs_f64()),
+                unix_now(),
+                state.as_str(),
+                reason
+            ],
         )? > 0)
     }
 
@@ -719,6 +736,19 @@ fn owned(conn: &Connection, id: &str, n: usize) -> Result<(), StoreError> {
         return Err(StoreError::NotOwner(id.to_string()));
     }
     Ok(())
+}
+
+/// The compare-and-set of a claim: ?1 id, ?2 epoch seen, ?3 owner seen,
+/// ?5 seconds the owner must have been silent (NULL: no condition), ?6 now.
+const CLAIM_WHERE: &str = "id = ?1 AND epoch = ?2 AND node IS ?3
+    AND (?5 IS NULL OR NOT EXISTS (SELECT 1 FROM nodes WHERE name = ?3
+        AND ?6 - heartbeat_unix <= ?5))";
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<(), StoreError> {
