@@ -133,7 +133,11 @@ impl VmManager {
     async fn fence(&self, silent: Duration) {
         let pauses = self.all_runtimes().into_iter().filter_map(|rt| {
             let machine = rt.machine()?;
-            let was_running = rt.state() == VmState::Running;
+            // Resumed after the fence if still ours: a running or booting
+            // guest. An operation under way (a capture, a restore, a stop)
+            // pauses and resumes the guest itself and must not be resumed
+            // from here in its middle.
+            let was_running = matches!(rt.state(), VmState::Running | VmState::Starting);
             Some(async move {
                 let stop = machine.command(&hatch_qmp::commands::Stop);
                 match tokio::time::timeout(PAUSE_LIMIT, stop).await {
