@@ -168,11 +168,14 @@ impl VmResolver {
                         retry_after_secs: 1,
                     });
                 }
-                Ok(None) => match self.vms.runtime(&vm_id) {
-                    // Claimed by a request on this node meanwhile.
-                    Ok(rt) => return Elsewhere::Adopted(rt),
-                    Err(_) => return Elsewhere::Answer(Resolution::UnknownHost),
-                },
+                // This node's now (claimed or taken over here meanwhile).
+                Ok(None) => {
+                    return match self.vms.attach_handed_over(&vm_id).await {
+                        Ok(Some(rt)) => Elsewhere::Adopted(rt),
+                        Ok(None) => Elsewhere::Answer(Resolution::UnknownHost),
+                        Err(e) => unreachable_store(vm_id, e),
+                    };
+                }
                 Err(e) => return unreachable_store(vm_id, e),
             };
         }
