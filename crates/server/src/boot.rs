@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{self, VmState};
-use crate::runtime::{OpGuard, VmRuntime};
+use crate::supervisor::{OpGuard, VmSupervisor};
 
 /// Launch attempts: a freshly picked free port can be taken by someone else
 /// before QEMU binds it; a new pick then succeeds.
@@ -21,7 +21,7 @@ const PROBE_LIMIT: Duration = Duration::from_secs(180);
 
 impl VmManager {
     /// The boot operation: launch QEMU and record the outcome.
-    pub(crate) async fn boot(self: Arc<Self>, rt: Arc<VmRuntime>, guard: OpGuard) {
+    pub(crate) async fn boot(self: Arc<Self>, rt: Arc<VmSupervisor>, guard: OpGuard) {
         let started = Instant::now();
         match self.launch(&rt, false).await {
             Ok(machine) => {
@@ -62,7 +62,7 @@ impl VmManager {
     /// and QEMU waits for its CPU and device state (`-incoming defer`).
     pub(crate) async fn launch(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         restore: bool,
     ) -> anyhow::Result<Arc<Machine>> {
         let rec = self
@@ -195,7 +195,7 @@ impl VmManager {
     }
 
     /// Watch a machine until QEMU exits and record an exit nobody asked for.
-    pub(crate) fn watch(self: &Arc<Self>, rt: Arc<VmRuntime>, machine: Arc<Machine>) {
+    pub(crate) fn watch(self: &Arc<Self>, rt: Arc<VmSupervisor>, machine: Arc<Machine>) {
         let this = self.clone();
         tokio::spawn(async move {
             let exit = machine.wait_exit().await;
@@ -226,7 +226,7 @@ impl VmManager {
 
     /// Poll the guest's forwarded ports until one answers HTTP: the VM is
     /// then ready (held requests go in) and its boot time recorded.
-    pub(crate) async fn measure_boot(&self, rt: Arc<VmRuntime>, started: Instant) {
+    pub(crate) async fn measure_boot(&self, rt: Arc<VmSupervisor>, started: Instant) {
         let deadline = started + PROBE_LIMIT;
         while Instant::now() < deadline {
             let ports: Vec<u16> = {
@@ -268,7 +268,7 @@ impl VmManager {
     /// A snapshot or restore was cut short by a daemon restart while QEMU ran.
     async fn recover_interrupted(
         &self,
-        rt: &Arc<VmRuntime>,
+        rt: &Arc<VmSupervisor>,
         machine: &Machine,
         state: VmState,
     ) -> anyhow::Result<()> {
@@ -401,8 +401,8 @@ impl VmManager {
                 // From before nodes were recorded: this daemon's.
                 None => self.store.set_vm_node(&vm.id, me).await?,
             }
-            let rt = VmRuntime::new(vm.id.clone(), vm.state, rec.forwards.clone());
-            self.insert_runtime(rt.clone());
+            let rt = VmSupervisor::new(vm.id.clone(), vm.state, rec.forwards.clone());
+            self.insert_supervisor(rt.clone());
             let recovered = async {
                 self.faults.hit("recover", &vm.id)?;
                 self.recover_vm(&rt, vm.state).await
@@ -434,7 +434,7 @@ impl VmManager {
 
     async fn recover_vm(
         self: &Arc<Self>,
-        rt: &Arc<VmRuntime>,
+        rt: &Arc<VmSupervisor>,
         state: VmState,
     ) -> anyhow::Result<()> {
         let id = rt.id.clone();

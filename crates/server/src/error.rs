@@ -106,6 +106,12 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<crate::supervisor::Busy> for ApiError {
+    fn from(e: crate::supervisor::Busy) -> Self {
+        ApiError::conflict(e.to_string())
+    }
+}
+
 impl From<crate::state::StoreError> for ApiError {
     fn from(e: crate::state::StoreError) -> Self {
         if let crate::state::StoreError::NotOwner(id) = &e {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use hatch_vmm::agent::Agent;
 
 use crate::manager::VmManager;
-use crate::runtime::VmRuntime;
+use crate::supervisor::VmSupervisor;
 
 /// Largest accepted difference between the host's clock and the guest's
 /// right after a sync (the brief's bound is 1 s).
@@ -25,7 +25,7 @@ impl VmManager {
     /// Set the guest's clock and reseed its RNG, retrying until it is
     /// confirmed or `agent_sync_timeout` has passed. Images without the
     /// agent are left as they are.
-    pub(crate) async fn sync_guest_clock(&self, rt: &VmRuntime) -> anyhow::Result<()> {
+    pub(crate) async fn sync_guest_clock(&self, rt: &VmSupervisor) -> anyhow::Result<()> {
         let vm = self.get(&rt.id).await?;
         let has_agent = self.images.get(&vm.image).map(|i| i.agent).unwrap_or(false);
         if !has_agent {

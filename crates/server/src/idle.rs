@@ -33,7 +33,7 @@ impl VmManager {
 
     /// Start an idle suspend of every VM that has been idle long enough.
     async fn suspend_idle_vms(self: &Arc<Self>) {
-        for rt in self.all_runtimes() {
+        for rt in self.all_supervisors() {
             let Some(timeout) = self.routes.idle_timeout_of(&rt.id) else {
                 continue;
             };

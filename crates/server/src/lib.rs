@@ -3,11 +3,11 @@
 //! - [`daemon`]: the composition root (`hatch serve`).
 //! - [`api`]: HTTP handlers, a thin layer over the core.
 //! - [`manager`] with [`boot`] and [`routes`]: the core that owns VMs, their
-//!   lifecycle and proxy routes; [`runtime`] is one VM's in-memory side.
+//!   lifecycle and proxy routes; [`supervisor`] is one VM's state machine,
+//!   operation lock, idle claim and single-flight wake.
 //! - [`state`]: the state store (SQLite or PostgreSQL); [`auth`]: API keys; [`metrics`]: Prometheus.
 //! - [`cluster`]: nodes sharing one database (heartbeats, `GET /nodes`).
-//! - [`resolver`]: how the proxy finds a VM for a host name; [`wake`]: auto-wake
-//!   of suspended VMs for held requests; [`idle`]: suspending idle VMs;
+//! - [`resolver`]: how the proxy finds a VM for a host name; [`idle`]: suspending idle VMs;
 //!   [`events`]: wakes and idle suspends as events, metrics and logs.
 
 pub mod api;
@@ -23,15 +23,15 @@ pub mod fault;
 pub mod guest_sync;
 pub mod idle;
 pub mod images;
+pub mod lifecycle;
 pub mod manager;
 pub mod metrics;
 pub mod model;
 pub mod resolver;
 pub mod routes;
-pub mod runtime;
 pub mod snapshot;
 pub mod state;
-pub mod wake;
+pub mod supervisor;
 
 pub use config::{Config, S3Config, Secret};
 pub use daemon::run;

@@ -1,5 +1,5 @@
 //! The core of the daemon: VMs and their lifecycle. The API calls into this;
-//! it owns the database records, the per-VM runtimes and the QEMU machines.
+//! it owns the database records, the per-VM supervisors and the QEMU machines.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,10 +20,10 @@ use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::model::{self, CreateVm, Vm, VmState};
 use crate::routes::RouteTable;
-use crate::runtime::VmRuntime;
 use crate::snapshot::seal::SealKeys;
 use crate::snapshot::uploads::Uploads;
 use crate::state::StateStore;
+use crate::supervisor::VmSupervisor;
 
 pub struct VmManager {
     pub(crate) store: Arc<dyn StateStore>,
@@ -33,7 +33,7 @@ pub struct VmManager {
     pub(crate) tsc_khz: Option<u64>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) routes: RouteTable,
-    runtimes: Mutex<HashMap<String, Arc<VmRuntime>>>,
+    supervisors: Mutex<HashMap<String, Arc<VmSupervisor>>>,
     /// Background operations (boots, stops) that shutdown waits for.
     pub(crate) tasks: TaskTracker,
     /// Snapshot storage (S3); None when not configured.
@@ -129,7 +129,7 @@ impl VmManager {
             tsc_khz: hatch_vmm::host::tsc_khz(),
             metrics,
             routes,
-            runtimes: Mutex::default(),
+            supervisors: Mutex::default(),
             tasks: TaskTracker::new(),
             storage,
             qemu_version,
@@ -176,8 +176,8 @@ impl VmManager {
         }
     }
 
-    pub(crate) fn runtime(&self, id: &str) -> Result<Arc<VmRuntime>, ApiError> {
-        self.runtimes
+    pub(crate) fn supervisor(&self, id: &str) -> Result<Arc<VmSupervisor>, ApiError> {
+        self.supervisors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
@@ -187,7 +187,7 @@ impl VmManager {
 
     /// Not found unless the VM exists (here or on another node).
     pub(crate) async fn known_vm(&self, id: &str) -> Result<(), ApiError> {
-        if self.runtime(id).is_ok() || self.store.get_vm(id).await?.is_some() {
+        if self.supervisor(id).is_ok() || self.store.get_vm(id).await?.is_some() {
             return Ok(());
         }
         Err(ApiError::not_found("vm", id))
@@ -195,18 +195,18 @@ impl VmManager {
 
     /// This node runs (or manages) the VM.
     pub fn runs_here(&self, id: &str) -> bool {
-        self.runtime(id).is_ok()
+        self.supervisor(id).is_ok()
     }
 
     /// The VM's runtime, made with `make` if there is none yet (two
     /// callers racing to take charge of a VM share one runtime, and so one
     /// wake).
-    pub(crate) fn runtime_or_insert(
+    pub(crate) fn supervisor_or_insert(
         &self,
         id: &str,
-        make: impl FnOnce() -> Arc<VmRuntime>,
-    ) -> Arc<VmRuntime> {
-        self.runtimes
+        make: impl FnOnce() -> Arc<VmSupervisor>,
+    ) -> Arc<VmSupervisor> {
+        self.supervisors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(id.to_string())
@@ -214,15 +214,15 @@ impl VmManager {
             .clone()
     }
 
-    pub(crate) fn insert_runtime(&self, rt: Arc<VmRuntime>) {
-        self.runtimes
+    pub(crate) fn insert_supervisor(&self, rt: Arc<VmSupervisor>) {
+        self.supervisors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rt.id.clone(), rt);
     }
 
-    fn remove_runtime(&self, id: &str) {
-        self.runtimes
+    fn remove_supervisor(&self, id: &str) {
+        self.supervisors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
@@ -230,13 +230,13 @@ impl VmManager {
 
     /// Let go of a VM this node no longer runs (another node took it over):
     /// its runtime and run-dir files go, its record is not touched.
-    pub(crate) fn forget_runtime(&self, id: &str) {
-        self.remove_runtime(id);
+    pub(crate) fn forget_supervisor(&self, id: &str) {
+        self.remove_supervisor(id);
         self.remove_runtime_files(id);
     }
 
-    pub(crate) fn all_runtimes(&self) -> Vec<Arc<VmRuntime>> {
-        self.runtimes
+    pub(crate) fn all_supervisors(&self) -> Vec<Arc<VmSupervisor>> {
+        self.supervisors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -245,7 +245,7 @@ impl VmManager {
     }
 
     pub fn states(&self) -> Vec<VmState> {
-        self.runtimes
+        self.supervisors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -256,7 +256,7 @@ impl VmManager {
     /// Move a VM to `to`, in memory and in the database, if the lifecycle allows it.
     pub(crate) async fn transition(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         to: VmState,
         reason: Option<String>,
     ) -> Result<(), ApiError> {
@@ -287,7 +287,7 @@ impl VmManager {
             if let Some(machine) = machine {
                 machine.kill();
             }
-            self.forget_runtime(&rt.id);
+            self.forget_supervisor(&rt.id);
             tracing::warn!(vm = %rt.id, "a vm this node ran was taken over: its process was ended");
             return Err(ApiError::conflict(format!(
                 "vm '{}' was taken over by another node; this node no longer runs it",
@@ -333,7 +333,7 @@ impl VmManager {
 
     /// A VM record with what lives in memory: readiness and idle timeout.
     fn present(&self, mut vm: Vm) -> Vm {
-        vm.ready = self.runtime(&vm.id).is_ok_and(|rt| rt.is_ready());
+        vm.ready = self.supervisor(&vm.id).is_ok_and(|rt| rt.is_ready());
         if let Some((secs, host)) = self.routes.idle_setting_of(&vm.id) {
             vm.idle_timeout_seconds = Some(secs);
             vm.idle_timeout_route = Some(host);
@@ -344,7 +344,7 @@ impl VmManager {
     /// The id of the VM with this id or name (unambiguous: a name never
     /// looks like an id, unless it is its own VM's id).
     pub async fn resolve(&self, id_or_name: &str) -> Result<String, ApiError> {
-        if self.runtime(id_or_name).is_ok() {
+        if self.supervisor(id_or_name).is_ok() {
             return Ok(id_or_name.to_string());
         }
         if let Some(id) = self.store.vm_id_by_name(id_or_name).await? {
@@ -360,7 +360,7 @@ impl VmManager {
     /// Like [`resolve`](Self::resolve), for calls that act on the VM: those
     /// are refused (409) for a VM that another node runs.
     pub async fn resolve_local(&self, id_or_name: &str) -> Result<String, ApiError> {
-        if self.runtime(id_or_name).is_ok() {
+        if self.supervisor(id_or_name).is_ok() {
             return Ok(id_or_name.to_string());
         }
         let id = self.resolve(id_or_name).await?;
@@ -456,9 +456,9 @@ impl VmManager {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(e);
         }
-        let rt = VmRuntime::new(id.clone(), VmState::Starting, Vec::new());
+        let rt = VmSupervisor::new(id.clone(), VmState::Starting, Vec::new());
         let guard = rt.try_begin("boot")?;
-        self.insert_runtime(rt.clone());
+        self.insert_supervisor(rt.clone());
         tracing::info!(vm = %id, name = %vm.name, image = %vm.image, vcpus, memory_mib, "vm created");
         let this = self.clone();
         self.tasks.spawn(async move { this.boot(rt, guard).await });
@@ -510,7 +510,7 @@ impl VmManager {
     /// Boot a stopped or failed VM; wake a suspended one (restore from its
     /// newest snapshot, as `POST /restore` does).
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
-        let rt = self.runtime(id)?;
+        let rt = self.supervisor(id)?;
         if rt.state() == VmState::Snapshotted {
             return self.restore(id, model::RestoreRequest::default()).await;
         }
@@ -529,7 +529,7 @@ impl VmManager {
 
     /// Stop a running VM: QEMU exits (its disk flushed) and its memory is freed.
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
-        let rt = self.runtime(id)?;
+        let rt = self.supervisor(id)?;
         let guard = rt.try_begin("stop")?;
         let state = rt.state();
         if state == VmState::Snapshotted {
@@ -557,7 +557,7 @@ impl VmManager {
 
     /// Delete a VM, its routes, disk and logs. A running VM is stopped first.
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
-        let rt = self.runtime(id)?;
+        let rt = self.supervisor(id)?;
         let _guard = rt.try_begin("delete")?;
         if rt.state().has_process() {
             // So that the exit watcher does not record the quit as a failure.
@@ -583,7 +583,7 @@ impl VmManager {
         for h in hostnames {
             self.routes.remove(&h);
         }
-        self.remove_runtime(id);
+        self.remove_supervisor(id);
         self.metrics.forget_vm(id);
         let paths = self.paths(id);
         if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
@@ -600,7 +600,7 @@ impl VmManager {
 
     /// Make sure QEMU is gone: ask it to quit, kill it after the stop timeout,
     /// and free the VM's memory and runtime files.
-    pub(crate) async fn halt(&self, rt: &VmRuntime) {
+    pub(crate) async fn halt(&self, rt: &VmSupervisor) {
         let machine = rt.machine();
         if let Some(machine) = machine {
             match tokio::time::timeout(self.cfg.stop_timeout, machine.quit()).await {
@@ -627,7 +627,7 @@ impl VmManager {
     }
 
     /// Forget a VM's port forwards (its QEMU is gone; the ports are free).
-    pub(crate) async fn clear_forwards(&self, rt: &VmRuntime) {
+    pub(crate) async fn clear_forwards(&self, rt: &VmSupervisor) {
         rt.lock().forwards.clear();
         if let Err(e) = self
             .store
@@ -652,7 +652,7 @@ impl VmManager {
     /// The console log from byte `offset` on (at most 1 MiB), and the offset after it.
     pub fn logs(&self, id: &str, offset: u64) -> Result<(Vec<u8>, u64), ApiError> {
         use std::io::{Read, Seek, SeekFrom};
-        self.runtime(id)?;
+        self.supervisor(id)?;
         let path = self.paths(id).console_log;
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,

@@ -15,7 +15,7 @@ use hatch_proxy::{Resolution, Resolver};
 
 use crate::cluster::hop;
 use crate::manager::VmManager;
-use crate::wake::{WAKE_RETRY_AFTER, WakeError};
+use crate::supervisor::wake::{WAKE_RETRY_AFTER, WakeError};
 
 /// The host name under which a node's cluster address serves its API to
 /// other nodes (API calls forwarded to the node that runs the VM).
@@ -58,7 +58,7 @@ impl Resolver for VmResolver {
             },
             None => return Resolution::UnknownHost,
         };
-        let rt = match self.vms.runtime(&route.vm_id) {
+        let rt = match self.vms.supervisor(&route.vm_id) {
             Ok(rt) => rt,
             Err(_) => match self.elsewhere(host, &route.vm_id).await {
                 Elsewhere::Adopted(rt) => rt,
@@ -67,9 +67,8 @@ impl Resolver for VmResolver {
         };
         let track = route.tracks(path);
         let vm_id = route.vm_id;
-        match self
-            .vms
-            .admit_or_wake(&rt, route.port, track, route.auto_wake)
+        match rt
+            .admit_or_wake(&self.vms, route.port, track, route.auto_wake)
             .await
         {
             Ok(port) => Resolution::Backend {
@@ -103,7 +102,7 @@ impl Resolver for VmResolver {
     }
 
     fn on_request_end(&self, vm_id: &str) {
-        if let Ok(rt) = self.vms.runtime(vm_id) {
+        if let Ok(rt) = self.vms.supervisor(vm_id) {
             rt.activity.end();
         }
     }
@@ -201,6 +200,6 @@ impl VmResolver {
 
 enum Elsewhere {
     /// This node claimed the VM: serve it here.
-    Adopted(Arc<crate::runtime::VmRuntime>),
+    Adopted(Arc<crate::supervisor::VmSupervisor>),
     Answer(Resolution),
 }

@@ -111,13 +111,13 @@ impl VmManager {
             )));
         }
         let vm_id = self.resolve_local(&req.vm_id).await?;
-        let rt = self.runtime(&vm_id)?;
+        let rt = self.supervisor(&vm_id)?;
         // Under the VM's operation lock: a boot picks its forwards from the
         // route table, and a delete removes the VM's routes; neither may
         // interleave with this. The forward is added before anything is
         // recorded, so a failure leaves no route behind.
         let _guard = rt.begin("route update").await;
-        self.runtime(&rt.id)?; // deleted while we waited?
+        self.supervisor(&rt.id)?; // deleted while we waited?
         if self.routes.get(&hostname).is_some() {
             return Err(ApiError::conflict(format!(
                 "a route for host '{hostname}' already exists"
@@ -162,7 +162,7 @@ impl VmManager {
     /// Forward `guest_port` of a running VM if it is not forwarded yet.
     async fn ensure_forward(
         &self,
-        rt: &crate::runtime::VmRuntime,
+        rt: &crate::supervisor::VmSupervisor,
         guest_port: u16,
     ) -> Result<(), ApiError> {
         let (state, machine, forwards) = {
@@ -196,7 +196,7 @@ impl VmManager {
     }
 
     fn with_vm_state(&self, mut route: Route) -> Route {
-        route.vm_state = self.runtime(&route.vm_id).ok().map(|rt| rt.state());
+        route.vm_state = self.supervisor(&route.vm_id).ok().map(|rt| rt.state());
         route
     }
 

@@ -131,7 +131,7 @@ impl VmManager {
     /// not pause within [`PAUSE_LIMIT`] is killed (a takeover resumes it
     /// elsewhere from its last snapshot). Call with the gate held.
     async fn fence(&self, silent: Duration) {
-        let pauses = self.all_runtimes().into_iter().filter_map(|rt| {
+        let pauses = self.all_supervisors().into_iter().filter_map(|rt| {
             let machine = rt.machine()?;
             // Resumed after the fence if still ours: a running or booting
             // guest. An operation under way (a capture, a restore, a stop)
@@ -187,7 +187,7 @@ impl VmManager {
         let paused: HashSet<String> =
             std::mem::take(&mut *self.lease.paused.lock().unwrap_or_else(|p| p.into_inner()));
         let me = self.cfg.node_name.as_str();
-        for rt in self.all_runtimes() {
+        for rt in self.all_supervisors() {
             let owner = match self.store.get_vm(&rt.id).await {
                 Ok(rec) => rec.and_then(|r| r.vm.node),
                 Err(e) => {
@@ -216,7 +216,7 @@ impl VmManager {
             if let Some(machine) = machine {
                 machine.kill();
             }
-            self.forget_runtime(&rt.id);
+            self.forget_supervisor(&rt.id);
             tracing::warn!(vm = %rt.id, owner = ?owner, "a vm of this node was taken over while it was fenced: its process was ended");
         }
         self.lease.fenced.store(false, Ordering::SeqCst);

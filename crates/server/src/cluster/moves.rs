@@ -20,7 +20,7 @@ impl VmManager {
     /// once it belongs to `to` (still `snapshotted`).
     pub async fn move_vm(self: &Arc<Self>, id: &str, to: &str) -> Result<Vm, ApiError> {
         self.storage()?;
-        let rt = self.runtime(id)?;
+        let rt = self.supervisor(id)?;
         if to == self.cfg.node_name {
             return Err(ApiError::invalid(format!(
                 "vm '{id}' already runs on node '{to}'"
@@ -99,7 +99,7 @@ impl VmManager {
             }
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
-        self.forget_runtime(id);
+        self.forget_supervisor(id);
         let _ = std::fs::remove_dir_all(self.paths(id).dir);
         self.peers.forget(id);
         tracing::info!(vm = %id, to, "vm handed to another node");
@@ -110,7 +110,7 @@ impl VmManager {
     /// (in S3): the suspend `suspend` this move started, or else the newest
     /// snapshot once its upload is over.
     async fn wait_until_in_s3(&self, id: &str, suspend: Option<&str>) -> Result<(), ApiError> {
-        let rt = self.runtime(id)?;
+        let rt = self.supervisor(id)?;
         let started = Instant::now();
         loop {
             let snaps = self.store.list_snapshots(id).await?;

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::nodes::heartbeat_every;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, VmEvent, VmState};
-use crate::runtime::VmRuntime;
 use crate::state::{Claim, StoreError};
+use crate::supervisor::VmSupervisor;
 
 impl VmManager {
     /// Take over the VMs of lost nodes until `shutdown` (cluster mode only).
@@ -141,7 +141,7 @@ impl VmManager {
     /// owner to be silent, so only one node wins and an owner that comes
     /// back keeps its VM. The lost node's local copies are not this node's:
     /// its snapshots are marked as not local. Ok(None): not claimable.
-    pub(crate) async fn adopt(&self, vm_id: &str) -> Result<Option<Arc<VmRuntime>>, StoreError> {
+    pub(crate) async fn adopt(&self, vm_id: &str) -> Result<Option<Arc<VmSupervisor>>, StoreError> {
         let Some(rec) = self.store.get_vm(vm_id).await? else {
             return Ok(None);
         };
@@ -175,8 +175,8 @@ impl VmManager {
         if let Err(e) = std::fs::create_dir_all(self.paths(vm_id).dir) {
             tracing::warn!(vm = %vm_id, error = %e, "creating the vm's directory failed");
         }
-        let rt = self.runtime_or_insert(vm_id, || {
-            VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new())
+        let rt = self.supervisor_or_insert(vm_id, || {
+            VmSupervisor::new(vm_id.to_string(), rec.vm.state, Vec::new())
         });
         self.peers.forget(vm_id);
         tracing::info!(vm = %vm_id, from = ?rec.vm.node, "claimed a suspended vm of a lost node");
@@ -191,8 +191,8 @@ impl VmManager {
     pub(crate) async fn attach_handed_over(
         &self,
         vm_id: &str,
-    ) -> Result<Option<Arc<VmRuntime>>, StoreError> {
-        if let Ok(rt) = self.runtime(vm_id) {
+    ) -> Result<Option<Arc<VmSupervisor>>, StoreError> {
+        if let Ok(rt) = self.supervisor(vm_id) {
             return Ok(Some(rt));
         }
         let Some(rec) = self.store.get_vm(vm_id).await? else {
@@ -205,8 +205,8 @@ impl VmManager {
         if let Err(e) = std::fs::create_dir_all(self.paths(vm_id).dir) {
             tracing::warn!(vm = %vm_id, error = %e, "creating the vm's directory failed");
         }
-        let rt = self.runtime_or_insert(vm_id, || {
-            VmRuntime::new(vm_id.to_string(), rec.vm.state, Vec::new())
+        let rt = self.supervisor_or_insert(vm_id, || {
+            VmSupervisor::new(vm_id.to_string(), rec.vm.state, Vec::new())
         });
         tracing::info!(vm = %vm_id, state = %rec.vm.state, "took charge of a vm handed to this node");
         Ok(Some(rt))

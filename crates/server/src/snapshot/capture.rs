@@ -22,13 +22,13 @@ use super::{SnapshotCorrupt, new_layer_name, node_name};
 use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotKind, SnapshotStatus, Vm, VmState};
-use crate::runtime::{OpGuard, VmRuntime};
 use crate::state::SnapshotRecord;
+use crate::supervisor::{OpGuard, VmSupervisor};
 
 impl VmManager {
     pub(super) async fn run_snapshot(
         self: Arc<Self>,
-        rt: Arc<VmRuntime>,
+        rt: Arc<VmSupervisor>,
         guard: OpGuard,
         mut rec: SnapshotRecord,
     ) {
@@ -136,7 +136,7 @@ impl VmManager {
     /// Suspend: pause, save device state, end QEMU; keep RAM and disk locally.
     async fn capture_suspend(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         rec: &mut SnapshotRecord,
     ) -> anyhow::Result<()> {
         let machine = rt.machine().context("vm has no running QEMU")?;
@@ -261,7 +261,7 @@ impl VmManager {
     /// state and copy RAM; then let the guest run on.
     async fn capture_checkpoint(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         rec: &mut SnapshotRecord,
     ) -> anyhow::Result<()> {
         let machine = rt.machine().context("vm has no running QEMU")?;
@@ -358,7 +358,7 @@ impl VmManager {
     }
 
     /// Quit QEMU but keep the RAM file (it is the memory image).
-    async fn halt_keeping_ram(&self, rt: &VmRuntime, machine: &Machine) {
+    async fn halt_keeping_ram(&self, rt: &VmSupervisor, machine: &Machine) {
         if let Err(e) = machine.quit().await {
             tracing::warn!(vm = %rt.id, error = %e, "quit failed; killing QEMU");
             machine.kill();

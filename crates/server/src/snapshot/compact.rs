@@ -14,13 +14,13 @@ use crate::manager::VmManager;
 /// before it is cancelled and the chain kept.
 const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 use crate::model::VmState;
-use crate::runtime::VmRuntime;
+use crate::supervisor::VmSupervisor;
 
 impl VmManager {
     /// After a restore: flatten the VM's disk chain in the background if it
     /// is longer than the limit. Holds the VM's operation lock meanwhile
     /// (a capture cannot switch layers during a stream job).
-    pub(crate) fn compact_disk_if_long(self: &Arc<Self>, rt: Arc<VmRuntime>) {
+    pub(crate) fn compact_disk_if_long(self: &Arc<Self>, rt: Arc<VmSupervisor>) {
         let this = self.clone();
         self.tasks.spawn(async move {
             if !this.disk_chain_is_long(&rt.id).await {
@@ -43,7 +43,7 @@ impl VmManager {
             .is_ok_and(|l| l.len() > self.cfg.max_disk_layers)
     }
 
-    async fn compact_disk(&self, rt: &VmRuntime) -> anyhow::Result<()> {
+    async fn compact_disk(&self, rt: &VmSupervisor) -> anyhow::Result<()> {
         let Some(machine) = rt.machine() else {
             return Ok(());
         };

@@ -18,8 +18,8 @@ use super::SnapshotCorrupt;
 use crate::error::ApiError;
 use crate::manager::{VmManager, new_id, now_rfc3339};
 use crate::model::{CreateVm, SnapshotStatus, Vm, VmState};
-use crate::runtime::{OpGuard, VmRuntime};
 use crate::state::SnapshotRecord;
+use crate::supervisor::{OpGuard, VmSupervisor};
 
 /// The fork's first disk layer (as a created VM's).
 const BASE_LAYER: &str = "disk.qcow2";
@@ -72,9 +72,9 @@ impl VmManager {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(e);
         }
-        let rt = VmRuntime::new(id.clone(), VmState::Restoring, Vec::new());
+        let rt = VmSupervisor::new(id.clone(), VmState::Restoring, Vec::new());
         let guard = rt.try_begin("fork")?;
-        self.insert_runtime(rt.clone());
+        self.insert_supervisor(rt.clone());
         tracing::info!(vm = %id, name = %vm.name, snapshot = %sid, source = %source.id, "vm forked");
         let this = self.clone();
         self.tasks
@@ -84,7 +84,7 @@ impl VmManager {
 
     async fn run_fork(
         self: Arc<Self>,
-        rt: Arc<VmRuntime>,
+        rt: Arc<VmSupervisor>,
         guard: OpGuard,
         rec: SnapshotRecord,
         source: Vm,
@@ -137,12 +137,12 @@ impl VmManager {
     /// S3 first if there is none.
     async fn copy_for_fork(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         rec: &SnapshotRecord,
         source: &Vm,
     ) -> anyhow::Result<std::path::PathBuf> {
         let source_rt = self
-            .runtime(&source.id)
+            .supervisor(&source.id)
             .map_err(|_| anyhow::anyhow!("the source vm {} was deleted", source.id))?;
         let _source_guard = source_rt.begin("fork").await;
         // Re-read: deleted (or its copy evicted) while we waited?

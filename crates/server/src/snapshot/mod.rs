@@ -28,8 +28,8 @@ use crate::manager::{VmManager, new_id, now_rfc3339};
 use crate::model::{
     CreateSnapshot, RestoreRequest, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmState,
 };
-use crate::runtime::VmRuntime;
 use crate::state::SnapshotRecord;
+use crate::supervisor::VmSupervisor;
 
 /// What was read back (from S3 or the local copy) is not what Hatch wrote:
 /// the restore fails with `snapshot_corrupt` and older snapshots remain.
@@ -58,7 +58,7 @@ impl VmManager {
     pub async fn recover_snapshots(self: &Arc<Self>) -> anyhow::Result<()> {
         for vm in self.store.list_vms().await? {
             // Another node's snapshots are its to recover (`recover` made
-            // runtimes for this node's VMs only).
+            // supervisors for this node's VMs only).
             if !self.runs_here(&vm.vm.id) {
                 continue;
             }
@@ -92,7 +92,7 @@ impl VmManager {
                     SnapshotStatus::Capturing
                         if rec.snap.kind == SnapshotKind::Suspend
                             && self
-                                .runtime(&vm.vm.id)
+                                .supervisor(&vm.vm.id)
                                 .is_ok_and(|rt| rt.state() == VmState::Failed)
                             && self.snapshot_dir(&rec.snap.id).join("state").exists() => {}
                     _ => {
@@ -141,7 +141,7 @@ impl VmManager {
         trigger: &str,
     ) -> Result<Snapshot, ApiError> {
         self.storage()?;
-        let rt = self.runtime(vm_id)?;
+        let rt = self.supervisor(vm_id)?;
         let guard = rt.try_begin("snapshot")?;
         let state = rt.state();
         if state != VmState::Running {
@@ -219,7 +219,7 @@ impl VmManager {
     /// is retried by the storage worker.
     pub async fn delete_snapshot(&self, vm_id: &str, snapshot_id: &str) -> Result<(), ApiError> {
         let store = self.storage()?;
-        let rt = self.runtime(vm_id)?;
+        let rt = self.supervisor(vm_id)?;
         let _guard = rt.try_begin("snapshot delete")?;
         let rec = self.snapshot_record(vm_id, snapshot_id).await?;
         if matches!(
@@ -269,7 +269,7 @@ impl VmManager {
         req: RestoreRequest,
     ) -> Result<Vm, ApiError> {
         let since = std::time::Instant::now();
-        let rt = self.runtime(vm_id)?;
+        let rt = self.supervisor(vm_id)?;
         // Without S3 only local copies can be restored: say so at once when
         // there is none (whatever else the VM is doing).
         if self.storage.is_none()
@@ -298,7 +298,7 @@ impl VmManager {
     /// `restoring`. Returns the snapshot and the state before.
     pub(crate) async fn begin_restore(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         snapshot_id: Option<&str>,
     ) -> Result<(SnapshotRecord, VmState), ApiError> {
         let vm_id = rt.id.as_str();

@@ -23,8 +23,8 @@ use super::{SnapshotCorrupt, WakeCause, new_layer_name};
 use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, Vm, VmState};
-use crate::runtime::{OpGuard, VmRuntime};
 use crate::state::SnapshotRecord;
+use crate::supervisor::{OpGuard, VmSupervisor};
 
 /// Why a restore failed, and whether the VM's running guest was left as it
 /// was (a rollback that failed before stopping it).
@@ -50,7 +50,7 @@ fn broken(error: impl Into<anyhow::Error>) -> RestoreFailure {
 impl VmManager {
     pub(crate) async fn run_restore(
         self: Arc<Self>,
-        rt: Arc<VmRuntime>,
+        rt: Arc<VmSupervisor>,
         guard: OpGuard,
         rec: SnapshotRecord,
         prior: VmState,
@@ -139,7 +139,7 @@ impl VmManager {
 
     async fn restore_from(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         rec: &SnapshotRecord,
         prior: VmState,
         store: Option<&ChunkStore>,
@@ -304,7 +304,7 @@ impl VmManager {
     /// (its RAM file is in place), then set the guest's clock.
     pub(super) async fn start_from(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         dir: &Path,
         layers: &[String],
     ) -> anyhow::Result<Arc<Machine>> {
@@ -404,7 +404,7 @@ impl VmManager {
     /// directory, each rebased onto this host's paths. Returns the layers.
     pub(super) async fn fetch(
         &self,
-        rt: &VmRuntime,
+        rt: &VmSupervisor,
         rec: &SnapshotRecord,
         vm: &Vm,
         store: &ChunkStore,

@@ -21,7 +21,7 @@ impl VmManager {
         r: Retention,
     ) -> Result<Retention, ApiError> {
         self.storage()?;
-        self.runtime(vm_id)?;
+        self.supervisor(vm_id)?;
         if let Some(k) = r.keep_last
             && !(1..=MAX_KEEP_LAST).contains(&k)
         {
@@ -57,7 +57,7 @@ impl VmManager {
             return Ok(());
         }
         let store = self.storage()?;
-        let rt = self.runtime(vm_id)?;
+        let rt = self.supervisor(vm_id)?;
         // Not during a restore that may read one of these snapshots.
         let _guard = rt.begin("retention").await;
         let mut snapshots = self.store.list_snapshots(vm_id).await?; // newest first

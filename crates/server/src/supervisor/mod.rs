@@ -1,28 +1,44 @@
-//! The in-memory side of one VM: its lifecycle state (mirrored in the state store), its
-//! port forwards, its QEMU machine, and the lock that serializes operations.
+//! One VM's supervisor: the in-memory side of its state machine (mirrored
+//! in the state store, published to waiters), its operation lock (one
+//! operation at a time; a second is refused or waits), its port forwards and
+//! QEMU machine, the idle claim ([`Activity`]) and the single-flight wake
+//! ([`wake`]). The core (`VmManager`) drives QEMU, S3 and the database
+//! through it; the wake logic reaches them only through [`wake::Lifecycle`],
+//! so it is unit-tested with a fake and paused time.
+
+mod activity;
+pub mod wake;
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+
+pub use activity::Activity;
 
 use hatch_vmm::{Machine, PortForward};
 use tokio::sync::{OwnedMutexGuard, watch};
 
-use crate::error::ApiError;
 use crate::model::VmState;
 
-pub struct VmRuntime {
+/// Another operation holds the VM (answered 409 by the API).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("vm '{vm}' is busy: {what} is in progress")]
+pub struct Busy {
+    pub vm: String,
+    pub what: &'static str,
+}
+
+pub struct VmSupervisor {
     pub id: String,
     /// Proxied traffic to this VM.
     pub activity: Activity,
     /// The lifecycle state, for waiters (held requests of an auto-wake).
     state_tx: watch::Sender<VmState>,
     /// The wake in flight, if any (single-flight: requests share it).
-    pub wake: Mutex<Option<crate::wake::WakeWatch>>,
+    pub wake: Mutex<Option<wake::WakeWatch>>,
     /// Proxied requests held while the VM wakes (bounded).
     pub waiting: std::sync::atomic::AtomicUsize,
     /// When the last wake failed and why: requests fail fast for a while
     /// instead of starting one failing restore after another.
-    pub wake_failure: Mutex<Option<(Instant, String)>>,
+    pub wake_failure: Mutex<Option<(tokio::time::Instant, String)>>,
     /// Degradations of the operation under way (a wake), for its event.
     pub warnings: Mutex<Vec<String>>,
     /// Held for the whole of an operation (boot, stop, delete, ...). Taken with
@@ -51,77 +67,10 @@ pub struct Inner {
     pub last_ports: Vec<PortForward>,
 }
 
-/// Proxied requests in flight, the time of the last request event, and
-/// whether an idle suspend has claimed the VM (no new requests go in).
-pub struct Activity {
-    inner: Mutex<ActivityInner>,
-}
-
-struct ActivityInner {
-    inflight: u64,
-    last: Instant,
-    suspending: bool,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            inner: Mutex::new(ActivityInner {
-                inflight: 0,
-                last: Instant::now(),
-                suspending: false,
-            }),
-        }
-    }
-}
-
-impl Activity {
-    fn lock(&self) -> MutexGuard<'_, ActivityInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Restart the idle clock (a request, or the VM just started running).
-    pub fn touch(&self) {
-        self.lock().last = Instant::now();
-    }
-
-    /// A tracked request is over.
-    pub fn end(&self) {
-        let mut a = self.lock();
-        // Saturating: never wrap below zero, whatever happened in between.
-        a.inflight = a.inflight.saturating_sub(1);
-        a.last = Instant::now();
-    }
-
-    pub fn inflight(&self) -> u64 {
-        self.lock().inflight
-    }
-
-    /// Claim the VM for an idle suspend if nothing is in flight and nothing
-    /// happened for `timeout`. From then on requests are held, not admitted.
-    pub fn claim_idle(&self, timeout: Duration) -> bool {
-        let mut a = self.lock();
-        if a.suspending || a.inflight > 0 || a.last.elapsed() < timeout {
-            return false;
-        }
-        a.suspending = true;
-        true
-    }
-
-    pub fn claimed_for_suspend(&self) -> bool {
-        self.lock().suspending
-    }
-
-    /// The idle suspend is over (done or given up).
-    fn release_idle(&self) {
-        self.lock().suspending = false;
-    }
-}
-
 /// Proof that the holder runs the only operation on a VM.
 pub struct OpGuard {
     _guard: OwnedMutexGuard<()>,
-    rt: Arc<VmRuntime>,
+    rt: Arc<VmSupervisor>,
 }
 
 impl Drop for OpGuard {
@@ -132,9 +81,9 @@ impl Drop for OpGuard {
     }
 }
 
-impl VmRuntime {
-    pub fn new(id: String, state: VmState, forwards: Vec<PortForward>) -> Arc<VmRuntime> {
-        Arc::new(VmRuntime {
+impl VmSupervisor {
+    pub fn new(id: String, state: VmState, forwards: Vec<PortForward>) -> Arc<VmSupervisor> {
+        Arc::new(VmSupervisor {
             id,
             activity: Activity::default(),
             state_tx: watch::Sender::new(state),
@@ -167,7 +116,7 @@ impl VmRuntime {
     }
 
     /// Record a new state (the caller holds `inner`) and tell waiters.
-    /// Lock order is `activity` before `inner` (see [`VmRuntime::admit`]):
+    /// Lock order is `activity` before `inner` (see [`VmSupervisor::admit`]):
     /// nothing here may take `activity`.
     pub fn publish_state(&self, inner: &mut Inner, to: VmState) {
         inner.state = to;
@@ -190,22 +139,14 @@ impl VmRuntime {
     /// port forwarded. Returns the host port. A tracked request counts as in
     /// flight from here on.
     pub fn admit(&self, guest_port: u16, track: bool, unready_ok: bool) -> Option<u16> {
-        let mut act = self.activity.lock();
-        if act.suspending {
-            return None;
-        }
-        let host = {
+        // Lock order: `activity`, then `inner`.
+        self.activity.admit(track, || {
             let inner = self.lock();
             if inner.state != VmState::Running || !(inner.ready || unready_ok) {
                 return None;
             }
-            inner.forwards.iter().find(|f| f.guest == guest_port)?.host
-        };
-        if track {
-            act.inflight += 1;
-            act.last = Instant::now();
-        }
-        Some(host)
+            Some(inner.forwards.iter().find(|f| f.guest == guest_port)?.host)
+        })
     }
 
     pub fn is_ready(&self) -> bool {
@@ -241,8 +182,8 @@ impl VmRuntime {
         self.lock().machine.clone()
     }
 
-    /// Start operation `what`, or fail with 409 if another one runs.
-    pub fn try_begin(self: &Arc<Self>, what: &'static str) -> Result<OpGuard, ApiError> {
+    /// Start operation `what`, or fail at once if another one runs.
+    pub fn try_begin(self: &Arc<Self>, what: &'static str) -> Result<OpGuard, Busy> {
         match self.op.clone().try_lock_owned() {
             Ok(guard) => {
                 self.lock().busy_with = Some(what);
@@ -251,13 +192,10 @@ impl VmRuntime {
                     rt: self.clone(),
                 })
             }
-            Err(_) => {
-                let busy = self.lock().busy_with.unwrap_or("another operation");
-                Err(ApiError::conflict(format!(
-                    "vm '{}' is busy: {busy} is in progress",
-                    self.id
-                )))
-            }
+            Err(_) => Err(Busy {
+                vm: self.id.clone(),
+                what: self.lock().busy_with.unwrap_or("another operation"),
+            }),
         }
     }
 
