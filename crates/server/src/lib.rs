@@ -16,7 +16,6 @@ pub mod boot;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
-pub mod durable;
 pub mod error;
 pub mod events;
 pub mod fault;
@@ -35,3 +34,4 @@ pub mod supervisor;
 
 pub use config::{Config, S3Config, Secret};
 pub use daemon::run;
+pub use hatch_snapshot::durable;

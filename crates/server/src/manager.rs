@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use hatch_vmm::Accel;
-use rand::Rng;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::hop::HopKey;
@@ -84,14 +83,7 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-pub fn new_id(prefix: &str) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::thread_rng();
-    let body: String = (0..12)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("{prefix}-{body}")
-}
+pub use hatch_snapshot::names::new_id;
 
 impl VmManager {
     pub async fn new(

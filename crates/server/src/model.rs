@@ -317,29 +317,7 @@ impl SnapshotStatus {
     }
 }
 
-/// What a snapshot captured: a suspend (the VM ended with it, its RAM file
-/// became the snapshot's) or a checkpoint (the VM ran on; RAM was copied).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotKind {
-    Suspend,
-    Checkpoint,
-}
-
-impl SnapshotKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotKind::Suspend => "suspend",
-            SnapshotKind::Checkpoint => "checkpoint",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<SnapshotKind> {
-        [SnapshotKind::Suspend, SnapshotKind::Checkpoint]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-    }
-}
+pub use hatch_snapshot::SnapshotKind;
 
 /// A saved state of a VM: memory, CPU and devices, disk.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -504,7 +482,7 @@ pub struct CreateApiKey {
 
 pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
-pub const MIN_MEMORY_MIB: u64 = 64;
+pub use hatch_snapshot::MIN_MEMORY_MIB;
 pub const MAX_DISK_MIB: u64 = 1024 * 1024;
 pub const DEFAULT_GUEST_PORT: u16 = 8080;
 

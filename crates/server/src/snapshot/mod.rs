@@ -10,13 +10,12 @@ mod compact;
 mod fork;
 pub mod gc;
 mod local_cache;
-pub mod local_copy;
-pub mod manifest;
-pub mod names;
 mod restore;
 mod retention;
-pub mod seal;
 pub mod uploads;
+
+pub use hatch_snapshot::names::new_layer_name;
+pub use hatch_snapshot::{local_copy, manifest, names, seal};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,11 +42,6 @@ pub fn node_name(layer_file: &str) -> String {
         .strip_suffix(".qcow2")
         .unwrap_or(layer_file)
         .to_string()
-}
-
-/// A fresh, unique layer file name.
-pub(crate) fn new_layer_name() -> String {
-    format!("{}.qcow2", new_id("layer"))
 }
 
 impl VmManager {

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use hatch_snapshot::retention::{self, Candidate, Policy};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
@@ -66,41 +68,33 @@ impl VmManager {
                 *r = ready.clone();
             }
         }
-        let newest_restorable = snapshots
+        let candidates: Vec<Candidate> = snapshots
             .iter()
-            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
-            .map(|r| r.snap.id.clone());
-        let now = SystemTime::now();
-        let finished = snapshots.into_iter().filter(|r| {
-            matches!(
-                r.snap.status,
-                SnapshotStatus::Ready | SnapshotStatus::Failed
-            )
-        });
-        for (i, rec) in finished.enumerate() {
-            if Some(&rec.snap.id) == newest_restorable.as_ref() {
-                continue;
-            }
-            let beyond_count = policy.keep_last.is_some_and(|k| i >= k as usize);
-            let too_old = policy.max_age_seconds.is_some_and(|max| {
-                humantime::parse_rfc3339(&rec.snap.created_at)
-                    .ok()
-                    .and_then(|t| now.duration_since(t).ok())
-                    .is_some_and(|age| age.as_secs() > max)
-            });
-            if !(beyond_count || too_old) {
-                continue;
-            }
+            .map(|r| Candidate {
+                id: &r.snap.id,
+                finished: matches!(
+                    r.snap.status,
+                    SnapshotStatus::Ready | SnapshotStatus::Failed
+                ),
+                restorable: r.snap.status == SnapshotStatus::Ready || r.local,
+                created: humantime::parse_rfc3339(&r.snap.created_at).ok(),
+            })
+            .collect();
+        let policy = Policy {
+            keep_last: policy.keep_last,
+            max_age_seconds: policy.max_age_seconds,
+        };
+        for id in retention::plan(policy, &candidates, SystemTime::now()) {
             self.store
                 .delete_snapshot(
-                    &rec.snap.id,
-                    &super::manifest::manifest_key(vm_id, &rec.snap.id),
+                    id,
+                    &super::manifest::manifest_key(vm_id, id),
                     &crate::manager::now_rfc3339(),
                 )
                 .await?;
-            self.delete_manifest(&store, vm_id, &rec.snap.id).await;
-            let _ = std::fs::remove_dir_all(self.snapshot_dir(&rec.snap.id));
-            tracing::info!(vm = %vm_id, snapshot = %rec.snap.id, "retention deleted snapshot");
+            self.delete_manifest(&store, vm_id, id).await;
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(id));
+            tracing::info!(vm = %vm_id, snapshot = %id, "retention deleted snapshot");
         }
         Ok(())
     }

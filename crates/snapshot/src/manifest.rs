@@ -8,9 +8,9 @@ use hatch_chunks::FileChunks;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::names::{is_layer_name, is_snapshot_id, is_vm_id};
-use super::seal::{Seal, SealError, SealKeys};
-use crate::model::{self, SnapshotKind};
+use crate::SnapshotKind;
+use crate::names::{is_layer_name, is_snapshot_id, is_vm_id};
+use crate::seal::{Seal, SealError, SealKeys};
 
 /// Version 2: sealed with a MAC, records the snapshot's kind. Version 1
 /// (a bare checksum) is refused for restores: anyone could have written it.
@@ -211,7 +211,7 @@ impl Manifest {
                 .validate(max_layer)
                 .map_err(|r| format!("disk layer {}: {r}", layer.name))?;
         }
-        if e.vcpus == 0 || e.memory_mib < model::MIN_MEMORY_MIB {
+        if e.vcpus == 0 || e.memory_mib < crate::MIN_MEMORY_MIB {
             return Err("machine size".into());
         }
         Ok(())

@@ -32,16 +32,31 @@ pub fn is_layer_name(s: &str) -> bool {
             .is_some_and(|stem| is_id(stem, "layer"))
 }
 
+/// A new random id: `prefix` and 12 characters of `[a-z0-9]`.
+pub fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let body: String = (0..12)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}-{body}")
+}
+
+/// A new disk layer's file name.
+pub fn new_layer_name() -> String {
+    format!("{}.qcow2", new_id("layer"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manager::new_id;
 
     #[test]
     fn accepts_exactly_what_hatch_writes() {
         assert!(is_vm_id(&new_id("vm")));
         assert!(is_snapshot_id(&new_id("snap")));
-        assert!(is_layer_name(&crate::snapshot::new_layer_name()));
+        assert!(is_layer_name(&new_layer_name()));
         assert!(is_layer_name("disk.qcow2"));
         for bad in [
             "",

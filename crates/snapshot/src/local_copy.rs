@@ -10,11 +10,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::MAX_STATE_BYTES;
-use super::names::{is_layer_name, is_snapshot_id, is_vm_id};
-use super::seal::{Seal, SealKeys};
+use crate::SnapshotKind;
 use crate::durable;
-use crate::model::SnapshotKind;
+use crate::manifest::MAX_STATE_BYTES;
+use crate::names::{is_layer_name, is_snapshot_id, is_vm_id};
+use crate::seal::{Seal, SealKeys};
 
 pub const FILE: &str = "local.json";
 
