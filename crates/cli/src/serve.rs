@@ -317,7 +317,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         wait_for_signal().await;
         signal.cancel();
     });
-    hatch_server::run(cfg, shutdown).await
+    // Bound before the daemon starts: a port in use fails at once.
+    let listeners = hatch_server::daemon::Listeners::bind(&cfg).await?;
+    hatch_server::run(cfg, listeners, shutdown).await
 }
 
 async fn wait_for_signal() {

@@ -23,8 +23,52 @@ use crate::state;
 /// How long shutdown waits for in-flight VM operations.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
-/// Run the daemon until `shutdown` is cancelled.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// The daemon's sockets, bound by the caller (so that tests and embedders
+/// can bind port 0 and know the address before the daemon runs).
+pub struct Listeners {
+    pub api: TcpListener,
+    pub proxy: TcpListener,
+    /// Node-to-node hops; only with `--cluster-addr`.
+    pub cluster: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind the addresses `cfg` names.
+    pub async fn bind(cfg: &Config) -> anyhow::Result<Listeners> {
+        let api = TcpListener::bind(cfg.api_addr)
+            .await
+            .with_context(|| format!("binding API address {}", cfg.api_addr))?;
+        let proxy = TcpListener::bind(cfg.proxy_addr)
+            .await
+            .with_context(|| format!("binding proxy address {}", cfg.proxy_addr))?;
+        let cluster = match cfg.cluster_addr {
+            Some(addr) => {
+                anyhow::ensure!(
+                    cfg.cluster_secret.is_some(),
+                    "--cluster-addr needs HATCH_CLUSTER_SECRET (the same on every node)"
+                );
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding cluster address {addr}"))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Listeners {
+            api,
+            proxy,
+            cluster,
+        })
+    }
+}
+
+/// Run the daemon on `listeners` until `shutdown` is cancelled.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
@@ -33,7 +77,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let store = state::open(cfg.database_url.as_ref().map(|u| u.expose()), &cfg.data_dir)
         .await
         .context("opening the state store")?;
-    let me = NodeIdentity::from_config(&cfg);
+    let cluster_addr = match &listeners.cluster {
+        Some(l) => Some(l.local_addr().context("reading the cluster address")?),
+        None => None,
+    };
+    let me = NodeIdentity::from_config(&cfg, cluster_addr);
     nodes::register(store.as_ref(), &me)
         .await
         .context("registering this node")?;
@@ -96,28 +144,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .context("recovering interrupted snapshots")?;
     vms.sweep_leftovers().await;
 
-    let api_listener = TcpListener::bind(cfg.api_addr)
-        .await
-        .with_context(|| format!("binding API address {}", cfg.api_addr))?;
-    let proxy_listener = TcpListener::bind(cfg.proxy_addr)
-        .await
-        .with_context(|| format!("binding proxy address {}", cfg.proxy_addr))?;
-    let cluster_listener = match cfg.cluster_addr {
-        Some(addr) => {
-            anyhow::ensure!(
-                cfg.cluster_secret.is_some(),
-                "--cluster-addr needs HATCH_CLUSTER_SECRET (the same on every node)"
-            );
-            Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding cluster address {addr}"))?,
-            )
-        }
-        None => None,
-    };
+    let Listeners {
+        api: api_listener,
+        proxy: proxy_listener,
+        cluster: cluster_listener,
+    } = listeners;
     let api_addr = api_listener.local_addr()?;
-    tracing::info!(api = %api_addr, proxy = %proxy_listener.local_addr()?, cluster = ?cfg.cluster_addr, "listening");
+    tracing::info!(api = %api_addr, proxy = %proxy_listener.local_addr()?, cluster = ?cluster_addr, "listening");
 
     let state = Arc::new(AppState {
         vms: vms.clone(),

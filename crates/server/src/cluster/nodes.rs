@@ -26,10 +26,11 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    pub fn from_config(cfg: &Config) -> NodeIdentity {
+    /// `cluster_addr`: where the node's cluster listener is bound.
+    pub fn from_config(cfg: &Config, cluster_addr: Option<std::net::SocketAddr>) -> NodeIdentity {
         NodeIdentity {
             name: cfg.node_name.clone(),
-            addr: cfg.cluster_addr.map(|a| a.to_string()),
+            addr: cluster_addr.map(|a| a.to_string()),
             started_at: now_rfc3339(),
             down_after: cfg.node_down_after,
         }
