@@ -106,6 +106,12 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<crate::model::Invalid> for ApiError {
+    fn from(e: crate::model::Invalid) -> Self {
+        ApiError::Invalid(e.0)
+    }
+}
+
 impl From<crate::supervisor::Busy> for ApiError {
     fn from(e: crate::supervisor::Busy) -> Self {
         ApiError::conflict(e.to_string())

@@ -4,8 +4,6 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::error::ApiError;
-
 /// The lifecycle of a VM. Every change goes through [`VmState::can_become`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -282,42 +280,7 @@ pub struct CreateRoute {
     pub idle_ignore_paths: Option<Vec<String>>,
 }
 
-/// Progress of a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotStatus {
-    Pending,
-    Capturing,
-    Uploading,
-    Ready,
-    Failed,
-}
-
-impl SnapshotStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotStatus::Pending => "pending",
-            SnapshotStatus::Capturing => "capturing",
-            SnapshotStatus::Uploading => "uploading",
-            SnapshotStatus::Ready => "ready",
-            SnapshotStatus::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<SnapshotStatus> {
-        [
-            SnapshotStatus::Pending,
-            SnapshotStatus::Capturing,
-            SnapshotStatus::Uploading,
-            SnapshotStatus::Ready,
-            SnapshotStatus::Failed,
-        ]
-        .into_iter()
-        .find(|v| v.as_str() == s)
-    }
-}
-
-pub use hatch_snapshot::SnapshotKind;
+pub use hatch_snapshot::{SnapshotKind, SnapshotStatus};
 
 /// A saved state of a VM: memory, CPU and devices, disk.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -486,8 +449,13 @@ pub use hatch_snapshot::MIN_MEMORY_MIB;
 pub const MAX_DISK_MIB: u64 = 1024 * 1024;
 pub const DEFAULT_GUEST_PORT: u16 = 8080;
 
+/// Input the model refuses (answered 422 by the API).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
 /// VM names: a DNS label, so that they can appear in host names.
-pub fn validate_vm_name(name: &str) -> Result<(), ApiError> {
+pub fn validate_vm_name(name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -501,14 +469,14 @@ pub fn validate_vm_name(name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(format!(
+        Err(Invalid(format!(
             "invalid name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-' and not starting with 'vm-'"
         )))
     }
 }
 
 /// Host names of routes: lowercase DNS names, at most 253 characters.
-pub fn normalize_hostname(hostname: &str) -> Result<String, ApiError> {
+pub fn normalize_hostname(hostname: &str) -> Result<String, Invalid> {
     let h = hostname.trim().trim_end_matches('.').to_ascii_lowercase();
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -521,7 +489,7 @@ pub fn normalize_hostname(hostname: &str) -> Result<String, ApiError> {
     if !h.is_empty() && h.len() <= 253 && h.split('.').all(label_ok) {
         Ok(h)
     } else {
-        Err(ApiError::invalid(format!(
+        Err(Invalid(format!(
             "invalid hostname {hostname:?}: expected a DNS name such as app.example.com (no port, no scheme)"
         )))
     }

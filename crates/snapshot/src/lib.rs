@@ -9,7 +9,8 @@
 //! - [`durable`]: write, sync, rename: how every captured or fetched file
 //!   reaches the disk;
 //! - [`names`]: the exact forms of ids and layer names;
-//! - [`retention`]: which snapshots a policy deletes.
+//! - [`retention`]: which snapshots a policy deletes;
+//! - [`recovery`]: what becomes of a snapshot a daemon restart cut short.
 //!
 //! The capture and restore pipelines, which drive QEMU and the chunk store
 //! (`hatch-chunks`) for a VM's supervisor, live in the daemon
@@ -19,6 +20,7 @@ pub mod durable;
 pub mod local_copy;
 pub mod manifest;
 pub mod names;
+pub mod recovery;
 pub mod retention;
 pub mod seal;
 
@@ -26,6 +28,41 @@ use serde::{Deserialize, Serialize};
 
 /// The smallest guest memory Hatch runs (and accepts from a manifest).
 pub const MIN_MEMORY_MIB: u64 = 64;
+
+/// Progress of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    Pending,
+    Capturing,
+    Uploading,
+    Ready,
+    Failed,
+}
+
+impl SnapshotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::Pending => "pending",
+            SnapshotStatus::Capturing => "capturing",
+            SnapshotStatus::Uploading => "uploading",
+            SnapshotStatus::Ready => "ready",
+            SnapshotStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SnapshotStatus> {
+        [
+            SnapshotStatus::Pending,
+            SnapshotStatus::Capturing,
+            SnapshotStatus::Uploading,
+            SnapshotStatus::Ready,
+            SnapshotStatus::Failed,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
 
 /// What a snapshot captured: a suspend (the VM ended with it, its RAM file
 /// became the snapshot's) or a checkpoint (the VM ran on; RAM was copied).
@@ -53,13 +90,23 @@ impl SnapshotKind {
 
 #[cfg(test)]
 mod tests {
-    use super::SnapshotKind;
+    use super::{SnapshotKind, SnapshotStatus};
 
     #[test]
-    fn kinds_round_trip_through_their_names() {
+    fn kinds_and_statuses_round_trip_through_their_names() {
         for kind in [SnapshotKind::Suspend, SnapshotKind::Checkpoint] {
             assert_eq!(SnapshotKind::parse(kind.as_str()), Some(kind));
         }
         assert_eq!(SnapshotKind::parse("Suspend"), None);
+        for status in [
+            SnapshotStatus::Pending,
+            SnapshotStatus::Capturing,
+            SnapshotStatus::Uploading,
+            SnapshotStatus::Ready,
+            SnapshotStatus::Failed,
+        ] {
+            assert_eq!(SnapshotStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(SnapshotStatus::parse("done"), None);
     }
 }

@@ -15,6 +15,7 @@ mod retention;
 pub mod uploads;
 
 pub use hatch_snapshot::names::new_layer_name;
+use hatch_snapshot::recovery::{self, AfterRestart};
 pub use hatch_snapshot::{local_copy, manifest, names, seal};
 
 use std::path::PathBuf;
@@ -56,40 +57,48 @@ impl VmManager {
             if !self.runs_here(&vm.vm.id) {
                 continue;
             }
+            let vm_failed = self
+                .supervisor(&vm.vm.id)
+                .is_ok_and(|rt| rt.state() == VmState::Failed);
             for mut rec in self.store.list_snapshots(&vm.vm.id).await? {
-                match rec.snap.status {
-                    SnapshotStatus::Ready | SnapshotStatus::Failed => {}
-                    SnapshotStatus::Uploading if rec.local => {}
-                    SnapshotStatus::Capturing
-                        if rec.snap.kind == SnapshotKind::Checkpoint
-                            && let Ok(copy) = local_copy::LocalCopy::verify(
-                                &self.snapshot_dir(&rec.snap.id),
-                                &self.paths(&vm.vm.id).dir,
-                                &rec.snap.id,
-                                &vm.vm.id,
-                                vm.vm.memory_mib << 20,
-                                &self.seal_keys,
-                            ) =>
-                    {
-                        rec.layers = copy.layer_names();
+                let capturing = rec.snap.status == SnapshotStatus::Capturing;
+                let is = |kind| capturing && rec.snap.kind == kind;
+                // Read only what the decision may need.
+                let verified_copy = if is(SnapshotKind::Checkpoint) {
+                    local_copy::LocalCopy::verify(
+                        &self.snapshot_dir(&rec.snap.id),
+                        &self.paths(&vm.vm.id).dir,
+                        &rec.snap.id,
+                        &vm.vm.id,
+                        vm.vm.memory_mib << 20,
+                        &self.seal_keys,
+                    )
+                    .ok()
+                } else {
+                    None
+                };
+                let found = recovery::Found {
+                    status: rec.snap.status,
+                    kind: rec.snap.kind,
+                    local: rec.local,
+                    checkpoint_verified: verified_copy.is_some(),
+                    vm_failed,
+                    state_saved: is(SnapshotKind::Suspend)
+                        && self.snapshot_dir(&rec.snap.id).join("state").exists(),
+                };
+                match recovery::after_restart(found) {
+                    AfterRestart::Leave => {}
+                    AfterRestart::KeepCheckpoint => {
+                        if let Some(copy) = verified_copy {
+                            rec.layers = copy.layer_names();
+                        }
                         rec.local = true;
                         rec.local_used_at = Some(now_rfc3339());
                         rec.snap.status = SnapshotStatus::Uploading;
                         self.save_record(&rec).await;
                         tracing::info!(snapshot = %rec.snap.id, "kept a checkpoint completed before a restart");
                     }
-                    // A suspend whose device state was saved but that could
-                    // not be completed (its VM is failed, without QEMU):
-                    // its files may be the VM's only state. Kept, and
-                    // completing it is retried at every start. (If the VM
-                    // runs, its guest went on and the suspend is void.)
-                    SnapshotStatus::Capturing
-                        if rec.snap.kind == SnapshotKind::Suspend
-                            && self
-                                .supervisor(&vm.vm.id)
-                                .is_ok_and(|rt| rt.state() == VmState::Failed)
-                            && self.snapshot_dir(&rec.snap.id).join("state").exists() => {}
-                    _ => {
+                    AfterRestart::Fail => {
                         rec.snap.status = SnapshotStatus::Failed;
                         rec.snap.error = Some("interrupted by a daemon restart".into());
                         rec.local = false;
