@@ -334,8 +334,21 @@ async fn a_lost_nodes_vms_wake_on_other_nodes_from_s3_with_one_restore() {
         "a suspended VM stays as it is"
     );
 
-    // Requests through n2 and n3 at once for `a`: one node claims and wakes
-    // it from S3, the other forwards to it; both are served, one restore.
+    // `b` resumes from its checkpoint on another node: the work after the
+    // checkpoint is gone, the machine is the same.
+    assert_eq!(
+        n3.get_ok("b.localhost", "/counter").await.trim(),
+        "counter=2"
+    );
+    assert_eq!(kv(&n2.get_ok("b.localhost", "/").await, "boot_id"), boot_b);
+    let vm = n3.vm(&b).await;
+    let b_node = vm["node"].as_str().unwrap().to_string();
+    assert!(b_node == "n2" || b_node == "n3", "{vm}");
+
+    // Requests through n2 and n3 at once for `a`: it is placed on the node
+    // not running `b` (the least loaded), whichever node the requests
+    // reach: one claim wins, every request is forwarded to the VM's new
+    // node, and it is restored there from S3 once.
     let (r2, r3) = tokio::join!(
         n2.proxy_get("a.localhost", "/counter"),
         n3.proxy_get("a.localhost", "/counter")
@@ -356,6 +369,7 @@ async fn a_lost_nodes_vms_wake_on_other_nodes_from_s3_with_one_restore() {
     let vm = n2.vm(&a).await;
     let owner = vm["node"].as_str().unwrap().to_string();
     assert!(owner == "n2" || owner == "n3", "{vm}");
+    assert_ne!(owner, b_node, "placed on the least loaded node: {vm}");
     assert_eq!(vm["state"], "running");
     let (_, events) = n2
         .call(Method::GET, &format!("/vms/{a}/events"), None)
@@ -367,16 +381,6 @@ async fn a_lost_nodes_vms_wake_on_other_nodes_from_s3_with_one_restore() {
         .filter(|e| e["kind"] == "wake")
         .count();
     assert_eq!(wakes, 1, "exactly one restore: {events}");
-
-    // `b` resumes from its checkpoint on another node: the work after the
-    // checkpoint is gone, the machine is the same.
-    assert_eq!(
-        n3.get_ok("b.localhost", "/counter").await.trim(),
-        "counter=2"
-    );
-    assert_eq!(kv(&n2.get_ok("b.localhost", "/").await, "boot_id"), boot_b);
-    let vm = n3.vm(&b).await;
-    assert!(vm["node"] == "n2" || vm["node"] == "n3", "{vm}");
 
     // A takeover is an event too.
     let (_, events) = n3

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use hatch_proxy::{Resolution, Resolver};
 
 use crate::cluster::hop;
+use crate::cluster::takeover::Claimed;
 use crate::manager::VmManager;
 use crate::supervisor::wake::{WAKE_RETRY_AFTER, WakeError};
 
@@ -111,8 +112,8 @@ impl Resolver for VmResolver {
 impl VmResolver {
     /// A route to a VM this node does not run: forward it to the node that
     /// does, once (a hop is never forwarded again).
-    /// A suspended VM whose node is down is claimed by this node and woken
-    /// here (from S3).
+    /// A suspended VM whose node is down is placed on the least loaded node
+    /// (this one on a tie) and woken there from S3.
     async fn elsewhere(&self, host: &str, vm_id: &str) -> Elsewhere {
         let vm_id = vm_id.to_string();
         if self.hop_only {
@@ -149,13 +150,14 @@ impl VmResolver {
         };
         if !remote.up {
             match self.vms.adopt(&vm_id).await {
-                Ok(Some(rt)) => return Elsewhere::Adopted(rt),
-                Ok(None) => {}
+                Ok(Some(Claimed::Here(rt))) => return Elsewhere::Adopted(rt),
+                Ok(Some(Claimed::Elsewhere) | None) => {}
                 Err(e) => return unreachable_store(vm_id, e),
             }
-            // Another node claimed it first (it wakes there: forward to it,
-            // so every request is served by the one restore), or it is not
-            // suspended yet (the takeover comes with the next heartbeat).
+            // Placed on another node, or another node claimed it first (it
+            // wakes there: forward to it, so every request is served by the
+            // one restore), or it is not suspended yet (the takeover comes
+            // with the next heartbeat).
             self.vms.peers.forget(&vm_id);
             remote = match self.vms.peers.remote(&vm_id).await {
                 Ok(Some(remote)) if remote.up => remote,

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, Method, header};
 
 use super::App;
+use crate::cluster::takeover::Claimed;
 use crate::error::ApiError;
 use crate::resolver::API_HOST;
 
@@ -44,17 +45,24 @@ pub async fn to_owner(State(app): App, req: Request, next: Next) -> Response {
     if app.vms.runs_here(&id) {
         return next.run(req).await;
     }
-    let remote = match app.vms.peers.remote(&id).await {
+    let mut remote = match app.vms.peers.remote(&id).await {
         Ok(Some(remote)) => remote,
         Ok(None) => return next.run(req).await,
         Err(e) => return ApiError::from(e).into_response(),
     };
     if !remote.up {
-        // A suspended VM of a lost node is claimed and handled here.
-        return match app.vms.adopt(&id).await {
-            Ok(Some(_)) => next.run(req).await,
-            Ok(None) => ApiError::NodeDown(remote.node).into_response(),
-            Err(e) => ApiError::from(e).into_response(),
+        // A suspended VM of a lost node is placed on a node (this one, or
+        // the least loaded) and the call carried out there.
+        remote = match app.vms.adopt(&id).await {
+            Ok(Some(Claimed::Here(_))) => return next.run(req).await,
+            Ok(Some(Claimed::Elsewhere)) => match app.vms.peers.remote(&id).await {
+                Ok(Some(placed)) if placed.up => placed,
+                Ok(Some(placed)) => return ApiError::NodeDown(placed.node).into_response(),
+                Ok(None) => return next.run(req).await,
+                Err(e) => return ApiError::from(e).into_response(),
+            },
+            Ok(None) => return ApiError::NodeDown(remote.node).into_response(),
+            Err(e) => return ApiError::from(e).into_response(),
         };
     }
     let (Some(addr), Some(key)) = (remote.addr, &app.vms.hop) else {

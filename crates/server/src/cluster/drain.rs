@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::cluster::placement;
 use crate::error::ApiError;
 use crate::manager::VmManager;
 use crate::model::VmState;
@@ -62,9 +63,14 @@ impl VmManager {
                 }));
                 continue;
             }
-            let Some(to) = self.least_loaded_node(node).await? else {
+            let nodes =
+                crate::cluster::nodes::list(self.store.as_ref(), self.cfg.node_down_after).await?;
+            let Some(to) = placement::least_loaded(&nodes, vm.memory_mib, None, Some(node))
+                .map(str::to_string)
+            else {
                 report.left.push(json!({
-                    "vm": vm.id, "state": vm.state, "reason": "no other node is up",
+                    "vm": vm.id, "state": vm.state,
+                    "reason": "no other node is up with room for it",
                 }));
                 continue;
             };
@@ -94,17 +100,6 @@ impl VmManager {
     }
 
     /// The up node, other than `except`, with the fewest VMs.
-    async fn least_loaded_node(&self, except: &str) -> Result<Option<String>, ApiError> {
-        Ok(
-            crate::cluster::nodes::list(self.store.as_ref(), self.cfg.node_down_after)
-                .await?
-                .into_iter()
-                .filter(|n| n.state == "up" && n.name != except && n.address.is_some())
-                .min_by_key(|n| (n.vms, std::cmp::Reverse(n.free_memory_mib)))
-                .map(|n| n.name),
-        )
-    }
-
     /// `POST path` with a JSON body to node `node`'s API (a signed hop);
     /// Err: why it did not succeed.
     async fn ask_node(

@@ -1,7 +1,8 @@
 //! Several daemons sharing one database and one bucket: nodes register and
 //! heartbeat ([`nodes`]); which VMs a node may act on is recorded per VM
-//! (`vms.node`). The design, and what is still to come (takeover of a lost
-//! node's VMs, forwarding between nodes), is in `docs/CLUSTER.md`.
+//! (`vms.node`); requests and API calls go to the VM's node ([`peers`],
+//! [`hop`]); lost nodes' VMs are taken over ([`takeover`], [`lease`]) and
+//! woken where [`placement`] says. The design is in `docs/CLUSTER.md`.
 
 pub mod drain;
 pub mod hop;
@@ -9,5 +10,6 @@ pub mod lease;
 pub mod moves;
 pub mod nodes;
 pub mod peers;
+pub mod placement;
 pub mod routes;
 pub mod takeover;

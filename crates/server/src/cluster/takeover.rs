@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::nodes::heartbeat_every;
+use crate::cluster::placement;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, VmEvent, VmState};
 use crate::state::{Claim, StoreError};
@@ -134,14 +135,16 @@ impl VmManager {
         Ok(())
     }
 
-    /// Make this node the owner of a suspended VM whose node is down (or
-    /// that has none), so that it wakes here from S3: only if its newest
-    /// snapshot is in S3 (else the takeover above decides what it resumes
-    /// from, and says so), as one compare-and-set that also requires the
-    /// owner to be silent, so only one node wins and an owner that comes
-    /// back keeps its VM. The lost node's local copies are not this node's:
-    /// its snapshots are marked as not local. Ok(None): not claimable.
-    pub(crate) async fn adopt(&self, vm_id: &str) -> Result<Option<Arc<VmSupervisor>>, StoreError> {
+    /// Give a suspended VM whose node is down (or that has none) a new
+    /// owner, where it then wakes from S3: the least loaded up node with
+    /// room ([`placement`]; this one on a tie, or when none has room). Only
+    /// if its newest snapshot is in S3 (else the takeover above decides
+    /// what it resumes from, and says so); one compare-and-set that also
+    /// requires the owner to be silent, so only one node wins and an owner
+    /// that comes back keeps its VM. The lost node's local copies are no
+    /// one's now: its snapshots are marked as not local. Ok(None): not
+    /// claimable (or claimed by another node first).
+    pub(crate) async fn adopt(&self, vm_id: &str) -> Result<Option<Claimed>, StoreError> {
         let Some(rec) = self.store.get_vm(vm_id).await? else {
             return Ok(None);
         };
@@ -156,11 +159,14 @@ impl VmManager {
         {
             return Ok(None);
         }
+        let nodes =
+            crate::cluster::nodes::list(self.store.as_ref(), self.cfg.node_down_after).await?;
+        let to = placement::least_loaded(&nodes, rec.vm.memory_mib, Some(me), None).unwrap_or(me);
         let claim = Claim {
             id: vm_id,
             seen: rec.epoch,
             from: rec.vm.node.as_deref(),
-            to: me,
+            to,
             from_silent_for: rec.vm.node.as_ref().map(|_| self.cfg.node_down_after),
         };
         if !self.store.claim_vm(&claim).await? {
@@ -172,15 +178,19 @@ impl VmManager {
                 self.store.save_snapshot(&snap).await?;
             }
         }
+        self.peers.forget(vm_id);
+        if to != me {
+            tracing::info!(vm = %vm_id, from = ?rec.vm.node, node = %to, "placed a suspended vm of a lost node on another node");
+            return Ok(Some(Claimed::Elsewhere));
+        }
         if let Err(e) = std::fs::create_dir_all(self.paths(vm_id).dir) {
             tracing::warn!(vm = %vm_id, error = %e, "creating the vm's directory failed");
         }
         let rt = self.supervisor_or_insert(vm_id, || {
             VmSupervisor::new(vm_id.to_string(), rec.vm.state, Vec::new())
         });
-        self.peers.forget(vm_id);
         tracing::info!(vm = %vm_id, from = ?rec.vm.node, "claimed a suspended vm of a lost node");
-        Ok(Some(rt))
+        Ok(Some(Claimed::Here(rt)))
     }
 }
 
@@ -211,6 +221,14 @@ impl VmManager {
         tracing::info!(vm = %vm_id, state = %rec.vm.state, "took charge of a vm handed to this node");
         Ok(Some(rt))
     }
+}
+
+/// Where [`VmManager::adopt`] put a lost node's VM.
+pub(crate) enum Claimed {
+    /// This node: it wakes here.
+    Here(Arc<VmSupervisor>),
+    /// Another node (now in the VM's record): send the request there.
+    Elsewhere,
 }
 
 /// States in which a lost node may have held the VM's only current state
