@@ -303,6 +303,8 @@ mod tests {
         fail_with: Mutex<Option<String>>,
         /// Restores wait for this when set (a restore that hangs).
         hang: AtomicBool,
+        /// Two held requests at most instead of 64.
+        small_queue: AtomicBool,
         never: Notify,
     }
 
@@ -338,7 +340,11 @@ mod tests {
         }
         fn wake_limits(&self) -> WakeLimits {
             WakeLimits {
-                queue: 64,
+                queue: if self.0.small_queue.load(Ordering::SeqCst) {
+                    2
+                } else {
+                    64
+                },
                 timeout: Duration::from_secs(30),
             }
         }
@@ -437,36 +443,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn held_requests_are_bounded() {
-        #[derive(Clone)]
-        struct Small(Fake);
-        #[async_trait::async_trait]
-        impl Lifecycle for Small {
-            fn fenced(&self) -> bool {
-                false
-            }
-            fn wake_limits(&self) -> WakeLimits {
-                WakeLimits {
-                    queue: 2,
-                    timeout: Duration::from_secs(30),
-                }
-            }
-            fn tasks(&self) -> &TaskTracker {
-                self.0.tasks()
-            }
-            async fn start(&self, vm: &Arc<VmSupervisor>) -> Result<(), String> {
-                self.0.start(vm).await
-            }
-            async fn restore(
-                &self,
-                vm: &Arc<VmSupervisor>,
-                guard: OpGuard,
-                since: std::time::Instant,
-            ) -> Result<(), String> {
-                self.0.restore(vm, guard, since).await
-            }
-        }
-        let (vm, core) = (suspended(), Small(Fake::default()));
-        core.0.0.hang.store(true, Ordering::SeqCst);
+        let (vm, core) = (suspended(), Fake::default());
+        core.0.small_queue.store(true, Ordering::SeqCst);
+        core.0.hang.store(true, Ordering::SeqCst);
         for _ in 0..2 {
             let (vm, core) = (vm.clone(), core.clone());
             tokio::spawn(async move { vm.admit_or_wake(&core, PORT, true, true).await });
