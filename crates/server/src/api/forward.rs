@@ -61,7 +61,17 @@ pub async fn to_owner(State(app): App, req: Request, next: Next) -> Response {
                 Ok(None) => return next.run(req).await,
                 Err(e) => return ApiError::from(e).into_response(),
             },
-            Ok(None) => return ApiError::NodeDown(remote.node).into_response(),
+            // Not claimable by this node: another node may have claimed it
+            // first (even for this one); ask the database again.
+            Ok(None) => {
+                app.vms.peers.forget(&id);
+                match app.vms.peers.remote(&id).await {
+                    Ok(Some(owner)) if owner.up => owner,
+                    Ok(Some(_)) => return ApiError::NodeDown(remote.node).into_response(),
+                    Ok(None) => return next.run(req).await,
+                    Err(e) => return ApiError::from(e).into_response(),
+                }
+            }
             Err(e) => return ApiError::from(e).into_response(),
         };
     }

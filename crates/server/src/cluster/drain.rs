@@ -99,7 +99,6 @@ impl VmManager {
         Ok(report)
     }
 
-    /// The up node, other than `except`, with the fewest VMs.
     /// `POST path` with a JSON body to node `node`'s API (a signed hop);
     /// Err: why it did not succeed.
     async fn ask_node(

@@ -159,9 +159,25 @@ impl VmManager {
         {
             return Ok(None);
         }
-        let nodes =
-            crate::cluster::nodes::list(self.store.as_ref(), self.cfg.node_down_after).await?;
-        let to = placement::least_loaded(&nodes, rec.vm.memory_mib, Some(me), None).unwrap_or(me);
+        // A node without the cluster secret cannot forward to another: it
+        // keeps what it claims.
+        let to = if self.hop.is_some() {
+            let mut nodes =
+                crate::cluster::nodes::list(self.store.as_ref(), self.cfg.node_down_after).await?;
+            // Only nodes this one can reach (a parsable address).
+            nodes.retain(|n| {
+                n.name == me
+                    || n.address
+                        .as_deref()
+                        .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_ok())
+            });
+            placement::least_loaded(&nodes, rec.vm.memory_mib, Some(me), None)
+                .unwrap_or(me)
+                .to_string()
+        } else {
+            me.to_string()
+        };
+        let to = to.as_str();
         let claim = Claim {
             id: vm_id,
             seen: rec.epoch,

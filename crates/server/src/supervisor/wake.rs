@@ -168,8 +168,13 @@ impl VmSupervisor {
                     }
                 }
                 // Running, ready, yet not admitted: the port is not
-                // forwarded; waiting will not help.
-                VmState::Running if !booting => return Err(WakeError::NotRunning(state)),
+                // forwarded (waiting will not help), unless an idle claim
+                // was dropped just now.
+                VmState::Running if !booting => {
+                    return rt
+                        .admit(guest_port, track, false)
+                        .ok_or(WakeError::NotRunning(state));
+                }
                 _ => {}
             }
             if booting {
