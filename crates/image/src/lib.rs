@@ -10,6 +10,7 @@ mod bzimage;
 mod elf;
 mod initramfs;
 mod kernel;
+pub mod oci;
 mod util;
 
 use std::fs;
