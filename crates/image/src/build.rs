@@ -193,6 +193,7 @@ pub fn build_default(store: &ImageStore, opts: &BuildOptions) -> Result<Image, I
         cmdline: DEFAULT_CMDLINE.into(),
         created_at: util::now_rfc3339(),
         agent: true,
+        app: None,
     };
     let fp_json = serde_json::to_vec_pretty(&fingerprint).map_err(|e| ImageError::Json {
         context: "serializing build fingerprint".into(),

@@ -91,6 +91,10 @@ pub struct Image {
     /// users unless they say otherwise).
     #[serde(default)]
     pub agent: bool,
+    /// The app an imported container image runs ([`ImageStore::import`]);
+    /// None for images that boot their own userland.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<oci::AppConfig>,
 }
 
 /// Checks an image name: `[a-z0-9][a-z0-9-]{0,62}`.
@@ -181,6 +185,75 @@ impl ImageStore {
         Ok(images)
     }
 
+    /// Imports a container image (OCI image layout or `docker save`
+    /// archive, see [`oci`]) as image `name`: its layers become an ext4 root
+    /// disk holding the app's config at `/.hatch/app.json`; it boots with
+    /// `base`'s kernel and initramfs, whose init runs the app. The image
+    /// appears atomically; on any error nothing is left.
+    pub fn import(&self, name: &str, archive: &Path, base: &Image) -> Result<Image, ImageError> {
+        validate_image_name(name)?;
+        let dest = self.image_dir(name);
+        if dest.exists() {
+            return Err(ImageError::AlreadyExists(name.to_string()));
+        }
+        let staging = util::TempDir::new_in(&self.root, &format!("import-{name}"))?;
+        let work = staging.path().join("work");
+        let unpacked = oci::unpack(archive, &work)?;
+        let hatch_dir = unpacked.rootfs.join(".hatch");
+        fs::create_dir_all(&hatch_dir)
+            .map_err(|e| ImageError::io(format!("creating {}", hatch_dir.display()), e))?;
+        let app_json = serde_json::to_vec_pretty(&unpacked.app).map_err(|e| ImageError::Json {
+            context: "serializing the app config".into(),
+            source: e,
+        })?;
+        fs::write(hatch_dir.join("app.json"), app_json)
+            .map_err(|e| ImageError::io("writing .hatch/app.json", e))?;
+        // Room for the files, their metadata and the journal; the guest
+        // grows the file system when a VM asks for a larger disk.
+        let disk_mib = (unpacked.bytes + unpacked.bytes / 4).div_ceil(1 << 20) + 128;
+        let disk = staging.path().join("disk.raw");
+        util::run(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-T", "default", "-b", "4096", "-m", "0"])
+                .args(["-L", "hatch-app", "-E", "root_owner=0:0"])
+                .arg("-d")
+                .arg(&unpacked.rootfs)
+                .arg(&disk)
+                .arg(format!("{disk_mib}M")),
+        )?;
+        fs::remove_dir_all(&work)
+            .map_err(|e| ImageError::io(format!("removing {}", work.display()), e))?;
+        util::copy_sparse(&base.kernel, &staging.path().join("vmlinuz"))?;
+        util::copy_sparse(&base.initrd, &staging.path().join("initrd.img"))?;
+        let image = Image {
+            name: name.to_string(),
+            kernel: dest.join("vmlinuz"),
+            initrd: dest.join("initrd.img"),
+            disk: dest.join("disk.raw"),
+            disk_format: "raw".into(),
+            disk_mib,
+            cmdline: base.cmdline.clone(),
+            created_at: util::now_rfc3339(),
+            agent: true,
+            app: Some(unpacked.app),
+        };
+        write_image_json(staging.path(), &image)?;
+        util::fsync_dir(staging.path())?;
+        match fs::rename(staging.path(), &dest) {
+            Ok(()) => staging.disarm(),
+            Err(_) if dest.exists() => return Err(ImageError::AlreadyExists(name.to_string())),
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("moving image into place at {}", dest.display()),
+                    e,
+                ));
+            }
+        }
+        util::fsync_dir(&self.root)?;
+        tracing::info!(image = %name, layers = unpacked.layers.len(), disk_mib, "imported image");
+        Ok(image)
+    }
+
     /// Registers a user image: copies `kernel`, `initrd` and `disk` (raw or qcow2 without a
     /// backing file) under `<root>/<name>/` and writes `image.json`. Sparse files stay sparse.
     /// The image appears atomically (staged in a hidden directory, then renamed).
@@ -219,6 +292,7 @@ impl ImageStore {
             cmdline,
             created_at: util::now_rfc3339(),
             agent,
+            app: None,
         };
         write_image_json(staging.path(), &image)?;
         util::fsync_dir(staging.path())?;
@@ -304,6 +378,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet panic=-1".into(),
             created_at: "2024-01-02T03:04:05Z".into(),
             agent: false,
+            app: None,
         }
     }
 

@@ -303,3 +303,58 @@ fn layers_cannot_write_or_delete_outside_the_root() {
     assert!(unpack(&archive, &t.path().join("w3")).is_err());
     assert!(!outside.join("evil").exists());
 }
+
+#[test]
+fn an_import_becomes_an_image_with_an_ext4_root_and_its_app() {
+    let t = tempfile::tempdir().unwrap();
+    let archive = t.path().join("image.tar");
+    oci(&archive, &two_layers(), "amd64");
+    let store = crate::ImageStore::open(t.path().join("images")).unwrap();
+    std::fs::write(t.path().join("vmlinuz"), b"kernel").unwrap();
+    std::fs::write(t.path().join("initrd"), b"initrd").unwrap();
+    let base = crate::Image {
+        name: "default".into(),
+        kernel: t.path().join("vmlinuz"),
+        initrd: t.path().join("initrd"),
+        disk: t.path().join("unused"),
+        disk_format: "raw".into(),
+        disk_mib: 1024,
+        cmdline: "console=ttyS0".into(),
+        created_at: String::new(),
+        agent: true,
+        app: None,
+    };
+    let image = store.import("myapp", &archive, &base).unwrap();
+    assert_eq!(store.get("myapp").unwrap(), image);
+    assert_eq!(image.app.as_ref().unwrap().exposed_ports, [8080, 9090]);
+    assert_eq!(image.cmdline, "console=ttyS0");
+    assert!(image.disk_mib >= 128);
+    let cat = |path: &str| {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(&image.disk)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(cat("/data/new"), "fresh");
+    let app: AppConfig = serde_json::from_str(&cat("/.hatch/app.json")).unwrap();
+    assert_eq!(Some(&app), image.app.as_ref());
+
+    // The name is taken now; a bad archive leaves nothing behind.
+    assert!(matches!(
+        store.import("myapp", &archive, &base),
+        Err(crate::ImageError::AlreadyExists(_))
+    ));
+    std::fs::write(t.path().join("bad.tar"), b"not a tar").unwrap();
+    assert!(
+        store
+            .import("bad", &t.path().join("bad.tar"), &base)
+            .is_err()
+    );
+    let names: Vec<_> = std::fs::read_dir(store.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["myapp"]);
+}
