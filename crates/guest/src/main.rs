@@ -17,6 +17,7 @@
 //! --target x86_64-unknown-linux-gnu`.
 
 mod agent;
+mod app;
 mod grow;
 mod http;
 mod netprobe;
@@ -96,6 +97,13 @@ fn parse_num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {
 }
 
 fn main() -> ExitCode {
+    // App mode (PID 1 of an imported container image): see `app`.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, root] = args.as_slice()
+        && flag == "--app"
+    {
+        app::run(std::path::Path::new(root));
+    }
     let cfg = match parse_config() {
         Ok(c) => c,
         Err(e) => {

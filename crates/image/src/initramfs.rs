@@ -129,6 +129,12 @@ n=0
 while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.01; n=$((n+1)); done
 if [ -b /dev/vda ]; then
   if mount -t ext4 -o noatime,noinit_itable /dev/vda /mnt/disk; then
+    # An imported container image: hatch-guest becomes PID 1 and runs its app.
+    if [ -f /mnt/disk/.hatch/app.json ]; then
+      read -r up _ < /proc/uptime
+      log "up in ${{up}}s, starting the app"
+      exec /bin/hatch-guest --app /mnt/disk
+    fi
     mkdir -p /mnt/disk/kv
   else
     log "mount /dev/vda failed"
