@@ -140,6 +140,35 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
+        self.send(req, method, path).await
+    }
+
+    /// `POST path` with `file` as the body, streamed (no time limit: an
+    /// image may be large).
+    pub async fn upload(&self, path: &str, file: &std::path::Path) -> anyhow::Result<Value> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("opening {}", file.display()))?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+        let req = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(body);
+        let resp = self.send(req, Method::POST, path).await?;
+        resp.json().await.context("decoding the API's answer")
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
         let resp = req.send().await.map_err(|e| {
             if e.is_connect() {
                 anyhow::anyhow!(

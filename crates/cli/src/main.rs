@@ -43,7 +43,8 @@ enum Command {
     /// The daemons of a cluster.
     #[command(subcommand)]
     Node(commands::node::NodeCommand),
-    /// Build and register guest images (local; no daemon needed).
+    /// Build and register guest images (local; no daemon needed), import
+    /// container images and delete them (through the daemon).
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
 }
@@ -66,7 +67,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(cmd) => commands::node::run(cmd).await,
             Command::Snapshot(cmd) => commands::snapshot::run(cmd).await,
             Command::Storage(args) => commands::storage::run(args).await,
-            Command::Image(cmd) => commands::image::run(cmd),
+            Command::Image(cmd) => commands::image::run(cmd).await,
         }
     });
     match result {

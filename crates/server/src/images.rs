@@ -39,6 +39,53 @@ impl Images {
     }
 }
 
+impl Images {
+    /// Every image this node can boot: its images directory's, then the
+    /// cache's not shadowed by one of those.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let mut images = self.primary.list()?;
+        if let Some(cache) = &self.cache {
+            for image in cache.list()? {
+                if !images.iter().any(|i| i.name == image.name) {
+                    images.push(image);
+                }
+            }
+        }
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    /// Import a container image archive as `name` (booted with the default
+    /// image's kernel and initramfs).
+    pub fn import(&self, name: &str, archive: &std::path::Path) -> Result<Image, ImageError> {
+        if self.get(name).is_ok() {
+            return Err(ImageError::AlreadyExists(name.to_string()));
+        }
+        let base = self.get("default")?;
+        self.primary.import(name, archive, &base)
+    }
+
+    /// Remove image `name` from the images directory (images in the cache
+    /// are the set-up scripts' and stay).
+    pub fn delete(&self, name: &str) -> Result<(), ImageError> {
+        hatch_image::validate_image_name(name)?;
+        let dir = self.primary.root().join(name);
+        if !dir.join(hatch_image::IMAGE_JSON).is_file() {
+            return Err(ImageError::NotFound(name.to_string()));
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| ImageError::Io {
+            context: format!("removing {}", dir.display()),
+            source: e,
+        })
+    }
+
+    /// Where uploads are staged (the images directory's file system, so the
+    /// import does not copy across devices).
+    pub fn staging_dir(&self) -> &std::path::Path {
+        self.primary.root()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use hatch_image::{BuildOptions, Image, ImageStore};
 
+use crate::client::{ApiArgs, Client};
 use crate::output;
 
 #[derive(Args)]
@@ -115,6 +116,25 @@ pub enum ImageCommand {
         #[arg(long, env = "HATCH_IMAGE_CACHE_DIR")]
         image_cache_dir: Option<PathBuf>,
     },
+    /// Import a container image through the daemon: an OCI archive
+    /// (`podman save --format oci-archive`, `skopeo copy ... oci-archive:`)
+    /// or a `docker save` archive, linux/amd64. VMs created with
+    /// `--image NAME` run its command.
+    Import {
+        /// Name for the image.
+        name: String,
+        /// The archive (.tar).
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete an imported image (refused while a VM uses it).
+    #[command(alias = "delete")]
+    Rm {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Register your own image: kernel, initrd and root disk (raw or qcow2).
     Register {
         /// Name to register the image under (used by `hatch vm create --image`).
@@ -141,8 +161,44 @@ pub enum ImageCommand {
     },
 }
 
-pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
+        ImageCommand::Import { name, file, api } => {
+            let client = Client::new(&api)?;
+            let path = format!("/images?name={name}");
+            let image = client.upload(&path, &file).await?;
+            let app = &image["app"];
+            let ports: Vec<String> = app["exposed_ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| p.to_string())
+                .collect();
+            println!(
+                "imported image '{name}' ({} MiB disk); runs {}; exposes {}",
+                image["disk_mib"],
+                app["entrypoint"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .chain(app["cmd"].as_array().into_iter().flatten())
+                    .filter_map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                if ports.is_empty() {
+                    "no ports".to_string()
+                } else {
+                    ports.join(", ")
+                }
+            );
+        }
+        ImageCommand::Rm { name, api } => {
+            let client = Client::new(&api)?;
+            client
+                .json(reqwest::Method::DELETE, &format!("/images/{name}"), None)
+                .await?;
+            println!("deleted image '{name}'");
+        }
         ImageCommand::Build {
             store,
             cache_dir,

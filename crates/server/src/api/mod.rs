@@ -3,6 +3,7 @@
 
 mod extract;
 mod forward;
+mod images;
 mod keys;
 mod nodes;
 mod openapi;
@@ -62,6 +63,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/routes/{id}", get(routes::get).delete(routes::delete))
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
+        .route(
+            "/images",
+            post(images::import)
+                .get(images::list)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/images/{name}", axum::routing::delete(images::delete))
         .route("/nodes", get(nodes::list))
         .route("/nodes/{name}/drain", post(nodes::drain))
         .route("/nodes/{name}/undrain", post(nodes::undrain))

@@ -26,6 +26,7 @@ use crate::model::{
         super::routes::create, super::routes::list, super::routes::get, super::routes::delete,
         super::keys::list, super::keys::create, super::keys::revoke,
         super::nodes::list, super::nodes::drain, super::nodes::undrain, super::vms::move_vm,
+        super::images::list, super::images::import, super::images::delete,
     ),
     components(schemas(Vm, VmState, VmEvent, EventList, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
         CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
