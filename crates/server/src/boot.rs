@@ -92,6 +92,13 @@ impl VmManager {
 
         let mut guest_ports: BTreeSet<u16> = self.routes.ports_of(&vm.id);
         guest_ports.insert(model::DEFAULT_GUEST_PORT);
+        // An imported container image's exposed ports are reachable too.
+        guest_ports.extend(
+            image
+                .app
+                .iter()
+                .flat_map(|a| a.exposed_ports.iter().copied()),
+        );
         let mut extra_cmdline = Vec::new();
         if vm.disk_mib > image.disk_mib {
             extra_cmdline.push("hatch.disk_grow=1".to_string());

@@ -87,10 +87,22 @@ impl RouteTable {
 }
 
 impl VmManager {
+    /// The guest port a route gets when it names none: the first port the
+    /// VM's image exposes (an imported container image), else 8080.
+    async fn default_guest_port(&self, vm_id: &str) -> Result<u16, ApiError> {
+        let image = match self.store.get_vm(vm_id).await? {
+            Some(rec) => self.images.get(&rec.vm.image).ok(),
+            None => None,
+        };
+        Ok(image
+            .and_then(|i| i.app)
+            .and_then(|app| app.exposed_ports.first().copied())
+            .unwrap_or(model::DEFAULT_GUEST_PORT))
+    }
+
     pub async fn create_route(self: &Arc<Self>, req: CreateRoute) -> Result<Route, ApiError> {
         let hostname = model::normalize_hostname(&req.hostname)?;
-        let port = req.port.unwrap_or(model::DEFAULT_GUEST_PORT);
-        if port == 0 {
+        if req.port == Some(0) {
             return Err(ApiError::invalid("port must be between 1 and 65535"));
         }
         if let Some(t) = req.idle_timeout_seconds
@@ -112,6 +124,10 @@ impl VmManager {
         }
         let vm_id = self.resolve_local(&req.vm_id).await?;
         let rt = self.supervisor(&vm_id)?;
+        let port = match req.port {
+            Some(port) => port,
+            None => self.default_guest_port(&vm_id).await?,
+        };
         // Under the VM's operation lock: a boot picks its forwards from the
         // route table, and a delete removes the VM's routes; neither may
         // interleave with this. The forward is added before anything is

@@ -1,0 +1,293 @@
+//! A user's own app as a container image: an OCI archive (and a
+//! docker-save archive of the same content) built here from busybox and a
+//! small script, imported through the API, booted, reached through the
+//! proxy, suspended and woken with its state; bad archives get a 4xx.
+
+#![allow(clippy::unwrap_used)]
+
+use hatch_e2e::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const START: &str = "#!/bin/sh\n\
+echo \"greeting=$GREETING\" > /www/info.txt\n\
+echo \"pwd=$(pwd)\" >> /www/info.txt\n\
+echo \"user=$(id -u)\" >> /www/info.txt\n\
+echo \"app starting\"\n\
+exec httpd -f -p 8000 -h /www\n";
+
+const COUNTER: &str = "#!/bin/sh\n\
+n=$(cat /dev/shm/n 2>/dev/null || echo 0)\n\
+n=$((n+1))\n\
+echo $n > /dev/shm/n\n\
+printf 'Content-Type: text/plain\\r\\n\\r\\ncounter=%s\\nboot_id=%s\\n' \"$n\" \"$(cat /proc/sys/kernel/random/boot_id)\"\n";
+
+fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn append(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+fn dir(b: &mut tar::Builder<Vec<u8>>, path: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, path, &[][..]).unwrap();
+}
+
+fn link(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    b.append_link(&mut h, path, target).unwrap();
+}
+
+/// Two layers: busybox with its applets, then the app.
+fn layers() -> Vec<Vec<u8>> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static at /bin/busybox");
+    let mut base = tar::Builder::new(Vec::new());
+    dir(&mut base, "bin");
+    append(&mut base, "bin/busybox", &busybox, 0o755);
+    for applet in ["sh", "httpd", "cat", "echo", "id", "printf", "pwd"] {
+        link(&mut base, &format!("bin/{applet}"), "busybox");
+    }
+    dir(&mut base, "etc");
+    append(
+        &mut base,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    );
+    let mut app = tar::Builder::new(Vec::new());
+    dir(&mut app, "app");
+    append(&mut app, "app/start.sh", START.as_bytes(), 0o755);
+    dir(&mut app, "www");
+    dir(&mut app, "www/cgi-bin");
+    append(&mut app, "www/cgi-bin/counter", COUNTER.as_bytes(), 0o755);
+    vec![base.into_inner().unwrap(), app.into_inner().unwrap()]
+}
+
+fn config(arch: &str, layers: &[Vec<u8>]) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", sha256(l)))
+        .collect();
+    serde_json::to_vec(&json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {
+            "Entrypoint": ["/app/start.sh"],
+            "Env": ["PATH=/bin", "GREETING=hello from the image"],
+            "WorkingDir": "/app",
+            "ExposedPorts": {"8000/tcp": {}}
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}
+    }))
+    .unwrap()
+}
+
+fn outer(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        append(&mut b, name, data, 0o644);
+    }
+    b.into_inner().unwrap()
+}
+
+fn descriptor(media: &str, data: &[u8]) -> Value {
+    json!({"mediaType": media, "digest": format!("sha256:{}", sha256(data)), "size": data.len()})
+}
+
+/// The files of an OCI image layout archive.
+fn oci_files(arch: &str) -> Vec<(String, Vec<u8>)> {
+    let layers = layers();
+    let cfg = config(arch, &layers);
+    let mut files = vec![(
+        "oci-layout".to_string(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    )];
+    let mut descs = Vec::new();
+    for l in &layers {
+        descs.push(descriptor("application/vnd.oci.image.layer.v1.tar", l));
+        files.push((format!("blobs/sha256/{}", sha256(l)), l.clone()));
+    }
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", &cfg),
+        "layers": descs,
+    }))
+    .unwrap();
+    files.push((format!("blobs/sha256/{}", sha256(&cfg)), cfg));
+    files.push((
+        format!("blobs/sha256/{}", sha256(&manifest)),
+        manifest.clone(),
+    ));
+    let index = json!({"schemaVersion": 2, "manifests": [
+        descriptor("application/vnd.oci.image.manifest.v1+json", &manifest)]});
+    files.push(("index.json".into(), serde_json::to_vec(&index).unwrap()));
+    files
+}
+
+fn docker_save() -> Vec<u8> {
+    let layers = layers();
+    let cfg = config("amd64", &layers);
+    let cfg_name = format!("{}.json", sha256(&cfg));
+    let mut files = vec![(cfg_name.clone(), cfg)];
+    let mut names = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        names.push(format!("l{i}/layer.tar"));
+        files.push((format!("l{i}/layer.tar"), l.clone()));
+    }
+    let manifest = json!([{"Config": cfg_name, "RepoTags": ["web:latest"], "Layers": names}]);
+    files.push((
+        "manifest.json".into(),
+        serde_json::to_vec(&manifest).unwrap(),
+    ));
+    outer(&files)
+}
+
+async fn import(d: &Daemon, name: &str, archive: Vec<u8>) -> (StatusCode, Value) {
+    let resp = reqwest::Client::new()
+        .post(d.api_url(&format!("/images?name={name}")))
+        .bearer_auth(KEY)
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn boot(d: &Daemon, image: &str, host: &str) -> String {
+    let vm = d.create_vm(json!({ "name": image, "image": image })).await;
+    let id = vm["id"].as_str().unwrap().to_string();
+    d.wait_state(&id, "running").await;
+    let route = d.create_route(host, &id).await;
+    assert_eq!(route["port"], 8000, "the image's exposed port: {route}");
+    d.wait_http(host, "/info.txt").await;
+    id
+}
+
+#[tokio::test]
+async fn an_imported_image_runs_its_app_suspends_and_wakes() {
+    let garage = Garage::start().await;
+    let d = Daemon::start_with_env(garage.env()).await;
+
+    let (s, image) = import(&d, "web", outer(&oci_files("amd64"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{image}");
+    assert_eq!(image["kind"], "container");
+    assert_eq!(image["app"]["exposed_ports"], json!([8000]));
+    let (_, list) = d.call(Method::GET, "/images", None).await;
+    assert!(
+        list["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "web"),
+        "{list}"
+    );
+
+    let id = boot(&d, "web", "web.localhost").await;
+    let info = d.get_ok("web.localhost", "/info.txt").await;
+    assert_eq!(kv(&info, "greeting"), "hello from the image");
+    assert_eq!(kv(&info, "pwd"), "/app");
+    assert_eq!(kv(&info, "user"), "0");
+    let first = d.get_ok("web.localhost", "/cgi-bin/counter").await;
+    assert_eq!(kv(&first, "counter"), "1");
+    let boot_id = kv(&first, "boot_id");
+    assert!(
+        d.console(&id).contains("app starting"),
+        "the app's output is the VM's log"
+    );
+
+    // Suspended to S3 and woken by a request: same boot, counter goes on.
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    let woken = d.get_ok("web.localhost", "/cgi-bin/counter").await;
+    assert_eq!(
+        (kv(&woken, "counter"), kv(&woken, "boot_id")),
+        ("2".to_string(), boot_id)
+    );
+
+    // In use: not deletable.
+    let (s, err) = d.call(Method::DELETE, "/images/web", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+
+    // The same content saved by docker works too.
+    let (s, image) = import(&d, "web-docker", docker_save()).await;
+    assert_eq!(s, StatusCode::CREATED, "{image}");
+    boot(&d, "web-docker", "docker.localhost").await;
+    let info = d.get_ok("docker.localhost", "/info.txt").await;
+    assert_eq!(kv(&info, "greeting"), "hello from the image");
+}
+
+#[tokio::test]
+async fn bad_archives_are_refused_clearly_and_leave_nothing() {
+    let d = Daemon::start().await;
+    let good = oci_files("amd64");
+
+    let is_layer =
+        |(name, data): &(String, Vec<u8>)| name.starts_with("blobs/") && data.len() > 100_000;
+    let mut missing = good.clone();
+    let i = missing.iter().position(is_layer).unwrap();
+    missing.remove(i);
+    let (s, e) = import(&d, "missing", outer(&missing)).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("missing"),
+        "{e}"
+    );
+
+    let mut tampered = good.clone();
+    let i = tampered.iter().position(is_layer).unwrap();
+    tampered[i].1[600] ^= 1;
+    let (s, e) = import(&d, "tampered", outer(&tampered)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("digest"),
+        "{e}"
+    );
+
+    let (s, e) = import(&d, "arm", outer(&oci_files("arm64"))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("arm64"),
+        "{e}"
+    );
+
+    let (s, e) = import(&d, "Bad Name", outer(&good)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+
+    let (_, list) = d.call(Method::GET, "/images", None).await;
+    let names: Vec<&str> = list["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["default"], "nothing left from refused imports");
+}
