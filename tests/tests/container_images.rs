@@ -254,7 +254,7 @@ async fn bad_archives_are_refused_clearly_and_leave_nothing() {
     let (s, e) = import(&d, "missing", outer(&missing)).await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")),
         "{e}"
     );
     assert!(
