@@ -131,6 +131,7 @@ pub enum ImageCommand {
     /// Delete an imported image (refused while a VM uses it).
     #[command(alias = "delete")]
     Rm {
+        /// The image's name.
         name: String,
         #[command(flatten)]
         api: ApiArgs,
