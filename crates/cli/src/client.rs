@@ -162,7 +162,30 @@ impl Client {
         resp.json().await.context("decoding the API's answer")
     }
 
-    async fn send(
+    /// A request with the key and no overall time limit (streams), sent
+    /// with [`Client::send`].
+    pub fn streaming(&self, method: Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key))
+    }
+
+    /// The API's address and the key, for connections reqwest does not
+    /// make (WebSockets).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Send `req`; an error answer becomes an [`ApiError`].
+    pub async fn send(
         &self,
         req: reqwest::RequestBuilder,
         method: Method,

@@ -8,9 +8,11 @@
 //! clock just set, `ok <id> <secs>.<nanos>` (or `error <id> <why>`), so the
 //! host can tell answers to retried requests apart and check the clock.
 //! Without an id the answer is `ok` or `error <why>`.
+//!
+//! The same port carries exec sessions (see `exec`).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,11 +54,20 @@ pub fn run() {
 
 fn serve(port: &PathBuf) -> std::io::Result<()> {
     let file = File::options().read(true).write(true).open(port)?;
-    let mut writer = file.try_clone()?;
-    for line in BufReader::new(file).lines() {
-        writer.write_all(answer(&line?).as_bytes())?;
-    }
-    Ok(())
+    // Replies and exec output share the port: every line goes out whole
+    // through `exec::send`.
+    crate::exec::set_port(Some(file.try_clone()?));
+    let result = (|| {
+        for line in BufReader::new(file).lines() {
+            let line = line?;
+            if !crate::exec::handle(&line) && !crate::exec::send(&answer(&line)) {
+                return Err(std::io::Error::other("the agent port closed"));
+            }
+        }
+        Ok(())
+    })();
+    crate::exec::set_port(None);
+    result
 }
 
 /// The reply line to a request line.

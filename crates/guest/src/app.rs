@@ -6,15 +6,13 @@
 //! forwards signals to it, reaps orphans, keeps the agent running, and
 //! powers the VM off when the app exits (the host records why).
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use serde::Deserialize;
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// `.hatch/app.json`, as `hatch image import` wrote it.
 #[derive(Debug, Default, Deserialize)]
@@ -47,18 +45,31 @@ pub fn run(root: &Path) -> ! {
     if let Err(e) = mount_userland(root) {
         eprintln!("hatch: {e}");
     }
-    let app = match read_app(root) {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    set_hostname(&cmdline);
+    let mut app = match read_app(root) {
         Ok(app) => app,
         Err(e) => power_off(&format!("the app config is unreadable: {e}")),
     };
+    let overrides = match overrides(&cmdline) {
+        Ok(o) => o,
+        Err(e) => power_off(&format!("the VM's env/cmd overrides are unreadable: {e}")),
+    };
+    if let Some(cmd) = overrides.cmd {
+        app.cmd = cmd;
+    }
     let argv: Vec<String> = app.entrypoint.iter().chain(&app.cmd).cloned().collect();
     if argv.is_empty() {
         power_off("the image names no command (no Entrypoint nor Cmd)");
     }
-    let ids = match resolve_user(root, &app.user) {
-        Ok(ids) => ids,
+    let ctx = match context(root, &app, &overrides.env) {
+        Ok(ctx) => ctx,
         Err(e) => power_off(&format!("user {:?}: {e}", app.user)),
     };
+    // Commands run through exec find the app's world; their ends reach
+    // them through the reaping loop below.
+    crate::exec::set_context(ctx.clone());
+    crate::exec::reaper::use_external();
     std::thread::Builder::new()
         .name("agent".into())
         .spawn(crate::agent::run)
@@ -75,13 +86,94 @@ pub fn run(root: &Path) -> ! {
         // SAFETY: `forward` only calls async-signal-safe functions.
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
     }
-    let pid = match spawn(root, &app, &argv, ids) {
-        Ok(pid) => pid,
+    let spawned = ctx
+        .command(&argv, &BTreeMap::new(), None, false)
+        .and_then(|mut cmd| cmd.stdin(Stdio::null()).spawn());
+    let pid = match spawned {
+        Ok(child) => child.id() as i32,
         Err(e) => power_off(&format!("cannot start {:?}: {e}", argv[0])),
     };
     APP_PID.store(pid, Ordering::Relaxed);
     eprintln!("hatch: app started: {}", argv.join(" "));
     reap_until(pid)
+}
+
+/// Per-VM settings from `POST /vms` (`env`, `cmd`), passed on the kernel
+/// command line as `hatch.app=<base64 of JSON>`.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+struct Overrides {
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+}
+
+fn overrides(cmdline: &str) -> Result<Overrides, String> {
+    use base64::Engine;
+    let Some(encoded) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hatch.app="))
+    else {
+        return Ok(Overrides::default());
+    };
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
+}
+
+/// `hatch.hostname=NAME` (the VM's name) becomes the hostname.
+fn set_hostname(cmdline: &str) {
+    let Some(name) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hatch.hostname="))
+    else {
+        return;
+    };
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if rc != 0 {
+        eprintln!(
+            "hatch: sethostname {name:?}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Where the app and exec'd commands run: the image root, its user, its
+/// environment (PATH and HOME defaulted) with the VM's `env` on top.
+fn context(
+    root: &Path,
+    app: &App,
+    extra: &BTreeMap<String, String>,
+) -> Result<crate::exec::Context, String> {
+    let (uid, gid, home) = resolve_user(root, &app.user)?;
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    };
+    set("PATH", crate::exec::DEFAULT_PATH);
+    set("HOME", &home);
+    for kv in &app.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            set(k, v);
+        }
+    }
+    for (k, v) in extra {
+        set(k, v);
+    }
+    Ok(crate::exec::Context {
+        root: root.to_path_buf(),
+        env,
+        working_dir: if app.working_dir.is_empty() {
+            "/".into()
+        } else {
+            app.working_dir.clone()
+        },
+        uid,
+        gid,
+    })
 }
 
 /// proc, sys, dev, dev/pts, dev/shm below `root` (and a sticky /tmp).
@@ -171,55 +263,6 @@ fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32, String), String> {
     Ok((uid, gid, home))
 }
 
-fn spawn(
-    root: &Path,
-    app: &App,
-    argv: &[String],
-    (uid, gid, home): (u32, u32, String),
-) -> std::io::Result<i32> {
-    let root = CString::new(root.as_os_str().as_encoded_bytes())?;
-    let dir = if app.working_dir.is_empty() {
-        "/"
-    } else {
-        &app.working_dir
-    };
-    let dir = CString::new(dir)?;
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear();
-    let mut has_path = false;
-    for kv in &app.env {
-        if let Some((k, v)) = kv.split_once('=') {
-            has_path |= k == "PATH";
-            cmd.env(k, v);
-        }
-    }
-    if !has_path {
-        cmd.env("PATH", DEFAULT_PATH);
-    }
-    if !app.env.iter().any(|kv| kv.starts_with("HOME=")) {
-        cmd.env("HOME", &home);
-    }
-    cmd.stdin(Stdio::null());
-    // SAFETY: between fork and exec only async-signal-safe calls (chroot,
-    // chdir, setgroups, setgid, setuid) on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(dir.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    Ok(child.id() as i32)
-}
-
 /// Reap every child (PID 1 adopts orphans) until the app exits; then power
 /// off, saying how it ended.
 fn reap_until(app: i32) -> ! {
@@ -227,6 +270,9 @@ fn reap_until(app: i32) -> ! {
         let mut status = 0;
         // SAFETY: waitpid writes only to `status`.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid > 0 && pid != app {
+            crate::exec::reaper::reaped(pid, status);
+        }
         if pid == app {
             let how = if libc::WIFEXITED(status) {
                 format!("exited with status {}", libc::WEXITSTATUS(status))
@@ -259,6 +305,17 @@ fn power_off(why: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_come_from_the_command_line() {
+        assert_eq!(overrides("console=ttyS0").unwrap(), Overrides::default());
+        // {"env":{"A":"b c"},"cmd":["x"]}
+        let line = "quiet hatch.app=eyJlbnYiOnsiQSI6ImIgYyJ9LCJjbWQiOlsieCJdfQ tsc=1";
+        let o = overrides(line).unwrap();
+        assert_eq!(o.env.get("A").map(String::as_str), Some("b c"));
+        assert_eq!(o.cmd, Some(vec!["x".to_string()]));
+        assert!(overrides("hatch.app=!!").is_err());
+    }
 
     #[test]
     fn users_resolve_from_the_images_files() {

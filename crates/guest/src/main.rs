@@ -18,6 +18,7 @@
 
 mod agent;
 mod app;
+mod exec;
 mod grow;
 mod http;
 mod netprobe;

@@ -52,6 +52,10 @@ pub enum ApiError {
     NodeUnreachable(String),
     #[error("{0}")]
     NotImplemented(String),
+    /// The VM cannot be reached now (a wake failed or timed out); the
+    /// code says why.
+    #[error("{1}")]
+    Unavailable(&'static str, String),
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -76,7 +80,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::SnapshotStorageUnavailable
             | ApiError::StateStoreUnavailable
-            | ApiError::NodeDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::NodeDown(_)
+            | ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NodeUnreachable(_) => StatusCode::BAD_GATEWAY,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -95,6 +100,7 @@ impl ApiError {
             ApiError::NodeDown(_) => "node_down",
             ApiError::NodeUnreachable(_) => "node_unreachable",
             ApiError::NotImplemented(_) => "not_implemented",
+            ApiError::Unavailable(code, _) => code,
             ApiError::Internal(_) => "internal",
         }
     }

@@ -35,7 +35,7 @@ impl VmManager {
         let socket = self.paths(&rt.id).agent_socket;
         let limit = self.cfg.agent_sync_timeout;
         let deadline = Instant::now() + limit;
-        let mut agent: Option<Agent> = rt.lock().agent.take();
+        let mut agent: Option<Agent> = rt.lock().agent.clone().filter(|a| !a.is_closed());
         let mut attempts = 0u32;
         let mut last = String::from("no attempt");
         while Instant::now() < deadline {

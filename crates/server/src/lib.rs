@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod exec;
 pub mod fault;
 pub mod guest_sync;
 pub mod idle;

@@ -454,6 +454,28 @@ pub const DEFAULT_GUEST_PORT: u16 = 8080;
 #[error("{0}")]
 pub struct Invalid(pub String);
 
+/// Environment variables given to a VM's app or to a command: names of
+/// letters, digits and '_' not starting with a digit, values without NUL.
+pub fn validate_env(env: &std::collections::BTreeMap<String, String>) -> Result<(), Invalid> {
+    for (k, v) in env {
+        let name_ok = !k.is_empty()
+            && k.len() <= 256
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !k.as_bytes()[0].is_ascii_digit();
+        if !name_ok {
+            return Err(Invalid(format!(
+                "environment variable name {k:?} is not valid (letters, digits and '_', not starting with a digit)"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(Invalid(format!(
+                "environment variable {k} holds a NUL byte"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// VM names: a DNS label, so that they can appear in host names.
 pub fn validate_vm_name(name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()

@@ -157,6 +157,12 @@ pub enum VmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Run a command in the VM (woken if suspended) with live output;
+    /// exits with the command's exit code.
+    Exec(super::exec::ExecArgs),
+    /// Copy a file into or out of the VM: `hatch vm cp ./app.conf web:/etc/app.conf`,
+    /// `hatch vm cp web:/var/log/app.log -`.
+    Cp(super::exec::CpArgs),
     /// Print the VM's serial console.
     Logs {
         /// VM id or name.
@@ -197,6 +203,11 @@ fn create_body(
 
 pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
+        VmCommand::Exec(args) => {
+            let code = super::exec::exec(args).await?;
+            std::process::exit(code);
+        }
+        VmCommand::Cp(args) => super::exec::cp(args).await?,
         VmCommand::Create {
             name,
             image,

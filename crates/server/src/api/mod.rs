@@ -1,6 +1,7 @@
 //! The HTTP API: a thin layer that decodes requests, calls the core
 //! ([`VmManager`]) and encodes answers. Errors become HTTP in `error.rs` only.
 
+mod exec;
 mod extract;
 mod forward;
 mod images;
@@ -44,6 +45,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/start", post(vms::start))
         .route("/vms/{id}/stop", post(vms::stop))
         .route("/vms/{id}/logs", get(vms::logs))
+        .route("/vms/{id}/exec", post(exec::exec))
+        .route("/vms/{id}/exec/ws", get(exec::exec_ws))
+        .route(
+            "/vms/{id}/files",
+            get(exec::read_file)
+                .put(exec::write_file)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/vms/{id}/snapshot", post(vms::snapshot))
         .route("/vms/{id}/restore", post(vms::restore))
         .route("/vms/{id}/move", post(vms::move_vm))

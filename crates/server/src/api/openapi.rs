@@ -27,12 +27,13 @@ use crate::model::{
         super::keys::list, super::keys::create, super::keys::revoke,
         super::nodes::list, super::nodes::drain, super::nodes::undrain, super::vms::move_vm,
         super::images::list, super::images::import, super::images::delete,
+        super::exec::exec, super::exec::exec_ws, super::exec::read_file, super::exec::write_file,
     ),
     components(schemas(Vm, VmState, VmEvent, EventList, CreateVm, Route, CreateRoute, Snapshot, SnapshotStatus,
         CreateSnapshot, RestoreRequest, Retention, Storage, StorageUsage, VmStorage,
         SnapshotKind, UploadStatus, LocalStorage, ApiKey, CreatedApiKey, CreateApiKey,
         crate::snapshot::gc::GcReport, Node, MoveRequest, crate::cluster::drain::DrainReport,
-        ErrorBody, ErrorDetail)),
+        ErrorBody, ErrorDetail, super::exec::ExecRequest, super::exec::ExecResult)),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = []))
 )]

@@ -149,6 +149,17 @@ impl VmSupervisor {
         })
     }
 
+    /// Admit a session that needs the VM running but none of its ports
+    /// (an exec): counted in flight like a tracked request, so that an idle
+    /// suspend waits for it.
+    pub fn admit_session(&self) -> bool {
+        self.activity
+            .admit(true, || {
+                (self.lock().state == VmState::Running).then_some(())
+            })
+            .is_some()
+    }
+
     pub fn is_ready(&self) -> bool {
         let inner = self.lock();
         inner.state == VmState::Running && inner.ready

@@ -1,26 +1,13 @@
-//! The host side of the guest agent channel (a virtio-serial port backed by
-//! a unix socket per VM). See `hatch-guest`'s `agent` module for the guest.
+//! The clock and RNG sync after a restore: `sync <secs>.<nanos> <seed hex>
+//! <id>`, answered `ok <id> <guest clock>` or `error <id> <why>`.
 
 use std::io::Read;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
 
+use super::Agent;
 use crate::VmmError;
-
-/// The guest's name for the port.
-pub const PORT_NAME: &str = "org.hatch.agent";
-
-/// A connection to a VM's agent port. Holding it open also lets the guest
-/// agent block on reads instead of polling for a host.
-pub struct Agent {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
-    next_id: u64,
-}
 
 /// What a confirmed sync tells.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,28 +18,13 @@ pub struct Synced {
 }
 
 impl Agent {
-    pub async fn connect(socket: &Path) -> Result<Agent, VmmError> {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| VmmError::Io {
-                path: socket.to_path_buf(),
-                source,
-            })?;
-        let (r, w) = stream.into_split();
-        Ok(Agent {
-            reader: BufReader::new(r),
-            writer: w,
-            next_id: 1,
-        })
-    }
-
     /// Set the guest's wall clock to the host's and reseed its RNG, waiting
     /// at most `timeout` for the guest's confirmation. Each request carries
     /// an id, so a late answer to an earlier attempt is never taken for
     /// this one's. The guest answers `ok <id> <its clock>`; the offset tells
     /// whether the clock it set is still right (a request the guest took
     /// seconds to read set a clock that many seconds behind).
-    pub async fn sync_clock_and_rng(&mut self, timeout: Duration) -> Result<Synced, VmmError> {
+    pub async fn sync_clock_and_rng(&self, timeout: Duration) -> Result<Synced, VmmError> {
         let mut seed = [0u8; 32];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut seed))
@@ -61,43 +33,35 @@ impl Agent {
                 source,
             })?;
         let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.next_id();
         let now = unix_now();
         let line = format!(
             "sync {}.{:09} {hex} {id}\n",
             now.as_secs(),
             now.subsec_nanos()
         );
+        let (tx, rx) = oneshot::channel();
+        self.shared.table.lock().syncs.insert(id, tx);
         let exchange = async {
-            self.writer.write_all(line.as_bytes()).await?;
-            loop {
-                let mut reply = String::new();
-                if self.reader.read_line(&mut reply).await? == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the agent channel closed",
-                    ));
-                }
-                if let Some(answer) = parse_reply(reply.trim(), id) {
-                    return Ok(answer);
-                }
-                // An answer to an earlier, timed-out attempt: skip it.
-            }
-        };
-        let answer = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| {
-                VmmError::Agent(format!(
-                    "the guest agent did not answer within {} ms",
-                    timeout.as_millis()
-                ))
-            })?
+            self.send(&line).await?;
             // The channel itself broke (not a slow guest): callers connect again.
-            .map_err(|source| VmmError::Io {
+            rx.await.map_err(|_| VmmError::Io {
                 path: "the guest agent channel".into(),
-                source,
-            })?;
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the agent channel closed",
+                ),
+            })
+        };
+        let answer = tokio::time::timeout(timeout, exchange).await;
+        // A late answer to this attempt finds no one waiting.
+        self.shared.table.lock().syncs.remove(&id);
+        let answer = answer.map_err(|_| {
+            VmmError::Agent(format!(
+                "the guest agent did not answer within {} ms",
+                timeout.as_millis()
+            ))
+        })??;
         match answer {
             Reply::Ok(guest_clock) => Ok(Synced {
                 offset: guest_clock.map(|g| unix_now().as_secs_f64() - g),
@@ -108,7 +72,7 @@ impl Agent {
 }
 
 #[derive(Debug, PartialEq)]
-enum Reply {
+pub(super) enum Reply {
     /// The guest's clock after it was set, if it said.
     Ok(Option<f64>),
     Error(String),
@@ -132,6 +96,23 @@ fn parse_reply(line: &str, id: u64) -> Option<Reply> {
         }
         _ => None,
     }
+}
+
+/// A sync answer and the request id it names (None from guests that
+/// predate ids); None for lines that are not sync answers.
+pub(super) fn parse_any_reply(line: &str) -> Option<(Option<u64>, Reply)> {
+    let mut words = line.splitn(3, ' ');
+    let status = words.next()?;
+    if status != "ok" && status != "error" {
+        return None;
+    }
+    let id = words.next().and_then(|w| w.parse::<u64>().ok());
+    let reply = match id {
+        Some(id) => parse_reply(line, id)?,
+        None if status == "ok" => Reply::Ok(None),
+        None => Reply::Error(line.trim_start_matches("error").trim_start().to_string()),
+    };
+    Some((id, reply))
 }
 
 fn unix_now() -> Duration {
@@ -170,5 +151,14 @@ mod tests {
             Some(Reply::Error("bad seed".into()))
         );
         assert_eq!(parse_reply("", 3), None);
+        assert_eq!(
+            parse_any_reply("ok 4 1.5"),
+            Some((Some(4), Reply::Ok(Some(1.5))))
+        );
+        assert_eq!(
+            parse_any_reply("error unknown command \"exec\""),
+            Some((None, Reply::Error("unknown command \"exec\"".into())))
+        );
+        assert_eq!(parse_any_reply("out 1 aGk="), None);
     }
 }
