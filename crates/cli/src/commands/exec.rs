@@ -25,7 +25,8 @@ pub struct ExecArgs {
     /// Run the command on a pseudo-terminal (with -i: an interactive shell).
     #[arg(short, long)]
     pub tty: bool,
-    /// Set an environment variable (KEY=VALUE; repeatable).
+    /// Set an environment variable (KEY=VALUE; repeatable) [default: the
+    /// image's environment only].
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// Working directory in the VM [default: the image's].
