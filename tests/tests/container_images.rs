@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const START: &str = "#!/bin/sh\n\
+if [ \"$1\" = exit ]; then echo \"exiting with $2\"; exit \"$2\"; fi\n\
 echo \"greeting=$GREETING\" > /www/info.txt\n\
 echo \"pwd=$(pwd)\" >> /www/info.txt\n\
 echo \"user=$(id -u)\" >> /www/info.txt\n\
@@ -67,7 +68,9 @@ fn layers() -> Vec<Vec<u8>> {
     let mut base = tar::Builder::new(Vec::new());
     dir(&mut base, "bin");
     append(&mut base, "bin/busybox", &busybox, 0o755);
-    for applet in ["sh", "httpd", "cat", "echo", "id", "printf", "pwd"] {
+    for applet in [
+        "sh", "httpd", "cat", "echo", "id", "printf", "pwd", "hostname",
+    ] {
         link(&mut base, &format!("bin/{applet}"), "busybox");
     }
     dir(&mut base, "etc");
@@ -219,15 +222,87 @@ async fn an_imported_image_runs_its_app_suspends_and_wakes() {
         "the app's output is the VM's log"
     );
 
-    // Suspended to S3 and woken by a request: same boot, counter goes on.
+    // Exec runs where the app runs: its root, env, working dir and user.
+    let (s, r) = d
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/exec"),
+            Some(json!({"cmd": ["sh", "-c", "echo $GREETING; pwd; id -u; hostname; cat /dev/shm/n"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        r["stdout"], "hello from the image\n/app\n0\nweb\n1\n",
+        "{r}"
+    );
+
+    // Suspended to S3 and woken from S3 alone by a request: same boot,
+    // counter goes on.
     let sid = d.snapshot(&id, true).await;
     d.wait_snapshot(&id, &sid, "ready").await;
     d.wait_state(&id, "snapshotted").await;
+    d.wipe_local_snapshots(&id);
     let woken = d.get_ok("web.localhost", "/cgi-bin/counter").await;
     assert_eq!(
         (kv(&woken, "counter"), kv(&woken, "boot_id")),
         ("2".to_string(), boot_id)
     );
+    // A connection opened after the wake, and an exec, work.
+    let (s, r) = d
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/exec"),
+            Some(json!({"cmd": ["cat", "/dev/shm/n"]})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["stdout"].as_str()),
+        (StatusCode::OK, Some("2\n")),
+        "{r}"
+    );
+
+    // Per VM: env on top of the image's, and cmd replacing its Cmd.
+    let vm = d
+        .create_vm(
+            json!({"name": "web-env", "image": "web", "env": {"GREETING": "hello from the vm"}}),
+        )
+        .await;
+    assert_eq!(vm["env"]["GREETING"], "hello from the vm", "{vm}");
+    let env_id = vm["id"].as_str().unwrap().to_string();
+    d.wait_state(&env_id, "running").await;
+    d.create_route("env.localhost", &env_id).await;
+    let info = d.wait_http("env.localhost", "/info.txt").await;
+    assert_eq!(kv(&info, "greeting"), "hello from the vm");
+    // The app exits: the VM stops and says why; with a restart policy it
+    // is restarted first, as many times as allowed.
+    let vm = d
+        .create_vm(
+            json!({"name": "quitter", "image": "web", "cmd": ["exit", "3"],
+                          "restart": {"policy": "on-failure", "max_retries": 2}}),
+        )
+        .await;
+    let quitter = vm["id"].as_str().unwrap().to_string();
+    let stopped = d.wait_state(&quitter, "stopped").await;
+    assert_eq!(
+        stopped["state_reason"], "the app exited with status 3; the VM powered off",
+        "{stopped}"
+    );
+    let console = d.console(&quitter);
+    assert_eq!(console.matches("exiting with 3").count(), 3, "{console}");
+    assert!(console.contains("(restart 2)"), "{console}");
+    // Settings for images without an app, or too large, are refused.
+    for body in [
+        json!({"image": "default", "env": {"A": "b"}}),
+        json!({"image": "web", "env": {"A": "x".repeat(2000)}}),
+        json!({"image": "web", "env": {"not valid": "b"}}),
+        json!({"image": "web", "restart": {"policy": "sometimes"}}),
+    ] {
+        let (s, e) = d.call(Method::POST, "/vms", Some(body.clone())).await;
+        assert!(
+            s == StatusCode::UNPROCESSABLE_ENTITY || s == StatusCode::BAD_REQUEST,
+            "{body}: {s} {e}"
+        );
+    }
 
     // In use: not deletable.
     let (s, err) = d.call(Method::DELETE, "/images/web", None).await;

@@ -86,16 +86,69 @@ pub fn run(root: &Path) -> ! {
         // SAFETY: `forward` only calls async-signal-safe functions.
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
     }
-    let spawned = ctx
-        .command(&argv, &BTreeMap::new(), None, false)
-        .and_then(|mut cmd| cmd.stdin(Stdio::null()).spawn());
-    let pid = match spawned {
-        Ok(child) => child.id() as i32,
-        Err(e) => power_off(&format!("cannot start {:?}: {e}", argv[0])),
-    };
-    APP_PID.store(pid, Ordering::Relaxed);
-    eprintln!("hatch: app started: {}", argv.join(" "));
-    reap_until(pid)
+    let policy = overrides.restart.unwrap_or_default();
+    // Restarts in a row: a run that lasted a minute starts the count again.
+    let mut restarts = 0u32;
+    loop {
+        let spawned = ctx
+            .command(&argv, &BTreeMap::new(), None, false)
+            .and_then(|mut cmd| cmd.stdin(Stdio::null()).spawn());
+        let pid = match spawned {
+            Ok(child) => child.id() as i32,
+            Err(e) => power_off(&format!("cannot start {:?}: {e}", argv[0])),
+        };
+        let started = std::time::Instant::now();
+        APP_PID.store(pid, Ordering::Relaxed);
+        eprintln!("hatch: app started: {}", argv.join(" "));
+        let status = reap_until(pid);
+        APP_PID.store(0, Ordering::Relaxed);
+        let how = describe(status);
+        let failed = !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            restarts = 0;
+        }
+        if !policy.restarts(failed, restarts) {
+            power_off(&format!("the app {how}"));
+        }
+        restarts += 1;
+        let delay = std::time::Duration::from_millis(100 << restarts.min(7));
+        eprintln!(
+            "hatch: the app {how}; restarting it in {} ms (restart {restarts})",
+            delay.as_millis()
+        );
+        std::thread::sleep(delay);
+    }
+}
+
+/// `restart` of the VM's settings.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+struct Restart {
+    #[serde(default)]
+    policy: String,
+    #[serde(default)]
+    max_retries: Option<u32>,
+}
+
+impl Restart {
+    /// Whether the app is started again after an exit (`failed`: not
+    /// status 0) that follows `done` restarts in a row.
+    fn restarts(&self, failed: bool, done: u32) -> bool {
+        match self.policy.as_str() {
+            "always" => true,
+            "on-failure" => failed && done < self.max_retries.unwrap_or(10),
+            _ => false,
+        }
+    }
+}
+
+fn describe(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exited with status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("was killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        "ended".to_string()
+    }
 }
 
 /// Per-VM settings from `POST /vms` (`env`, `cmd`), passed on the kernel
@@ -106,6 +159,8 @@ struct Overrides {
     env: BTreeMap<String, String>,
     #[serde(default)]
     cmd: Option<Vec<String>>,
+    #[serde(default)]
+    restart: Option<Restart>,
 }
 
 fn overrides(cmdline: &str) -> Result<Overrides, String> {
@@ -263,9 +318,9 @@ fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32, String), String> {
     Ok((uid, gid, home))
 }
 
-/// Reap every child (PID 1 adopts orphans) until the app exits; then power
-/// off, saying how it ended.
-fn reap_until(app: i32) -> ! {
+/// Reap every child (PID 1 adopts orphans) until the app exits; its wait
+/// status.
+fn reap_until(app: i32) -> i32 {
     loop {
         let mut status = 0;
         // SAFETY: waitpid writes only to `status`.
@@ -274,14 +329,7 @@ fn reap_until(app: i32) -> ! {
             crate::exec::reaper::reaped(pid, status);
         }
         if pid == app {
-            let how = if libc::WIFEXITED(status) {
-                format!("exited with status {}", libc::WEXITSTATUS(status))
-            } else if libc::WIFSIGNALED(status) {
-                format!("was killed by signal {}", libc::WTERMSIG(status))
-            } else {
-                "ended".to_string()
-            };
-            power_off(&format!("the app {how}"));
+            return status;
         }
         if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             power_off("the app is gone");
@@ -315,6 +363,21 @@ mod tests {
         assert_eq!(o.env.get("A").map(String::as_str), Some("b c"));
         assert_eq!(o.cmd, Some(vec!["x".to_string()]));
         assert!(overrides("hatch.app=!!").is_err());
+        let on_failure = Restart {
+            policy: "on-failure".into(),
+            max_retries: Some(2),
+        };
+        assert!(on_failure.restarts(true, 1));
+        assert!(!on_failure.restarts(true, 2), "retries used up");
+        assert!(!on_failure.restarts(false, 0), "a clean exit stops");
+        assert!(
+            Restart {
+                policy: "always".into(),
+                max_retries: None
+            }
+            .restarts(false, 99)
+        );
+        assert!(!Restart::default().restarts(true, 0));
     }
 
     #[test]

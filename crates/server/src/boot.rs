@@ -103,6 +103,11 @@ impl VmManager {
         if vm.disk_mib > image.disk_mib {
             extra_cmdline.push("hatch.disk_grow=1".to_string());
         }
+        if image.app.is_some() {
+            // The guest's hostname is the VM's name (a DNS label).
+            extra_cmdline.push(format!("hatch.hostname={}", vm.name));
+            extra_cmdline.extend(vm.app.kernel_param());
+        }
         let mut last_err = None;
         let previous = rt.lock().last_ports.clone();
         for attempt in 0..LAUNCH_ATTEMPTS {
@@ -224,7 +229,12 @@ impl VmManager {
             }
             this.clear_forwards(&rt).await;
             this.remove_runtime_files(&rt.id);
-            let (to, reason) = unexpected_exit(&exit);
+            let (to, mut reason) = unexpected_exit(&exit);
+            if exit.reason.as_deref() == Some("guest-shutdown")
+                && let Some(why) = app_exit_reason(&this.paths(&rt.id).console_log)
+            {
+                reason = format!("{why}; the VM powered off");
+            }
             if let Err(e) = this.transition(&rt, to, Some(reason)).await {
                 tracing::error!(vm = %rt.id, error = %e, "recording exit failed");
             }
@@ -549,6 +559,25 @@ fn unexpected_exit(exit: &Exit) -> (VmState, String) {
             "QEMU exited unexpectedly (killed?); see `hatch vm logs`".to_string(),
         ),
     }
+}
+
+/// Why an imported image's app ended, from the last words of the guest's
+/// PID 1 on the console (`hatch: the app exited with status 3; powering
+/// off`). The console is the guest's: only a short printable line is taken.
+fn app_exit_reason(console: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(console).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let why = text.lines().rev().find_map(|l| {
+        l.trim_end()
+            .strip_prefix("hatch: ")?
+            .strip_suffix("; powering off")
+    })?;
+    Some(why.chars().filter(|c| !c.is_control()).take(300).collect())
 }
 
 /// Whether nothing listens on 127.0.0.1:port now.

@@ -390,6 +390,18 @@ impl VmManager {
             }
             Err(e) => return Err(ApiError::Internal(e.into())),
         };
+        let app = model::AppSettings {
+            env: req.env.unwrap_or_default(),
+            cmd: req.cmd,
+            restart: req.restart,
+        };
+        if !app.is_empty() && image.app.is_none() {
+            return Err(ApiError::invalid(format!(
+                "env, cmd and restart are for imported container images; image '{}' is not one",
+                image.name
+            )));
+        }
+        app.validate()?;
         let vcpus = req.vcpus.unwrap_or(model::DEFAULT_VCPUS);
         let max_vcpus = hatch_vmm::host::cpu_count();
         if vcpus == 0 || vcpus > max_vcpus {
@@ -436,6 +448,7 @@ impl VmManager {
             vcpus,
             memory_mib,
             disk_mib,
+            app,
             ..Vm::fresh(
                 id.clone(),
                 name,

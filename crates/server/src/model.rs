@@ -1,6 +1,8 @@
 //! The records the API speaks and the database keeps, their validation and
 //! the VM lifecycle state machine.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -129,6 +131,97 @@ pub struct Vm {
     /// The node that runs this VM, or ran it last (`--node-name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How an imported image's app runs in this VM (`env`, `cmd`,
+    /// `restart`), when set at creation.
+    #[serde(flatten)]
+    pub app: AppSettings,
+}
+
+/// Per-VM settings of an imported image's app (`POST /vms`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AppSettings {
+    /// Added to the image's environment (and to exec'd commands').
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Replaces the image's Cmd (its Entrypoint stays), as `docker run
+    /// IMAGE ARGS...` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// What happens when the app exits [default: the VM stops, with
+    /// `state_reason` saying how the app ended].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// Longest `hatch.app=` kernel parameter: the kernel's command line holds
+/// 2048 bytes in all, and Hatch's own parameters need some.
+pub const MAX_APP_PARAM: usize = 1400;
+
+impl AppSettings {
+    pub fn is_empty(&self) -> bool {
+        self == &AppSettings::default()
+    }
+
+    /// The kernel parameter that hands these settings to the guest
+    /// (`hatch.app=<base64url of JSON>`); None when there are none.
+    pub fn kernel_param(&self) -> Option<String> {
+        use base64::Engine;
+        if self.is_empty() {
+            return None;
+        }
+        let json = serde_json::to_vec(self).ok()?;
+        Some(format!(
+            "hatch.app={}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+        ))
+    }
+
+    /// Checks for `POST /vms`.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        validate_env(&self.env)?;
+        if let Some(cmd) = &self.cmd
+            && cmd.iter().any(|a| a.contains('\0'))
+        {
+            return Err(Invalid("cmd holds a NUL byte".into()));
+        }
+        if let Some(RestartPolicy {
+            max_retries: Some(n),
+            ..
+        }) = &self.restart
+            && *n > 10_000
+        {
+            return Err(Invalid("restart.max_retries is at most 10000".into()));
+        }
+        if self.kernel_param().is_some_and(|p| p.len() > MAX_APP_PARAM) {
+            return Err(Invalid(format!(
+                "env, cmd and restart together are too large: they travel on the kernel command line, which leaves about {} bytes of JSON for them; put larger configuration in the image, or copy it in with `hatch vm cp`",
+                MAX_APP_PARAM * 3 / 4 - 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Restart policy of an app, as Fly Machines have it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    pub policy: RestartMode,
+    /// With `on-failure`: restarts at most this many times in a row
+    /// [default: 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartMode {
+    /// The VM stops when the app exits.
+    No,
+    /// The app is restarted when it exits with a non-zero status.
+    OnFailure,
+    /// The app is restarted whenever it exits.
+    Always,
 }
 
 impl Vm {
@@ -158,6 +251,7 @@ impl Vm {
             idle_timeout_seconds: None,
             idle_timeout_route: None,
             node: None,
+            app: AppSettings::default(),
         }
     }
 }
@@ -189,6 +283,16 @@ pub struct CreateVm {
     /// disk are the snapshot's and cannot be given.
     #[schema(pattern = r"^snap-[a-z0-9]{12}$")]
     pub from_snapshot: Option<String>,
+    /// An imported image's app: environment variables added to the image's.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// An imported image's app: replaces the image's Cmd.
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    /// An imported image's app: restart it when it exits
+    /// (`{"policy": "no"|"on-failure"|"always", "max_retries"?}`).
+    #[serde(default)]
+    pub restart: Option<RestartPolicy>,
 }
 
 /// A proxy route: requests whose Host is `hostname` go to `port` of `vm_id`.

@@ -35,6 +35,18 @@ pub enum VmCommand {
         /// memory and disk it captured [default: boot the image].
         #[arg(long = "from", value_name = "SNAPSHOT_ID")]
         from_snapshot: Option<String>,
+        /// A container image's app: set an environment variable
+        /// (KEY=VALUE; repeatable) [default: the image's environment].
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// A container image's app: restart it when it exits: no,
+        /// on-failure (at most --max-retries times in a row) or always
+        /// [default: no: the VM stops, saying how the app ended].
+        #[arg(long, value_name = "POLICY")]
+        restart: Option<String>,
+        /// With --restart on-failure: restarts in a row at most [default: 10].
+        #[arg(long)]
+        max_retries: Option<u32>,
         /// Wait until the VM runs and its app answers on its port (the VM's
         /// `ready`; just `running` with a daemon that does not report it),
         /// showing progress on stderr [default: return at once, booting].
@@ -43,6 +55,10 @@ pub enum VmCommand {
         /// With --wait: give up after this long (seconds, or e.g. 90s, 5m).
         #[arg(long, value_parser = parse::duration, default_value = "5m")]
         timeout: Duration,
+        /// A container image's app: arguments replacing the image's Cmd
+        /// (after `--`) [default: the image's Cmd].
+        #[arg(last = true)]
+        cmd: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -201,6 +217,40 @@ fn create_body(
     Value::Object(body)
 }
 
+/// `--env`, `--restart`, `--max-retries` and the trailing command of `vm
+/// create`, into its body.
+fn add_app_settings(
+    body: &mut Value,
+    env: &[String],
+    restart: Option<String>,
+    max_retries: Option<u32>,
+    cmd: Vec<String>,
+) -> anyhow::Result<()> {
+    if !env.is_empty() {
+        let mut map = serde_json::Map::new();
+        for kv in env {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--env takes KEY=VALUE, not {kv:?}");
+            };
+            map.insert(k.to_string(), Value::from(v));
+        }
+        body["env"] = Value::Object(map);
+    }
+    if let Some(policy) = restart {
+        let mut r = json!({ "policy": policy });
+        if let Some(n) = max_retries {
+            r["max_retries"] = json!(n);
+        }
+        body["restart"] = r;
+    } else if max_retries.is_some() {
+        bail!("--max-retries goes with --restart on-failure");
+    }
+    if !cmd.is_empty() {
+        body["cmd"] = json!(cmd);
+    }
+    Ok(())
+}
+
 pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
         VmCommand::Exec(args) => {
@@ -215,12 +265,17 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
             memory_mib,
             disk_mib,
             from_snapshot,
+            env,
+            restart,
+            max_retries,
             wait,
             timeout,
+            cmd,
             api,
         } => {
             let c = Client::new(&api)?;
-            let body = create_body(name, image, vcpus, memory_mib, disk_mib, from_snapshot);
+            let mut body = create_body(name, image, vcpus, memory_mib, disk_mib, from_snapshot);
+            add_app_settings(&mut body, &env, restart, max_retries, cmd)?;
             let mut vm = c.json(Method::POST, "/vms", Some(&body)).await?;
             if wait {
                 vm = wait_vm(&c, &vm, Goal::Running, timeout).await?;

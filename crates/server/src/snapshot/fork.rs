@@ -30,9 +30,12 @@ impl VmManager {
             || req.vcpus.is_some()
             || req.memory_mib.is_some()
             || req.disk_mib.is_some()
+            || req.env.is_some()
+            || req.cmd.is_some()
+            || req.restart.is_some()
         {
             return Err(ApiError::invalid(
-                "a fork has its snapshot's image, vcpus, memory and disk: give only name and from_snapshot",
+                "a fork has its snapshot's image, vcpus, memory, disk and app settings: give only name and from_snapshot",
             ));
         }
         let rec = self
@@ -60,6 +63,8 @@ impl VmManager {
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
             disk_mib: source.disk_mib,
+            // Its app was started with these (and restarts with them).
+            app: source.app.clone(),
             ..Vm::fresh(
                 id.clone(),
                 name,

@@ -307,11 +307,23 @@ struct VmRow {
     forwards: String,
     node: Option<String>,
     epoch: i64,
+    /// JSON of the VM's [`AppSettings`]; NULL when none were given.
+    app: Option<String>,
 }
 
 /// The columns of a VM row, in [`VmRow`]'s order.
 const VM_COLUMNS: &str = "id, name, state, state_reason, image, vcpus, memory_mib, disk_mib,
-    created_at, started_at, boot_ms, forwards, node, epoch";
+    created_at, started_at, boot_ms, forwards, node, epoch, app";
+
+/// The `app` column of a VM.
+fn app_column(vm: &Vm) -> Result<Option<String>, StoreError> {
+    if vm.app.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(&vm.app)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("encoding the VM's app settings: {e}")))
+}
 
 impl VmRow {
     fn parse(self) -> Result<VmRecord, StoreError> {
@@ -336,6 +348,10 @@ impl VmRow {
                 idle_timeout_seconds: None,
                 idle_timeout_route: None,
                 node: self.node,
+                app: match &self.app {
+                    Some(json) => from_json("app", json)?,
+                    None => Default::default(),
+                },
             },
             forwards,
             epoch: self.epoch,

@@ -15,14 +15,15 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
-    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, from_json,
-    to_json,
+    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, app_column,
+    from_json, to_json,
 };
 use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 
 /// Schema migrations, applied in order; the `hatch_schema` row records
 /// progress. Nodes starting together serialize on an advisory lock.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE vms (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -110,7 +111,12 @@ CREATE TABLE nodes (
     -- the database's clock: nodes' clocks are never compared
     heartbeat_at TIMESTAMPTZ NOT NULL
 );
-"#];
+"#,
+    r#"
+-- An imported image's app settings of the VM (JSON: env, cmd, restart).
+ALTER TABLE vms ADD COLUMN app TEXT;
+"#,
+];
 
 /// Taken while migrating (any constant both sides agree on).
 const MIGRATION_LOCK: i64 = 0x4861_7463_6800;
@@ -259,6 +265,7 @@ fn vm_from_row(r: &Row) -> Result<VmRecord, StoreError> {
         forwards: r.try_get(11)?,
         node: r.try_get(12)?,
         epoch: r.try_get(13)?,
+        app: r.try_get(14)?,
     }
     .parse()
 }
@@ -301,8 +308,8 @@ impl StateStore for PgStore {
 
     async fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at, node)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at, node, app)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             &[
                 &vm.id,
                 &vm.name,
@@ -314,6 +321,7 @@ impl StateStore for PgStore {
                 &big(vm.disk_mib)?,
                 &vm.created_at,
                 &vm.node,
+                &app_column(vm)?,
             ],
         )
         .await?;

@@ -11,8 +11,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
-    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, from_json,
-    to_json,
+    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, app_column,
+    from_json, to_json,
 };
 use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 use hatch_vmm::PortForward;
@@ -130,6 +130,10 @@ CREATE TABLE nodes (
     heartbeat_unix REAL NOT NULL
 );
 "#,
+    r#"
+-- An imported image's app settings of the VM (JSON: env, cmd, restart).
+ALTER TABLE vms ADD COLUMN app TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -178,8 +182,8 @@ impl StateStore for SqliteStore {
 
     async fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at, node)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO vms (id, name, state, state_reason, image, vcpus, memory_mib, disk_mib, created_at, node, app)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 vm.id,
                 vm.name,
@@ -190,7 +194,8 @@ impl StateStore for SqliteStore {
                 vm.memory_mib,
                 vm.disk_mib,
                 vm.created_at,
-                vm.node
+                vm.node,
+                app_column(vm)?
             ],
         )?;
         Ok(())
@@ -796,6 +801,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
         forwards: r.get(11)?,
         node: r.get(12)?,
         epoch: r.get(13)?,
+        app: r.get(14)?,
     }
     .parse())
 }
