@@ -6,13 +6,14 @@
 # after idle suspends and proxy throughput (`wake`), or, with a PostgreSQL of
 # its own and a second daemon (ports 27070/28080), a two-node cluster:
 # wakes with the local copy vs on the other node from S3, and forwarded vs
-# local request latency (`cluster`).
-# Usage: scripts/bench.sh [snapshot|wake|cluster] [--runs N] ...
+# local request latency (`cluster`), or a container image's import time, boot
+# and wakes next to the default image's (`image`).
+# Usage: scripts/bench.sh [snapshot|wake|cluster|image] [--runs N] ...
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 SCENARIO=snapshot
 case "${1:-}" in
-  snapshot|wake|cluster) SCENARIO=$1; shift ;;
+  snapshot|wake|cluster|image) SCENARIO=$1; shift ;;
 esac
 cd "$REPO"
 

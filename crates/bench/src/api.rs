@@ -47,6 +47,28 @@ impl Api {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// `POST /images?name=` with `archive` as the body.
+    pub async fn import_image(&self, name: &str, archive: Vec<u8>) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .post(format!("{}/images?name={name}", self.base))
+            .bearer_auth(&self.key)
+            .body(archive)
+            .send()
+            .await
+            .context("POST /images")?;
+        if !resp.status().is_success() {
+            bail!("POST /images: {}: {}", resp.status(), resp.text().await?);
+        }
+        Ok(())
+    }
+
+    pub async fn delete_image(&self, name: &str) -> anyhow::Result<()> {
+        self.call(Method::DELETE, &format!("/images/{name}"), None)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn create_vm(&self, body: Value) -> anyhow::Result<String> {
         let vm = self.call(Method::POST, "/vms", Some(body)).await?;
         let id = vm["id"].as_str().context("no vm id")?.to_string();

@@ -15,6 +15,7 @@
 mod api;
 mod baseline;
 mod cluster;
+mod image;
 mod stats;
 mod wake;
 
@@ -43,6 +44,9 @@ enum Bench {
     /// Two nodes: wake with the local copy vs on another node from S3, and
     /// forwarded vs local request latency.
     Cluster(cluster::ClusterArgs),
+    /// A container image: import time, boot and wake, next to the default
+    /// image's.
+    Image(image::ImageArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Snapshot(args) => snapshot(args).await,
         Bench::Wake(args) => wake::run(args).await,
         Bench::Cluster(args) => cluster::run(args).await,
+        Bench::Image(args) => image::run(args).await,
     }
 }
 
