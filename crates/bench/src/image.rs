@@ -119,6 +119,8 @@ fn append(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) -> 
     h.set_size(data.len() as u64);
     h.set_mode(mode);
     h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
     b.append_data(&mut h, path, data)?;
     Ok(())
 }
@@ -128,6 +130,8 @@ fn link(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) -> anyhow::Resu
     h.set_entry_type(tar::EntryType::Symlink);
     h.set_size(0);
     h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
     b.append_link(&mut h, path, target)?;
     Ok(())
 }
