@@ -235,6 +235,30 @@ async fn an_imported_image_runs_its_app_suspends_and_wakes() {
         r["stdout"], "hello from the image\n/app\n0\nweb\n1\n",
         "{r}"
     );
+    // A program the image lacks: a clear 422, and the agent (PID 1 reaps
+    // every process here) goes on serving.
+    for _ in 0..3 {
+        let (s, e) = d
+            .call(
+                Method::POST,
+                &format!("/vms/{id}/exec"),
+                Some(json!({"cmd": ["bash"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    }
+    let (s, r) = d
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/exec"),
+            Some(json!({"cmd": ["id", "-u"]})),
+        )
+        .await;
+    assert_eq!(
+        (s, r["stdout"].as_str()),
+        (StatusCode::OK, Some("0\n")),
+        "{r}"
+    );
 
     // Suspended to S3 and woken from S3 alone by a request: same boot,
     // counter goes on.

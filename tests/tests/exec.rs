@@ -11,6 +11,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+/// Exits 0 if a `sleep` process runs in the guest, 1 if none (shell
+/// builtins only: the default image has no pgrep).
+const SLEEP_RUNS: &str = "for f in /proc/[0-9]*/comm; do read -r c < $f 2>/dev/null && [ \"$c\" = sleep ] && exit 0; done; exit 1";
+
 async fn exec(d: &Daemon, id: &str, body: Value) -> (StatusCode, Value) {
     d.call(Method::POST, &format!("/vms/{id}/exec"), Some(body))
         .await
@@ -117,13 +121,49 @@ async fn commands_run_in_a_vm_with_input_output_and_exit_codes() {
         (Some(true), true),
         "{r}"
     );
-    let (_, r) = exec(
-        &d,
-        &id,
-        json!({"cmd": ["sh", "-c", "pgrep -x sleep || echo none"]}),
-    )
-    .await;
-    assert_eq!(r["stdout"], "none\n", "the timed-out command is gone: {r}");
+    // Killed with its process group (the session's drop sends the kill;
+    // wait for it to land).
+    loop {
+        let (_, r) = exec(&d, &id, json!({"cmd": ["sh", "-c", SLEEP_RUNS]})).await;
+        if r["exit_code"] == 1 {
+            break;
+        }
+    }
+
+    // Input larger than the pipes, to a command that writes as it reads,
+    // and to one that never reads: neither stalls the agent.
+    let big = vec![b'x'; 1 << 20];
+    let (out, _, end) = exec_ws(&d, &id, json!({"cmd": ["cat"]}), &big).await;
+    assert_eq!((out.len(), &end["exit_code"]), (big.len(), &json!(0)));
+    let stuck = exec_ws(&d, &id, json!({"cmd": ["sleep", "600"]}), &big);
+    let others_run = async {
+        // Until the stuck one runs, other commands are answered all along.
+        loop {
+            let (s, r) = exec(&d, &id, json!({"cmd": ["sh", "-c", SLEEP_RUNS]})).await;
+            assert_eq!(s, StatusCode::OK, "{r}");
+            if r["exit_code"] == 0 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = stuck => panic!("sleep 600 ended"),
+        () = others_run => {}
+    }
+    // Its client is gone: the command is killed.
+    loop {
+        let (_, r) = exec(&d, &id, json!({"cmd": ["sh", "-c", SLEEP_RUNS]})).await;
+        if r["exit_code"] == 1 {
+            break;
+        }
+    }
+    let stdin = "y".repeat(60_000);
+    let (s, r) = exec(&d, &id, json!({"cmd": ["wc", "-c"], "stdin": stdin})).await;
+    assert_eq!(
+        (s, r["stdout"].as_str()),
+        (StatusCode::OK, Some("60000\n")),
+        "{r}"
+    );
 
     // Bad requests change nothing and say why.
     for (body, code) in [
@@ -219,6 +259,14 @@ async fn commands_run_in_a_vm_with_input_output_and_exit_codes() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+    // Only regular files: not a directory, not a FIFO (which would block).
+    exec(&d, &id, json!({"cmd": ["mkfifo", "/tmp/fifo"]})).await;
+    for path in ["/tmp", "/tmp/fifo", "/dev/zero"] {
+        let (s, e) = d
+            .call(Method::GET, &format!("/vms/{id}/files?path={path}"), None)
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {e}");
+    }
 
     // The CLI: exit code, output, stdin with -i; cp both ways.
     let out = cli(

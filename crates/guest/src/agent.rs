@@ -43,8 +43,12 @@ pub fn run() {
         return;
     };
     loop {
-        if let Err(e) = serve(&port) {
-            eprintln!("hatch-guest: agent: {e}");
+        // A panic while serving must not end the agent: the next restore's
+        // clock sync depends on it.
+        match std::panic::catch_unwind(|| serve(&port)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("hatch-guest: agent: {e}"),
+            Err(_) => eprintln!("hatch-guest: agent: panicked; serving again"),
         }
         // The port reads end-of-file while no host is connected (e.g.
         // during a daemon restart); wait for one.

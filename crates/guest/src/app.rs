@@ -322,17 +322,11 @@ fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32, String), String> {
 /// status.
 fn reap_until(app: i32) -> i32 {
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes only to `status`.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid > 0 && pid != app {
-            crate::exec::reaper::reaped(pid, status);
-        }
-        if pid == app {
-            return status;
-        }
-        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            power_off("the app is gone");
+        match crate::exec::reaper::reap_one() {
+            Ok(Some((pid, status))) if pid == app => return status,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(_) => power_off("the app is gone"),
         }
     }
 }

@@ -162,9 +162,11 @@ fn default_mode() -> u32 {
 
 /// A session in progress.
 struct Session {
-    /// Where `in` lines go: the command's stdin, its pty, or the file being
-    /// written. None after `eof`.
-    input: Option<File>,
+    /// Where `in` lines go: to the session's writer thread, which writes
+    /// the command's stdin, its pty, or the file being written (so that a
+    /// command not reading its input stalls only its own session, never
+    /// the agent). None after `eof`.
+    input: Option<mpsc::Sender<Vec<u8>>>,
     /// The command's process (its session leader); 0 for file copies.
     pid: i32,
     /// The pty master of a `tty` command (for `resize`).
@@ -264,16 +266,58 @@ fn start(ch: u64, json: &str) -> Result<(), String> {
                 libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
                 mode & 0o7777,
             )?;
-            insert(ch, Some(file), 0, None);
+            let input = writer(ch, file, 0)?;
+            insert(ch, Some(input), 0, None);
             Ok(())
         }
     }
 }
 
-fn insert(ch: u64, input: Option<File>, pid: i32, pty: Option<File>) {
+fn insert(ch: u64, input: Option<mpsc::Sender<Vec<u8>>>, pid: i32, pty: Option<File>) {
     sessions()
         .get_or_insert_with(HashMap::new)
         .insert(ch, Session { input, pid, pty });
+}
+
+fn exists(ch: u64) -> bool {
+    sessions().as_ref().is_some_and(|s| s.contains_key(&ch))
+}
+
+/// End a session that went wrong: its command killed, the host told why.
+fn abort(ch: u64, why: &str) {
+    let gone = sessions().as_mut().and_then(|s| s.remove(&ch));
+    if let Some(s) = gone {
+        if s.pid > 0 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(-s.pid, libc::SIGKILL) };
+        }
+        fail(ch, why);
+    }
+}
+
+/// The session's input writer: a thread writing what `in` lines bring to
+/// `file`, until `eof` (the sender dropped). A file copy (`pid` 0) is
+/// synced and the session ends there.
+fn writer(ch: u64, mut file: File, pid: i32) -> Result<mpsc::Sender<Vec<u8>>, String> {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    spawn_named("exec-in", move || {
+        for data in rx {
+            if let Err(e) = file.write_all(&data) {
+                if pid > 0 && e.raw_os_error() == Some(libc::EPIPE) {
+                    return; // the command closed its stdin: the rest is dropped
+                }
+                abort(ch, &format!("writing input: {e}"));
+                return;
+            }
+        }
+        if pid == 0 && exists(ch) {
+            match file.sync_all() {
+                Ok(()) => finish(ch, 0, 0),
+                Err(e) => abort(ch, &format!("syncing the file: {e}")),
+            }
+        }
+    })?;
+    Ok(tx)
 }
 
 /// Open `path` as the commands see it: resolved inside the context's root
@@ -289,8 +333,9 @@ fn open_in_root(path: &str, flags: i32, mode: u32) -> Result<File, String> {
         mode: u64,
         resolve: u64,
     }
+    // O_NONBLOCK: opening a FIFO must not block the agent.
     let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
+        flags: (flags | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
         mode: mode as u64,
         resolve: libc::RESOLVE_IN_ROOT,
     };
@@ -308,7 +353,13 @@ fn open_in_root(path: &str, flags: i32, mode: u32) -> Result<File, String> {
         return Err(format!("{path}: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd as i32) })
+    let file = unsafe { File::from_raw_fd(fd as i32) };
+    // Copies are of regular files only (not devices, FIFOs, directories).
+    let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path}: not a regular file"));
+    }
+    Ok(file)
 }
 
 fn run(
@@ -361,6 +412,14 @@ fn run(
         (Some(master), _) => master.try_clone().ok(),
         (None, Some(stdin)) => Some(File::from(OwnedFd::from(stdin))),
         (None, None) => None,
+    };
+    let input = match input.map(|f| writer(ch, f, pid)).transpose() {
+        Ok(input) => input,
+        Err(e) => {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            return Err(e);
+        }
     };
     insert(ch, input, pid, pty);
     let (done_tx, done_rx) = mpsc::channel();
@@ -417,6 +476,8 @@ fn pump(ch: u64, kind: &str, mut file: File) -> bool {
     loop {
         match file.read(&mut buf) {
             Ok(0) => return true,
+            // A cancelled session (killed, its host gone) reads no further.
+            Ok(_) if !exists(ch) => return false,
             Ok(n) => {
                 if !send(&format!("{kind} {ch} {}\n", B64.encode(&buf[..n]))) {
                     return false;
@@ -438,41 +499,25 @@ fn pump(ch: u64, kind: &str, mut file: File) -> bool {
 
 fn input(ch: u64, data: &str) -> Result<(), String> {
     let bytes = B64.decode(data).map_err(|e| format!("bad input: {e}"))?;
-    // Written outside the sessions lock: a command that does not read its
-    // stdin must not stall every other session.
-    let file = {
-        let mut guard = sessions();
-        match guard.as_mut().and_then(|s| s.get_mut(&ch)) {
-            Some(s) => s.input.as_ref().and_then(|f| f.try_clone().ok()),
-            None => return Ok(()), // already over: its input is dropped
-        }
-    };
-    if let Some(mut f) = file
-        && let Err(e) = f.write_all(&bytes)
-        && e.raw_os_error() != Some(libc::EPIPE)
+    let guard = sessions();
+    if let Some(tx) = guard
+        .as_ref()
+        .and_then(|s| s.get(&ch))
+        .and_then(|s| s.input.as_ref())
     {
-        return Err(format!("writing input: {e}"));
+        // The writer may be gone (the command closed its stdin): dropped.
+        let _ = tx.send(bytes);
     }
     Ok(())
 }
 
 fn eof(ch: u64) -> Result<(), String> {
-    let (file, pid) = {
-        let mut guard = sessions();
-        match guard.as_mut().and_then(|s| s.get_mut(&ch)) {
-            Some(s) => (s.input.take(), s.pid),
-            None => return Ok(()),
-        }
-    };
-    if pid == 0 {
-        // A file being written: it is complete once on disk.
-        if let Some(f) = file {
-            f.sync_all().map_err(|e| format!("syncing the file: {e}"))?;
-        }
-        finish(ch, 0, 0);
+    // Dropping the sender ends the writer: a command's stdin closes, a
+    // file copy is synced and ends (a pty stays open through its master,
+    // kept for resizes).
+    if let Some(s) = sessions().as_mut().and_then(|s| s.get_mut(&ch)) {
+        s.input = None;
     }
-    // A command's stdin closes when `file` drops here (a pty's stays open
-    // through its master, kept for resizes).
     Ok(())
 }
 
@@ -505,6 +550,11 @@ fn kill(ch: u64, args: &[&str]) -> Result<(), String> {
         .and_then(|s| s.get(&ch))
         .map(|s| s.pid)
         .unwrap_or(0);
+    if pid == 0 {
+        // A file copy: cancelled (its reader stops at the next chunk).
+        sessions().as_mut().and_then(|s| s.remove(&ch));
+        return Ok(());
+    }
     if pid > 0 {
         // The whole process group: the command is its session's leader.
         // SAFETY: kill has no memory-safety preconditions.
@@ -554,7 +604,7 @@ fn set_size(fd: i32, rows: u16, cols: u16) {
 
 /// Children and their exit statuses. As PID 1 (app mode) hatch-guest reaps
 /// every process with `waitpid(-1)`, so a command's status comes from that
-/// loop ([`reaper::reaped`]); otherwise each command is waited for itself.
+/// loop ([`reaper::reap_one`]); otherwise each command is waited for itself.
 pub mod reaper {
     use super::*;
 
@@ -608,16 +658,34 @@ pub mod reaper {
         Ok((child, Exited::Told(rx)))
     }
 
-    /// PID 1 reaped `pid`: tell its waiter, if it is a command's.
-    pub fn reaped(pid: i32, status: i32) {
-        let tx = WAITING
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .and_then(|w| w.remove(&pid));
-        if let Some(tx) = tx {
+    /// PID 1's reaping step: wait for any child to end, reap it, and hand
+    /// a command's status to its waiter. Returns the reaped pid and status
+    /// (None when the child was reaped by someone else meanwhile).
+    ///
+    /// The child is only looked at first (`WNOWAIT`), then reaped under
+    /// the spawn lock: std's `spawn` reaps a child whose exec failed itself
+    /// (and panics if it is gone), so PID 1 must not take it from under it.
+    pub fn reap_one() -> std::io::Result<Option<(i32, i32)>> {
+        // SAFETY: siginfo_t is plain data; waitid fills it in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid siginfo_t pointer for the call's duration.
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: waitid succeeded with WEXITED: si_pid is set.
+        let pid = unsafe { info.si_pid() };
+        let mut waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`.
+        let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if reaped != pid {
+            return Ok(None);
+        }
+        if let Some(tx) = waiting.as_mut().and_then(|w| w.remove(&pid)) {
             let _ = tx.send(status);
         }
+        Ok(Some((pid, status)))
     }
 }
 

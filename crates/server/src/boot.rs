@@ -572,11 +572,18 @@ fn app_exit_reason(console: &std::path::Path) -> Option<String> {
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).ok()?;
     let text = String::from_utf8_lossy(&tail);
-    let why = text.lines().rev().find_map(|l| {
-        l.trim_end()
-            .strip_prefix("hatch: ")?
-            .strip_suffix("; powering off")
-    })?;
+    // Only PID 1's last line counts (not an earlier boot's, not the app's
+    // own output): the last one besides the kernel's power-off messages.
+    let kernel = |l: &str| l.starts_with('[') || l.starts_with("reboot:");
+    let last = text
+        .lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| !l.is_empty() && !kernel(l))?;
+    let why = last
+        .trim_end()
+        .strip_prefix("hatch: ")?
+        .strip_suffix("; powering off")?;
     Some(why.chars().filter(|c| !c.is_control()).take(300).collect())
 }
 

@@ -61,6 +61,22 @@ async fn admit(vms: &Arc<VmManager>, rt: &Arc<VmSupervisor>) -> Result<InFlight,
             return Ok(InFlight(rt.clone()));
         }
         let state = rt.state();
+        if state == VmState::Starting {
+            // Booting: commands can run once QEMU runs (the agent answers
+            // when the guest is up), whether or not its app serves HTTP.
+            let mut states = rt.watch_state();
+            let wait = states.wait_for(|s| *s != VmState::Starting);
+            if tokio::time::timeout(vms.cfg.wake_timeout, wait)
+                .await
+                .is_err()
+            {
+                return Err(ApiError::Unavailable(
+                    "boot_timeout",
+                    format!("vm '{}' is still starting", rt.id),
+                ));
+            }
+            continue;
+        }
         if matches!(
             state,
             VmState::Stopped | VmState::Stopping | VmState::Failed
@@ -111,6 +127,12 @@ async fn agent(vms: &VmManager, rt: &VmSupervisor) -> Result<Agent, ApiError> {
     if let Some(agent) = rt.lock().agent.clone().filter(|a| !a.is_closed()) {
         return Ok(agent);
     }
+    let _connecting = rt.agent_connect.lock().await;
+    if let Some(agent) = rt.lock().agent.clone().filter(|a| !a.is_closed()) {
+        return Ok(agent);
+    }
+    // The closed connection goes first, or the new one would wait behind it.
+    rt.lock().agent = None;
     let agent = Agent::connect(&vms.paths(&rt.id).agent_socket)
         .await
         .map_err(|e| ApiError::Unavailable("agent_unavailable", e.to_string()))?;

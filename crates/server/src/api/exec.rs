@@ -120,10 +120,13 @@ pub async fn exec(
     let mut exec = crate::exec::open(&app.vms, &id, start).await?;
     let input = exec.session.input();
     let stdin = req.stdin.unwrap_or_default();
-    let feed = async {
+    // Fed while the output is read: a command that writes before it has
+    // read all its input must not wait on us.
+    let feed = tokio::spawn(async move {
         input.write(stdin.as_bytes()).await?;
         input.eof().await
-    };
+    });
+    let _feed_guard = AbortOnDrop(feed.abort_handle());
     let mut out = ExecResult {
         exit_code: None,
         signal: None,
@@ -134,9 +137,6 @@ pub async fn exec(
     };
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let collect = async {
-        feed.await.map_err(|e| {
-            ApiError::Unavailable("agent_unavailable", format!("sending stdin: {e}"))
-        })?;
         loop {
             match exec.session.next().await {
                 Some(ExecEvent::Stdout(b)) => out.truncated |= keep(&mut stdout, &b),
@@ -164,6 +164,15 @@ pub async fn exec(
     out.stdout = String::from_utf8_lossy(&stdout).into_owned();
     out.stderr = String::from_utf8_lossy(&stderr).into_owned();
     Ok(Json(out))
+}
+
+/// Aborts a task when dropped (the request ended first).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Append within the cap; true if something was dropped.
@@ -198,10 +207,12 @@ pub struct StreamRequest {
     cols: u16,
 }
 
-/// A control message from the client.
-#[derive(Debug, Deserialize)]
+/// A control message from the client (and, internally, its stdin).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Control {
+    #[serde(skip)]
+    data: Option<Vec<u8>>,
     #[serde(default)]
     eof: bool,
     #[serde(default)]
@@ -261,8 +272,40 @@ async fn stream(app: &super::AppState, id: &str, socket: &mut WebSocket) -> Resu
     };
     let mut exec = crate::exec::open(&app.vms, id, start).await?;
     let input = exec.session.input();
-    let agent_error =
-        |e: hatch_vmm::VmmError| ApiError::Unavailable("agent_unavailable", e.to_string());
+    // The client's input goes to the guest from a task of its own, so that
+    // output keeps flowing while input waits on a command that does not read.
+    let (to_guest, mut queued) = tokio::sync::mpsc::channel::<Control>(64);
+    let feeder = tokio::spawn(async move {
+        while let Some(c) = queued.recv().await {
+            let sent = async {
+                if let Some(data) = &c.data {
+                    input.write(data).await?;
+                }
+                if let Some((rows, cols)) = c.resize {
+                    input.resize(rows, cols).await?;
+                }
+                if let Some(sig) = c.signal {
+                    input.kill(sig).await?;
+                }
+                if c.eof {
+                    input.eof().await?;
+                }
+                Ok::<(), hatch_vmm::VmmError>(())
+            };
+            if sent.await.is_err() {
+                return;
+            }
+        }
+    });
+    let _feeder = AbortOnDrop(feeder.abort_handle());
+    let queue = |c: Control| {
+        let to_guest = to_guest.clone();
+        async move {
+            to_guest.send(c).await.map_err(|_| {
+                ApiError::Unavailable("agent_unavailable", "the guest agent channel closed".into())
+            })
+        }
+    };
     loop {
         tokio::select! {
             event = exec.session.next() => {
@@ -285,23 +328,18 @@ async fn stream(app: &super::AppState, id: &str, socket: &mut WebSocket) -> Resu
             }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
-                    input.write(&b[1..]).await.map_err(agent_error)?;
+                    queue(Control { data: Some(b[1..].to_vec()), ..Control::default() }).await?;
                 }
                 Some(Ok(Message::Text(t))) => {
                     let c: Control = serde_json::from_str(&t)
                         .map_err(|e| ApiError::BadRequest(format!("bad control message: {e}")))?;
-                    if let Some((rows, cols)) = c.resize {
-                        input.resize(rows, cols).await.map_err(agent_error)?;
+                    if c.data.is_some() {
+                        return Err(ApiError::BadRequest("stdin goes in binary messages".into()));
                     }
-                    if let Some(sig) = c.signal {
-                        if !(1..=64).contains(&sig) {
-                            return Err(ApiError::invalid("signal must be 1 to 64"));
-                        }
-                        input.kill(sig).await.map_err(agent_error)?;
+                    if c.signal.is_some_and(|sig| !(1..=64).contains(&sig)) {
+                        return Err(ApiError::invalid("signal must be 1 to 64"));
                     }
-                    if c.eof {
-                        input.eof().await.map_err(agent_error)?;
-                    }
+                    queue(c).await?;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(_))) => {

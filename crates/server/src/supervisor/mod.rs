@@ -47,6 +47,9 @@ pub struct VmSupervisor {
     /// Serializes state changes: held across the write to the state store
     /// so that the stored state and the published one change in one order.
     pub(crate) transitions: tokio::sync::Mutex<()>,
+    /// Held while connecting to the guest agent: QEMU's socket serves one
+    /// client, and a second connection would wait behind the first.
+    pub agent_connect: tokio::sync::Mutex<()>,
     // A std Mutex: held only to read or swap a field, never across an await.
     inner: Mutex<Inner>,
 }
@@ -93,6 +96,7 @@ impl VmSupervisor {
             warnings: Mutex::default(),
             op: Arc::default(),
             transitions: tokio::sync::Mutex::new(()),
+            agent_connect: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 state,
                 machine: None,

@@ -44,7 +44,7 @@ pub struct Agent {
 }
 
 struct Shared {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     table: Arc<Table>,
     next_id: AtomicU64,
     reader: tokio::task::AbortHandle,
@@ -86,12 +86,20 @@ impl Agent {
             })?;
         let (r, w) = stream.into_split();
         let table = Arc::new(Table::default());
-        let reader = tokio::spawn(read_lines(r, table.clone())).abort_handle();
+        let writer = Arc::new(tokio::sync::Mutex::new(w));
+        let reader = tokio::spawn(read_lines(r, table.clone(), writer.clone())).abort_handle();
+        // Ids start at a random point: a guest's stale sessions of an
+        // earlier connection must not be taken for this one's.
+        let first = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 & 0xff_ffff_ffff)
+            .unwrap_or(1)
+            | 1;
         Ok(Agent {
             shared: Arc::new(Shared {
-                writer: tokio::sync::Mutex::new(w),
+                writer,
                 table,
-                next_id: AtomicU64::new(1),
+                next_id: AtomicU64::new(first),
                 reader,
             }),
         })
@@ -118,15 +126,21 @@ impl Agent {
 }
 
 /// Hand each line the guest sends to whoever waits for it, until the
-/// channel closes; then everyone waiting learns (their senders drop).
-async fn read_lines(r: OwnedReadHalf, table: Arc<Table>) {
+/// channel closes or the guest breaks the protocol; then everyone waiting
+/// learns (their senders drop) and the connection is shut, so that a new
+/// one can be made (QEMU's socket serves one client at a time).
+async fn read_lines(
+    r: OwnedReadHalf,
+    table: Arc<Table>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+) {
     let mut lines = FramedRead::new(r, LinesCodec::new_with_max_length(MAX_LINE));
     while let Some(line) = lines.next().await {
         let line = match line {
             Ok(line) => line,
             Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {
-                tracing::warn!("the guest agent sent an overlong line; dropped");
-                continue;
+                tracing::warn!("the guest agent sent an overlong line; closing the channel");
+                break;
             }
             Err(tokio_util::codec::LinesCodecError::Io(e)) => {
                 tracing::debug!(error = %e, "guest agent channel read failed");
@@ -163,8 +177,11 @@ async fn read_lines(r: OwnedReadHalf, table: Arc<Table>) {
             }
         }
     }
-    let mut t = table.lock();
-    t.closed = true;
-    t.syncs.clear();
-    t.sessions.clear();
+    {
+        let mut t = table.lock();
+        t.closed = true;
+        t.syncs.clear();
+        t.sessions.clear();
+    }
+    let _ = writer.lock().await.shutdown().await;
 }
