@@ -139,6 +139,9 @@ impl Daemon {
             // image is found in the cache the set-up scripts build it in.
             .env("HATCH_IMAGE_CACHE_DIR", images_dir())
             .env("HATCH_API_KEY", KEY)
+            // Tap networking (nftables tables, tap devices) only where a
+            // test asks for it and cleans up after it (tests/network.rs).
+            .env("HATCH_NETWORK", "user")
             .env_remove("HATCH_S3_BUCKET")
             .env_remove("HATCH_S3_ACCESS_KEY_ID")
             .env_remove("HATCH_S3_SECRET_ACCESS_KEY")

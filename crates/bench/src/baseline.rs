@@ -50,6 +50,7 @@ pub async fn run(
             tsc_khz: hatch_vmm::host::tsc_khz(),
             extra_cmdline: Vec::new(),
             incoming,
+            egress_tap: None,
         })
     };
     let qemu = Path::new("qemu-system-x86_64");

@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// Haswell-v4) [default: host under KVM, max under TCG].
     #[arg(long, env = "HATCH_CPU_MODEL")]
     cpu_model: Option<String>,
+    /// VMs' outbound network: tap (a tap device per VM, NAT, a firewall
+    /// refusing the host and other VMs; needs root and nft), user (QEMU
+    /// user-mode: inbound through the proxy only, no egress) or auto [default: auto: tap where the host allows it].
+    #[arg(long, env = "HATCH_NETWORK")]
+    network: Option<String>,
 }
 
 /// The TOML file: every field optional.
@@ -115,6 +120,7 @@ struct FileConfig {
     /// Like `HATCH_CLUSTER_SECRET`.
     cluster_secret: Option<String>,
     cpu_model: Option<String>,
+    network: Option<String>,
     s3: Option<FileS3>,
 }
 
@@ -265,6 +271,9 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
             "invalid --cpu-model {model:?}: a QEMU CPU model name, optionally with ,feature settings"
         );
         cfg.cpu_model = Some(model);
+    }
+    if let Some(n) = args.network.or(file.network) {
+        cfg.network = n.parse().map_err(anyhow::Error::msg)?;
     }
     if let Some(s) = args.node_down_seconds {
         anyhow::ensure!(s >= 2, "--node-down-seconds must be at least 2");

@@ -104,9 +104,56 @@ fn handle(line: &str) -> Result<(), String> {
             set_clock(parse_time(time)?)?;
             reseed(&parse_hex(seed)?)
         }
+        Some("net") => {
+            let addr = words.next().ok_or("missing address")?;
+            let gw = words.next().ok_or("missing gateway")?;
+            set_network(addr, gw)
+        }
         Some(other) => Err(format!("unknown command {other:?}")),
         None => Err("empty line".into()),
     }
+}
+
+/// The MAC address of the outbound card (`hatch_vmm::spec::EGRESS_MAC`).
+const EGRESS_MAC: &str = "52:54:00:4e:45:54";
+
+/// Re-address the outbound card (after a restore the host's end of it may
+/// be another /30): `addr` in CIDR form, `gw` the host's end.
+fn set_network(addr: &str, gw: &str) -> Result<(), String> {
+    let valid = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
+    };
+    if !valid(addr) || !valid(gw) || !addr.contains('/') {
+        return Err("bad address".into());
+    }
+    let card = std::fs::read_dir("/sys/class/net")
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("address")).is_ok_and(|m| m.trim() == EGRESS_MAC)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .ok_or("no outbound card")?;
+    for args in [
+        vec!["addr", "flush", "dev", &card],
+        vec!["addr", "add", addr, "dev", &card],
+        vec!["link", "set", &card, "up"],
+        vec!["route", "replace", "default", "via", gw, "dev", &card],
+    ] {
+        let out = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_time(s: &str) -> Result<(i64, i64), String> {

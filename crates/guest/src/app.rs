@@ -263,6 +263,16 @@ fn mount_userland(root: &Path) -> Result<(), String> {
             );
         }
     }
+    // The resolver the initramfs was given, as Docker provides one.
+    let resolv = root.join("etc/resolv.conf");
+    // A symlink there (e.g. to systemd's stub) would be followed out of
+    // the image: replaced by the file.
+    let _ = std::fs::remove_file(&resolv);
+    if root.join("etc").is_dir()
+        && let Err(e) = std::fs::copy("/etc/resolv.conf", &resolv)
+    {
+        eprintln!("hatch: writing etc/resolv.conf: {e}");
+    }
     let tmp = root.join("tmp");
     if std::fs::create_dir_all(&tmp).is_ok() {
         use std::os::unix::fs::PermissionsExt;

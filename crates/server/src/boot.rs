@@ -103,10 +103,17 @@ impl VmManager {
         if vm.disk_mib > image.disk_mib {
             extra_cmdline.push("hatch.disk_grow=1".to_string());
         }
+        let link = self
+            .network
+            .prepare(&vm.id, vm.settings.network.as_ref())
+            .context("preparing the vm's outbound network")?;
+        if let Some(link) = &link {
+            extra_cmdline.extend(link.kernel_params());
+        }
         if image.app.is_some() {
             // The guest's hostname is the VM's name (a DNS label).
             extra_cmdline.push(format!("hatch.hostname={}", vm.name));
-            extra_cmdline.extend(vm.app.kernel_param());
+            extra_cmdline.extend(vm.settings.kernel_param());
         }
         let mut last_err = None;
         let previous = rt.lock().last_ports.clone();
@@ -143,6 +150,7 @@ impl VmManager {
                 forwards: forwards.clone(),
                 tsc_khz: self.tsc_khz,
                 extra_cmdline: extra_cmdline.clone(),
+                egress_tap: link.as_ref().map(|l| l.tap.clone()),
             };
             // Recorded before the launch: if the daemon dies right after it,
             // the next daemon re-adopts this QEMU with these ports, not with
@@ -158,6 +166,12 @@ impl VmManager {
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
                     machine.set_command_timeout(self.cfg.qmp_timeout);
+                    if let Some(link) = &link
+                        && let Err(e) = self.network.configure(link)
+                    {
+                        machine.kill();
+                        return Err(e.context("configuring the vm's tap device"));
+                    }
                     let machine = Arc::new(machine);
                     rt.lock().machine = Some(machine.clone());
                     return Ok(machine);
@@ -477,6 +491,13 @@ impl VmManager {
                 rt.lock().machine = Some(machine.clone());
                 tracing::info!(vm = %id, pid = machine.pid(), "re-attached to running vm");
                 self.watch(rt.clone(), machine.clone());
+                // The firewall was made anew at start: its egress policy
+                // again, and its link as the tap has it.
+                if let Some(rec) = self.store.get_vm(&id).await?
+                    && let Err(e) = self.network.readopt(&id, rec.vm.settings.network.as_ref())
+                {
+                    tracing::warn!(vm = %id, error = format!("{e:#}"), "restoring the vm's outbound network failed");
+                }
                 if let Err(e) = self.reconcile_disk_chain(&id, &machine).await {
                     // Not worth stopping a running guest for; the recorded
                     // chain stays (and its layers are not pruned).

@@ -62,6 +62,8 @@ pub struct Config {
     /// QEMU `-cpu` model (`--cpu-model`); None: `host` under KVM, `max`
     /// under TCG. Recorded in snapshot manifests and checked on restore.
     pub cpu_model: Option<String>,
+    /// VMs' outbound network: tap where the host allows, or user-mode only.
+    pub network: crate::network::Choice,
     /// Unreferenced chunks younger than this are kept by garbage collection.
     pub gc_grace: Duration,
     /// How long a proxied request waits for its VM to wake before 503.
@@ -133,6 +135,7 @@ impl Config {
             cluster_secret: None,
             node_down_after: Duration::from_secs(15),
             cpu_model: None,
+            network: crate::network::Choice::Auto,
             gc_grace: Duration::from_secs(3600),
             wake_timeout: Duration::from_secs(30),
             wake_queue: 4096,

@@ -71,6 +71,19 @@ impl VmManager {
                             "the guest agent confirmed the clock and RNG sync only after {attempts} attempts"
                         ));
                     }
+                    if let Some(link) = self.network.link_of(&rt.id)
+                        && let Err(e) = conn
+                            .set_network(
+                                &link.guest.to_string(),
+                                &link.host.addr().to_string(),
+                                Duration::from_secs(5),
+                            )
+                            .await
+                    {
+                        // The VM serves (inbound is the proxy's); only
+                        // its outbound connections fail. Said in its event.
+                        rt.warn(format!("the guest's outbound network was not set up: {e}"));
+                    }
                     rt.lock().agent = agent;
                     return Ok(());
                 }

@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod manager;
 pub mod metrics;
 pub mod model;
+pub mod network;
 pub mod resolver;
 pub mod routes;
 pub mod snapshot;

@@ -66,6 +66,8 @@ pub struct VmManager {
     pub(crate) evictions: AtomicU64,
     /// Local snapshot copies a restore is reading (count per snapshot id).
     pub(crate) copies_in_use: Mutex<HashMap<String, usize>>,
+    /// VMs' outbound network (tap devices, firewall).
+    pub(crate) network: crate::network::Network,
 }
 
 /// Files of one VM.
@@ -114,7 +116,9 @@ impl VmManager {
             .cluster_secret
             .as_ref()
             .map(|s| HopKey::new(s, &cfg.node_name));
+        let network = crate::network::Network::setup(cfg.network, &cfg.data_dir)?;
         Ok(Arc::new(VmManager {
+            network,
             store,
             images,
             accel,
@@ -390,18 +394,19 @@ impl VmManager {
             }
             Err(e) => return Err(ApiError::Internal(e.into())),
         };
-        let app = model::AppSettings {
+        let settings = model::VmSettings {
             env: req.env.unwrap_or_default(),
             cmd: req.cmd,
             restart: req.restart,
+            network: Some(self.network.settings_for(req.egress)?),
         };
-        if !app.is_empty() && image.app.is_none() {
+        if settings.has_app_settings() && image.app.is_none() {
             return Err(ApiError::invalid(format!(
                 "env, cmd and restart are for imported container images; image '{}' is not one",
                 image.name
             )));
         }
-        app.validate()?;
+        settings.validate()?;
         let vcpus = req.vcpus.unwrap_or(model::DEFAULT_VCPUS);
         let max_vcpus = hatch_vmm::host::cpu_count();
         if vcpus == 0 || vcpus > max_vcpus {
@@ -448,7 +453,7 @@ impl VmManager {
             vcpus,
             memory_mib,
             disk_mib,
-            app,
+            settings,
             ..Vm::fresh(
                 id.clone(),
                 name,
@@ -590,6 +595,7 @@ impl VmManager {
         }
         self.remove_supervisor(id);
         self.metrics.forget_vm(id);
+        self.network.forget(id);
         let paths = self.paths(id);
         if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
             tracing::warn!(vm = %id, error = %e, "could not remove vm directory");

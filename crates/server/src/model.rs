@@ -131,15 +131,15 @@ pub struct Vm {
     /// The node that runs this VM, or ran it last (`--node-name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// How an imported image's app runs in this VM (`env`, `cmd`,
-    /// `restart`), when set at creation.
+    /// Settings given at creation: an imported image's app (`env`, `cmd`,
+    /// `restart`) and the VM's outbound network (`network`).
     #[serde(flatten)]
-    pub app: AppSettings,
+    pub settings: VmSettings,
 }
 
-/// Per-VM settings of an imported image's app (`POST /vms`).
+/// Per-VM settings given at creation (`POST /vms`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct AppSettings {
+pub struct VmSettings {
     /// Added to the image's environment (and to exec'd commands').
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -151,25 +151,98 @@ pub struct AppSettings {
     /// `state_reason` saying how the app ended].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartPolicy>,
+    /// The VM's outbound network; none for VMs made before it existed
+    /// (they have the inbound, proxy-only network alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSettings>,
+}
+
+/// How a VM reaches out (docs/NETWORK.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkSettings {
+    /// `tap`: a network card of its own with NAT out of the host (egress
+    /// per `egress`); `user`: QEMU user-mode networking, inbound through
+    /// the proxy only and no egress (where tap cannot be used).
+    pub mode: NetworkMode,
+    /// "allow", "deny" or a list of IPv4 CIDRs.
+    #[schema(value_type = Object)]
+    pub egress: Egress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    Tap,
+    User,
+}
+
+/// Where a VM may connect to: `"allow"` (anywhere outside the host and
+/// other VMs), `"deny"`, or a list of IPv4 CIDRs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "EgressRepr", into = "EgressRepr")]
+pub enum Egress {
+    Allow,
+    Deny,
+    Only(Vec<ipnet::Ipv4Net>),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum EgressRepr {
+    Word(String),
+    List(Vec<ipnet::Ipv4Net>),
+}
+
+impl TryFrom<EgressRepr> for Egress {
+    type Error = String;
+    fn try_from(r: EgressRepr) -> Result<Egress, String> {
+        match r {
+            EgressRepr::Word(w) if w == "allow" => Ok(Egress::Allow),
+            EgressRepr::Word(w) if w == "deny" => Ok(Egress::Deny),
+            EgressRepr::Word(w) => Err(format!(
+                "egress is \"allow\", \"deny\" or a list of IPv4 CIDRs, not {w:?}"
+            )),
+            EgressRepr::List(nets) if nets.len() > 256 => {
+                Err("egress lists at most 256 CIDRs".into())
+            }
+            EgressRepr::List(nets) => Ok(Egress::Only(nets)),
+        }
+    }
+}
+
+impl From<Egress> for EgressRepr {
+    fn from(e: Egress) -> EgressRepr {
+        match e {
+            Egress::Allow => EgressRepr::Word("allow".into()),
+            Egress::Deny => EgressRepr::Word("deny".into()),
+            Egress::Only(nets) => EgressRepr::List(nets),
+        }
+    }
 }
 
 /// Longest `hatch.app=` kernel parameter: the kernel's command line holds
 /// 2048 bytes in all, and Hatch's own parameters need some.
 pub const MAX_APP_PARAM: usize = 1400;
 
-impl AppSettings {
+impl VmSettings {
     pub fn is_empty(&self) -> bool {
-        self == &AppSettings::default()
+        self == &VmSettings::default()
     }
 
-    /// The kernel parameter that hands these settings to the guest
+    /// Whether app settings (for imported images only) are given.
+    pub fn has_app_settings(&self) -> bool {
+        !self.env.is_empty() || self.cmd.is_some() || self.restart.is_some()
+    }
+
+    /// The kernel parameter that hands the app settings to the guest
     /// (`hatch.app=<base64url of JSON>`); None when there are none.
     pub fn kernel_param(&self) -> Option<String> {
         use base64::Engine;
-        if self.is_empty() {
+        if !self.has_app_settings() {
             return None;
         }
-        let json = serde_json::to_vec(self).ok()?;
+        let app = serde_json::json!({"env": self.env, "cmd": self.cmd, "restart": self.restart});
+        let json = serde_json::to_vec(&app).ok()?;
         Some(format!(
             "hatch.app={}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
@@ -251,7 +324,7 @@ impl Vm {
             idle_timeout_seconds: None,
             idle_timeout_route: None,
             node: None,
-            app: AppSettings::default(),
+            settings: VmSettings::default(),
         }
     }
 }
@@ -293,6 +366,11 @@ pub struct CreateVm {
     /// (`{"policy": "no"|"on-failure"|"always", "max_retries"?}`).
     #[serde(default)]
     pub restart: Option<RestartPolicy>,
+    /// Outbound network: "allow" (default), "deny", or a list of IPv4
+    /// CIDRs the VM may connect to.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub egress: Option<Egress>,
 }
 
 /// A proxy route: requests whose Host is `hostname` go to `port` of `vm_id`.

@@ -19,6 +19,7 @@ async fn serves_the_api_and_proxy_on_given_listeners_and_stops_on_shutdown() {
     cfg.run_dir = dir.path().join("run");
     cfg.image_cache_dir = None;
     cfg.api_key = Some(Secret::new(KEY));
+    cfg.network = hatch_server::network::Choice::User;
     let listeners = Listeners::bind(&cfg).await.unwrap();
     let api = listeners.api.local_addr().unwrap();
     let proxy = listeners.proxy.local_addr().unwrap();

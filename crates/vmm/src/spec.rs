@@ -53,7 +53,18 @@ pub struct MachineSpec {
     pub extra_cmdline: Vec<String>,
     /// Wait for an incoming migration (`-incoming defer`): a restore.
     pub incoming: bool,
+    /// A second network card on this tap device (QEMU creates it, and it
+    /// goes when QEMU exits): the VM's outbound network. The first card
+    /// (user-mode, restricted) carries only the proxy's inbound traffic.
+    pub egress_tap: Option<String>,
 }
+
+/// The MAC address of the outbound card, by which the guest tells it from
+/// the inbound one (virtio-mmio cards are not enumerated in a fixed order).
+pub const EGRESS_MAC: &str = "52:54:00:4e:45:54";
+
+/// Network device id of the outbound card.
+pub const EGRESS_NETDEV_ID: &str = "net1";
 
 /// The CPU model when none is pinned: `host` passes the real CPU through
 /// under KVM (ties a snapshot to its host's CPU); under TCG `max` emulates
@@ -137,6 +148,17 @@ impl MachineSpec {
         push(netdev);
         push("-device".into());
         push(format!("virtio-net-device,netdev={NETDEV_ID}"));
+        if let Some(tap) = &self.egress_tap {
+            push("-netdev".into());
+            push(format!(
+                "tap,id={EGRESS_NETDEV_ID},ifname={},script=no,downscript=no",
+                escape(std::path::Path::new(tap))
+            ));
+            push("-device".into());
+            push(format!(
+                "virtio-net-device,netdev={EGRESS_NETDEV_ID},mac={EGRESS_MAC}"
+            ));
+        }
         push("-chardev".into());
         push(format!(
             "file,id=console,path={},append=on",
@@ -224,6 +246,7 @@ mod tests {
             tsc_khz: Some(2_599_998),
             extra_cmdline: vec!["hatch.disk_grow=1".into()],
             incoming: false,
+            egress_tap: None,
         }
     }
 
@@ -298,6 +321,17 @@ mod tests {
             ]
         );
         assert_eq!(value_of(&a, "-device")[1], "virtio-net-device,netdev=net0");
+        let mut with_tap = spec(Accel::Tcg);
+        with_tap.egress_tap = Some("hvabc".into());
+        let a = args(&with_tap);
+        assert_eq!(
+            value_of(&a, "-netdev")[1],
+            "tap,id=net1,ifname=hvabc,script=no,downscript=no"
+        );
+        assert!(
+            value_of(&a, "-device")
+                .contains(&"virtio-net-device,netdev=net1,mac=52:54:00:4e:45:54".to_string())
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ impl VmManager {
             || req.env.is_some()
             || req.cmd.is_some()
             || req.restart.is_some()
+            || req.egress.is_some()
         {
             return Err(ApiError::invalid(
                 "a fork has its snapshot's image, vcpus, memory, disk and app settings: give only name and from_snapshot",
@@ -64,7 +65,7 @@ impl VmManager {
             memory_mib: source.memory_mib,
             disk_mib: source.disk_mib,
             // Its app was started with these (and restarts with them).
-            app: source.app.clone(),
+            settings: source.settings.clone(),
             ..Vm::fresh(
                 id.clone(),
                 name,

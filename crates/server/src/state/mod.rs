@@ -307,7 +307,8 @@ struct VmRow {
     forwards: String,
     node: Option<String>,
     epoch: i64,
-    /// JSON of the VM's [`AppSettings`]; NULL when none were given.
+    /// JSON of the VM's [`VmSettings`] (the column is named for its first
+    /// content, the app's settings); NULL when none were given.
     app: Option<String>,
 }
 
@@ -317,10 +318,10 @@ const VM_COLUMNS: &str = "id, name, state, state_reason, image, vcpus, memory_mi
 
 /// The `app` column of a VM.
 fn app_column(vm: &Vm) -> Result<Option<String>, StoreError> {
-    if vm.app.is_empty() {
+    if vm.settings.is_empty() {
         return Ok(None);
     }
-    serde_json::to_string(&vm.app)
+    serde_json::to_string(&vm.settings)
         .map(Some)
         .map_err(|e| StoreError::Corrupt(format!("encoding the VM's app settings: {e}")))
 }
@@ -348,7 +349,7 @@ impl VmRow {
                 idle_timeout_seconds: None,
                 idle_timeout_route: None,
                 node: self.node,
-                app: match &self.app {
+                settings: match &self.app {
                     Some(json) => from_json("app", json)?,
                     None => Default::default(),
                 },

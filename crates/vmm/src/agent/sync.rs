@@ -18,6 +18,37 @@ pub struct Synced {
 }
 
 impl Agent {
+    /// Give the guest's outbound card the address `guest` (CIDR) with
+    /// gateway `gateway`: after a restore the host's end may have moved.
+    pub async fn set_network(
+        &self,
+        guest: &str,
+        gateway: &str,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        self.shared.table.lock().syncs.insert(id, tx);
+        let exchange = async {
+            self.send(&format!("net {guest} {gateway} {id}\n")).await?;
+            rx.await
+                .map_err(|_| VmmError::Agent("the agent channel closed".into()))
+        };
+        let answer = tokio::time::timeout(timeout, exchange).await;
+        self.shared.table.lock().syncs.remove(&id);
+        match answer {
+            Err(_) => Err(VmmError::Agent(format!(
+                "the guest agent did not confirm its network within {} ms",
+                timeout.as_millis()
+            ))),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Reply::Ok(_))) => Ok(()),
+            Ok(Ok(Reply::Error(why))) => Err(VmmError::Agent(format!(
+                "the guest could not set its network: {why}"
+            ))),
+        }
+    }
+
     /// Set the guest's wall clock to the host's and reseed its RNG, waiting
     /// at most `timeout` for the guest's confirmation. Each request carries
     /// an id, so a late answer to an earlier attempt is never taken for
