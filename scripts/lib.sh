@@ -34,7 +34,8 @@ apt_install() {
 }
 
 install_packages() {
-  local pkgs=(busybox-static e2fsprogs curl ca-certificates)
+  # nftables and iproute2: VMs' outbound network (tap devices, firewall).
+  local pkgs=(busybox-static e2fsprogs curl ca-certificates nftables iproute2)
   local missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -88,6 +89,8 @@ check_programs() {
     "mkfs.ext4 -V"
     "dpkg-deb --version"
     "curl --version"
+    "nft --version"
+    "ip -V"
   )
   for c in "${checks[@]}"; do
     if ! $c >/dev/null 2>&1; then
@@ -100,7 +103,7 @@ check_programs() {
     failed=1
   fi
   [ "$failed" = 0 ] || { echo "error: set-up incomplete; see above" >&2; exit 1; }
-  log "QEMU $(qemu_version_of qemu-system-x86_64), busybox, e2fsprogs: ok"
+  log "QEMU $(qemu_version_of qemu-system-x86_64), busybox, e2fsprogs, nft, ip: ok"
 }
 
 # The statically linked program that runs inside the guest (demo app, agent).

@@ -25,11 +25,13 @@ impl VmManager {
         let started = Instant::now();
         match self.launch(&rt, false).await {
             Ok(machine) => {
-                if let Err(e) = self.transition(&rt, VmState::Running, None).await {
-                    tracing::error!(vm = %rt.id, error = %e, "recording boot failed");
-                }
+                // The start time first: whoever sees the VM running sees
+                // when it started.
                 if let Err(e) = self.store.set_vm_started(&rt.id, &now_rfc3339()).await {
                     tracing::error!(vm = %rt.id, error = %e, "recording start time failed");
+                }
+                if let Err(e) = self.transition(&rt, VmState::Running, None).await {
+                    tracing::error!(vm = %rt.id, error = %e, "recording boot failed");
                 }
                 tracing::info!(vm = %rt.id, pid = machine.pid(), launch_ms = started.elapsed().as_millis() as u64, "qemu launched");
                 self.watch(rt.clone(), machine.clone());
