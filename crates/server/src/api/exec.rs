@@ -333,9 +333,6 @@ async fn stream(app: &super::AppState, id: &str, socket: &mut WebSocket) -> Resu
                 Some(Ok(Message::Text(t))) => {
                     let c: Control = serde_json::from_str(&t)
                         .map_err(|e| ApiError::BadRequest(format!("bad control message: {e}")))?;
-                    if c.data.is_some() {
-                        return Err(ApiError::BadRequest("stdin goes in binary messages".into()));
-                    }
                     if c.signal.is_some_and(|sig| !(1..=64).contains(&sig)) {
                         return Err(ApiError::invalid("signal must be 1 to 64"));
                     }

@@ -121,14 +121,6 @@ impl Network {
         })
     }
 
-    /// User mode only (tests of other parts).
-    pub fn user_only() -> Network {
-        Network {
-            tap: Err("not set up".into()),
-            links: Default::default(),
-        }
-    }
-
     /// The network a new VM gets, with the egress asked for.
     pub fn settings_for(&self, egress: Option<Egress>) -> Result<NetworkSettings, ApiError> {
         match (&self.tap, egress) {
