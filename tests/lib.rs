@@ -451,6 +451,38 @@ impl Daemon {
             .collect()
     }
 
+    /// A node of a cluster sharing `pg` and `garage`, with a cluster
+    /// address and the cluster's secrets; `extra` is added to its
+    /// environment.
+    pub async fn cluster_node(
+        pg: &Postgres,
+        garage: &Garage,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let mut env = garage.env();
+        env.extend(
+            [
+                ("HATCH_DATABASE_URL", pg.url()),
+                ("HATCH_NODE_NAME", name.to_string()),
+                ("HATCH_CLUSTER_ADDR", free_addr().to_string()),
+                (
+                    "HATCH_CLUSTER_SECRET",
+                    "cluster-secret-for-tests-0123".to_string(),
+                ),
+                (
+                    "HATCH_SNAPSHOT_SECRET",
+                    "snapshot-secret-for-tests-0123".to_string(),
+                ),
+                // Lost nodes are noticed in seconds, not the default 15.
+                ("HATCH_NODE_DOWN_SECONDS", "3".to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Daemon::start_with_env(env).await
+    }
+
     /// Set (or with None, remove) an environment variable of the daemon
     /// for its next start.
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {

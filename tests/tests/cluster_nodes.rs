@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use hatch_e2e::{Daemon, Garage, KEY, PATIENCE, Postgres, free_addr, hatch_bin, kill_pid, kv};
+use hatch_e2e::{Daemon, Garage, KEY, PATIENCE, Postgres, hatch_bin, kill_pid, kv};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -126,26 +126,7 @@ async fn nodes_share_vms_and_each_acts_only_on_its_own() {
 
 /// A node of a three-node cluster with cluster addresses and a shared secret.
 async fn cluster_node(pg: &Postgres, garage: &Garage, name: &str) -> Daemon {
-    let mut env = garage.env();
-    env.extend(
-        [
-            ("HATCH_DATABASE_URL", pg.url()),
-            ("HATCH_NODE_NAME", name.to_string()),
-            ("HATCH_CLUSTER_ADDR", free_addr().to_string()),
-            (
-                "HATCH_CLUSTER_SECRET",
-                "cluster-secret-for-tests-0123".to_string(),
-            ),
-            (
-                "HATCH_SNAPSHOT_SECRET",
-                "snapshot-secret-for-tests-0123".to_string(),
-            ),
-            // Lost nodes are noticed in seconds, not the default 15.
-            ("HATCH_NODE_DOWN_SECONDS", "3".to_string()),
-        ]
-        .map(|(k, v)| (k.to_string(), v)),
-    );
-    Daemon::start_with_env(env).await
+    Daemon::cluster_node(pg, garage, name, &[]).await
 }
 
 async fn cluster_addr_of(d: &Daemon, name: &str) -> String {

@@ -398,3 +398,150 @@ async fn bad_archives_are_refused_clearly_and_leave_nothing() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
+
+fn image_in<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+}
+
+#[tokio::test]
+async fn an_image_imported_on_one_node_runs_on_every_node() {
+    let pg = Postgres::start();
+    let garage = Garage::start().await;
+    let n1 = Daemon::cluster_node(&pg, &garage, "n1", &[]).await;
+    let n2 = Daemon::cluster_node(&pg, &garage, "n2", &[]).await;
+    // n3's first fetch of the image is cut short by a crash.
+    let mut n3 = Daemon::cluster_node(
+        &pg,
+        &garage,
+        "n3",
+        &[("HATCH_FAULTS", "image.fetched@web=crash")],
+    )
+    .await;
+
+    let (s, image) = import(&n1, "web", outer(&oci_files("amd64"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{image}");
+    // Every node lists it, as the cluster's; only n1 has it yet.
+    let (_, list) = n2.call(Method::GET, "/images", None).await;
+    let web = image_in(&list, "web").expect("n2 lists n1's import");
+    assert_eq!(
+        (
+            web["kind"].as_str(),
+            web["node"].as_str(),
+            web["stored"].as_bool(),
+            web["on_this_node"].as_bool()
+        ),
+        (Some("container"), Some("n1"), Some(true), Some(false)),
+        "{web}"
+    );
+    assert_eq!(web["app"]["exposed_ports"], json!([8000]));
+    // Its name is taken on every node.
+    let (s, e) = import(&n2, "web", docker_save()).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+
+    // A VM of it on n1, routed through n2 (which has no copy: the route
+    // still gets the image's port), then moved to n2: n2 fetches the image
+    // and restores the VM, its state kept.
+    let vm = n1.create_vm(json!({"name": "mover", "image": "web"})).await;
+    let id = vm["id"].as_str().unwrap().to_string();
+    n1.wait_state(&id, "running").await;
+    let route = n2.create_route("web.localhost", &id).await;
+    assert_eq!(route["port"], 8000, "{route}");
+    n1.wait_http("web.localhost", "/info.txt").await;
+    let first = n2.get_ok("web.localhost", "/cgi-bin/counter").await;
+    assert_eq!(kv(&first, "counter"), "1");
+    let (s, moved) = n1
+        .call(
+            Method::POST,
+            &format!("/vms/{id}/move"),
+            Some(json!({ "to": "n2" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{moved}");
+    n2.wait_state(&id, "running").await;
+    let after = n1.get_ok("web.localhost", "/cgi-bin/counter").await;
+    assert_eq!(
+        (kv(&after, "counter"), kv(&after, "boot_id")),
+        ("2".to_string(), kv(&first, "boot_id"))
+    );
+    let (_, list) = n2.call(Method::GET, "/images", None).await;
+    assert_eq!(image_in(&list, "web").unwrap()["on_this_node"], true);
+
+    // Booting it on n3: the first fetch is cut short by a crash, which
+    // leaves no image behind; after a restart the fetch completes.
+    let images3 = n3.data_dir.path().join("images");
+    let _ = n3
+        .call(
+            Method::POST,
+            "/vms",
+            Some(json!({"name": "b", "image": "web"})),
+        )
+        .await;
+    n3.wait_for_crash().await;
+    let leftovers: Vec<String> = std::fs::read_dir(&images3)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !leftovers.iter().any(|n| n == "web")
+            && leftovers.iter().any(|n| n.starts_with(".fetch-web")),
+        "a partial fetch, not an image: {leftovers:?}"
+    );
+    n3.set_env("HATCH_FAULTS", None);
+    n3.start_again().await;
+    assert!(
+        !std::fs::read_dir(&images3).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')),
+        "the partial fetch is removed at start"
+    );
+    let vm = n3
+        .create_vm(json!({"name": "b", "image": "web", "env": {"GREETING": "hi from n3"}}))
+        .await;
+    let b = vm["id"].as_str().unwrap().to_string();
+    n3.wait_state(&b, "running").await;
+    n3.create_route("b.localhost", &b).await;
+    let info = n3.wait_http("b.localhost", "/info.txt").await;
+    assert_eq!(kv(&info, "greeting"), "hi from n3");
+
+    // Not deletable while a VM of any node uses it.
+    let (s, e) = n1.call(Method::DELETE, "/images/web", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains(&b), "{e}");
+    for (node, vm) in [(&n2, &id), (&n3, &b)] {
+        let (s, e) = node.call(Method::DELETE, &format!("/vms/{vm}"), None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{e}");
+    }
+    let (s, e) = n2.call(Method::DELETE, "/images/web", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{e}");
+    // Gone for the cluster: from every list, from S3, and n3's copy is no
+    // longer used.
+    let (_, list) = n1.call(Method::GET, "/images", None).await;
+    assert!(image_in(&list, "web").is_none(), "{list}");
+    let stored: Vec<_> = {
+        use futures_util::TryStreamExt;
+        garage
+            .bucket()
+            .list(Some(&object_store::path::Path::from("images")))
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    assert!(stored.is_empty(), "{stored:?}");
+    let (s, e) = n3
+        .call(Method::POST, "/vms", Some(json!({"image": "web"})))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+
+    // Imported again under the same name (other content, a new import):
+    // n3's old copy is stale and not listed as present there.
+    let (s, image) = import(&n1, "web", docker_save()).await;
+    assert_eq!(s, StatusCode::CREATED, "{image}");
+    let (_, list) = n3.call(Method::GET, "/images", None).await;
+    assert_eq!(image_in(&list, "web").unwrap()["on_this_node"], false);
+}

@@ -25,16 +25,17 @@ pub struct GcReport {
 }
 
 impl ChunkStore {
-    /// Delete every chunk that no object under `manifests` references.
-    /// `references` reads the chunk ids out of one manifest; a manifest it
+    /// Delete every chunk that no object under the `manifests` prefixes
+    /// references. `references` reads the chunk ids out of one manifest
+    /// (given its key and bytes); a manifest it
     /// cannot read may reference anything, so the collection stops. Fails
     /// with [`ChunkError::Locked`] while uploads (of any daemon) run.
     pub async fn collect_garbage(
         &self,
         owner: &str,
-        manifests: &str,
+        manifests: &[&str],
         max_manifest_bytes: u64,
-        references: impl Fn(&[u8]) -> Result<Vec<String>, String>,
+        references: impl Fn(&str, &[u8]) -> Result<Vec<String>, String>,
         grace: Duration,
     ) -> Result<GcReport, ChunkError> {
         let lock = self.lock_for_gc(owner).await?;
@@ -53,17 +54,21 @@ impl ChunkStore {
 
     async fn collect_locked(
         &self,
-        manifests: &str,
+        manifests: &[&str],
         max_manifest_bytes: u64,
-        references: impl Fn(&[u8]) -> Result<Vec<String>, String>,
+        references: impl Fn(&str, &[u8]) -> Result<Vec<String>, String>,
         grace: Duration,
         now: i64,
     ) -> Result<GcReport, ChunkError> {
         let mut report = GcReport::default();
         let mut referenced = HashSet::new();
-        for key in self.list(manifests).await? {
+        let mut keys = Vec::new();
+        for prefix in manifests {
+            keys.extend(self.list(prefix).await?);
+        }
+        for key in keys {
             let bytes = self.get(&key, max_manifest_bytes).await?;
-            let ids = references(&bytes).map_err(|reason| ChunkError::Corrupt {
+            let ids = references(&key, &bytes).map_err(|reason| ChunkError::Corrupt {
                 id: key.clone(),
                 reason: format!("garbage collection stopped: {reason}"),
             })?;

@@ -35,13 +35,19 @@ fn manifest(chunks: &FileChunks) -> Bytes {
     Bytes::from(serde_json::to_vec(&chunks.ids().collect::<Vec<_>>()).unwrap())
 }
 
-fn references(bytes: &[u8]) -> Result<Vec<String>, String> {
+fn references(_key: &str, bytes: &[u8]) -> Result<Vec<String>, String> {
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 async fn gc(store: &ChunkStore, grace: Duration) -> Result<hatch_chunks::GcReport, ChunkError> {
     store
-        .collect_garbage("test", "manifests/", 1 << 20, references, grace)
+        .collect_garbage(
+            "test",
+            &["manifests/", "images/"],
+            1 << 20,
+            references,
+            grace,
+        )
         .await
 }
 
@@ -61,18 +67,21 @@ async fn collection_deletes_only_unreferenced_chunks() {
     let kept = snapshot(&a, &random_file(dir.path(), "a", 2), "manifests/a").await;
     let gone = snapshot(&a, &random_file(dir.path(), "b", 3), "manifests/b").await;
     a.delete("manifests/b").await.unwrap();
+    // Every prefix given keeps what its manifests name.
+    let image = snapshot(&a, &random_file(dir.path(), "c", 1), "images/c").await;
 
     // Young garbage survives a grace period.
     let r = gc(&a, Duration::from_secs(3600)).await.unwrap();
     assert_eq!(
         (r.manifests, r.chunks, r.deleted_chunks, r.kept_young),
-        (1, 5, 0, 3)
+        (2, 6, 0, 3)
     );
 
     let r = gc(&a, GRACE_NONE).await.unwrap();
-    assert_eq!((r.chunks, r.deleted_chunks), (5, 3));
+    assert_eq!((r.chunks, r.deleted_chunks), (6, 3));
     let out = dir.path().join("out");
     a.download_file(&kept, &out).await.unwrap();
+    a.download_file(&image, &out).await.unwrap();
     let err = a.download_file(&gone, &out).await.unwrap_err();
     assert!(matches!(err, ChunkError::Missing { .. }), "{err:?}");
 }

@@ -194,6 +194,7 @@ pub fn build_default(store: &ImageStore, opts: &BuildOptions) -> Result<Image, I
         created_at: util::now_rfc3339(),
         agent: true,
         app: None,
+        id: None,
     };
     let fp_json = serde_json::to_vec_pretty(&fingerprint).map_err(|e| ImageError::Json {
         context: "serializing build fingerprint".into(),

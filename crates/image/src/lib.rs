@@ -95,6 +95,12 @@ pub struct Image {
     /// None for images that boot their own userland.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<oci::AppConfig>,
+    /// Which import this is (`img-…`): an imported image is known to the
+    /// cluster by name and id, and a copy on a node whose id differs from
+    /// the cluster's record is stale. None for built and registered images,
+    /// which exist on one node only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Checks an image name: `[a-z0-9][a-z0-9-]{0,62}`.
@@ -190,7 +196,13 @@ impl ImageStore {
     /// disk holding the app's config at `/.hatch/app.json`; it boots with
     /// `base`'s kernel and initramfs, whose init runs the app. The image
     /// appears atomically; on any error nothing is left.
-    pub fn import(&self, name: &str, archive: &Path, base: &Image) -> Result<Image, ImageError> {
+    pub fn import(
+        &self,
+        name: &str,
+        id: &str,
+        archive: &Path,
+        base: &Image,
+    ) -> Result<Image, ImageError> {
         validate_image_name(name)?;
         let dest = self.image_dir(name);
         if dest.exists() {
@@ -236,6 +248,7 @@ impl ImageStore {
             created_at: util::now_rfc3339(),
             agent: true,
             app: Some(unpacked.app),
+            id: Some(id.to_string()),
         };
         write_image_json(staging.path(), &image)?;
         util::fsync_dir(staging.path())?;
@@ -293,6 +306,7 @@ impl ImageStore {
             created_at: util::now_rfc3339(),
             agent,
             app: None,
+            id: None,
         };
         write_image_json(staging.path(), &image)?;
         util::fsync_dir(staging.path())?;
@@ -312,6 +326,91 @@ impl ImageStore {
         util::fsync_dir(&self.root)?;
         tracing::info!(image = %name, format = %image.disk_format, disk_mib = image.disk_mib, "registered image");
         Ok(image)
+    }
+}
+
+impl ImageStore {
+    /// Start receiving image `name` from elsewhere (another node's import,
+    /// through S3): its files are written into the staged directory, then
+    /// [`ImageStore::install`] puts it in place.
+    pub fn stage(&self, name: &str) -> Result<StagedImage, ImageError> {
+        validate_image_name(name)?;
+        Ok(StagedImage {
+            dir: util::TempDir::new_in(&self.root, &format!("fetch-{name}"))?,
+        })
+    }
+
+    /// Put a staged image in place under `image.name`, described by
+    /// `image` (its paths are set here), replacing a copy of the same name
+    /// (a stale one: the caller checked it is not the image wanted). The
+    /// files are made durable first: an installed image is trusted by id.
+    pub fn install(&self, staged: StagedImage, mut image: Image) -> Result<Image, ImageError> {
+        validate_image_name(&image.name)?;
+        let disk_file = disk_file_name(&image.disk_format)?;
+        let dir = staged.dir.path();
+        for file in [KERNEL_FILE, INITRD_FILE, disk_file.as_str()] {
+            let path = dir.join(file);
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ImageError::io(format!("syncing {}", path.display()), e))?;
+        }
+        let dest = self.image_dir(&image.name);
+        image.kernel = dest.join(KERNEL_FILE);
+        image.initrd = dest.join(INITRD_FILE);
+        image.disk = dest.join(&disk_file);
+        write_image_json(dir, &image)?;
+        util::fsync_dir(dir)?;
+        if dest.exists() {
+            self.remove(&image.name)?;
+        }
+        fs::rename(dir, &dest).map_err(|e| {
+            ImageError::io(format!("moving image into place at {}", dest.display()), e)
+        })?;
+        staged.dir.disarm();
+        util::fsync_dir(&self.root)?;
+        Ok(image)
+    }
+
+    /// Remove image `name`'s directory (moved aside first, so that no
+    /// half-removed image is ever read); Ok if there is none.
+    pub fn remove(&self, name: &str) -> Result<(), ImageError> {
+        validate_image_name(name)?;
+        let dir = self.image_dir(name);
+        let aside = util::tmp_sibling(&self.root.join(format!("removed-{name}")));
+        match fs::rename(&dir, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ImageError::io(format!("removing {}", dir.display()), e)),
+        }
+        fs::remove_dir_all(&aside)
+            .map_err(|e| ImageError::io(format!("removing {}", aside.display()), e))
+    }
+}
+
+/// File names inside an image directory.
+pub const KERNEL_FILE: &str = "vmlinuz";
+pub const INITRD_FILE: &str = "initrd.img";
+
+/// The base disk's file name for a disk format (`disk.raw`, `disk.qcow2`).
+pub fn disk_file_name(format: &str) -> Result<String, ImageError> {
+    match format {
+        "raw" | "qcow2" => Ok(format!("disk.{format}")),
+        other => Err(ImageError::InvalidInput(format!(
+            "disk format {other:?} (raw or qcow2 expected)"
+        ))),
+    }
+}
+
+/// An image being received: a hidden directory removed unless installed.
+pub struct StagedImage {
+    dir: util::TempDir,
+}
+
+impl StagedImage {
+    /// Where the file named `file` ([`KERNEL_FILE`], [`INITRD_FILE`],
+    /// [`disk_file_name`]) is to be written.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
     }
 }
 
@@ -379,6 +478,7 @@ mod tests {
             created_at: "2024-01-02T03:04:05Z".into(),
             agent: false,
             app: None,
+            id: None,
         }
     }
 
@@ -409,6 +509,54 @@ mod tests {
         }
         assert!(matches!(store.get("nope"), Err(ImageError::NotFound(_))));
         assert!(matches!(store.get("../x"), Err(ImageError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_staged_image_replaces_a_stale_copy_whole_or_not_at_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path().join("images")).unwrap();
+        let write = |staged: &StagedImage, disk: &[u8]| {
+            fs::write(staged.path(KERNEL_FILE), b"k").unwrap();
+            fs::write(staged.path(INITRD_FILE), b"i").unwrap();
+            fs::write(staged.path("disk.raw"), disk).unwrap();
+        };
+        let mut img = sample(store.root());
+        img.name = "web".into();
+        img.id = Some("img-old".into());
+        let staged = store.stage("web").unwrap();
+        write(&staged, b"old");
+        let old = store.install(staged, img.clone()).unwrap();
+        assert_eq!(store.get("web").unwrap(), old);
+        assert_eq!(old.disk, store.root().join("web/disk.raw"));
+        assert_eq!(fs::read(&old.disk).unwrap(), b"old");
+
+        img.id = Some("img-new".into());
+        let staged = store.stage("web").unwrap();
+        write(&staged, b"new");
+        let new = store.install(staged, img.clone()).unwrap();
+        assert_eq!(store.get("web").unwrap().id.as_deref(), Some("img-new"));
+        assert_eq!(fs::read(&new.disk).unwrap(), b"new");
+
+        // A staged image dropped before install leaves nothing behind, and
+        // a bad disk format is refused before anything moves.
+        let staged = store.stage("other").unwrap();
+        write(&staged, b"x");
+        drop(staged);
+        let staged = store.stage("web").unwrap();
+        write(&staged, b"x");
+        img.disk_format = "vmdk".into();
+        assert!(matches!(
+            store.install(staged, img),
+            Err(ImageError::InvalidInput(_))
+        ));
+        let names: Vec<String> = fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["web"]);
+        store.remove("web").unwrap();
+        store.remove("web").unwrap();
+        assert!(matches!(store.get("web"), Err(ImageError::NotFound(_))));
     }
 
     #[test]

@@ -74,8 +74,8 @@ impl VmManager {
             .context("vm record vanished")?;
         let vm = rec.vm;
         let image = self
-            .images
-            .get(&vm.image)
+            .image(&vm.image)
+            .await
             .with_context(|| format!("image '{}'", vm.image))?;
         let paths = self.paths(&vm.id);
         std::fs::create_dir_all(&self.cfg.run_dir)

@@ -143,6 +143,7 @@ pub async fn run(
         .await
         .context("recovering interrupted snapshots")?;
     vms.sweep_leftovers().await;
+    vms.prune_images().await;
 
     let Listeners {
         api: api_listener,

@@ -387,13 +387,7 @@ impl VmManager {
             return self.fork(req, &sid).await;
         }
         let image_name = req.image.unwrap_or_else(|| "default".to_string());
-        let image = match self.images.get(&image_name) {
-            Ok(image) => image,
-            Err(hatch_image::ImageError::NotFound(_)) => {
-                return Err(ApiError::invalid(self.images.missing_hint(&image_name)));
-            }
-            Err(e) => return Err(ApiError::Internal(e.into())),
-        };
+        let image = self.image(&image_name).await?;
         let settings = model::VmSettings {
             env: req.env.unwrap_or_default(),
             cmd: req.cmd,

@@ -90,14 +90,11 @@ impl VmManager {
     /// The guest port a route gets when it names none: the first port the
     /// VM's image exposes (an imported container image), else 8080.
     async fn default_guest_port(&self, vm_id: &str) -> Result<u16, ApiError> {
-        let image = match self.store.get_vm(vm_id).await? {
-            Some(rec) => self.images.get(&rec.vm.image).ok(),
-            None => None,
+        let ports = match self.store.get_vm(vm_id).await? {
+            Some(rec) => self.exposed_ports(&rec.vm.image).await,
+            None => Vec::new(),
         };
-        Ok(image
-            .and_then(|i| i.app)
-            .and_then(|app| app.exposed_ports.first().copied())
-            .unwrap_or(model::DEFAULT_GUEST_PORT))
+        Ok(ports.first().copied().unwrap_or(model::DEFAULT_GUEST_PORT))
     }
 
     pub async fn create_route(self: &Arc<Self>, req: CreateRoute) -> Result<Route, ApiError> {

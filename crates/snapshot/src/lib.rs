@@ -3,6 +3,8 @@
 //!
 //! - [`manifest`]: the versioned, sealed description of a snapshot in S3,
 //!   validated field by field before anything it names is fetched;
+//! - [`image_manifest`]: an imported image as stored in S3, for the other
+//!   nodes of a cluster;
 //! - [`seal`]: keyed BLAKE3 MACs over what Hatch wrote (manifests, local
 //!   copies), with key rotation;
 //! - [`local_copy`]: the sealed description of a snapshot's copy on a node;
@@ -17,6 +19,8 @@
 //! (`hatch-server`'s `snapshot` module) and use these.
 
 pub mod durable;
+mod envelope;
+pub mod image_manifest;
 pub mod local_copy;
 pub mod manifest;
 pub mod names;

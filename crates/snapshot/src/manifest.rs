@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::SnapshotKind;
+use crate::envelope;
 use crate::names::{is_layer_name, is_snapshot_id, is_vm_id};
-use crate::seal::{Seal, SealError, SealKeys};
+use crate::seal::{SealError, SealKeys};
 
 /// Version 2: sealed with a MAC, records the snapshot's kind. Version 1
 /// (a bare checksum) is refused for restores: anyone could have written it.
@@ -61,17 +62,6 @@ pub struct Layer {
     pub chunks: FileChunks,
 }
 
-/// The stored form: the manifest as JSON, and its seal over exactly the
-/// bytes of `manifest` as they are stored.
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    format: String,
-    version: u32,
-    key_id: String,
-    mac: String,
-    manifest: Box<serde_json::value::RawValue>,
-}
-
 /// What the restoring daemon knows independently of the bucket.
 #[derive(Debug, Clone)]
 pub struct Expected<'a> {
@@ -102,15 +92,7 @@ pub fn manifest_key(vm_id: &str, snapshot_id: &str) -> String {
 
 impl Manifest {
     pub fn encode(&self, keys: &SealKeys) -> Result<Vec<u8>, serde_json::Error> {
-        let body = serde_json::to_string(self)?;
-        let seal = keys.seal(body.as_bytes());
-        serde_json::to_vec(&Envelope {
-            format: FORMAT.into(),
-            version: MANIFEST_VERSION,
-            key_id: seal.key_id,
-            mac: seal.mac,
-            manifest: serde_json::value::RawValue::from_string(body)?,
-        })
+        envelope::seal(FORMAT, MANIFEST_VERSION, self, keys)
     }
 
     /// Parse, authenticate and validate a manifest read from the bucket.
@@ -119,21 +101,8 @@ impl Manifest {
         keys: &SealKeys,
         expected: &Expected<'_>,
     ) -> Result<Manifest, ManifestError> {
-        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| {
-            ManifestError::Malformed(format!("not a version {MANIFEST_VERSION} manifest: {e}"))
-        })?;
-        if env.format != FORMAT || env.version != MANIFEST_VERSION {
-            return Err(ManifestError::Malformed(format!(
-                "format {:?} version {} (expected {FORMAT:?} version {MANIFEST_VERSION})",
-                env.format, env.version
-            )));
-        }
-        let seal = Seal {
-            key_id: env.key_id,
-            mac: env.mac,
-        };
-        keys.verify(&seal, env.manifest.get().as_bytes())?;
-        let m: Manifest = serde_json::from_str(env.manifest.get())
+        let body = envelope::open(bytes, FORMAT, MANIFEST_VERSION, keys)?;
+        let m: Manifest = serde_json::from_str(body.get())
             .map_err(|e| ManifestError::Malformed(e.to_string()))?;
         m.validate(expected).map_err(ManifestError::Invalid)?;
         Ok(m)
@@ -221,30 +190,12 @@ impl Manifest {
     /// authenticating it (a manifest another daemon sealed with a key we do
     /// not hold, or an older version, still protects its chunks).
     pub fn chunk_refs(bytes: &[u8]) -> Result<Vec<String>, String> {
-        let env: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let manifest = match env.get("manifest") {
-            Some(Value::String(raw)) => serde_json::from_str(raw).map_err(|e| e.to_string())?,
-            Some(v) => v.clone(),
-            None => return Err("no manifest in the envelope".into()),
-        };
+        let (_, manifest) = envelope::unverified(bytes)?;
         let mut files: Vec<&Value> = vec![&manifest["device_state"], &manifest["memory"]];
         if let Some(layers) = manifest["disk_layers"].as_array() {
             files.extend(layers.iter().map(|l| &l["chunks"]));
         }
-        let mut ids = Vec::new();
-        for f in files {
-            let list = f["chunks"]
-                .as_array()
-                .ok_or("a file without a chunk list")?;
-            for c in list {
-                match c {
-                    Value::Null => {}
-                    Value::String(id) if hatch_chunks::is_chunk_id(id) => ids.push(id.clone()),
-                    other => return Err(format!("bad chunk reference {other}")),
-                }
-            }
-        }
-        Ok(ids)
+        envelope::chunk_ids(files)
     }
 }
 

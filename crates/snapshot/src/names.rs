@@ -24,6 +24,11 @@ pub fn is_snapshot_id(s: &str) -> bool {
     is_id(s, "snap")
 }
 
+/// An imported image's id (`img-…`), which names its manifest in S3.
+pub fn is_image_id(s: &str) -> bool {
+    is_id(s, "img")
+}
+
 /// A disk layer file of a VM: its first overlay `disk.qcow2`, or a layer
 /// added by a capture or a restore, `layer-<id>.qcow2`.
 pub fn is_layer_name(s: &str) -> bool {

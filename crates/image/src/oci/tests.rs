@@ -323,8 +323,9 @@ fn an_import_becomes_an_image_with_an_ext4_root_and_its_app() {
         created_at: String::new(),
         agent: true,
         app: None,
+        id: None,
     };
-    let image = store.import("myapp", &archive, &base).unwrap();
+    let image = store.import("myapp", "img-1", &archive, &base).unwrap();
     assert_eq!(store.get("myapp").unwrap(), image);
     assert_eq!(image.app.as_ref().unwrap().exposed_ports, [8080, 9090]);
     assert_eq!(image.cmdline, "console=ttyS0");
@@ -343,13 +344,13 @@ fn an_import_becomes_an_image_with_an_ext4_root_and_its_app() {
 
     // The name is taken now; a bad archive leaves nothing behind.
     assert!(matches!(
-        store.import("myapp", &archive, &base),
+        store.import("myapp", "img-1", &archive, &base),
         Err(crate::ImageError::AlreadyExists(_))
     ));
     std::fs::write(t.path().join("bad.tar"), b"not a tar").unwrap();
     assert!(
         store
-            .import("bad", &t.path().join("bad.tar"), &base)
+            .import("bad", "img-2", &t.path().join("bad.tar"), &base)
             .is_err()
     );
     let names: Vec<_> = std::fs::read_dir(store.root())

@@ -5,43 +5,18 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use futures_util::StreamExt;
-use hatch_image::{Image, ImageError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use super::App;
 use crate::error::ApiError;
-
-fn image_error(e: ImageError) -> ApiError {
-    match e {
-        ImageError::InvalidInput(m) => ApiError::Invalid(m),
-        e @ ImageError::InvalidName(_) => ApiError::Invalid(e.to_string()),
-        ImageError::AlreadyExists(name) => {
-            ApiError::conflict(format!("image '{name}' already exists"))
-        }
-        ImageError::NotFound(name) => ApiError::not_found("image", &name),
-        other => ApiError::Internal(anyhow::Error::new(other)),
-    }
-}
-
-fn describe(image: &Image) -> Value {
-    json!({
-        "name": image.name,
-        "kind": if image.app.is_some() { "container" } else { "vm" },
-        "disk_mib": image.disk_mib,
-        "created_at": image.created_at,
-        "app": image.app,
-    })
-}
+use crate::images::{describe, image_error};
 
 #[utoipa::path(get, path = "/images", operation_id = "listImages", tag = "images",
-    responses((status = 200, description = "{\"images\": [{name, kind, disk_mib, created_at, app?}]}")))]
+    responses((status = 200, description = "{\"images\": [{name, kind, disk_mib, created_at, app?, node, stored, on_this_node}]}: the cluster's imported images and this node's own")))]
 pub async fn list(State(app): App) -> Result<Json<Value>, ApiError> {
-    let images = app.vms.images.list().map_err(image_error)?;
-    Ok(Json(
-        json!({ "images": images.iter().map(describe).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(json!({ "images": app.vms.list_images().await? })))
 }
 
 #[derive(Deserialize)]
@@ -60,6 +35,12 @@ pub async fn import(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     hatch_image::validate_image_name(&q.name).map_err(image_error)?;
+    if app.vms.store.get_image(&q.name).await?.is_some() {
+        return Err(ApiError::conflict(format!(
+            "image '{}' already exists",
+            q.name
+        )));
+    }
     let upload = app
         .vms
         .images
@@ -81,34 +62,14 @@ pub async fn import(
             "reading the upload failed: {e}"
         )));
     }
-    let vms = app.vms.clone();
-    let path = upload.clone();
-    let imported = tokio::task::spawn_blocking(move || vms.images.import(&q.name, &path)).await;
+    let imported = app.vms.import_image(&q.name, &upload).await;
     let _ = tokio::fs::remove_file(&upload).await;
-    let image = imported
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("the import task failed: {e}")))?
-        .map_err(image_error)?;
-    Ok((StatusCode::CREATED, Json(describe(&image))))
+    Ok((StatusCode::CREATED, Json(describe(&imported?))))
 }
 
 #[utoipa::path(delete, path = "/images/{name}", operation_id = "deleteImage", tag = "images",
-    responses((status = 204), (status = 404), (status = 409, description = "a VM uses it")))]
+    responses((status = 204), (status = 404), (status = 409, description = "a VM (of any node) uses it")))]
 pub async fn delete(State(app): App, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    let users: Vec<String> = app
-        .vms
-        .store
-        .list_vms()
-        .await?
-        .into_iter()
-        .filter(|r| r.vm.image == name)
-        .map(|r| r.vm.id)
-        .collect();
-    if !users.is_empty() {
-        return Err(ApiError::conflict(format!(
-            "image '{name}' is used by {}; delete those VMs first",
-            users.join(", ")
-        )));
-    }
-    app.vms.images.delete(&name).map_err(image_error)?;
+    app.vms.delete_image(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

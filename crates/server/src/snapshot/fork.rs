@@ -176,8 +176,8 @@ impl VmManager {
             .dir
             .join(layers.last().context("snapshot has no disk layer")?);
         let image = self
-            .images
-            .get(&source.image)
+            .image(&source.image)
+            .await
             .with_context(|| format!("image '{}'", source.image))?;
         let paths = self.paths(&rt.id);
         // Under a temporary name: a fork that fails half way leaves no disk

@@ -1,11 +1,16 @@
 //! Garbage collection of chunks that no manifest references: the protocol
 //! (bucket locks shared with every daemon's uploads) lives in
-//! `hatch_chunks`; this names what to keep. Manifests are read without
+//! `hatch_chunks`; this names what to keep: the chunks of snapshot
+//! manifests (`manifests/`) and image manifests (`images/`). Manifests are read without
 //! authenticating them: any manifest, even one sealed with a key this
 //! daemon does not hold, keeps its chunks.
 
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use hatch_snapshot::image_manifest::{
+    IMAGE_MANIFESTS_PREFIX, ImageManifest, MAX_IMAGE_MANIFEST_BYTES,
+};
 
 use super::manifest::{MAX_MANIFEST_BYTES, Manifest};
 use crate::error::ApiError;
@@ -37,9 +42,15 @@ impl VmManager {
         let r = store
             .collect_garbage(
                 &self.owner,
-                "manifests/",
-                MAX_MANIFEST_BYTES,
-                Manifest::chunk_refs,
+                &["manifests/", IMAGE_MANIFESTS_PREFIX],
+                MAX_MANIFEST_BYTES.max(MAX_IMAGE_MANIFEST_BYTES),
+                |key, bytes| {
+                    if key.starts_with(IMAGE_MANIFESTS_PREFIX) {
+                        ImageManifest::chunk_refs(bytes)
+                    } else {
+                        Manifest::chunk_refs(bytes)
+                    }
+                },
                 self.cfg.gc_grace,
             )
             .await

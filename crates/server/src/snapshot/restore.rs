@@ -474,7 +474,7 @@ impl VmManager {
         manifest: &Manifest,
         store: &ChunkStore,
     ) -> anyhow::Result<u64> {
-        let image = self.images.get(&manifest.image)?;
+        let image = self.image(&manifest.image).await?;
         let vm_dir = self.paths(vm_id).dir;
         let mut backing = (image.disk.clone(), image.disk_format.clone());
         let mut missing = Vec::new();

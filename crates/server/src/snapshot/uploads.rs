@@ -265,7 +265,14 @@ impl VmManager {
     /// Delete a snapshot's manifest from S3 (its deletion was queued with
     /// the record's); if that fails, the storage worker retries it.
     pub(crate) async fn delete_manifest(&self, store: &ChunkStore, vm_id: &str, snapshot_id: &str) {
-        let key = manifest_key(vm_id, snapshot_id);
+        self.delete_object(store, &manifest_key(vm_id, snapshot_id))
+            .await;
+    }
+
+    /// Delete an object whose deletion was queued with a record's (a
+    /// manifest); if that fails, the storage worker retries it.
+    pub(crate) async fn delete_object(&self, store: &ChunkStore, key: &str) {
+        let key = key.to_string();
         let outcome = match store.delete(&key).await {
             Ok(()) => self.store.remove_pending_delete(&key).await,
             Err(e) => {

@@ -6,7 +6,10 @@
 
 use hatch_vmm::PortForward;
 
-use super::{ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, SnapshotRecord, StateStore};
+use super::{
+    ApiKeyRecord, Claim, EVENTS_KEPT, ImageDeletion, ImageRecord, NodeBeat, SnapshotRecord,
+    StateStore,
+};
 use crate::model::{
     Retention, Route, Snapshot, SnapshotKind, SnapshotStatus, Vm, VmEvent, VmState,
 };
@@ -23,6 +26,7 @@ pub async fn run(store: &dyn StateStore) {
     pending_deletes(store).await;
     nodes(store).await;
     ownership_changes_are_compare_and_set(store).await;
+    images(store).await;
 }
 
 fn vm(id: &str, name: &str) -> Vm {
@@ -682,4 +686,88 @@ async fn ownership_changes_are_compare_and_set(store: &dyn StateStore) {
         from_silent_for: Some(Duration::from_secs(60)),
     };
     assert!(store.claim_vm(&free).await.expect("claim"));
+}
+
+async fn images(store: &dyn StateStore) {
+    let image = |name: &str, id: &str, manifest: Option<&str>| ImageRecord {
+        name: name.into(),
+        id: id.into(),
+        created_at: "2026-12-02T10:00:00Z".into(),
+        node: "n1".into(),
+        manifest: manifest.map(String::from),
+        details: r#"{"disk_mib":300}"#.into(),
+    };
+    let web = image("web", "img-1", Some("images/web/img-1.json"));
+    let local = image("local", "img-2", None);
+    assert!(store.insert_image(&web).await.expect("images"));
+    assert!(store.insert_image(&local).await.expect("images"));
+    // A taken name is refused and the first record stays.
+    assert!(
+        !store
+            .insert_image(&image("web", "img-3", None))
+            .await
+            .expect("images")
+    );
+    assert_eq!(
+        store.get_image("web").await.expect("images"),
+        Some(web.clone())
+    );
+    assert_eq!(store.get_image("nope").await.expect("images"), None);
+    assert_eq!(
+        store.list_images().await.expect("images"),
+        [local.clone(), web.clone()]
+    );
+
+    // Not while a VM of any node uses it.
+    let mut user = vm("vm-imageuser01", "image-user");
+    user.image = "web".into();
+    store.insert_vm(&user).await.expect("images");
+    assert_eq!(
+        store
+            .delete_image("web", "2026-12-02T11:00:00Z")
+            .await
+            .expect("images"),
+        ImageDeletion::InUse(vec!["vm-imageuser01".into()])
+    );
+    assert_eq!(store.get_image("web").await.expect("images"), Some(web));
+    store
+        .delete_vm("vm-imageuser01", &[], "2026-12-02T11:00:00Z")
+        .await
+        .expect("images");
+    let queued_before = store.pending_deletes().await.expect("images").len();
+    assert_eq!(
+        store
+            .delete_image("web", "2026-12-02T11:00:00Z")
+            .await
+            .expect("images"),
+        ImageDeletion::Deleted
+    );
+    assert_eq!(
+        store
+            .delete_image("web", "2026-12-02T11:00:00Z")
+            .await
+            .expect("images"),
+        ImageDeletion::NotFound
+    );
+    // Its manifest is queued for deletion from S3; an image without one
+    // queues nothing.
+    let queued = store.pending_deletes().await.expect("images");
+    assert!(queued.iter().any(|(k, _)| k == "images/web/img-1.json"));
+    assert_eq!(queued.len(), queued_before + 1);
+    assert_eq!(
+        store
+            .delete_image("local", "2026-12-02T11:00:00Z")
+            .await
+            .expect("images"),
+        ImageDeletion::Deleted
+    );
+    assert_eq!(
+        store.pending_deletes().await.expect("images").len(),
+        queued_before + 1
+    );
+    assert!(store.list_images().await.expect("images").is_empty());
+    store
+        .remove_pending_delete("images/web/img-1.json")
+        .await
+        .expect("images");
 }

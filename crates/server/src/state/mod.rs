@@ -142,6 +142,32 @@ pub struct NodeRecord {
     pub vms: u64,
 }
 
+/// An imported image as the cluster knows it. Its files are the image
+/// manifest's in S3, or only on `node` when it was imported without
+/// snapshot storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    /// Which import (`img-…`): a node's copy with another id is stale.
+    pub id: String,
+    pub created_at: String,
+    /// The node that imported it.
+    pub node: String,
+    /// Key of its manifest in S3; None: imported without snapshot storage.
+    pub manifest: Option<String>,
+    /// What `GET /images` shows of it besides the above (JSON).
+    pub details: String,
+}
+
+/// What [`StateStore::delete_image`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageDeletion {
+    Deleted,
+    NotFound,
+    /// These VMs use it: nothing changed.
+    InUse(Vec<String>),
+}
+
 /// Where Hatch keeps its state. Every method is one atomic change or one
 /// consistent read; none holds a lock across calls.
 #[async_trait]
@@ -260,6 +286,16 @@ pub trait StateStore: Send + Sync {
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     /// Mark a node `up` or `draining`; Ok(false): no such node.
     async fn set_node_state(&self, name: &str, state: &str) -> Result<bool, StoreError>;
+
+    // --- imported images ---
+    /// Record an imported image; Ok(false): the name is taken.
+    async fn insert_image(&self, image: &ImageRecord) -> Result<bool, StoreError>;
+    async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError>;
+    /// Every imported image, by name.
+    async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError>;
+    /// Delete image `name` unless a VM (of any node) uses it, queueing its
+    /// manifest's deletion from S3, in one transaction.
+    async fn delete_image(&self, name: &str, now: &str) -> Result<ImageDeletion, StoreError>;
 
     // --- objects to delete from S3, retried ---
     /// Record a failed attempt to delete `key` (queueing it if need be).

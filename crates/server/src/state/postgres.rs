@@ -14,9 +14,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
-    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, app_column,
-    from_json, to_json,
+    ApiKeyRecord, Claim, EVENTS_KEPT, ImageDeletion, ImageRecord, NodeBeat, NodeRecord,
+    PROCESS_STATES, SNAPSHOT_COLUMNS, SnapshotRecord, SnapshotRow, StateStore, StoreError,
+    VM_COLUMNS, VmRecord, VmRow, app_column, from_json, to_json,
 };
 use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 
@@ -115,6 +115,17 @@ CREATE TABLE nodes (
     r#"
 -- An imported image's app settings of the VM (JSON: env, cmd, restart).
 ALTER TABLE vms ADD COLUMN app TEXT;
+"#,
+    r#"
+-- Imported images, known to every node of the cluster (files in S3).
+CREATE TABLE images (
+    name TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    node TEXT NOT NULL,
+    manifest TEXT,
+    details TEXT NOT NULL
+);
 "#,
 ];
 
@@ -296,6 +307,19 @@ fn snapshot_from_row(r: &Row) -> Result<SnapshotRecord, StoreError> {
 const CLAIM_WHERE: &str = "id = $1 AND epoch = $2 AND node IS NOT DISTINCT FROM $3
     AND ($5::float8 IS NULL OR NOT EXISTS (SELECT 1 FROM nodes WHERE name = $3
         AND EXTRACT(EPOCH FROM (now() - heartbeat_at)) <= $5::float8))";
+
+const IMAGE_COLUMNS: &str = "name, id, created_at, node, manifest, details";
+
+fn image_from_row(r: &Row) -> Result<ImageRecord, StoreError> {
+    Ok(ImageRecord {
+        name: r.try_get(0)?,
+        id: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+        node: r.try_get(3)?,
+        manifest: r.try_get(4)?,
+        details: r.try_get(5)?,
+    })
+}
 
 const QUEUE_DELETE: &str = "INSERT INTO pending_deletes (key, attempts, last_error, added_at)
     VALUES ($1, 0, NULL, $2) ON CONFLICT (key) DO NOTHING";
@@ -877,6 +901,80 @@ impl StateStore for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn insert_image(&self, i: &ImageRecord) -> Result<bool, StoreError> {
+        Ok(self
+            .execute(
+                "INSERT INTO images (name, id, created_at, node, manifest, details)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+                &[
+                    &i.name,
+                    &i.id,
+                    &i.created_at,
+                    &i.node,
+                    &i.manifest,
+                    &i.details,
+                ],
+            )
+            .await?
+            > 0)
+    }
+
+    async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        self.query_opt(
+            &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = $1"),
+            &[&name],
+        )
+        .await?
+        .as_ref()
+        .map(image_from_row)
+        .transpose()
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.query(
+            &format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(image_from_row)
+        .collect()
+    }
+
+    async fn delete_image(&self, name: &str, now: &str) -> Result<ImageDeletion, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // The row stays locked until the end: two deletions do not both
+        // queue the manifest, and a deletion sees every VM committed
+        // before it.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT manifest FROM images WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )
+            .await?
+        else {
+            return Ok(ImageDeletion::NotFound);
+        };
+        let manifest: Option<String> = row.try_get(0)?;
+        let users: Vec<String> = tx
+            .query("SELECT id FROM vms WHERE image = $1 ORDER BY id", &[&name])
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if !users.is_empty() {
+            return Ok(ImageDeletion::InUse(users));
+        }
+        if let Some(key) = &manifest {
+            tx.execute(QUEUE_DELETE, &[key, &now]).await?;
+        }
+        tx.execute("DELETE FROM images WHERE name = $1", &[&name])
+            .await?;
+        tx.commit().await?;
+        Ok(ImageDeletion::Deleted)
     }
 
     async fn pending_deletes(&self) -> Result<Vec<(String, u32)>, StoreError> {

@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ApiKeyRecord, Claim, EVENTS_KEPT, NodeBeat, NodeRecord, PROCESS_STATES, SNAPSHOT_COLUMNS,
-    SnapshotRecord, SnapshotRow, StateStore, StoreError, VM_COLUMNS, VmRecord, VmRow, app_column,
-    from_json, to_json,
+    ApiKeyRecord, Claim, EVENTS_KEPT, ImageDeletion, ImageRecord, NodeBeat, NodeRecord,
+    PROCESS_STATES, SNAPSHOT_COLUMNS, SnapshotRecord, SnapshotRow, StateStore, StoreError,
+    VM_COLUMNS, VmRecord, VmRow, app_column, from_json, to_json,
 };
 use crate::model::{Retention, Route, SnapshotStatus, Vm, VmEvent, VmState};
 use hatch_vmm::PortForward;
@@ -133,6 +133,17 @@ CREATE TABLE nodes (
     r#"
 -- An imported image's app settings of the VM (JSON: env, cmd, restart).
 ALTER TABLE vms ADD COLUMN app TEXT;
+"#,
+    r#"
+-- Imported images, known to every node of a cluster (files in S3).
+CREATE TABLE images (
+    name TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    node TEXT NOT NULL,
+    manifest TEXT,
+    details TEXT NOT NULL
+);
 "#,
 ];
 
@@ -685,6 +696,57 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    async fn insert_image(&self, i: &ImageRecord) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "INSERT OR IGNORE INTO images (name, id, created_at, node, manifest, details)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![i.name, i.id, i.created_at, i.node, i.manifest, i.details],
+        )? > 0)
+    }
+
+    async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"
+        ))?;
+        Ok(stmt.query_row([name], image_from_row).optional()?)
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"))?;
+        let rows = stmt.query_map([], image_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    async fn delete_image(&self, name: &str, now: &str) -> Result<ImageDeletion, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let manifest: Option<Option<String>> = tx
+            .query_row("SELECT manifest FROM images WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(manifest) = manifest else {
+            return Ok(ImageDeletion::NotFound);
+        };
+        let users = {
+            let mut stmt = tx.prepare("SELECT id FROM vms WHERE image = ?1 ORDER BY id")?;
+            let rows = stmt.query_map([name], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        if !users.is_empty() {
+            return Ok(ImageDeletion::InUse(users));
+        }
+        if let Some(key) = manifest {
+            queue_delete(&tx, &key, now)?;
+        }
+        tx.execute("DELETE FROM images WHERE name = ?1", [name])?;
+        tx.commit()?;
+        Ok(ImageDeletion::Deleted)
+    }
+
     async fn pending_deletes(&self) -> Result<Vec<(String, u32)>, StoreError> {
         let conn = self.conn();
         let mut stmt =
@@ -754,6 +816,19 @@ fn unix_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+const IMAGE_COLUMNS: &str = "name, id, created_at, node, manifest, details";
+
+fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
+    Ok(ImageRecord {
+        name: r.get(0)?,
+        id: r.get(1)?,
+        created_at: r.get(2)?,
+        node: r.get(3)?,
+        manifest: r.get(4)?,
+        details: r.get(5)?,
+    })
 }
 
 fn queue_delete(tx: &rusqlite::Transaction<'_>, key: &str, now: &str) -> Result<(), StoreError> {

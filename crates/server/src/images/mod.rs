@@ -1,17 +1,32 @@
 //! Where the daemon finds images: its images directory, then the cache the
 //! set-up scripts build the default image into (`~/.cache/hatch/images`),
 //! so that `hatch serve` on an empty data dir can create VMs at once.
+//! Imported images are the cluster's (`cluster.rs`): recorded in the
+//! database, stored in S3, and fetched by the nodes that need them.
 
-use hatch_image::{Image, ImageError, ImageStore};
+mod cluster;
 
+pub(crate) use cluster::{describe, image_error};
+
+use hatch_image::{Image, ImageError, ImageStore, StagedImage};
+
+/// Cheap to clone: directories and a shared lock.
+#[derive(Clone)]
 pub struct Images {
     primary: ImageStore,
     cache: Option<ImageStore>,
+    /// Held while an image is fetched from S3 (one at a time: a herd of
+    /// wakes of one image fetches it once).
+    fetching: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Images {
     pub fn new(primary: ImageStore, cache: Option<ImageStore>) -> Images {
-        Images { primary, cache }
+        Images {
+            primary,
+            cache,
+            fetching: Default::default(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Result<Image, ImageError> {
@@ -57,26 +72,60 @@ impl Images {
 
     /// Import a container image archive as `name` (booted with the default
     /// image's kernel and initramfs).
-    pub fn import(&self, name: &str, archive: &std::path::Path) -> Result<Image, ImageError> {
+    pub fn import(
+        &self,
+        name: &str,
+        id: &str,
+        archive: &std::path::Path,
+    ) -> Result<Image, ImageError> {
         if self.get(name).is_ok() {
             return Err(ImageError::AlreadyExists(name.to_string()));
         }
         let base = self.get("default")?;
-        self.primary.import(name, archive, &base)
+        self.primary.import(name, id, archive, &base)
     }
 
     /// Remove image `name` from the images directory (images in the cache
     /// are the set-up scripts' and stay).
     pub fn delete(&self, name: &str) -> Result<(), ImageError> {
         hatch_image::validate_image_name(name)?;
-        let dir = self.primary.root().join(name);
-        if !dir.join(hatch_image::IMAGE_JSON).is_file() {
+        if !self
+            .primary
+            .root()
+            .join(name)
+            .join(hatch_image::IMAGE_JSON)
+            .is_file()
+        {
             return Err(ImageError::NotFound(name.to_string()));
         }
-        std::fs::remove_dir_all(&dir).map_err(|e| ImageError::Io {
-            context: format!("removing {}", dir.display()),
-            source: e,
-        })
+        self.primary.remove(name)
+    }
+
+    /// This node's copy of an imported image (`id` set), if it has one.
+    fn imported_copy(&self, name: &str) -> Option<Image> {
+        self.primary.get(name).ok().filter(|i| i.id.is_some())
+    }
+
+    fn stage(&self, name: &str) -> Result<StagedImage, ImageError> {
+        self.primary.stage(name)
+    }
+
+    fn install(&self, staged: StagedImage, image: Image) -> Result<Image, ImageError> {
+        self.primary.install(staged, image)
+    }
+
+    /// Fetches cut short by a restart (only this daemon writes them).
+    fn remove_partial_fetches(&self) {
+        let Ok(entries) = std::fs::read_dir(self.primary.root()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".fetch-") || name.starts_with(".removed-") {
+                tracing::info!(dir = %e.path().display(), "removing an image fetch cut short");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// Where uploads are staged (the images directory's file system, so the
