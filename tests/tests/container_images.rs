@@ -193,7 +193,25 @@ async fn boot(d: &Daemon, image: &str, host: &str) -> String {
 #[tokio::test]
 async fn an_imported_image_runs_its_app_suspends_and_wakes() {
     let garage = Garage::start().await;
-    let d = Daemon::start_with_env(garage.env()).await;
+    let mut env = garage.env();
+    env.push(("HATCH_FAULTS".into(), "image.uploaded@flaky=fail:1".into()));
+    let d = Daemon::start_with_env(env).await;
+
+    // An import whose upload to S3 fails leaves nothing; the next works.
+    let (s, e) = import(&d, "flaky", outer(&oci_files("amd64"))).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("image_unavailable")),
+        "{e}"
+    );
+    let (_, list) = d.call(Method::GET, "/images", None).await;
+    assert!(
+        !list.to_string().contains("flaky"),
+        "nothing recorded: {list}"
+    );
+    assert!(!d.data_dir.path().join("images/flaky").exists());
+    let (s, image) = import(&d, "flaky", outer(&oci_files("amd64"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{image}");
 
     let (s, image) = import(&d, "web", outer(&oci_files("amd64"))).await;
     assert_eq!(s, StatusCode::CREATED, "{image}");
@@ -412,7 +430,14 @@ async fn an_image_imported_on_one_node_runs_on_every_node() {
     let pg = Postgres::start();
     let garage = Garage::start().await;
     let n1 = Daemon::cluster_node(&pg, &garage, "n1", &[]).await;
-    let n2 = Daemon::cluster_node(&pg, &garage, "n2", &[]).await;
+    // n2's first fetch of the image fails (S3 lost meanwhile).
+    let n2 = Daemon::cluster_node(
+        &pg,
+        &garage,
+        "n2",
+        &[("HATCH_FAULTS", "image.fetched@web=fail:1")],
+    )
+    .await;
     // n3's first fetch of the image is cut short by a crash.
     let mut n3 = Daemon::cluster_node(
         &pg,
@@ -461,7 +486,22 @@ async fn an_image_imported_on_one_node_runs_on_every_node() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{moved}");
-    n2.wait_state(&id, "running").await;
+    // The first wake fails on the image: the VM stays suspended, as
+    // restorable as before, and says why; the next request wakes it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let failed = loop {
+        let vm = n2.vm(&id).await;
+        if vm["state_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot be fetched"))
+        {
+            break vm;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{vm}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed["state"], "snapshotted", "{failed}");
+    assert_eq!(failed["node"], "n2", "{failed}");
     let after = n1.get_ok("web.localhost", "/cgi-bin/counter").await;
     assert_eq!(
         (kv(&after, "counter"), kv(&after, "boot_id")),
@@ -473,13 +513,14 @@ async fn an_image_imported_on_one_node_runs_on_every_node() {
     // Booting it on n3: the first fetch is cut short by a crash, which
     // leaves no image behind; after a restart the fetch completes.
     let images3 = n3.data_dir.path().join("images");
-    let _ = n3
-        .call(
-            Method::POST,
-            "/vms",
-            Some(json!({"name": "b", "image": "web"})),
-        )
+    let crashed = n3
+        .http
+        .post(n3.api_url("/vms"))
+        .bearer_auth(KEY)
+        .json(&json!({"name": "b", "image": "web"}))
+        .send()
         .await;
+    assert!(crashed.is_err(), "the daemon died answering: {crashed:?}");
     n3.wait_for_crash().await;
     let leftovers: Vec<String> = std::fs::read_dir(&images3)
         .unwrap()

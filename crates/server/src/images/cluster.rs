@@ -169,6 +169,10 @@ impl VmManager {
         if self.store.get_image(name).await?.is_some() {
             return Err(taken());
         }
+        if self.images.imported_copy(name).is_some() {
+            // A copy of an import deleted since (on another node): stale.
+            self.images.delete(name).map_err(image_error)?;
+        }
         let id = new_id("img");
         let image = {
             let (name, id, archive) = (name.to_string(), id.clone(), archive.to_path_buf());
