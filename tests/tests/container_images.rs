@@ -463,6 +463,7 @@ async fn an_image_imported_on_one_node_runs_on_every_node() {
         "{web}"
     );
     assert_eq!(web["app"]["exposed_ports"], json!([8000]));
+    assert!(web["stored_bytes"].as_u64().unwrap() > 1 << 20, "{web}");
     // Its name is taken on every node.
     let (s, e) = import(&n2, "web", docker_save()).await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");

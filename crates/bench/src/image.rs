@@ -2,7 +2,8 @@
 //! HTTP server script, incompressible filler) built here as an OCI archive,
 //! then: its import time (`POST /images`), cold boot of a VM of it to the
 //! first proxied response, and its wake after a suspend (local copy, S3
-//! only), next to the default image's boot and wake in the same run.
+//! only, S3 on a node that must fetch the image too), next to the default
+//! image's boot and wake in the same run.
 
 use std::time::Instant;
 
@@ -20,6 +21,13 @@ pub struct ImageArgs {
     /// Size of the filler file in the image.
     #[arg(long, default_value_t = 100)]
     payload_mib: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Local,
+    S3,
+    S3NoImage,
 }
 
 const START: &str = "#!/bin/sh\nexec httpd -f -p 8080 -h /www\n";
@@ -53,6 +61,7 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
         let mut boot = Samples::default();
         let mut local = Samples::default();
         let mut s3 = Samples::default();
+        let mut elsewhere = Samples::default();
         for i in 0..n {
             let t0 = Instant::now();
             let vm = api.create_vm(json!({ "image": image })).await?;
@@ -62,23 +71,40 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
                 api.wait_http(&host).await?;
             }
             boot.push(t0.elapsed());
-            for from_s3 in [false, true] {
+            // The wakes: from the local copy; from S3 alone; and, for the
+            // imported image, from S3 on a node without the image (as on
+            // another node of a cluster: its copy is removed, so the wake
+            // fetches the image first).
+            let imported = image != "default";
+            for (wake, samples) in [
+                (Wake::Local, &mut local),
+                (Wake::S3, &mut s3),
+                (Wake::S3NoImage, &mut elsewhere),
+            ] {
+                if wake == Wake::S3NoImage && !imported {
+                    continue;
+                }
                 let sid = api.snapshot(&vm, true).await?;
                 api.wait_snapshot(&vm, &sid).await?;
                 api.wait_state(&vm, "snapshotted").await?;
-                if from_s3 {
+                if wake != Wake::Local {
                     crate::wipe_local(&c.data_dir, &vm)?;
+                }
+                if wake == Wake::S3NoImage {
+                    let dir = c.images_dir.join(image);
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
                 }
                 let t0 = Instant::now();
                 let status = api.proxy_get(&host, "/").await?;
                 if status != 200 {
                     bail!("the wake answered {status}");
                 }
-                if from_s3 { &mut s3 } else { &mut local }.push(t0.elapsed());
+                samples.push(t0.elapsed());
             }
             api.delete_vm(&vm).await?;
         }
-        rows.push((label, boot, local, s3));
+        rows.push((label, boot, local, s3, elsewhere));
     }
     for i in 0..n {
         let _ = api.delete_image(&format!("bench-app-{i}")).await;
@@ -91,18 +117,25 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
         "import of the {} MiB image (upload, unpack, ext4)",
         args.payload_mib
     ));
-    for (label, boot, local, s3) in &rows {
+    for (label, boot, local, s3, elsewhere) in &rows {
         boot.row(&format!("{label}: create to first proxied response"));
         local.row(&format!("{label}: wake, local copy"));
         s3.row(&format!("{label}: wake, S3 only"));
+        if !elsewhere.is_empty() {
+            elsewhere.row(&format!(
+                "{label}: wake, S3 only, image fetched too (a node without it)"
+            ));
+        }
     }
     println!();
     let (imported, default) = (&rows[0], &rows[1]);
     println!(
-        "imported / default (medians): boot {:.2}x, wake local {:.2}x, wake S3 {:.2}x",
+        "imported / default (medians): boot {:.2}x, wake local {:.2}x, wake S3 {:.2}x; \
+         imported, wake with the image fetched / wake S3: {:.2}x",
         imported.1.median() / default.1.median(),
         imported.2.median() / default.2.median(),
-        imported.3.median() / default.3.median()
+        imported.3.median() / default.3.median(),
+        imported.4.median() / imported.3.median()
     );
     Ok(())
 }

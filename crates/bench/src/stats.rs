@@ -18,6 +18,10 @@ impl Samples {
         self.values.push(v);
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
     fn sorted(&self) -> Vec<f64> {
         let mut v = self.values.clone();
         v.sort_by(f64::total_cmp);

@@ -179,9 +179,15 @@ impl VmManager {
             let images = self.images.clone();
             blocking(move || images.import(&name, &id, &archive).map_err(image_error)).await?
         };
+        let mut details = describe(&image);
         let manifest = match &self.storage {
             Some(store) => match self.upload_image(store, &image).await {
-                Ok(key) => Some(key),
+                Ok((key, stored)) => {
+                    // What S3 holds because of it (chunks shared with
+                    // earlier uploads are not counted again).
+                    details["stored_bytes"] = json!(stored);
+                    Some(key)
+                }
                 Err(e) => {
                     let _ = self.images.delete(name);
                     return Err(unavailable(name, format!("uploading it: {e:#}")));
@@ -195,7 +201,7 @@ impl VmManager {
             created_at: image.created_at.clone(),
             node: self.cfg.node_name.clone(),
             manifest: manifest.clone(),
-            details: describe(&image).to_string(),
+            details: details.to_string(),
         };
         let inserted = self.store.insert_image(&record).await;
         if !matches!(inserted, Ok(true)) {
@@ -213,7 +219,12 @@ impl VmManager {
 
     /// Upload an imported image's files and then its manifest, under an
     /// upload lock (as a snapshot is: see `hatch_chunks::lock`).
-    async fn upload_image(&self, store: &ChunkStore, image: &Image) -> anyhow::Result<String> {
+    /// Answers the manifest's key and the bytes this upload added to S3.
+    async fn upload_image(
+        &self,
+        store: &ChunkStore,
+        image: &Image,
+    ) -> anyhow::Result<(String, u64)> {
         let id = image.id.clone().unwrap_or_default();
         let _gc = self.gc_lock.read().await;
         let lock = store.lock_for_upload(&self.owner).await?;
@@ -238,16 +249,17 @@ impl VmManager {
         };
         let key = image_manifest_key(&image.name, &id);
         let bytes = manifest.encode(&self.seal_keys)?;
+        let stored = k.stored_bytes + i.stored_bytes + d.stored_bytes + bytes.len() as u64;
         lock.check_held()?;
         store.put(&key, Bytes::from(bytes)).await?;
         lock.release().await;
         tracing::info!(
             image = %image.name,
-            stored_bytes = k.stored_bytes + i.stored_bytes + d.stored_bytes,
+            stored_bytes = stored,
             ms = started.elapsed().as_millis() as u64,
             "uploaded image to snapshot storage"
         );
-        Ok(key)
+        Ok((key, stored))
     }
 
     /// Every image: the cluster's imports (with whether this node has a
@@ -318,9 +330,14 @@ impl VmManager {
     }
 
     /// At start-up: remove fetches cut short, and copies of imports the
-    /// cluster no longer has (or has imported again under the same name).
+    /// cluster no longer has (or has imported again under the same name);
+    /// the latter only from an images directory of this daemon's own (one
+    /// shared with daemons of another database holds their imports).
     pub(crate) async fn prune_images(&self) {
         self.images.remove_partial_fetches();
+        if !self.images.is_under(&self.cfg.data_dir) {
+            return;
+        }
         let Ok(local) = self.images.list() else {
             return;
         };

@@ -114,18 +114,36 @@ impl Images {
         self.primary.install(staged, image)
     }
 
-    /// Fetches cut short by a restart (only this daemon writes them).
+    /// Fetches and removals cut short by a crash: staging directories
+    /// (`.fetch-NAME.tmp-PID-N`) of processes that are gone. The images
+    /// directory may be shared with other daemons, whose work in progress
+    /// is left alone.
     fn remove_partial_fetches(&self) {
         let Ok(entries) = std::fs::read_dir(self.primary.root()) else {
             return;
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".fetch-") || name.starts_with(".removed-") {
+            if !(name.starts_with(".fetch-") || name.starts_with(".removed-")) {
+                continue;
+            }
+            let pid = name
+                .rsplit_once(".tmp-")
+                .and_then(|(_, rest)| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            let writer_alive =
+                pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if !writer_alive {
                 tracing::info!(dir = %e.path().display(), "removing an image fetch cut short");
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+
+    /// Whether the images directory is under `dir` (this daemon's data
+    /// dir), so that no other daemon keeps images in it.
+    fn is_under(&self, dir: &std::path::Path) -> bool {
+        std::path::absolute(dir).is_ok_and(|d| self.primary.root().starts_with(d))
     }
 
     /// Where uploads are staged (the images directory's file system, so the
