@@ -34,7 +34,7 @@ impl Drop for InFlight {
 pub async fn open(vms: &Arc<VmManager>, id: &str, start: ExecStart) -> Result<Exec, ApiError> {
     let id = vms.resolve_local(id).await?;
     let vm = vms.get(&id).await?;
-    if !vms.image(&vm.image).await.is_ok_and(|i| i.agent) {
+    if !vms.image(&vm.image).await?.agent {
         return Err(ApiError::conflict(format!(
             "vm '{id}' runs image '{}', which has no Hatch guest agent to run commands",
             vm.image
