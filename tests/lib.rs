@@ -528,6 +528,54 @@ impl Daemon {
     }
 }
 
+/// Run `request` over the exec WebSocket, sending `input` as stdin;
+/// returns stdout, stderr and the final message.
+pub async fn exec_ws(
+    d: &Daemon,
+    id: &str,
+    request: Value,
+    input: &[u8],
+) -> (String, String, Value) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut req = format!("ws://{}/vms/{id}/exec/ws", d.api_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Text(request.to_string().into()))
+        .await
+        .unwrap();
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(input);
+    ws.send(Message::Binary(msg.into())).await.unwrap();
+    ws.send(Message::Text(r#"{"eof":true}"#.into()))
+        .await
+        .unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(m) = ws.next().await {
+        match m.unwrap() {
+            Message::Binary(b) => match b[0] {
+                1 => out.extend_from_slice(&b[1..]),
+                2 => err.extend_from_slice(&b[1..]),
+                other => panic!("unknown stream {other}"),
+            },
+            Message::Text(t) => {
+                return (
+                    String::from_utf8(out).unwrap(),
+                    String::from_utf8(err).unwrap(),
+                    serde_json::from_str(&t).unwrap(),
+                );
+            }
+            _ => {}
+        }
+    }
+    panic!("the exec socket closed without an end message");
+}
+
 /// Parse `key=value` lines of the demo app.
 pub fn kv(body: &str, key: &str) -> String {
     body.lines()

@@ -510,6 +510,17 @@ async fn an_image_imported_on_one_node_runs_on_every_node() {
     );
     let (_, list) = n2.call(Method::GET, "/images", None).await;
     assert_eq!(image_in(&list, "web").unwrap()["on_this_node"], true);
+    // An exec over the WebSocket, asked of n1, runs on n2 (the upgrade is
+    // forwarded and spliced).
+    let (out, _, end) = exec_ws(
+        &n1,
+        &id,
+        json!({"cmd": ["sh", "-c", "cat; cat /dev/shm/n; hostname"]}),
+        b"through n1\n",
+    )
+    .await;
+    assert_eq!(out, "through n1\n2\nmover\n", "{end}");
+    assert_eq!(end["exit_code"], 0, "{end}");
 
     // Booting it on n3: the first fetch is cut short by a crash, which
     // leaves no image behind; after a restart the fetch completes.

@@ -4,12 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use futures_util::{SinkExt, StreamExt};
 use hatch_e2e::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Exits 0 if a `sleep` process runs in the guest, 1 if none (shell
 /// builtins only: the default image has no pgrep).
@@ -18,45 +15,6 @@ const SLEEP_RUNS: &str = "for f in /proc/[0-9]*/comm; do read -r c < $f 2>/dev/n
 async fn exec(d: &Daemon, id: &str, body: Value) -> (StatusCode, Value) {
     d.call(Method::POST, &format!("/vms/{id}/exec"), Some(body))
         .await
-}
-
-/// Run `request` over the exec WebSocket, sending `input` as stdin;
-/// returns stdout, stderr and the final message.
-async fn exec_ws(d: &Daemon, id: &str, request: Value, input: &[u8]) -> (String, String, Value) {
-    let mut req = format!("ws://{}/vms/{id}/exec/ws", d.api_addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.send(Message::Text(request.to_string().into()))
-        .await
-        .unwrap();
-    let mut msg = vec![0u8];
-    msg.extend_from_slice(input);
-    ws.send(Message::Binary(msg.into())).await.unwrap();
-    ws.send(Message::Text(r#"{"eof":true}"#.into()))
-        .await
-        .unwrap();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    while let Some(m) = ws.next().await {
-        match m.unwrap() {
-            Message::Binary(b) => match b[0] {
-                1 => out.extend_from_slice(&b[1..]),
-                2 => err.extend_from_slice(&b[1..]),
-                other => panic!("unknown stream {other}"),
-            },
-            Message::Text(t) => {
-                return (
-                    String::from_utf8(out).unwrap(),
-                    String::from_utf8(err).unwrap(),
-                    serde_json::from_str(&t).unwrap(),
-                );
-            }
-            _ => {}
-        }
-    }
-    panic!("the exec socket closed without an end message");
 }
 
 fn cli(d: &Daemon, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {

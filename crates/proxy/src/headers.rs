@@ -109,7 +109,7 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
 
 /// Whether a request asks for a protocol upgrade (`Connection: upgrade` plus an
 /// `Upgrade` header).
-pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && connection_tokens(headers).iter().any(|t| t == "upgrade")
 }
@@ -117,7 +117,7 @@ pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers: those named in `Connection`, the fixed list, and
 /// every `Proxy-*` header. With `keep_upgrade`, the `Upgrade` header survives and
 /// `Connection: upgrade` is set, so the upgrade handshake reaches the other side.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade: Vec<HeaderValue> = if keep_upgrade {
         headers.get_all(header::UPGRADE).iter().cloned().collect()
     } else {

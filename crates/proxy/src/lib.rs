@@ -31,6 +31,9 @@ mod server;
 use std::future::Future;
 use std::net::SocketAddr;
 
+/// Hop-by-hop header handling, shared with the API's forwarding of
+/// upgraded calls between nodes.
+pub use headers::{is_upgrade_request, strip_hop_by_hop};
 pub use metrics::ProxyMetrics;
 pub use server::{ProxyConfig, serve, serve_with_config};
 

@@ -159,8 +159,12 @@ pub async fn call_node(
 async fn forward(
     req: Request,
     addr: std::net::SocketAddr,
-    (hop_name, hop_value): (http::HeaderName, http::HeaderValue),
-) -> Result<Response, reqwest::Error> {
+    hop: (http::HeaderName, http::HeaderValue),
+) -> anyhow::Result<Response> {
+    if hatch_proxy::is_upgrade_request(req.headers()) {
+        return forward_upgrade(req, addr, hop).await;
+    }
+    let (hop_name, hop_value) = hop;
     let (parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -183,6 +187,64 @@ async fn forward(
     Ok(response
         .body(Body::from_stream(answer.bytes_stream()))
         .unwrap_or_else(|_| ApiError::Internal(anyhow::anyhow!("bad answer")).into_response()))
+}
+
+/// An upgrade (the exec WebSocket) sent on to the owner over a connection
+/// of its own: once both sides have switched protocols, the caller's
+/// connection and the owner's are spliced until either closes. An owner
+/// that refuses (401, 404, 409, ...) answers as it is.
+async fn forward_upgrade(
+    mut req: Request,
+    addr: std::net::SocketAddr,
+    (hop_name, hop_value): (http::HeaderName, http::HeaderValue),
+) -> anyhow::Result<Response> {
+    use hyper_util::rt::TokioIo;
+
+    let caller = hyper::upgrade::on(&mut req);
+    let (mut parts, _no_body) = req.into_parts();
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .parse()?;
+    parts.extensions.clear();
+    hatch_proxy::strip_hop_by_hop(&mut parts.headers, true);
+    parts.headers.remove(crate::cluster::hop::HEADER);
+    parts
+        .headers
+        .insert(header::HOST, http::HeaderValue::from_static(API_HOST));
+    parts.headers.insert(hop_name, hop_value);
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "forwarded upgrade connection ended");
+        }
+    });
+    let mut answer = sender
+        .send_request(Request::from_parts(parts, Body::empty()))
+        .await?;
+    if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = answer.into_parts();
+        hatch_proxy::strip_hop_by_hop(&mut parts.headers, false);
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    }
+    let owner = hyper::upgrade::on(&mut answer);
+    let (mut parts, _empty) = answer.into_parts();
+    parts.extensions.clear();
+    hatch_proxy::strip_hop_by_hop(&mut parts.headers, true);
+    tokio::spawn(async move {
+        let (Ok(caller), Ok(owner)) = tokio::join!(caller, owner) else {
+            tracing::debug!("a forwarded upgrade did not complete");
+            return;
+        };
+        let (mut caller, mut owner) = (TokioIo::new(caller), TokioIo::new(owner));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut caller, &mut owner).await {
+            tracing::debug!(error = %e, "a forwarded upgraded connection ended with an error");
+        }
+    });
+    Ok(Response::from_parts(parts, Body::empty()))
 }
 
 /// Headers without the hop-by-hop ones (and without Host and lengths, which
