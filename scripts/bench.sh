@@ -68,6 +68,10 @@ cleanup() {
   for p in "$RUN"/*.pid "$RUN-n2"/*.pid; do
     [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true
   done
+  # The daemons' nftables tables (VM egress rules) go with them.
+  for t in $(grep -ho 'table=hatch_[0-9a-f]*' "$DATA/hatch.log" "$DATA/hatch-n2.log" 2>/dev/null | sort -u); do
+    nft delete table inet "${t#table=}" 2>/dev/null || true
+  done
   if [ -n "${PGDIR:-}" ]; then
     as_pg "$PG_BIN/pg_ctl" -D "$PGDIR/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$PGDIR"

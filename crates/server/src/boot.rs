@@ -105,6 +105,7 @@ impl VmManager {
         if vm.disk_mib > image.disk_mib {
             extra_cmdline.push("hatch.disk_grow=1".to_string());
         }
+        let t_prepare = std::time::Instant::now();
         let link = self
             .network
             .prepare(&vm.id, vm.settings.network.as_ref())
@@ -165,15 +166,23 @@ impl VmManager {
             self.store
                 .set_vm_forwards(&vm.id, &forwards, &self.cfg.node_name)
                 .await?;
+            let t_qemu = std::time::Instant::now();
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
                     machine.set_command_timeout(self.cfg.qmp_timeout);
+                    let t_tap = std::time::Instant::now();
                     if let Some(link) = &link
                         && let Err(e) = self.network.configure(link)
                     {
                         machine.kill();
                         return Err(e.context("configuring the vm's tap device"));
                     }
+                    let ms = |a: std::time::Instant, b: std::time::Instant| {
+                        b.duration_since(a).as_secs_f64() * 1000.0
+                    };
+                    tracing::debug!(vm = %vm.id, restore,
+                        prepare_ms = ms(t_prepare, t_qemu), qemu_ms = ms(t_qemu, t_tap),
+                        tap_ms = ms(t_tap, std::time::Instant::now()), "launch steps");
                     let machine = Arc::new(machine);
                     rt.lock().machine = Some(machine.clone());
                     return Ok(machine);

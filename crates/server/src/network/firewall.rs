@@ -8,6 +8,12 @@
 //! metadata service, loopback, multicast, the VMs' own range). Connections
 //! into a VM's tap are refused too: inbound goes through the proxy. What
 //! remains is checked against the VM's own egress policy, then NATed out.
+//!
+//! Several daemons may share a host, and a killed daemon's table stays
+//! (its VMs run on). Every table applies the rules above to every tap (all
+//! daemons want them), but judges egress only for its own taps (those in
+//! its `egress_of` map): a blanket "drop what I do not know" would let one
+//! daemon's table, or a dead daemon's, cut off the others' VMs.
 
 use ipnet::Ipv4Net;
 
@@ -25,7 +31,10 @@ const REFUSED: &[&str] = &[
     "240.0.0.0/4",
 ];
 
-/// The daemon's table, created from scratch (an earlier run's is replaced).
+/// The daemon's table. Its base chains' rules are replaced (an earlier
+/// run's, perhaps of another version, go) in one atomic script, while the
+/// `egress_of` map and the per-VM chains stay: VMs that outlived the
+/// daemon keep their egress policy without a gap until it is applied again.
 pub fn table(name: &str, vm_range: Ipv4Net) -> String {
     let refused = REFUSED
         .iter()
@@ -34,29 +43,37 @@ pub fn table(name: &str, vm_range: Ipv4Net) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        r#"table inet {name}
-delete table inet {name}
-table inet {name} {{
+        r#"table inet {name} {{
+    map egress_of {{
+        type ifname : verdict;
+    }}
     chain input {{
         type filter hook input priority filter - 5; policy accept;
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 5; policy accept;
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+    }}
+}}
+flush chain inet {name} input
+flush chain inet {name} forward
+flush chain inet {name} postrouting
+table inet {name} {{
+    chain input {{
         iifname "{TAP_PREFIX}*" ct state established,related accept
         iifname "{TAP_PREFIX}*" drop
     }}
     chain forward {{
-        type filter hook forward priority filter - 5; policy accept;
         iifname "{TAP_PREFIX}*" meta nfproto ipv6 drop
         iifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" drop
         iifname "{TAP_PREFIX}*" ip daddr {{ {refused} }} drop
         oifname "{TAP_PREFIX}*" ct state established,related accept
         oifname "{TAP_PREFIX}*" drop
         iifname "{TAP_PREFIX}*" iifname vmap @egress_of
-        iifname "{TAP_PREFIX}*" drop
-    }}
-    map egress_of {{
-        type ifname : verdict;
     }}
     chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
         ip saddr {vm_range} oifname != "{TAP_PREFIX}*" masquerade
     }}
 }}
@@ -65,8 +82,8 @@ table inet {name} {{
 }
 
 /// Set the egress policy of tap `tap` (a chain of its own, reached from
-/// the forward chain through the `egress_of` map). A tap without a policy
-/// reaches nothing.
+/// the forward chain through the `egress_of` map). It is in place before
+/// the VM's QEMU (and so its tap) exists.
 pub fn set_vm(table: &str, tap: &str, egress: &Egress) -> String {
     let rules: Vec<String> = match egress {
         Egress::Allow => vec!["accept".into()],
@@ -106,7 +123,18 @@ mod tests {
     #[test]
     fn the_table_refuses_the_host_other_vms_and_non_internet_addresses() {
         let t = table("hatch_x", "10.200.0.0/16".parse().unwrap());
-        assert!(t.starts_with("table inet hatch_x\ndelete table inet hatch_x\n"));
+        assert!(t.starts_with("table inet hatch_x {\n"));
+        assert!(
+            !t.contains("delete table"),
+            "running VMs keep their policies"
+        );
+        for chain in ["input", "forward", "postrouting"] {
+            assert!(
+                t.contains(&format!("flush chain inet hatch_x {chain}\n")),
+                "{chain}"
+            );
+        }
+        assert!(!t.contains("flush map") && !t.contains("vm_"));
         assert!(t.contains(r#"iifname "hv*" drop"#), "input from VMs");
         assert!(
             t.contains(r#"iifname "hv*" oifname "hv*" drop"#),
@@ -119,6 +147,9 @@ mod tests {
             "no inbound but replies"
         );
         assert!(t.contains(r#"iifname "hv*" iifname vmap @egress_of"#));
+        // Only the input chain drops whatever comes from any tap: egress of
+        // taps that are not this daemon's is their own daemon's to judge.
+        assert_eq!(t.matches(r#"iifname "hv*" drop"#).count(), 1, "{t}");
         assert!(t.contains(r#"ip saddr 10.200.0.0/16 oifname != "hv*" masquerade"#));
     }
 

@@ -322,6 +322,7 @@ impl VmManager {
                 vm.disk_mib,
             )
             .await?;
+            tracing::debug!(vm = %rt.id, overlay_ms = t0.elapsed().as_millis() as u64, "restore steps");
             let mut all = layers.to_vec();
             all.push(new_layer);
             self.store
