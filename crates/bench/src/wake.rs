@@ -46,12 +46,14 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
     )
     .await?;
     api.wait_http(host).await?;
+    // An open WebSocket through the proxy keeps the VM awake until the
+    // throughput runs are done: first while the guest touches its working
+    // set (longer than the idle timeout under TCG), then because direct
+    // requests bypass the proxy, so nothing would count them as activity.
+    let keep_awake = open_websocket(&c.proxy, host).await?;
     api.wait_console(&vm, "hatch-guest: touched").await?;
 
-    // Throughput while it runs, alternating direct and proxied runs. Direct
-    // requests bypass the proxy, so nothing would count them as activity:
-    // an open WebSocket through the proxy keeps the VM awake meanwhile.
-    let keep_awake = open_websocket(&c.proxy, host).await?;
+    // Throughput while it runs, alternating direct and proxied runs.
     let direct_port = api.guest_port(&vm, 8080).await?;
     let direct_url = format!("http://127.0.0.1:{direct_port}/");
     let proxy_url = format!("http://{}/", c.proxy);
