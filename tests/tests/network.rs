@@ -285,11 +285,14 @@ async fn vms_reach_the_internet_and_nothing_of_the_host_or_each_other() {
         "not listed"
     );
 
-    // Suspended to S3 and woken: new connections out work.
+    // Suspended to S3 and woken: new connections out work. A wake keeps
+    // the VM's /30 while it is free; here another interface takes it
+    // meanwhile, so the VM gets a new one and the agent re-addresses it.
     let counter = d.get_ok("open.localhost", "/counter").await;
     let sid = d.snapshot(&open, true).await;
     d.wait_snapshot(&open, &sid, "ready").await;
     d.wait_state(&open, "snapshotted").await;
+    let _squatter = Squatter::take(&gateway);
     let woken = d.get_ok("open.localhost", "/counter").await;
     assert_eq!(
         kv(&woken, "counter").parse::<u64>().unwrap(),
@@ -300,4 +303,34 @@ async fn vms_reach_the_internet_and_nothing_of_the_host_or_each_other() {
         Some("the internet says hi\n"),
         "after the wake"
     );
+    let (new_addr, new_gateway) = outbound_address(&d, &open).await;
+    assert_ne!(
+        (new_addr, new_gateway),
+        (open_addr, gateway),
+        "re-addressed"
+    );
+}
+
+/// A tap holding an address (so that no VM's link can take it).
+struct Squatter(&'static str);
+
+impl Squatter {
+    fn take(addr: &str) -> Squatter {
+        let name = "hvsquatter0";
+        let run = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().unwrap().success();
+            assert!(ok, "ip {args:?}");
+        };
+        run(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        run(&["addr", "add", &format!("{addr}/30"), "dev", name]);
+        Squatter(name)
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["tuntap", "del", "dev", self.0, "mode", "tap"])
+            .status();
+    }
 }

@@ -135,6 +135,12 @@ fn set_network(addr: &str, gw: &str) -> Result<(), String> {
         })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .ok_or("no outbound card")?;
+    // Usually a wake keeps the VM's /30: then nothing is run (a process
+    // costs tens of milliseconds of the wake under emulation).
+    if already_set(&card, addr, gw) {
+        return Ok(());
+    }
+    // busybox's `ip` has no batch mode: one process per step.
     for args in [
         vec!["addr", "flush", "dev", &card],
         vec!["addr", "add", addr, "dev", &card],
@@ -154,6 +160,40 @@ fn set_network(addr: &str, gw: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether `card` already has address `addr` (CIDR) and the default route
+/// goes through it via `gw`: the address is local exactly when a socket
+/// can be bound to it, and the routes are in /proc/net/route.
+fn already_set(card: &str, addr: &str, gw: &str) -> bool {
+    let Some(ip) = addr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+    else {
+        return false;
+    };
+    let Ok(gw) = gw.parse::<std::net::Ipv4Addr>() else {
+        return false;
+    };
+    if std::net::UdpSocket::bind((ip, 0)).is_err() {
+        return false;
+    }
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    default_route_via(&routes, card) == Some(gw)
+}
+
+/// The gateway of the default route through `card` in /proc/net/route
+/// (addresses are little-endian hex).
+fn default_route_via(routes: &str, card: &str) -> Option<std::net::Ipv4Addr> {
+    routes.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 || f[0] != card || f[1] != "00000000" {
+            return None;
+        }
+        let gw = u32::from_str_radix(f[2], 16).ok()?;
+        Some(std::net::Ipv4Addr::from(gw.swap_bytes()))
+    })
 }
 
 fn parse_time(s: &str) -> Result<(i64, i64), String> {
@@ -224,6 +264,20 @@ fn reseed(seed: &[u8]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_default_route_is_read_from_proc() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                      eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n\
+                      eth1\t00000000\t0100C80A\t0003\t0\t0\t0\t00000000\n";
+        assert_eq!(
+            default_route_via(routes, "eth1"),
+            Some("10.200.0.1".parse().unwrap())
+        );
+        assert_eq!(default_route_via(routes, "eth0"), None);
+        assert_eq!(default_route_via("Iface\n", "eth1"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -50,6 +50,12 @@ pub enum Resolution {
         /// [`Resolver::on_request_end`] when it is over. False for requests
         /// that must not keep a VM awake (health checks).
         track: bool,
+        /// Which run of the VM's QEMU serves (any value that changes when
+        /// it is replaced, e.g. its pid). A VM keeps its host port across
+        /// a suspend and wake, so keep-alive connections to the earlier run
+        /// would be reused and reset: each run gets a connection pool of
+        /// its own.
+        run: u64,
     },
     /// No route for this host: 404 `not_found`.
     UnknownHost,

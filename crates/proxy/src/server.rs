@@ -92,7 +92,14 @@ type BackendClient = Client<HttpConnector, Incoming>;
 struct Shared<R> {
     resolver: Arc<R>,
     metrics: ProxyMetrics,
+    /// For other nodes and the API (long-lived backends).
     client: BackendClient,
+    /// Builds a client with the configured pool.
+    new_client: Box<dyn Fn() -> BackendClient + Send + Sync>,
+    /// Each VM's client (its connection pool) for its current QEMU run;
+    /// replaced, and the earlier run's idle connections closed, when the
+    /// run changes.
+    vm_clients: std::sync::Mutex<std::collections::HashMap<String, (u64, BackendClient)>>,
     /// Tracks connection tasks and upgraded-stream tasks.
     tracker: TaskTracker,
     /// Graceful shutdown requested.
@@ -138,11 +145,14 @@ pub async fn serve_with_config<R: Resolver>(
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(config.connect_timeout));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .build(connector);
+    let new_client = move || {
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(connector.clone())
+    };
+    let client = new_client();
 
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -153,6 +163,8 @@ pub async fn serve_with_config<R: Resolver>(
         resolver,
         metrics,
         client,
+        new_client: Box::new(new_client),
+        vm_clients: Default::default(),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
@@ -320,8 +332,14 @@ async fn proxy_request<R: Resolver>(
                 retry_after_secs,
             })
         }
-        Resolution::Backend { addr, vm_id, track } => {
-            forward(shared, req, peer, target, addr, vm_id, track).await
+        Resolution::Backend {
+            addr,
+            vm_id,
+            track,
+            run,
+        } => {
+            let client = shared.client_for(&vm_id, run);
+            forward(shared, &client, req, peer, target, addr, vm_id, track).await
         }
         Resolution::Peer {
             addr,
@@ -330,7 +348,17 @@ async fn proxy_request<R: Resolver>(
         } => {
             debug!(host = %target.route, %vm_id, node = %addr, "forwarding to another node");
             req.headers_mut().insert(name, value);
-            forward(shared, req, peer, target, addr, vm_id, false).await
+            forward(
+                shared,
+                &shared.client,
+                req,
+                peer,
+                target,
+                addr,
+                vm_id,
+                false,
+            )
+            .await
         }
         Resolution::Forbidden { message } => {
             debug!(host = %target.route, %message, "refused");
@@ -339,8 +367,29 @@ async fn proxy_request<R: Resolver>(
     }
 }
 
+impl<R> Shared<R> {
+    /// The client for VM `vm_id`'s run `run` (the API's, with no VM id,
+    /// is the shared one).
+    fn client_for(&self, vm_id: &str, run: u64) -> BackendClient {
+        if vm_id.is_empty() {
+            return self.client.clone();
+        }
+        let mut clients = self.vm_clients.lock().unwrap_or_else(|p| p.into_inner());
+        match clients.get(vm_id) {
+            Some((r, client)) if *r == run => client.clone(),
+            _ => {
+                let client = (self.new_client)();
+                clients.insert(vm_id.to_string(), (run, client.clone()));
+                client
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn forward<R: Resolver>(
     shared: &Arc<Shared<R>>,
+    client: &BackendClient,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     target: TargetHost,
@@ -377,11 +426,7 @@ async fn forward<R: Resolver>(
 
     let method = parts.method.clone();
     debug!(%vm_id, %addr, %method, uri = %parts.uri, upgrade, "forwarding");
-    let mut response = match shared
-        .client
-        .request(Request::from_parts(parts, body))
-        .await
-    {
+    let mut response = match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => response,
         Err(err) => {
             let detail = error_chain(&err);

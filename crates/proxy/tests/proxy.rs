@@ -167,6 +167,7 @@ async fn untracked_requests_are_forwarded_without_activity() {
             addr: backend.addr,
             vm_id: "vm-health".into(),
             track: false,
+            run: 0,
         },
     );
     let proxy = Proxy::start(resolver.clone()).await;
@@ -174,6 +175,62 @@ async fn untracked_requests_are_forwarded_without_activity() {
     assert_eq!(resp.status(), StatusCode::OK);
     let _ = body_text(resp).await;
     assert_eq!(resolver.activity("vm-health"), (0, 0));
+    proxy.stop().await;
+}
+
+/// A backend whose connections answer one request (kept alive) and reset
+/// on the next, as a pooled connection to a VM's previous QEMU run does
+/// once a new run serves on the same port.
+async fn one_request_per_connection_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // The next request on this connection gets a reset.
+                let _ = conn.read(&mut chunk).await;
+                // A zero linger makes the close a reset (it does not block).
+                #[allow(deprecated)]
+                let _ = conn.set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_new_run_of_a_vm_gets_new_connections() {
+    let addr = one_request_per_connection_backend().await;
+    let resolver = FakeResolver::new();
+    let run = |run| Resolution::Backend {
+        addr,
+        vm_id: "vm-runs".into(),
+        track: false,
+        run,
+    };
+    resolver.route("runs.test", run(1));
+    let proxy = Proxy::start(resolver.clone()).await;
+    let resp = get(proxy.addr, "runs.test", "/").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "ok");
+    // Same port, new run (a wake): the kept-alive connection of run 1 is
+    // not reused, so the first request after the wake is answered.
+    resolver.route("runs.test", run(2));
+    let resp = get(proxy.addr, "runs.test", "/").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "ok");
     proxy.stop().await;
 }
 

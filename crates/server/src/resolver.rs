@@ -48,6 +48,7 @@ impl Resolver for VmResolver {
                     addr: self.api_addr,
                     vm_id: String::new(),
                     track: false,
+                    run: 0,
                 };
             }
         }
@@ -76,6 +77,11 @@ impl Resolver for VmResolver {
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
                 vm_id,
                 track,
+                // Its QEMU's pid: a wake keeps the port but not the
+                // connections.
+                run: rt
+                    .machine()
+                    .map_or(0, |m| u64::from(m.pid().unsigned_abs())),
             },
             Err(WakeError::NotRunning(state)) => Resolution::NotRunning {
                 vm_id,

@@ -285,6 +285,7 @@ impl FakeResolver {
                 addr,
                 vm_id: vm_id.to_owned(),
                 track: true,
+                run: 0,
             },
         );
     }

@@ -52,8 +52,12 @@ pub struct Network {
     /// Err: user mode only (and why).
     tap: Result<TapHost, String>,
     /// The link of each VM whose QEMU runs here (for the guest's address
-    /// after a restore).
+    /// after a restore), kept after it stops: its next run prefers the same
+    /// /30.
     links: std::sync::Mutex<std::collections::HashMap<String, Link>>,
+    /// The egress script last applied per VM: a wake whose policy is
+    /// already in the table (it stays across suspends) runs no `nft`.
+    applied: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 struct TapHost {
@@ -93,6 +97,7 @@ impl Network {
             return Ok(Network {
                 tap: Err("--network user".into()),
                 links: Default::default(),
+                applied: Default::default(),
             });
         }
         let id = blake3::hash(data_dir.as_os_str().as_encoded_bytes()).to_hex();
@@ -118,6 +123,7 @@ impl Network {
         Ok(Network {
             tap,
             links: Default::default(),
+            applied: Default::default(),
         })
     }
 
@@ -153,8 +159,14 @@ impl Network {
             anyhow::anyhow!("vm {vm_id} has tap networking, but this host cannot give it: {why}")
         })?;
         let tap = tap_name(vm_id);
-        let (host_net, guest_net) = free_subnet(host.range)?;
-        nft(&firewall::set_vm(&host.table, &tap, &s.egress))?;
+        // The last run's /30 while no interface holds it (the guest keeps
+        // the address it had), else a free one.
+        let previous = self.link_of(vm_id).map(|l| (l.host, l.guest));
+        let (host_net, guest_net) = match previous {
+            Some((host_net, guest_net)) if address_free(host_net.addr()) => (host_net, guest_net),
+            _ => free_subnet(host.range)?,
+        };
+        self.apply_policy(vm_id, &firewall::set_vm(&host.table, &tap, &s.egress))?;
         let link = Link {
             tap,
             host: host_net,
@@ -167,6 +179,18 @@ impl Network {
 
     fn lock_links(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Link>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run VM `vm_id`'s egress script unless it is the one last applied.
+    fn apply_policy(&self, vm_id: &str, script: &str) -> anyhow::Result<()> {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if applied.get(vm_id).is_some_and(|s| s == script) {
+            return Ok(());
+        }
+        applied.remove(vm_id);
+        nft(script)?;
+        applied.insert(vm_id.to_string(), script.to_string());
+        Ok(())
     }
 
     /// The link VM `vm_id`'s running QEMU got.
@@ -182,7 +206,7 @@ impl Network {
         };
         let host = self.tap.as_ref().map_err(|why| anyhow::anyhow!("{why}"))?;
         let tap = tap_name(vm_id);
-        nft(&firewall::set_vm(&host.table, &tap, &s.egress))?;
+        self.apply_policy(vm_id, &firewall::set_vm(&host.table, &tap, &s.egress))?;
         let shown = output(Command::new("ip").args(["-4", "-o", "addr", "show", "dev", &tap]))?;
         let shown = String::from_utf8_lossy(&shown);
         let host_net: Ipv4Net = shown
@@ -204,13 +228,20 @@ impl Network {
 
     /// Address the host's end of the tap QEMU created, and bring it up.
     pub fn configure(&self, link: &Link) -> anyhow::Result<()> {
-        ip(&["addr", "add", &link.host.to_string(), "dev", &link.tap])?;
-        ip(&["link", "set", &link.tap, "up"])
+        // One `ip` for both (each process costs milliseconds of a wake).
+        ip_batch(&format!(
+            "addr add {} dev {}\nlink set {} up\n",
+            link.host, link.tap, link.tap
+        ))
     }
 
     /// Forget a deleted VM's firewall rules (its tap went with its QEMU).
     pub fn forget(&self, vm_id: &str) {
         self.lock_links().remove(vm_id);
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm_id);
         if let Ok(host) = &self.tap {
             let _ = nft(&firewall::remove_vm(&host.table, &tap_name(vm_id)));
         }
@@ -244,13 +275,19 @@ fn prepare_host(table: &str, range: Ipv4Net) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether no interface of this host holds `addr`: binding a socket to an
+/// address works exactly when it is local (a syscall, where listing the
+/// addresses costs an `ip` process).
+fn address_free(addr: Ipv4Addr) -> bool {
+    matches!(
+        std::net::UdpSocket::bind((addr, 0)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
+    )
+}
+
 /// A /30 of `range` no interface of this host uses (other daemons on the
 /// host pick from the same range): (host end, guest end).
 fn free_subnet(range: Ipv4Net) -> anyhow::Result<(Ipv4Net, Ipv4Net)> {
-    let used = String::from_utf8_lossy(&output(
-        Command::new("ip").args(["-4", "-o", "addr", "show"]),
-    )?)
-    .into_owned();
     let blocks = 1u32 << (30 - u32::from(range.prefix_len()));
     let base = u32::from(range.network());
     for _ in 0..64 {
@@ -261,7 +298,7 @@ fn free_subnet(range: Ipv4Net) -> anyhow::Result<(Ipv4Net, Ipv4Net)> {
         }
         let net = base + block * 4;
         let host = Ipv4Addr::from(net + 1);
-        if used.contains(&format!("inet {host}/")) {
+        if !address_free(host) {
             continue;
         }
         return Ok((
@@ -284,6 +321,26 @@ fn host_resolver() -> Option<Ipv4Addr> {
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     output(Command::new("ip").args(args)).map(drop)
+}
+
+/// Run several `ip` commands in one process (`ip -batch -`).
+fn ip_batch(commands: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("running ip: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(commands.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!("ip failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Run an nft script.
