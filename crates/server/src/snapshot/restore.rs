@@ -333,6 +333,14 @@ impl VmManager {
             anyhow::Ok(machine)
         };
         let machine = prepare.await.context(GuestNeverRan)?;
+        // The agent channel is connected before the guest resumes: it comes
+        // back blocked reading its port, and a port it finds without a host
+        // reads end-of-file, after which the guest agent waits 250 ms before
+        // it looks again (that wait was most of a wake's clock sync).
+        let early = hatch_vmm::agent::Agent::connect(&paths.agent_socket)
+            .await
+            .ok();
+        rt.lock().agent = early;
         let t_launch = t0.elapsed();
         match machine.load_state(&dir.join("state")).await {
             Ok(()) => {}
