@@ -333,10 +333,10 @@ impl VmManager {
             anyhow::Ok(machine)
         };
         let machine = prepare.await.context(GuestNeverRan)?;
-        // The agent channel is connected before the guest resumes: it comes
-        // back blocked reading its port, and a port it finds without a host
-        // reads end-of-file, after which the guest agent waits 250 ms before
-        // it looks again (that wait was most of a wake's clock sync).
+        // The agent channel is connected before the guest resumes, so that
+        // the guest agent, which comes back blocked reading its port, never
+        // finds it without a host (it would read end-of-file and wait
+        // 250 ms before looking again).
         let early = hatch_vmm::agent::Agent::connect(&paths.agent_socket)
             .await
             .ok();
