@@ -165,6 +165,7 @@ impl VmManager {
     /// recorded for the cluster. On any error nothing is left.
     pub(crate) async fn import_image(&self, name: &str, archive: &Path) -> Result<Image, ApiError> {
         hatch_image::validate_image_name(name).map_err(image_error)?;
+        let _one_at_a_time = self.images.importing.lock().await;
         let taken = || ApiError::conflict(format!("image '{name}' already exists"));
         if self.store.get_image(name).await?.is_some() {
             return Err(taken());

@@ -18,6 +18,9 @@ pub struct Images {
     /// Held while an image is fetched from S3 (one at a time: a herd of
     /// wakes of one image fetches it once).
     fetching: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Held for a whole import: two imports of one name on this node must
+    /// not take each other's fresh copy for a stale one.
+    importing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Images {
@@ -26,6 +29,7 @@ impl Images {
             primary,
             cache,
             fetching: Default::default(),
+            importing: Default::default(),
         }
     }
 
