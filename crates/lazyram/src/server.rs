@@ -1,0 +1,253 @@
+//! The lazy RAM server: mounts the FUSE file, fills the cache in the
+//! background, answers the daemon, and ends cleanly (dirty pages synced,
+//! what is here recorded) when told to or when its QEMU is gone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+use crate::LazyRamError;
+use crate::cache::{RamCache, Status};
+use crate::control::{Request, Response, read_line};
+use crate::fs::RamFs;
+use crate::source::{ChunkSource, Layout};
+
+/// The file's name in the mount.
+pub const RAM_FILE: &str = "ram";
+
+/// A stored chunk's id, or `None` for an all-zero chunk.
+pub type SpecChunk = Option<String>;
+
+/// Everything the server needs, written by the daemon as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerSpec {
+    /// An empty directory to mount on; the image is `<mount_dir>/ram`.
+    pub mount_dir: PathBuf,
+    /// The local cache (created sparse, or reused with `present`).
+    pub cache_file: PathBuf,
+    pub control_socket: PathBuf,
+    pub len: u64,
+    pub chunk_size: u64,
+    pub chunks: Vec<SpecChunk>,
+    /// Chunks already in `cache_file` (empty: none).
+    #[serde(default)]
+    pub present: Vec<bool>,
+    /// Chunks to fetch first (what the guest touched first last time).
+    #[serde(default)]
+    pub first: Vec<u32>,
+    /// Background fetches at once.
+    pub fill_concurrency: usize,
+}
+
+impl ServerSpec {
+    /// Check what a daemon wrote (the server trusts nothing it reads).
+    pub fn validate(&self) -> Result<Layout, LazyRamError> {
+        let bad = |m: String| Err(LazyRamError::Spec(m));
+        if self.chunk_size == 0 || self.chunk_size % 4096 != 0 {
+            return bad(format!("chunk size {}", self.chunk_size));
+        }
+        if self.len.div_ceil(self.chunk_size) != self.chunks.len() as u64 {
+            return bad(format!(
+                "{} chunks for {} bytes",
+                self.chunks.len(),
+                self.len
+            ));
+        }
+        if !self.present.is_empty() && self.present.len() != self.chunks.len() {
+            return bad(format!("{} presence flags", self.present.len()));
+        }
+        if self.fill_concurrency == 0 || self.fill_concurrency > 64 {
+            return bad(format!("fill concurrency {}", self.fill_concurrency));
+        }
+        Ok(Layout {
+            len: self.len,
+            chunk_size: self.chunk_size,
+            zero: self.chunks.iter().map(Option::is_none).collect(),
+        })
+    }
+
+    /// Where the server records, when it ends, which chunks the cache holds
+    /// and which the guest wrote.
+    pub fn end_status_file(&self) -> PathBuf {
+        let mut name = self.cache_file.as_os_str().to_owned();
+        name.push(".status.json");
+        PathBuf::from(name)
+    }
+}
+
+/// What the server leaves behind when it ends (see
+/// [`ServerSpec::end_status_file`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndStatus {
+    pub status: Status,
+    pub present: Vec<bool>,
+}
+
+pub struct Server;
+
+impl Server {
+    /// Serve until stopped (or the watched QEMU exits). Must run inside a
+    /// multi-threaded Tokio runtime.
+    pub async fn run(
+        spec: ServerSpec,
+        source: Arc<dyn ChunkSource>,
+    ) -> Result<EndStatus, LazyRamError> {
+        let layout = spec.validate()?;
+        let cache = Arc::new(RamCache::open(
+            &spec.cache_file,
+            layout,
+            &spec.present,
+            source,
+        )?);
+        let fs = RamFs::new(cache.clone(), tokio::runtime::Handle::current());
+        let options = [
+            fuser::MountOption::FSName("hatch-lazyram".into()),
+            fuser::MountOption::RW,
+            fuser::MountOption::NoAtime,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoExec,
+        ];
+        let session = fuser::spawn_mount2(fs, &spec.mount_dir, &options).map_err(|e| {
+            LazyRamError::io(format!("mounting on {}", spec.mount_dir.display()), e)
+        })?;
+        relax_writeback_limit(&spec.mount_dir);
+        let _ = std::fs::remove_file(&spec.control_socket);
+        let listener = UnixListener::bind(&spec.control_socket).map_err(|e| {
+            LazyRamError::io(format!("listening on {}", spec.control_socket.display()), e)
+        })?;
+        tracing::info!(mount = %spec.mount_dir.display(), chunks = spec.chunks.len(),
+            present = cache.status().present, "lazy RAM served");
+
+        let fill = {
+            let (cache, first, n) = (cache.clone(), spec.first.clone(), spec.fill_concurrency);
+            tokio::spawn(async move {
+                cache.fill(&first, n).await;
+                tracing::info!("lazy RAM complete");
+            })
+        };
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let ram = spec.mount_dir.join(RAM_FILE);
+        loop {
+            tokio::select! {
+                _ = stop_rx.changed() => break,
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let (cache, ram, stop) = (cache.clone(), ram.clone(), stop_tx.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, &cache, &ram, &stop).await {
+                            tracing::warn!(error = %e, "lazy RAM control request failed");
+                        }
+                    });
+                }
+            }
+        }
+        fill.abort();
+        sync_through_mount(&ram, &cache).await?;
+        let end = EndStatus {
+            status: cache.status(),
+            present: cache.present(),
+        };
+        let json = serde_json::to_vec(&end).map_err(|e| LazyRamError::Control(e.to_string()))?;
+        let path = spec.end_status_file();
+        let part = path.with_extension("part");
+        std::fs::write(&part, json)
+            .and_then(|()| std::fs::rename(&part, &path))
+            .map_err(|e| LazyRamError::io(format!("writing {}", path.display()), e))?;
+        drop(session); // unmounts
+        let _ = std::fs::remove_file(&spec.control_socket);
+        Ok(end)
+    }
+}
+
+async fn answer(
+    stream: tokio::net::UnixStream,
+    cache: &Arc<RamCache>,
+    ram: &Path,
+    stop: &watch::Sender<bool>,
+) -> Result<(), LazyRamError> {
+    let (read, mut write) = stream.into_split();
+    let line = read_line(read).await?;
+    let resp = match serde_json::from_slice::<Request>(&line) {
+        Err(e) => failed(format!("bad request: {e}")),
+        Ok(Request::Status) => ok(cache.status()),
+        Ok(Request::Sync) => match sync_through_mount(ram, cache).await {
+            Ok(()) => ok(cache.status()),
+            Err(e) => failed(e.to_string()),
+        },
+        Ok(Request::Watch { pid }) => {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                tracing::info!(pid, "the watched process is gone; ending");
+                let _ = stop.send(true);
+            });
+            ok(cache.status())
+        }
+        Ok(Request::Stop) => {
+            let _ = stop.send(true);
+            ok(cache.status())
+        }
+    };
+    let mut out = serde_json::to_vec(&resp).map_err(|e| LazyRamError::Control(e.to_string()))?;
+    out.push(b'\n');
+    write
+        .write_all(&out)
+        .await
+        .map_err(|e| LazyRamError::io("answering a lazy RAM request", e))
+}
+
+fn ok(status: Status) -> Response {
+    Response {
+        ok: true,
+        status: Some(status),
+        error: None,
+    }
+}
+
+fn failed(error: String) -> Response {
+    Response {
+        ok: false,
+        status: None,
+        error: Some(error),
+    }
+}
+
+/// Have the kernel write the file's dirty pages back to us (fsync through
+/// the mount: the writes arrive as FUSE writes on the session's thread),
+/// then make the cache file durable.
+async fn sync_through_mount(ram: &Path, cache: &Arc<RamCache>) -> Result<(), LazyRamError> {
+    let path = ram.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+        f.sync_all()
+    })
+    .await
+    .map_err(|e| LazyRamError::io("a blocking task", std::io::Error::other(e)))?
+    .map_err(|e| LazyRamError::io(format!("syncing {}", ram.display()), e))?;
+    cache.sync().await
+}
+
+/// FUSE mounts get a strict dirty-page limit (1% of the dirty threshold):
+/// a guest writing its memory fast would be throttled to it. As root the
+/// limit can be lifted for this mount (Linux 6.2+); elsewhere it stays.
+fn relax_writeback_limit(mount_dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mount_dir) else {
+        return;
+    };
+    let dev = meta.dev();
+    let bdi = format!("/sys/class/bdi/{}:{}", libc::major(dev), libc::minor(dev));
+    for (knob, value) in [("strict_limit", "0"), ("max_ratio", "100")] {
+        if let Err(e) = std::fs::write(format!("{bdi}/{knob}"), value) {
+            tracing::debug!(%bdi, knob, error = %e, "writeback limit left as it is");
+        }
+    }
+}
