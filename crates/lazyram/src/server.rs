@@ -48,7 +48,7 @@ impl ServerSpec {
     /// Check what a daemon wrote (the server trusts nothing it reads).
     pub fn validate(&self) -> Result<Layout, LazyRamError> {
         let bad = |m: String| Err(LazyRamError::Spec(m));
-        if self.chunk_size == 0 || self.chunk_size % 4096 != 0 {
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(4096) {
             return bad(format!("chunk size {}", self.chunk_size));
         }
         if self.len.div_ceil(self.chunk_size) != self.chunks.len() as u64 {
@@ -249,5 +249,46 @@ fn relax_writeback_limit(mount_dir: &Path) {
         if let Err(e) = std::fs::write(format!("{bdi}/{knob}"), value) {
             tracing::debug!(%bdi, knob, error = %e, "writeback limit left as it is");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ServerSpec {
+        ServerSpec {
+            mount_dir: "/m".into(),
+            cache_file: "/c".into(),
+            control_socket: "/s".into(),
+            len: 3 << 20,
+            chunk_size: 1 << 20,
+            chunks: vec![Some("a".into()), None, Some("b".into())],
+            present: Vec::new(),
+            first: vec![7],
+            fill_concurrency: 4,
+        }
+    }
+
+    #[test]
+    fn a_spec_is_checked_before_anything_is_served() {
+        let layout = spec().validate().expect("valid");
+        assert_eq!(layout.zero, vec![false, true, false]);
+        let bad: [fn(&mut ServerSpec); 5] = [
+            |s| s.chunk_size = 1000,
+            |s| s.chunk_size = 0,
+            |s| s.len = 5 << 20,
+            |s| s.present = vec![true],
+            |s| s.fill_concurrency = 0,
+        ];
+        for (i, breaks) in bad.iter().enumerate() {
+            let mut s = spec();
+            breaks(&mut s);
+            assert!(
+                matches!(s.validate(), Err(LazyRamError::Spec(_))),
+                "case {i}"
+            );
+        }
+        assert_eq!(spec().end_status_file(), PathBuf::from("/c.status.json"));
     }
 }
