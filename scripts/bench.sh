@@ -7,13 +7,14 @@
 # its own and a second daemon (ports 27070/28080), a two-node cluster:
 # wakes with the local copy vs on the other node from S3, and forwarded vs
 # local request latency (`cluster`), or a container image's import time, boot
-# and wakes next to the default image's (`image`).
-# Usage: scripts/bench.sh [snapshot|wake|cluster|image] [--runs N] ...
+# and wakes next to the default image's (`image`), or eight suspended 256 MiB
+# VMs woken at once next to a single wake, each guest's clock checked (`herd`).
+# Usage: scripts/bench.sh [snapshot|wake|cluster|image|herd] [--runs N] ...
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 SCENARIO=snapshot
 case "${1:-}" in
-  snapshot|wake|cluster|image) SCENARIO=$1; shift ;;
+  snapshot|wake|cluster|image|herd) SCENARIO=$1; shift ;;
 esac
 cd "$REPO"
 

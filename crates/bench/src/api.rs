@@ -213,6 +213,26 @@ impl Api {
         Ok(status)
     }
 
+    /// One GET through the proxy; its status and body.
+    pub async fn proxy_get_body(&self, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.proxy))
+            .header("host", host)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// The VM's events (wakes, idle suspends).
+    pub async fn events(&self, vm: &str) -> anyhow::Result<Vec<Value>> {
+        let v = self
+            .call(Method::GET, &format!("/vms/{vm}/events"), None)
+            .await?;
+        Ok(v["events"].as_array().cloned().unwrap_or_default())
+    }
+
     pub async fn restore(&self, vm: &str) -> anyhow::Result<()> {
         self.call(Method::POST, &format!("/vms/{vm}/restore"), Some(json!({})))
             .await?;

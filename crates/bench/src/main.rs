@@ -11,10 +11,13 @@
 //!   S3 only), and proxy throughput next to a direct connection to the VM.
 //! - `cluster`: two nodes; a wake on the node with the local copy vs one on
 //!   the other node from S3, and forwarded vs local request latency.
+//! - `herd`: eight suspended 256 MiB VMs woken by one request each at the
+//!   same moment, next to a single wake, each guest's clock checked.
 
 mod api;
 mod baseline;
 mod cluster;
+mod herd;
 mod image;
 mod stats;
 mod wake;
@@ -47,6 +50,9 @@ enum Bench {
     /// A container image: import time, boot and wake, next to the default
     /// image's.
     Image(image::ImageArgs),
+    /// Suspended VMs woken by one request each at the same moment, next to
+    /// a single wake; every guest's clock checked.
+    Herd(herd::HerdArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Wake(args) => wake::run(args).await,
         Bench::Cluster(args) => cluster::run(args).await,
         Bench::Image(args) => image::run(args).await,
+        Bench::Herd(args) => herd::run(args).await,
     }
 }
 
