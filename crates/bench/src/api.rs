@@ -202,15 +202,7 @@ impl Api {
 
     /// One GET through the proxy; its status.
     pub async fn proxy_get(&self, host: &str, path: &str) -> anyhow::Result<u16> {
-        let resp = self
-            .http
-            .get(format!("http://{}{path}", self.proxy))
-            .header("host", host)
-            .send()
-            .await?;
-        let status = resp.status().as_u16();
-        resp.bytes().await?;
-        Ok(status)
+        Ok(self.proxy_get_body(host, path).await?.0)
     }
 
     /// One GET through the proxy; its status and body.

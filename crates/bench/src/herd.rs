@@ -176,10 +176,10 @@ async fn wake(api: &Api, host: &str) -> anyhow::Result<Woken> {
 /// sync needed retries, else 0.
 async fn check_event(api: &Api, vm: &str) -> anyhow::Result<usize> {
     let events = api.events(vm).await?;
+    // Newest first (the API's order; `at` has whole seconds only).
     let wake: &Value = events
         .iter()
-        .filter(|e| e["kind"] == "wake")
-        .max_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()))
+        .find(|e| e["kind"] == "wake")
         .with_context(|| format!("{vm} has no wake event"))?;
     if let Some(e) = wake["error"].as_str() {
         bail!("the wake of {vm} failed: {e}");
