@@ -428,6 +428,39 @@ impl Daemon {
         }
     }
 
+    /// PIDs of this daemon's lazy RAM servers (`hatch lazyram --spec
+    /// <run dir>/…`).
+    pub fn lazyram_pids(&self) -> Vec<i32> {
+        let run_dir = self.run_dir.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.get(1).is_some_and(|a| a == "lazyram")
+                    && args.iter().any(|a| a.starts_with(&run_dir))
+            })
+            .collect()
+    }
+
+    /// Mount points under this daemon's run dir (lazy RAM FUSE mounts).
+    pub fn lazy_mounts(&self) -> Vec<String> {
+        let run_dir = self.run_dir.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&run_dir))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// PIDs of live QEMU processes of this daemon: every process whose
     /// command line names a socket in its run dir (pid files are the
     /// daemon's own bookkeeping and cannot be trusted to tell).

@@ -251,6 +251,17 @@ impl ChunkStore {
         })
     }
 
+    /// The plain bytes of one chunk of `len` bytes, verified against its
+    /// id (a lazily served RAM image fetches chunk by chunk).
+    pub async fn get_chunk(&self, id: &str, len: usize) -> Result<Vec<u8>, ChunkError> {
+        if !crate::file::is_chunk_id(id) {
+            return Err(ChunkError::InvalidChunks(format!("bad chunk id {id:?}")));
+        }
+        let compressed = self.fetch_chunk(id).await?;
+        let id = id.to_string();
+        blocking(move || decode_verified(&id, &compressed, len)).await
+    }
+
     /// The compressed bytes of a chunk; `Missing` if the store lacks it.
     async fn fetch_chunk(&self, id: &str) -> Result<Bytes, ChunkError> {
         match self.get(&self.chunk_key(id), max_compressed_chunk()).await {

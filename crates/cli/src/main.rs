@@ -47,6 +47,12 @@ enum Command {
     /// container images and delete them (through the daemon).
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
+    /// Serve a woken VM's memory from S3 on demand (started by the daemon).
+    #[command(hide = true)]
+    Lazyram {
+        #[arg(long)]
+        spec: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +74,17 @@ fn main() -> std::process::ExitCode {
             Command::Snapshot(cmd) => commands::snapshot::run(cmd).await,
             Command::Storage(args) => commands::storage::run(args).await,
             Command::Image(cmd) => commands::image::run(cmd).await,
+            Command::Lazyram { spec } => {
+                tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
+                    .with_env_filter(
+                        tracing_subscriber::EnvFilter::try_from_env("HATCH_LOG")
+                            .unwrap_or_else(|_| "info".into()),
+                    )
+                    .init();
+                hatch_server::snapshot::lazy::run_process(&spec).await
+            }
         }
     });
     match result {

@@ -64,6 +64,18 @@ pub struct ServeArgs {
     /// Longest pause between attempts of a failing upload (seconds; default 300).
     #[arg(long, env = "HATCH_UPLOAD_RETRY_MAX_SECONDS")]
     upload_retry_max_seconds: Option<u64>,
+    /// Wake from S3 with memory fetched on demand (default true); false
+    /// downloads all of it before the guest runs.
+    #[arg(long, env = "HATCH_LAZY_MEMORY")]
+    lazy_memory: Option<bool>,
+    /// Longest a suspend or checkpoint of a VM woken from S3 waits for the
+    /// rest of its memory to arrive before failing (seconds; default 60).
+    #[arg(long, env = "HATCH_LAZY_FILL_TIMEOUT_SECONDS")]
+    lazy_fill_timeout_seconds: Option<u64>,
+    /// Least time between two background fetches of memory after a wake
+    /// from S3 (ms; default 0, no limit): leaves bandwidth to the guest.
+    #[arg(long, env = "HATCH_LAZY_FILL_PACE_MS")]
+    lazy_fill_pace_ms: Option<u64>,
     /// MiB that local snapshot copies may take (default: 40% of the data
     /// dir's file system); copies already in S3 are evicted beyond it.
     #[arg(long, env = "HATCH_LOCAL_CACHE_MIB")]
@@ -224,6 +236,15 @@ fn build_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(t) = args.upload_retry_max_seconds {
         cfg.upload_retry_max = Duration::from_secs(t.max(1));
+    }
+    if let Some(ms) = args.lazy_fill_pace_ms {
+        cfg.lazy_fill_pace = Duration::from_millis(ms);
+    }
+    if let Some(l) = args.lazy_memory {
+        cfg.lazy_memory = l;
+    }
+    if let Some(t) = args.lazy_fill_timeout_seconds {
+        cfg.lazy_fill_timeout = Duration::from_secs(t.max(1));
     }
     if let Some(m) = args.local_cache_mib {
         cfg.local_cache_bytes = Some(m << 20);

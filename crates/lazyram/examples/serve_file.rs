@@ -56,6 +56,7 @@ async fn main() {
         chunks,
         present: Vec::new(),
         first: Vec::new(),
+        fill_pace_ms: 0,
         fill_concurrency: std::env::var("FILL")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -172,8 +172,9 @@ impl RamCache {
     }
 
     /// Fetch every missing chunk, `first` in its order, then the rest in
-    /// file order, `concurrency` at a time. Returns when all are here.
-    pub async fn fill(self: &Arc<Self>, first: &[u32], concurrency: usize) {
+    /// file order, `concurrency` at a time, a new fetch at most every
+    /// `pace` (zero: no limit). Returns when all are here.
+    pub async fn fill(self: &Arc<Self>, first: &[u32], concurrency: usize, pace: Duration) {
         let n = self.layout.chunks();
         let mut seen = vec![false; n];
         let mut order = Vec::with_capacity(n);
@@ -185,6 +186,12 @@ impl RamCache {
         }
         order.extend((0..n).filter(|&i| !seen[i]));
         futures_util::stream::iter(order)
+            .then(|i| async move {
+                if !pace.is_zero() && !self.is_here(i) {
+                    tokio::time::sleep(pace).await;
+                }
+                i
+            })
             .for_each_concurrent(concurrency.max(1), |i| async move { self.ensure(i).await })
             .await;
     }
@@ -215,6 +222,10 @@ impl RamCache {
     /// Which chunks are in the cache file.
     pub fn present(&self) -> Vec<bool> {
         self.here.iter().map(OnceCell::initialized).collect()
+    }
+
+    fn is_here(&self, i: usize) -> bool {
+        self.here.get(i).is_some_and(OnceCell::initialized)
     }
 
     /// The guest needs `[offset, offset + len)`: note the chunks as
@@ -451,7 +462,7 @@ mod tests {
     async fn the_fill_fetches_the_first_ones_first_then_everything_once() {
         let (_d, c, fake) = cache(6, &[4], &[]);
         c.read(0, 1).await.unwrap();
-        c.fill(&[5, 3, 5, 99], 1).await;
+        c.fill(&[5, 3, 5, 99], 1, Duration::ZERO).await;
         let s = c.status();
         assert!(s.complete);
         assert_eq!(*lock(&fake.order), vec![0, 5, 3, 1, 2]);

@@ -25,7 +25,8 @@ pub enum Request {
     /// End (after a sync) once process `pid` (the QEMU mapping the file)
     /// has exited, even if no one says stop.
     Watch { pid: u32 },
-    /// Sync, unmount and exit.
+    /// Sync and record the end status, answer with it, then unmount and
+    /// exit.
     Stop,
 }
 

@@ -27,7 +27,7 @@ mod server;
 mod source;
 
 pub use cache::{RamCache, Status};
-pub use server::{RAM_FILE, Server, ServerSpec, SpecChunk};
+pub use server::{EndStatus, RAM_FILE, Server, ServerSpec, SpecChunk};
 pub use source::{ChunkSource, FetchError, Layout};
 
 /// Errors of the lazy RAM server.

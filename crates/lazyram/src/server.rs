@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::LazyRamError;
 use crate::cache::{RamCache, Status};
@@ -42,6 +42,10 @@ pub struct ServerSpec {
     pub first: Vec<u32>,
     /// Background fetches at once.
     pub fill_concurrency: usize,
+    /// Least time between two background fetches, in ms (0: no limit): a
+    /// fill that leaves the store's bandwidth to demand fetches.
+    #[serde(default)]
+    pub fill_pace_ms: u64,
 }
 
 impl ServerSpec {
@@ -126,16 +130,19 @@ impl Server {
 
         let fill = {
             let (cache, first, n) = (cache.clone(), spec.first.clone(), spec.fill_concurrency);
+            let pace = Duration::from_millis(spec.fill_pace_ms);
             tokio::spawn(async move {
-                cache.fill(&first, n).await;
+                cache.fill(&first, n, pace).await;
                 tracing::info!("lazy RAM complete");
             })
         };
-        let (stop_tx, mut stop_rx) = watch::channel(false);
+        // A stop, with where to answer once the end status is written (a
+        // stop because the watched QEMU exited has no one to answer).
+        let (stop_tx, mut stop_rx) = mpsc::channel::<Option<Reply>>(4);
         let ram = spec.mount_dir.join(RAM_FILE);
-        loop {
+        let reply = loop {
             tokio::select! {
-                _ = stop_rx.changed() => break,
+                stop = stop_rx.recv() => break stop.flatten(),
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     let (cache, ram, stop) = (cache.clone(), ram.clone(), stop_tx.clone());
@@ -146,33 +153,63 @@ impl Server {
                     });
                 }
             }
-        }
-        fill.abort();
-        sync_through_mount(&ram, &cache).await?;
-        let end = EndStatus {
-            status: cache.status(),
-            present: cache.present(),
         };
-        let json = serde_json::to_vec(&end).map_err(|e| LazyRamError::Control(e.to_string()))?;
-        let path = spec.end_status_file();
-        let part = path.with_extension("part");
-        std::fs::write(&part, json)
-            .and_then(|()| std::fs::rename(&part, &path))
-            .map_err(|e| LazyRamError::io(format!("writing {}", path.display()), e))?;
+        fill.abort();
+        let ended = write_end_status(&spec, &ram, &cache).await;
+        if let Some(reply) = reply {
+            let _ = reply.answer.send(match &ended {
+                Ok(end) => Ok(end.status.clone()),
+                Err(e) => Err(e.to_string()),
+            });
+            // The answer is written by the request's task: wait for it
+            // before the process may exit.
+            let _ = tokio::time::timeout(Duration::from_secs(2), reply.written).await;
+        }
         drop(session); // unmounts
         let _ = std::fs::remove_file(&spec.control_socket);
-        Ok(end)
+        ended
     }
+}
+
+/// Where a stop is answered: the status at the end, or why it could not be
+/// recorded.
+struct Reply {
+    answer: oneshot::Sender<Result<Status, String>>,
+    written: oneshot::Receiver<()>,
+}
+
+/// Sync the guest's writes into the cache file, then record what it holds.
+/// The end status file exists only if the sync succeeded: it is the proof
+/// that the cache file holds everything the guest wrote.
+async fn write_end_status(
+    spec: &ServerSpec,
+    ram: &Path,
+    cache: &Arc<RamCache>,
+) -> Result<EndStatus, LazyRamError> {
+    sync_through_mount(ram, cache).await?;
+    let end = EndStatus {
+        status: cache.status(),
+        present: cache.present(),
+    };
+    let json = serde_json::to_vec(&end).map_err(|e| LazyRamError::Control(e.to_string()))?;
+    let path = spec.end_status_file();
+    let part = path.with_extension("part");
+    std::fs::write(&part, json)
+        .and_then(|()| std::fs::rename(&part, &path))
+        .map_err(|e| LazyRamError::io(format!("writing {}", path.display()), e))?;
+    Ok(end)
 }
 
 async fn answer(
     stream: tokio::net::UnixStream,
     cache: &Arc<RamCache>,
     ram: &Path,
-    stop: &watch::Sender<bool>,
+    stop: &mpsc::Sender<Option<Reply>>,
 ) -> Result<(), LazyRamError> {
     let (read, mut write) = stream.into_split();
     let line = read_line(read).await?;
+    // Set once the answer is written (a stop waits for it).
+    let (written_tx, written_rx) = oneshot::channel();
     let resp = match serde_json::from_slice::<Request>(&line) {
         Err(e) => failed(format!("bad request: {e}")),
         Ok(Request::Status) => ok(cache.status()),
@@ -187,21 +224,33 @@ async fn answer(
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 tracing::info!(pid, "the watched process is gone; ending");
-                let _ = stop.send(true);
+                let _ = stop.send(None).await;
             });
             ok(cache.status())
         }
         Ok(Request::Stop) => {
-            let _ = stop.send(true);
-            ok(cache.status())
+            let (tx, rx) = oneshot::channel();
+            let reply = Reply {
+                answer: tx,
+                written: written_rx,
+            };
+            let _ = stop.send(Some(reply)).await;
+            match rx.await {
+                Ok(Ok(status)) => ok(status),
+                Ok(Err(e)) => failed(format!("ending: {e}")),
+                // Another stop (or the watch) ended the server first.
+                Err(_) => failed("the server was ending already".into()),
+            }
         }
     };
     let mut out = serde_json::to_vec(&resp).map_err(|e| LazyRamError::Control(e.to_string()))?;
     out.push(b'\n');
-    write
+    let written = write
         .write_all(&out)
         .await
-        .map_err(|e| LazyRamError::io("answering a lazy RAM request", e))
+        .map_err(|e| LazyRamError::io("answering a lazy RAM request", e));
+    let _ = written_tx.send(());
+    written
 }
 
 fn ok(status: Status) -> Response {
@@ -267,6 +316,7 @@ mod tests {
             present: Vec::new(),
             first: vec![7],
             fill_concurrency: 4,
+            fill_pace_ms: 0,
         }
     }
 

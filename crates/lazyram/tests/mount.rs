@@ -121,6 +121,7 @@ async fn a_mapped_lazy_file_reads_right_survives_an_outage_and_tracks_writes() {
         first: vec![5],
         // The fill is held off by the outage below long enough to see
         // demand fetches; with 1 at a time it is slow enough to not race.
+        fill_pace_ms: 0,
         fill_concurrency: 1,
     };
     let source = Arc::new(Source {

@@ -23,7 +23,7 @@ impl VmManager {
     /// The boot operation: launch QEMU and record the outcome.
     pub(crate) async fn boot(self: Arc<Self>, rt: Arc<VmSupervisor>, guard: OpGuard) {
         let started = Instant::now();
-        match self.launch(&rt, false).await {
+        match self.launch(&rt, false, None).await {
             Ok(machine) => {
                 // The start time first: whoever sees the VM running sees
                 // when it started.
@@ -62,10 +62,13 @@ impl VmManager {
 
     /// Launch QEMU for the VM. `restore`: RAM file and console log are kept
     /// and QEMU waits for its CPU and device state (`-incoming defer`).
+    /// `ram`: the file to map as guest RAM instead of the VM's RAM file (a
+    /// lazily served one).
     pub(crate) async fn launch(
         &self,
         rt: &VmSupervisor,
         restore: bool,
+        ram: Option<&std::path::Path>,
     ) -> anyhow::Result<Arc<Machine>> {
         let rec = self
             .store
@@ -145,7 +148,7 @@ impl VmManager {
                 disk: paths.dir.join(top),
                 disk_node: crate::snapshot::node_name(top),
                 incoming: restore,
-                mem_path: paths.mem.clone(),
+                mem_path: ram.map_or_else(|| paths.mem.clone(), std::path::Path::to_path_buf),
                 qmp_socket: paths.qmp_socket.clone(),
                 agent_socket: paths.agent_socket.clone(),
                 console_log: paths.console_log.clone(),
@@ -358,6 +361,7 @@ impl VmManager {
             machine.wait_exit().await;
             rt.lock().machine = None;
             self.clear_forwards(rt).await;
+            self.end_lazy_ram(&rt.id).await?;
             self.remove_runtime_files(&rt.id);
             let (to, reason) = if self.has_restorable_snapshot(&rt.id).await? {
                 (
@@ -542,6 +546,10 @@ impl VmManager {
                 }
             }
             Err(e) => {
+                // A lazy RAM server of a wake cut short before its QEMU ran.
+                if state != VmState::Snapshotting {
+                    self.end_lazy_ram(&id).await?;
+                }
                 let restorable = (state == VmState::Snapshotting
                     && self.complete_interrupted_capture(&id).await?)
                     || self.has_restorable_snapshot(&id).await?;

@@ -90,6 +90,15 @@ pub struct Config {
     /// A second images directory looked in after `images_dir` (the cache
     /// the set-up scripts build the default image into).
     pub image_cache_dir: Option<PathBuf>,
+    /// A wake from S3 starts the guest before its memory is all here,
+    /// fetching the rest on demand and in the background (`snapshot/lazy.rs`).
+    pub lazy_memory: bool,
+    /// Longest a capture of a lazily woken VM waits for the rest of its
+    /// memory to arrive from S3 before failing (the VM runs on).
+    pub lazy_fill_timeout: Duration,
+    /// Least time between two background fetches of a lazy wake (zero: no
+    /// limit), leaving S3's bandwidth to the guest's own demand fetches.
+    pub lazy_fill_pace: Duration,
     /// Test-only fault injection rules (`fault.rs`); empty in production.
     pub faults: String,
 }
@@ -145,6 +154,9 @@ impl Config {
             qmp_timeout: Duration::from_secs(30),
             agent_sync_timeout: Duration::from_secs(20),
             upload_retry_max: Duration::from_secs(300),
+            lazy_memory: true,
+            lazy_fill_timeout: Duration::from_secs(60),
+            lazy_fill_pace: Duration::ZERO,
             local_cache_bytes: None,
             image_cache_dir: default_image_cache_dir(),
             faults: String::new(),

@@ -628,6 +628,9 @@ impl VmManager {
             inner.agent = None;
         }
         self.clear_forwards(rt).await;
+        if let Err(e) = self.end_lazy_ram(&rt.id).await {
+            tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "ending the lazy RAM server failed");
+        }
         self.remove_runtime_files(&rt.id);
     }
 
@@ -645,6 +648,7 @@ impl VmManager {
 
     pub(crate) fn remove_runtime_files(&self, id: &str) {
         let p = self.paths(id);
+        self.remove_lazy_files(id);
         for f in [&p.mem, &p.qmp_socket, &p.agent_socket, &p.pid_file] {
             if let Err(e) = std::fs::remove_file(f)
                 && e.kind() != std::io::ErrorKind::NotFound

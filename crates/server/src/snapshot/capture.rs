@@ -142,6 +142,8 @@ impl VmManager {
         let machine = rt.machine().context("vm has no running QEMU")?;
         let dir = self.snapshot_dir(&rec.snap.id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Memory still arriving from S3 arrives first, the guest running.
+        self.await_lazy_ram_complete(&rt.id).await?;
         let t0 = Instant::now();
         machine.pause().await?;
         // `state` appears only once complete: recovery treats its presence as
@@ -202,6 +204,7 @@ impl VmManager {
     async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
         let dir = self.snapshot_dir(snapshot_id);
         let dst = dir.join("mem");
+        self.take_lazy_ram(vm_id).await?;
         move_file(&self.paths(vm_id).mem, &dst).await?;
         self.remove_runtime_files(vm_id);
         blocking(move || {
@@ -230,6 +233,13 @@ impl VmManager {
             let ram_kept = dir.join("mem").exists();
             let ram_live = self.paths(vm_id).mem.exists();
             if !dir.join("state").exists() || !(ram_kept || ram_live) {
+                continue;
+            }
+            if !ram_kept && let Err(e) = self.take_lazy_ram(vm_id).await {
+                // Its guest's writes may not all be in the RAM file: it is
+                // no memory image. The VM's earlier snapshots remain.
+                tracing::error!(vm = %vm_id, snapshot = %rec.snap.id, error = format!("{e:#}"),
+                    "an interrupted suspend cannot be completed");
                 continue;
             }
             if ram_kept {
@@ -284,6 +294,7 @@ impl VmManager {
             mem_part.clone()
         };
 
+        self.await_lazy_ram_complete(&rt.id).await?;
         let t0 = Instant::now();
         machine.pause().await?;
         let result: anyhow::Result<()> = async {
@@ -310,6 +321,8 @@ impl VmManager {
             let state_part = durable::partial(&dir.join("state"));
             machine.save_state(&state_part).await?;
             self.faults.hit("checkpoint.state_saved", &rt.id)?;
+            // A lazily served RAM file holds the guest's writes once synced.
+            self.sync_lazy_ram(&rt.id).await?;
             // RAM must be copied before the guest changes it again (tmpfs,
             // split across threads); moving it to disk and making it durable
             // waits until the guest runs again.

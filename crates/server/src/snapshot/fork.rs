@@ -99,7 +99,7 @@ impl VmManager {
         let result = async {
             let staging = self.copy_for_fork(&rt, &rec, &source).await?;
             self.faults.hit("fork.copied", &rt.id)?;
-            self.start_from(&rt, &staging, &[BASE_LAYER.to_string()])
+            self.start_from(&rt, &staging, &[BASE_LAYER.to_string()], None)
                 .await
         }
         .await;
@@ -166,7 +166,7 @@ impl VmManager {
                         "snapshot storage is unavailable (no S3 configured) and the local copy cannot be used ({why})"
                     )
                 })?;
-                let layers = self.fetch(&source_rt, &rec, source, &store).await?;
+                let (layers, _) = self.fetch(&source_rt, &rec, source, &store, true).await?;
                 self.trust_fetched_copy_when_durable(&rec, &layers);
                 layers
             }

@@ -9,6 +9,7 @@ mod capture;
 mod compact;
 mod fork;
 pub mod gc;
+pub mod lazy;
 mod local_cache;
 mod restore;
 mod retention;

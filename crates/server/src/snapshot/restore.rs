@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use hatch_chunks::{ChunkError, ChunkStore};
+use hatch_chunks::{ChunkError, ChunkStore, FileChunks};
 use hatch_vmm::Machine;
 
 use super::capture::{blocking, move_file};
@@ -113,6 +113,10 @@ impl VmManager {
                     inner.agent = None;
                 }
                 self.clear_forwards(&rt).await;
+                if let Err(e) = self.end_lazy_ram(&rt.id).await {
+                    tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "ending the lazy RAM server failed");
+                }
+                self.remove_lazy_files(&rt.id);
                 self.remove_runtime_files(&rt.id);
                 // The VM stays as restorable as it was: its snapshots are intact.
                 let to = match prior {
@@ -155,6 +159,13 @@ impl VmManager {
         // 1. The snapshot's files, here and verified. A rolled-back guest
         // runs on meanwhile. The local copy is not evicted while in use.
         let _in_use = self.use_local_copy(&rec.snap.id);
+        // A wake of a suspended VM from a snapshot S3 holds takes the RAM
+        // image instead of copying it (the guest's RAM file is the image);
+        // a rollback, or a snapshot only here, gets a copy.
+        let consume = prior == VmState::Snapshotted && rec.snap.status == SnapshotStatus::Ready;
+        // Such a wake from S3 starts the guest before its memory is here.
+        let lazy = consume && self.lazy_memory_enabled();
+        let mut lazy_memory = None;
         let (layers, from_local) = match self.verified_local_copy(rec, &vm).await {
             Ok(layers) => (layers, true),
             Err(why) => {
@@ -176,9 +187,12 @@ impl VmManager {
                         "snapshot storage is unavailable (no S3 configured) and the local copy cannot be used ({why})"
                     )));
                 };
-                let fetched = self.fetch(rt, rec, &vm, store).await;
+                let fetched = self.fetch(rt, rec, &vm, store, !lazy).await;
                 let layers = match fetched {
-                    Ok(layers) => layers,
+                    Ok((layers, memory)) => {
+                        lazy_memory = lazy.then_some(memory);
+                        layers
+                    }
                     Err(e) if rec.local => {
                         return Err(intact(e.context(format!(
                             "the local copy cannot be used ({why}) and reading S3 failed"
@@ -195,10 +209,6 @@ impl VmManager {
             "restore.prepared"
         };
         self.faults.hit(point, &rt.id).map_err(intact)?;
-        // A wake of a suspended VM from a snapshot S3 holds takes the RAM
-        // image instead of copying it (the guest's RAM file is the image);
-        // a rollback, or a snapshot only here, gets a copy.
-        let consume = prior == VmState::Snapshotted && rec.snap.status == SnapshotStatus::Ready;
         if !from_local && !consume {
             self.trust_fetched_copy_when_durable(rec, &layers);
         }
@@ -222,10 +232,21 @@ impl VmManager {
             self.halt(rt).await;
             self.faults.hit("rollback.halted", &rt.id).map_err(broken)?;
         }
+        let mut lazy_ram = None;
         match ram_copy {
             Some(part) => std::fs::rename(&part, &paths.mem)
                 .context("placing the RAM image")
                 .map_err(broken)?,
+            None if lazy_memory.is_some() => {
+                let memory = lazy_memory.as_ref().context("no memory").map_err(broken)?;
+                lazy_ram = self
+                    .place_lazy_ram(rt, memory, store)
+                    .await
+                    .map_err(broken)?;
+                self.faults
+                    .hit("restore.ram_served", &rt.id)
+                    .map_err(broken)?;
+            }
             None => {
                 let _ = std::fs::remove_file(&paths.mem);
                 if rec.local || from_local {
@@ -245,12 +266,17 @@ impl VmManager {
             self.touch_local_copy(&rec.snap.id).await;
         }
 
-        let started = self.start_from(rt, &dir, &layers).await;
+        let started = self
+            .start_from(rt, &dir, &layers, lazy_ram.as_deref())
+            .await;
         let never_ran = started
             .as_ref()
             .err()
             .is_some_and(|e| e.downcast_ref::<GuestNeverRan>().is_some());
-        if consume && never_ran {
+        if lazy_memory.is_some() {
+            // A lazily filled RAM file is never a snapshot's image: the
+            // failure path removes it with the server.
+        } else if consume && never_ran {
             // Its RAM file is still the snapshot's image: give it back.
             if let Some(m) = rt.machine() {
                 m.kill();
@@ -307,6 +333,7 @@ impl VmManager {
         rt: &VmSupervisor,
         dir: &Path,
         layers: &[String],
+        ram: Option<&Path>,
     ) -> anyhow::Result<Arc<Machine>> {
         let paths = self.paths(&rt.id);
         let t0 = Instant::now();
@@ -328,7 +355,13 @@ impl VmManager {
             self.store
                 .set_disk_layers(&rt.id, &all, &self.cfg.node_name)
                 .await?;
-            let machine = self.launch(rt, true).await?;
+            let machine = self.launch(rt, true, ram).await?;
+            if ram.is_some() {
+                // The server ends by itself once this QEMU is gone, whoever
+                // ends it (a daemon killed meanwhile included).
+                self.watch_lazy_ram(&rt.id, machine.pid().unsigned_abs())
+                    .await?;
+            }
             self.faults.hit("restore.launched", &rt.id)?;
             anyhow::Ok(machine)
         };
@@ -417,7 +450,8 @@ impl VmManager {
         rec: &SnapshotRecord,
         vm: &Vm,
         store: &ChunkStore,
-    ) -> anyhow::Result<Vec<String>> {
+        with_memory: bool,
+    ) -> anyhow::Result<(Vec<String>, FileChunks)> {
         let started = Instant::now();
         let bytes = store
             .get(&manifest_key(&rt.id, &rec.snap.id), MAX_MANIFEST_BYTES)
@@ -446,10 +480,15 @@ impl VmManager {
             let state = store
                 .download_file(&manifest.device_state, &tmp.join("state"))
                 .await?;
-            let mem = store
-                .download_file(&manifest.memory, &tmp.join("mem"))
-                .await?;
-            anyhow::Ok(state.fetched_bytes + mem.fetched_bytes)
+            let mem = if with_memory {
+                store
+                    .download_file(&manifest.memory, &tmp.join("mem"))
+                    .await?
+                    .fetched_bytes
+            } else {
+                0
+            };
+            anyhow::Ok(state.fetched_bytes + mem)
         };
         // Disk layers come down at the same time as memory.
         let (a, b) = tokio::try_join!(
@@ -469,7 +508,35 @@ impl VmManager {
                 started.elapsed().as_secs_f64()
             ));
         }
-        Ok(manifest.disk_layers.into_iter().map(|l| l.name).collect())
+        let layers = manifest.disk_layers.into_iter().map(|l| l.name).collect();
+        Ok((layers, manifest.memory))
+    }
+
+    /// The RAM of a wake from S3, served lazily; returns the file QEMU maps.
+    /// Where that cannot be (no FUSE here), the image is downloaded whole
+    /// into the VM's RAM file instead, and the wake says so.
+    async fn place_lazy_ram(
+        &self,
+        rt: &VmSupervisor,
+        memory: &FileChunks,
+        store: Option<&ChunkStore>,
+    ) -> anyhow::Result<Option<std::path::PathBuf>> {
+        match self.serve_ram_lazily(&rt.id, memory, &[]).await {
+            Ok(ram) => Ok(Some(ram)),
+            Err(e) => {
+                let _ = self.end_lazy_ram(&rt.id).await;
+                self.remove_lazy_files(&rt.id);
+                rt.warn(format!(
+                    "memory could not be served lazily ({e:#}); downloading all of it"
+                ));
+                let store = store.context("snapshot storage is unavailable")?;
+                store
+                    .download_file(memory, &self.paths(&rt.id).mem)
+                    .await
+                    .context("downloading the memory image")?;
+                Ok(None)
+            }
+        }
     }
 
     /// Download the disk layers this host lacks into the VM's directory,

@@ -1,0 +1,129 @@
+//! Wakes from S3 with memory served lazily (`snapshot/lazy.rs`): the guest
+//! runs before its memory is all here. A suspend right after such a wake,
+//! with the background fetch unfinished, loses nothing; S3 lost meanwhile
+//! fails the suspend and leaves the VM running, and once S3 is back nothing
+//! is lost. (The daemon killed during a lazy wake: `crash_recovery.rs`.)
+//!
+//! The background fetch is paced (`HATCH_LAZY_FILL_PACE_MS`) so that the
+//! memory is still arriving when the test acts.
+
+#![allow(clippy::unwrap_used)]
+
+use hatch_e2e::{Daemon, Garage, kv};
+use reqwest::StatusCode;
+use serde_json::json;
+
+const HOST: &str = "lazy.localhost";
+
+async fn app(d: &Daemon, path: &str) -> String {
+    let (s, body) = d.proxy_get(HOST, path).await;
+    assert_eq!(s, StatusCode::OK, "{path}: {body}\n{}", d.daemon_log());
+    body
+}
+
+async fn counter(d: &Daemon) -> u64 {
+    kv(&app(d, "/counter").await, "counter").parse().unwrap()
+}
+
+async fn setup(extra: &[(&str, &str)]) -> (Garage, Daemon, String, String) {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_LAZY_FILL_PACE_MS".into(), "300".into()));
+    env.push(("HATCH_UPLOAD_RETRY_MAX_SECONDS".into(), "2".into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let d = Daemon::start_with_env(env).await;
+    let id = d.create_vm(json!({ "name": "lazy" })).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "running").await;
+    d.create_route(HOST, &id).await;
+    d.wait_http(HOST, "/").await;
+    let boot = kv(&app(&d, "/").await, "boot_id");
+    (garage, d, id, boot)
+}
+
+/// Suspend, wait until S3 holds the snapshot, and drop every local copy.
+async fn suspend_to_s3_only(d: &Daemon, id: &str) {
+    let sid = d.snapshot(id, true).await;
+    d.wait_snapshot(id, &sid, "ready").await;
+    d.wait_state(id, "snapshotted").await;
+    d.wipe_local_snapshots(id);
+}
+
+#[tokio::test]
+async fn a_suspend_right_after_a_lazy_wake_waits_for_the_memory_and_loses_nothing() {
+    let (_garage, d, id, boot) = setup(&[]).await;
+    let n = counter(&d).await;
+    app(&d, "/disk/write?name=k&value=v1").await;
+    suspend_to_s3_only(&d, &id).await;
+
+    // Woken by a request: the guest answers while its memory is served
+    // by a lazy RAM server of its own, through a FUSE mount.
+    assert_eq!(counter(&d).await, n + 1);
+    assert_eq!(d.lazyram_pids().len(), 1, "{}", d.daemon_log());
+    assert_eq!(d.lazy_mounts().len(), 1);
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
+    app(&d, "/disk/write?name=k2&value=v2").await;
+
+    // Suspended at once, the memory still arriving: the suspend waits for
+    // it (the guest running), then pauses as usual.
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    assert!(
+        d.daemon_log()
+            .contains("waiting for the rest of the memory from S3 before pausing"),
+        "the memory had all arrived before the suspend; the test proves nothing:\n{}",
+        d.daemon_log()
+    );
+    assert_eq!(d.lazyram_pids(), Vec::<i32>::new());
+    assert_eq!(d.lazy_mounts(), Vec::<String>::new());
+
+    // From the local copy that suspend left: everything there.
+    assert_eq!(counter(&d).await, n + 2);
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
+    assert_eq!(app(&d, "/disk/read?name=k2").await, "value=v2\n");
+
+    // And from what it uploaded alone: the guest's writes made after the
+    // lazy wake are in S3 too.
+    suspend_to_s3_only(&d, &id).await;
+    assert_eq!(counter(&d).await, n + 3);
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
+    assert_eq!(app(&d, "/disk/read?name=k").await, "value=v1\n");
+    assert_eq!(app(&d, "/disk/read?name=k2").await, "value=v2\n");
+}
+
+#[tokio::test]
+async fn s3_lost_during_a_lazy_wake_fails_the_suspend_and_the_vm_runs_on() {
+    let (mut garage, d, id, boot) = setup(&[("HATCH_LAZY_FILL_TIMEOUT_SECONDS", "3")]).await;
+    let n = counter(&d).await;
+    suspend_to_s3_only(&d, &id).await;
+    assert_eq!(counter(&d).await, n + 1);
+
+    // S3 goes away while the memory is still arriving.
+    garage.stop();
+    let sid = d.snapshot(&id, true).await;
+    let snap = d.wait_snapshot(&id, &sid, "failed").await;
+    let error = snap["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("not all fetched from S3"),
+        "unexpected error: {error}"
+    );
+    let vm = d.wait_state(&id, "running").await;
+    assert!(
+        vm["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the vm runs on"),
+        "{vm}"
+    );
+    assert_eq!(d.lazyram_pids().len(), 1, "the server keeps serving");
+
+    // S3 back: the fetch resumes, the guest never noticed.
+    garage.restart().await;
+    assert_eq!(counter(&d).await, n + 2);
+    suspend_to_s3_only(&d, &id).await;
+    assert_eq!(counter(&d).await, n + 3);
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
+}
