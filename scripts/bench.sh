@@ -77,6 +77,10 @@ cleanup() {
     as_pg "$PG_BIN/pg_ctl" -D "$PGDIR/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$PGDIR"
   fi
+  # Lazy RAM mounts whose server was killed with the rest stay until detached.
+  for m in $(awk '{print $5}' /proc/self/mountinfo | grep "^$RUN" || true); do
+    umount -l "$m" 2>/dev/null || true
+  done
   rm -rf "$DATA" "$RUN" "$RUN-n2"
 }
 trap cleanup EXIT

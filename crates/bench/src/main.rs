@@ -180,13 +180,30 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
         restore_local.push(t0.elapsed());
     }
 
-    // Suspend and wake from S3 only.
+    // Suspend and wake from S3 only. From the second round on, each
+    // suspend comes right after a wake from S3, its memory still arriving.
     let mut restore_s3 = Samples::default();
     let mut download_mbps = Samples::default();
-    for _ in 0..n {
+    let mut lazy_suspend_pause = Samples::default();
+    let mut lazy_suspend_total = Samples::default();
+    let mut lazy_cycle_stored = Samples::default();
+    for round in 0..=n {
+        let t_suspend = Instant::now();
         let snap = api.snapshot(&vm, true).await?;
-        let snap = api.wait_snapshot(&vm, &snap).await?;
         api.wait_state(&vm, "snapshotted").await?;
+        let suspended = t_suspend.elapsed();
+        let snap = api.wait_snapshot(&vm, &snap).await?;
+        if round > 0 {
+            lazy_suspend_total.push(suspended);
+            lazy_suspend_pause.push(Duration::from_millis(
+                snap["pause_ms"].as_u64().unwrap_or(0),
+            ));
+            lazy_cycle_stored
+                .push_value(snap["stored_bytes"].as_u64().unwrap_or(0) as f64 / 1024.0);
+        }
+        if round == n {
+            break;
+        }
         wipe_local(&args.data_dir, &vm)?;
         let t0 = Instant::now();
         api.restore(&vm).await?;
@@ -213,6 +230,9 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
     base.pause.row("baseline pause: `migrate` to a file");
     restore_local.row("restore to first HTTP response, local cache");
     restore_s3.row("restore to first HTTP response, S3 only");
+    lazy_suspend_pause.row("suspend pause right after a wake from S3");
+    lazy_suspend_total.row("suspend right after a wake from S3: request to snapshotted");
+    lazy_cycle_stored.row_value("KiB stored per idle S3 wake + suspend cycle");
     base.restore
         .row("baseline restore: `-incoming` from the file");
     upload_mbps.row_value("upload MB/s (compressed)");

@@ -51,6 +51,11 @@ pub struct Manifest {
     pub host_cpu: String,
     pub device_state: FileChunks,
     pub memory: FileChunks,
+    /// Memory chunks the guest asked for first after its previous wake, in
+    /// that order: a lazy wake fetches them before the rest. (Omitted when
+    /// empty, so that daemons from before it read such manifests.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<u32>,
     /// Disk layers, oldest first; the first is backed by the image's base disk.
     pub disk_layers: Vec<Layer>,
 }
@@ -157,6 +162,14 @@ impl Manifest {
         self.memory
             .validate(e.memory_mib << 20)
             .map_err(|r| format!("memory: {r}"))?;
+        if self.prefetch.len() > self.memory.chunks.len()
+            || self
+                .prefetch
+                .iter()
+                .any(|&i| i as usize >= self.memory.chunks.len())
+        {
+            return Err("memory prefetch list".into());
+        }
         if self.memory.len != e.memory_mib << 20 {
             return Err(format!(
                 "memory of {} bytes for a {} MiB vm",
@@ -228,6 +241,7 @@ mod tests {
             host_cpu: "0123456789abcdef".into(),
             device_state: chunks(60_000),
             memory: chunks(256 << 20),
+            prefetch: vec![3, 1, 200],
             disk_layers: vec![
                 Layer {
                     name: "disk.qcow2".into(),
@@ -318,6 +332,8 @@ mod tests {
             ("image", Box::new(|m| m.image = "../other".into())),
             ("machine", Box::new(|m| m.memory_mib = 512)),
             ("memory", Box::new(|m| m.memory.len = 1 << 40)),
+            ("memory prefetch", Box::new(|m| m.prefetch.push(256))),
+            ("memory prefetch", Box::new(|m| m.prefetch = vec![0; 257])),
             (
                 "memory",
                 Box::new(|m| m.memory.chunks.pop().map(|_| ()).unwrap_or(())),

@@ -204,7 +204,17 @@ impl VmManager {
     async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
         let dir = self.snapshot_dir(snapshot_id);
         let dst = dir.join("mem");
-        self.take_lazy_ram(vm_id).await?;
+        // What the guest asked for first after this wake (a lazy one), or
+        // the list the wake's snapshot had: the next lazy wake's prefetch.
+        match self.take_lazy_ram(vm_id).await? {
+            Some(touched) if !touched.is_empty() => {
+                std::fs::write(dir.join(PREFETCH), serde_json::to_vec(&touched)?)
+                    .context("keeping the prefetch list")?;
+            }
+            _ => {
+                let _ = std::fs::rename(self.prefetch_file(vm_id), dir.join(PREFETCH));
+            }
+        }
         move_file(&self.paths(vm_id).mem, &dst).await?;
         self.remove_runtime_files(vm_id);
         blocking(move || {
@@ -420,6 +430,7 @@ impl VmManager {
         stored += r.stored_bytes;
         let (memory, r) = store.upload_file(&dir.join("mem")).await?;
         stored += r.stored_bytes;
+        let prefetch = read_prefetch(&dir, memory.chunks.len());
         let mut disk_layers = Vec::new();
         for name in &rec.layers {
             let (chunks, r) = store.upload_file(&vm_dir.join(name)).await?;
@@ -445,6 +456,7 @@ impl VmManager {
             host_cpu: self.cpu_signature.clone(),
             device_state,
             memory,
+            prefetch,
             disk_layers,
         };
         let bytes = manifest
@@ -469,6 +481,22 @@ async fn resume_guest(machine: &Machine) {
     if let Err(e) = machine.resume().await {
         tracing::error!(pid = machine.pid(), error = %e, "could not resume the guest");
     }
+}
+
+/// A snapshot's prefetch list (`snapshot/lazy.rs`), next to its memory.
+pub(super) const PREFETCH: &str = "prefetch.json";
+
+/// The prefetch list kept with a capture: chunk numbers below `chunks`,
+/// or none if it is missing or unreadable (it only orders a fetch).
+pub(super) fn read_prefetch(dir: &Path, chunks: usize) -> Vec<u32> {
+    let Ok(bytes) = std::fs::read(dir.join(PREFETCH)) else {
+        return Vec::new();
+    };
+    let list: Vec<u32> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let mut seen = vec![false; chunks];
+    list.into_iter()
+        .filter(|&i| (i as usize) < chunks && !std::mem::replace(&mut seen[i as usize], true))
+        .collect()
 }
 
 pub(super) fn layers_size(dir: &Path, layers: &[String]) -> u64 {

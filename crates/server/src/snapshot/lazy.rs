@@ -343,14 +343,15 @@ impl VmManager {
     /// The VM's RAM file may now be taken as its memory image: an ordinary
     /// one, or a lazily filled one whose server ended with every chunk here
     /// and the guest's writes synced into it. Ends the server first.
-    pub(super) async fn take_lazy_ram(&self, vm_id: &str) -> anyhow::Result<()> {
+    /// Returns, for a lazy one, the chunks its guest asked for, in order.
+    pub(super) async fn take_lazy_ram(&self, vm_id: &str) -> anyhow::Result<Option<Vec<u32>>> {
         let lp = self.lazy_paths(vm_id);
         let end = self.end_lazy_ram(vm_id).await?;
         if !lp.marker.exists() {
-            return Ok(());
+            return Ok(None);
         }
-        match end {
-            Some(end) if end.status.complete => {}
+        let touched = match end {
+            Some(end) if end.status.complete => end.status.touched,
             Some(end) => anyhow::bail!(
                 "the lazily served RAM file lacks {} of {} chunks",
                 end.status.chunks - end.status.present,
@@ -359,10 +360,18 @@ impl VmManager {
             None => {
                 anyhow::bail!("the lazily served RAM file was not synced when its server ended")
             }
-        }
+        };
         remove_if_there(&lp.end_status)?;
         remove_if_there(&lp.marker)?;
-        Ok(())
+        Ok(Some(touched))
+    }
+
+    /// The prefetch list a VM's RAM file carries from the wake that placed
+    /// it (`<vm>/mem.prefetch.json`), for the next snapshot.
+    pub(crate) fn prefetch_file(&self, vm_id: &str) -> PathBuf {
+        let mut name = self.paths(vm_id).mem.into_os_string();
+        name.push(".prefetch.json");
+        PathBuf::from(name)
     }
 
     /// The marker and end status go with the RAM file.
@@ -370,6 +379,7 @@ impl VmManager {
         let lp = self.lazy_paths(vm_id);
         let _ = std::fs::remove_file(&lp.marker);
         let _ = std::fs::remove_file(&lp.end_status);
+        let _ = std::fs::remove_file(self.prefetch_file(vm_id));
     }
 }
 

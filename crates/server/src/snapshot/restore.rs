@@ -16,7 +16,7 @@ use anyhow::Context;
 use hatch_chunks::{ChunkError, ChunkStore, FileChunks};
 use hatch_vmm::Machine;
 
-use super::capture::{blocking, move_file};
+use super::capture::{PREFETCH, blocking, move_file};
 use super::local_copy::LocalCopy;
 use super::manifest::{Expected, MAX_MANIFEST_BYTES, Manifest, manifest_key};
 use super::{SnapshotCorrupt, WakeCause, new_layer_name};
@@ -238,9 +238,10 @@ impl VmManager {
                 .context("placing the RAM image")
                 .map_err(broken)?,
             None if lazy_memory.is_some() => {
-                let memory = lazy_memory.as_ref().context("no memory").map_err(broken)?;
+                let (memory, prefetch) =
+                    lazy_memory.as_ref().context("no memory").map_err(broken)?;
                 lazy_ram = self
-                    .place_lazy_ram(rt, memory, store)
+                    .place_lazy_ram(rt, memory, prefetch, store)
                     .await
                     .map_err(broken)?;
                 self.faults
@@ -257,6 +258,7 @@ impl VmManager {
                 move_file(&dir.join("mem"), &paths.mem)
                     .await
                     .map_err(broken)?;
+                let _ = std::fs::rename(dir.join(PREFETCH), self.prefetch_file(&rt.id));
                 self.faults
                     .hit("restore.ram_taken", &rt.id)
                     .map_err(broken)?;
@@ -451,7 +453,7 @@ impl VmManager {
         vm: &Vm,
         store: &ChunkStore,
         with_memory: bool,
-    ) -> anyhow::Result<(Vec<String>, FileChunks)> {
+    ) -> anyhow::Result<(Vec<String>, (FileChunks, Vec<u32>))> {
         let started = Instant::now();
         let bytes = store
             .get(&manifest_key(&rt.id, &rec.snap.id), MAX_MANIFEST_BYTES)
@@ -509,7 +511,7 @@ impl VmManager {
             ));
         }
         let layers = manifest.disk_layers.into_iter().map(|l| l.name).collect();
-        Ok((layers, manifest.memory))
+        Ok((layers, (manifest.memory, manifest.prefetch)))
     }
 
     /// The RAM of a wake from S3, served lazily; returns the file QEMU maps.
@@ -519,9 +521,10 @@ impl VmManager {
         &self,
         rt: &VmSupervisor,
         memory: &FileChunks,
+        prefetch: &[u32],
         store: Option<&ChunkStore>,
     ) -> anyhow::Result<Option<std::path::PathBuf>> {
-        match self.serve_ram_lazily(&rt.id, memory, &[]).await {
+        match self.serve_ram_lazily(&rt.id, memory, prefetch).await {
             Ok(ram) => Ok(Some(ram)),
             Err(e) => {
                 let _ = self.end_lazy_ram(&rt.id).await;
