@@ -2,7 +2,8 @@
 //! runs before its memory is all here. A suspend right after such a wake,
 //! with the background fetch unfinished, loses nothing; S3 lost meanwhile
 //! fails the suspend and leaves the VM running, and once S3 is back nothing
-//! is lost. (The daemon killed during a lazy wake: `crash_recovery.rs`.)
+//! is lost; a daemon restarted or killed meanwhile loses nothing either
+//! (killed at each step of a lazy wake: `crash_recovery.rs`).
 //!
 //! The background fetch is paced (`HATCH_LAZY_FILL_PACE_MS`) so that the
 //! memory is still arriving when the test acts.
@@ -124,6 +125,35 @@ async fn s3_lost_during_a_lazy_wake_fails_the_suspend_and_the_vm_runs_on() {
     garage.restart().await;
     assert_eq!(counter(&d).await, n + 2);
     suspend_to_s3_only(&d, &id).await;
+    assert_eq!(counter(&d).await, n + 3);
+    assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
+}
+
+#[tokio::test]
+async fn a_daemon_restarted_or_killed_while_the_memory_arrives_loses_nothing() {
+    let (_garage, mut d, id, boot) = setup(&[]).await;
+    let n = counter(&d).await;
+    suspend_to_s3_only(&d, &id).await;
+    assert_eq!(counter(&d).await, n + 1);
+
+    // A restart while the memory arrives: the guest and its RAM server run
+    // on, and the new daemon takes both up again.
+    d.set_env("HATCH_FAULTS", Some("suspend.qemu_ended"));
+    d.restart().await;
+    assert_eq!(counter(&d).await, n + 2);
+    assert_eq!(d.lazyram_pids().len(), 1);
+
+    // Killed in the suspend once QEMU has ended: the RAM server syncs the
+    // guest's writes and ends by itself; the next daemon finishes the
+    // suspend from its end status.
+    let sid = d.snapshot(&id, true).await;
+    d.wait_for_crash().await;
+    d.set_env("HATCH_FAULTS", None);
+    d.start_again().await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    assert_eq!(d.lazyram_pids(), Vec::<i32>::new());
+    assert_eq!(d.lazy_mounts(), Vec::<String>::new());
     assert_eq!(counter(&d).await, n + 3);
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
 }
