@@ -50,6 +50,7 @@ enum Command {
     /// Serve a woken VM's memory from S3 on demand (started by the daemon).
     #[command(hide = true)]
     Lazyram {
+        /// The spec the daemon wrote (read once, then removed).
         #[arg(long)]
         spec: std::path::PathBuf,
     },

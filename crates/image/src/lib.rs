@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use build::{BuildOptions, DEFAULT_CMDLINE, build_default};
 /// Sparse file copy (holes stay holes), also used for guest RAM files.
-pub use util::{copy_sparse, copy_sparse_unsynced};
+pub use util::{copy_sparse, copy_sparse_into, copy_sparse_unsynced, preallocate_like};
 
 /// File name of an image's metadata inside its directory.
 pub const IMAGE_JSON: &str = "image.json";

@@ -140,21 +140,71 @@ fn seek_data_hole(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Opti
 /// Copies `src` to the new file `dst`, keeping holes (and punching new ones for runs of zeros)
 /// so that sparse disk images stay sparse. Fsyncs `dst`.
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64, ImageError> {
-    copy_sparse_inner(src, dst, true)
+    copy_sparse_inner(src, dst, true, false)
 }
 
 /// [`copy_sparse`] without the fsync: for copies whose durability the caller
 /// handles later (or never needs, like a RAM file for a guest about to run).
 pub fn copy_sparse_unsynced(src: &Path, dst: &Path) -> Result<u64, ImageError> {
-    copy_sparse_inner(src, dst, false)
+    copy_sparse_inner(src, dst, false, false)
 }
 
-fn copy_sparse_inner(src: &Path, dst: &Path, sync: bool) -> Result<u64, ImageError> {
+/// Create `dst` as long as `src`, with its space allocated wherever `src`
+/// has data. On tmpfs that allocates (and zeroes) the pages, which is most
+/// of what a first copy costs there; done before a guest pauses, the copy
+/// under the pause ([`copy_sparse_into`]) then only moves bytes.
+pub fn preallocate_like(src: &Path, dst: &Path) -> Result<(), ImageError> {
+    let res = (|| -> io::Result<()> {
+        let s = File::open(src)?;
+        let len = s.metadata()?.len();
+        let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
+        d.set_len(len)?;
+        let mut off = 0;
+        while off < len {
+            let Some(data) = seek_data_hole(&s, off, libc::SEEK_DATA)? else {
+                break;
+            };
+            let hole = seek_data_hole(&s, data, libc::SEEK_HOLE)?.unwrap_or(len);
+            let (start, n) = (data as libc::off_t, (hole - data) as libc::off_t);
+            // SAFETY: fallocate(2) on a descriptor this function owns, with
+            // a range inside the file; no memory is passed.
+            if unsafe { libc::fallocate(d.as_raw_fd(), 0, start, n) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            off = hole.max(off + 1);
+        }
+        Ok(())
+    })();
+    res.map_err(|e| {
+        let _ = fs::remove_file(dst);
+        ImageError::io(
+            format!("preallocating {} like {}", dst.display(), src.display()),
+            e,
+        )
+    })
+}
+
+/// [`copy_sparse_unsynced`] into an existing file of the same length (one
+/// made by [`preallocate_like`]).
+pub fn copy_sparse_into(src: &Path, dst: &Path) -> Result<u64, ImageError> {
+    copy_sparse_inner(src, dst, false, true)
+}
+
+fn copy_sparse_inner(
+    src: &Path,
+    dst: &Path,
+    sync: bool,
+    existing: bool,
+) -> Result<u64, ImageError> {
     let ctx = || format!("copying {} to {}", src.display(), dst.display());
     let res = (|| -> io::Result<u64> {
         let s = File::open(src)?;
         let len = s.metadata()?.len();
-        let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
+        let d = if existing {
+            OpenOptions::new().write(true).open(dst)?
+        } else {
+            OpenOptions::new().write(true).create_new(true).open(dst)?
+        };
         d.set_len(len)?;
         // Large files (RAM images, copied while a guest is paused) are split
         // between threads: the copy is memory bound and the cores are idle.

@@ -40,6 +40,9 @@ pub struct Status {
     pub failing: Option<String>,
     /// A fetch got bytes that were not the chunk (since the start).
     pub corrupt_seen: bool,
+    /// What the first such fetch said (it names the chunk).
+    #[serde(default)]
+    pub corruption: Option<String>,
 }
 
 /// A RAM image in a local file, completed from a [`ChunkSource`].
@@ -58,6 +61,7 @@ pub struct RamCache {
     consecutive_failures: AtomicU64,
     last_failure: Mutex<Option<String>>,
     corrupt_seen: AtomicBool,
+    corruption: Mutex<Option<String>>,
 }
 
 impl RamCache {
@@ -100,6 +104,7 @@ impl RamCache {
             consecutive_failures: AtomicU64::new(0),
             last_failure: Mutex::default(),
             corrupt_seen: AtomicBool::new(false),
+            corruption: Mutex::new(None),
             layout,
             source,
         })
@@ -216,6 +221,7 @@ impl RamCache {
             fetched_bytes: self.fetched_bytes.load(Ordering::Acquire),
             failing,
             corrupt_seen: self.corrupt_seen.load(Ordering::Acquire),
+            corruption: lock(&self.corruption).clone(),
         }
     }
 
@@ -249,7 +255,7 @@ impl RamCache {
         let (start, end) = self.layout.range(i);
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let err = match self.source.fetch(i).await {
+            let (err, corrupt) = match self.source.fetch(i).await {
                 Ok(data) if data.len() as u64 == end - start => {
                     // Inline: a 1 MiB write into the page cache takes well under
                     // a millisecond, less than a hop to the blocking pool.
@@ -262,25 +268,27 @@ impl RamCache {
                             self.consecutive_failures.store(0, Ordering::Release);
                             return;
                         }
-                        Err(e) => format!("chunk {i}: writing the RAM cache: {e}"),
+                        Err(e) => (format!("chunk {i}: writing the RAM cache: {e}"), false),
                     }
                 }
-                Ok(data) => {
-                    self.corrupt_seen.store(true, Ordering::Release);
+                Ok(data) => (
                     format!(
                         "chunk {i}: corrupt: {} bytes instead of {}",
                         data.len(),
                         end - start
-                    )
-                }
+                    ),
+                    true,
+                ),
                 Err(e) => {
-                    if matches!(e, FetchError::Corrupt(_)) {
-                        self.corrupt_seen.store(true, Ordering::Release);
-                    }
-                    format!("chunk {i}: {e}")
+                    let corrupt = matches!(e, FetchError::Corrupt(_));
+                    (format!("chunk {i}: {e}"), corrupt)
                 }
             };
             tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "lazy RAM fetch failed");
+            if corrupt {
+                self.corrupt_seen.store(true, Ordering::Release);
+                lock(&self.corruption).get_or_insert_with(|| err.clone());
+            }
             *lock(&self.last_failure) = Some(err);
             self.consecutive_failures.fetch_add(1, Ordering::AcqRel);
             tokio::time::sleep(backoff).await;

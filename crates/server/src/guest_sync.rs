@@ -64,22 +64,36 @@ impl VmManager {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            match conn.sync_clock_and_rng(wait).await {
+            // The outbound card's address is asked for in the same breath
+            // (the agent answers both in turn): one round trip, not two.
+            let link = self.network.link_of(&rt.id);
+            let (guest_addr, gateway) = match &link {
+                Some(l) => (l.guest.to_string(), l.host.addr().to_string()),
+                None => Default::default(),
+            };
+            let network = async {
+                match link {
+                    Some(_) => Some(conn.set_network(&guest_addr, &gateway, wait).await),
+                    None => None,
+                }
+            };
+            let (synced, network) = tokio::join!(conn.sync_clock_and_rng(wait), network);
+            match synced {
                 Ok(s) if s.offset.is_none_or(|o| o.abs() <= MAX_OFFSET_SECS) => {
                     if attempts > 1 {
                         rt.warn(format!(
                             "the guest agent confirmed the clock and RNG sync only after {attempts} attempts"
                         ));
                     }
-                    if let Some(link) = self.network.link_of(&rt.id)
-                        && let Err(e) = conn
-                            .set_network(
-                                &link.guest.to_string(),
-                                &link.host.addr().to_string(),
-                                Duration::from_secs(5),
-                            )
-                            .await
-                    {
+                    let network = match network {
+                        // Slower than the sync: given its own time.
+                        Some(Err(_)) => Some(
+                            conn.set_network(&guest_addr, &gateway, Duration::from_secs(5))
+                                .await,
+                        ),
+                        other => other,
+                    };
+                    if let Some(Err(e)) = network {
                         // The VM serves (inbound is the proxy's); only
                         // its outbound connections fail. Said in its event.
                         rt.warn(format!("the guest's outbound network was not set up: {e}"));

@@ -175,7 +175,15 @@ impl VmManager {
         rec.snap.disk_bytes = layers_size(&self.paths(&rt.id).dir, &rec.layers);
         self.keep_ram(&rt.id, &rec.snap.id).await?;
         self.faults.hit("suspend.ram_kept", &rt.id)?;
-        self.describe_local_copy(rec).await
+        self.describe_local_copy(rec).await?;
+        // The next wake's disk layer, made now rather than then.
+        if let Some(top) = rec.layers.last() {
+            let disk_mib = self.get(&rt.id).await?.disk_mib;
+            if let Err(e) = self.prepare_next_layer(&rt.id, top, disk_mib).await {
+                tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "making the next disk layer ahead failed");
+            }
+        }
+        Ok(())
     }
 
     /// Write `local.json` for a capture whose files are all in place: the
@@ -305,6 +313,25 @@ impl VmManager {
         };
 
         self.await_lazy_ram_complete(&rt.id).await?;
+        // The copy's space is allocated while the guest still runs: on
+        // tmpfs, allocating the pages costs more than copying into them.
+        let preallocated = {
+            let (src, dst) = (paths.mem.clone(), ram_copy.clone());
+            let _ = std::fs::remove_file(&dst);
+            match tokio::task::spawn_blocking(move || hatch_image::preallocate_like(&src, &dst))
+                .await
+            {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %rt.id, error = %e, "the RAM copy's space was not allocated ahead");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %rt.id, error = %e, "the RAM copy's space was not allocated ahead");
+                    false
+                }
+            }
+        };
         let t0 = Instant::now();
         machine.pause().await?;
         let result: anyhow::Result<()> = async {
@@ -321,6 +348,7 @@ impl VmManager {
                     &node_name(&new_layer),
                 )
                 .await?;
+            let t_frozen = t0.elapsed();
             self.faults.hit("checkpoint.layer_switched", &rt.id)?;
             let mut all = layers.clone();
             all.push(new_layer.clone());
@@ -331,16 +359,26 @@ impl VmManager {
             let state_part = durable::partial(&dir.join("state"));
             machine.save_state(&state_part).await?;
             self.faults.hit("checkpoint.state_saved", &rt.id)?;
+            let t_saved = t0.elapsed();
             // A lazily served RAM file holds the guest's writes once synced.
             self.sync_lazy_ram(&rt.id).await?;
             // RAM must be copied before the guest changes it again (tmpfs,
             // split across threads); moving it to disk and making it durable
             // waits until the guest runs again.
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
-            let _ = std::fs::remove_file(&dst);
-            tokio::task::spawn_blocking(move || hatch_image::copy_sparse_unsynced(&src, &dst))
-                .await
-                .context("copy task")??;
+            tokio::task::spawn_blocking(move || {
+                if preallocated {
+                    hatch_image::copy_sparse_into(&src, &dst)
+                } else {
+                    let _ = std::fs::remove_file(&dst);
+                    hatch_image::copy_sparse_unsynced(&src, &dst)
+                }
+            })
+            .await
+            .context("copy task")??;
+            let ms = |d: std::time::Duration| d.as_millis() as u64;
+            tracing::debug!(vm = %rt.id, preallocated, disk_frozen_ms = ms(t_frozen),
+                state_saved_ms = ms(t_saved), ram_copied_ms = ms(t0.elapsed()), "checkpoint steps");
             self.faults.hit("checkpoint.ram_copied", &rt.id)?;
             Ok(())
         }

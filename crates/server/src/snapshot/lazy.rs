@@ -246,6 +246,63 @@ impl VmManager {
         Ok(())
     }
 
+    /// Resolves once the VM's lazy RAM server has read a corrupt chunk from
+    /// S3, with what it said (naming the chunk); never while none has.
+    pub(super) async fn lazy_ram_corruption(&self, vm_id: &str) -> String {
+        let lp = self.lazy_paths(vm_id);
+        loop {
+            if let Ok(r) = control::request(&lp.socket, &Request::Status).await
+                && let Some(status) = r.status
+                && status.corrupt_seen
+            {
+                return status
+                    .corruption
+                    .unwrap_or_else(|| "a memory chunk read from S3 is corrupt".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// After a lazy wake, until the memory is all here: a corrupt chunk
+    /// found by the background fill is said in the VM's state reason (the
+    /// guest waits if it ever reads that chunk; suspends fail saying why;
+    /// an older snapshot can be restored).
+    pub(crate) fn watch_lazy_fill(
+        self: &Arc<Self>,
+        rt: Arc<crate::supervisor::VmSupervisor>,
+        snapshot_id: String,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let lp = this.lazy_paths(&rt.id);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Ok(r) = control::request(&lp.socket, &Request::Status).await else {
+                    return; // the server ended (the VM was suspended or stopped)
+                };
+                let Some(status) = r.status else { return };
+                if status.corrupt_seen {
+                    let why = status.corruption.unwrap_or_default();
+                    let reason = format!(
+                        "snapshot_corrupt: the memory of {snapshot_id} read from S3 is corrupt ({why}); the guest waits if it reads that chunk and the vm cannot be suspended; restore an older snapshot"
+                    );
+                    tracing::error!(vm = %rt.id, %reason);
+                    if rt.state() == crate::model::VmState::Running
+                        && let Err(e) = this
+                            .transition(&rt, crate::model::VmState::Running, Some(reason))
+                            .await
+                    {
+                        tracing::warn!(vm = %rt.id, error = %e, "recording the corrupt memory failed");
+                    }
+                    return;
+                }
+                if status.complete {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Before a capture pauses the guest: every chunk of its memory here.
     /// The guest runs meanwhile. Fails (leaving it running) if the fill
     /// does not complete within `lazy_fill_timeout`.
@@ -275,7 +332,8 @@ impl VmManager {
                     status.present,
                     status.chunks,
                     status
-                        .failing
+                        .corruption
+                        .or(status.failing)
                         .map(|f| format!(", fetching fails: {f}"))
                         .unwrap_or_default()
                 );

@@ -11,6 +11,7 @@ mod fork;
 pub mod gc;
 pub mod lazy;
 mod local_cache;
+mod next_layer;
 mod restore;
 mod retention;
 pub mod uploads;

@@ -68,6 +68,9 @@ impl VmManager {
                     tracing::warn!(vm = %rt.id, error = %e, "recording start time failed");
                 }
                 self.watch(rt.clone(), machine);
+                if self.lazy_paths(&rt.id).marker.exists() {
+                    self.watch_lazy_fill(rt.clone(), rec.snap.id.clone());
+                }
                 self.compact_disk_if_long(rt.clone());
                 tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
                     restore_ms = started.elapsed().as_millis() as u64, "restored");
@@ -268,9 +271,15 @@ impl VmManager {
             self.touch_local_copy(&rec.snap.id).await;
         }
 
-        let started = self
-            .start_from(rt, &dir, &layers, lazy_ram.as_deref())
-            .await;
+        let started = match &lazy_ram {
+            // A corrupt chunk the guest needs would stall it (and the clock
+            // sync) for good: the wake fails as an eager one would.
+            Some(ram) => tokio::select! {
+                started = self.start_from(rt, &dir, &layers, Some(ram)) => started,
+                why = self.lazy_ram_corruption(&rt.id) => Err(anyhow::Error::new(SnapshotCorrupt(why))),
+            },
+            None => self.start_from(rt, &dir, &layers, None).await,
+        };
         let never_ran = started
             .as_ref()
             .err()
@@ -343,14 +352,20 @@ impl VmManager {
             // A new writable disk layer over the snapshot's frozen ones.
             let top = layers.last().context("snapshot has no disk layer")?;
             let vm = self.get(&rt.id).await?;
-            let new_layer = new_layer_name();
-            hatch_vmm::disk::create_overlay(
-                &paths.dir.join(top),
-                "qcow2",
-                &paths.dir.join(&new_layer),
-                vm.disk_mib,
-            )
-            .await?;
+            let new_layer = match self.take_next_layer(&rt.id, top, vm.disk_mib) {
+                Some(made_ahead) => made_ahead,
+                None => {
+                    let name = new_layer_name();
+                    hatch_vmm::disk::create_overlay(
+                        &paths.dir.join(top),
+                        "qcow2",
+                        &paths.dir.join(&name),
+                        vm.disk_mib,
+                    )
+                    .await?;
+                    name
+                }
+            };
             tracing::debug!(vm = %rt.id, overlay_ms = t0.elapsed().as_millis() as u64, "restore steps");
             let mut all = layers.to_vec();
             all.push(new_layer);

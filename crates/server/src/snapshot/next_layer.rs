@@ -1,0 +1,74 @@
+//! The disk layer a wake will write to, made ahead of need: a suspend
+//! creates it (`qemu-img create`, ~15 ms) once the capture is done, so that
+//! the next wake from the local copy does not wait for it.
+//!
+//! `<vm>/next-layer.json` names it with what it was made for (the frozen
+//! top layer it is backed by, the disk size); a wake uses it only if both
+//! still hold and the file is there, and makes one as before otherwise. A
+//! layer left unused is a stray file that compaction removes like any
+//! other.
+
+use serde::{Deserialize, Serialize};
+
+use super::names::{is_layer_name, new_layer_name};
+use crate::durable;
+use crate::manager::VmManager;
+
+const RECORD: &str = "next-layer.json";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct NextLayer {
+    name: String,
+    top: String,
+    disk_mib: u64,
+}
+
+impl VmManager {
+    /// Make the layer the next wake of the VM, whose frozen top layer is
+    /// `top`, will write to.
+    pub(super) async fn prepare_next_layer(
+        &self,
+        vm_id: &str,
+        top: &str,
+        disk_mib: u64,
+    ) -> anyhow::Result<()> {
+        let dir = self.paths(vm_id).dir;
+        let record = dir.join(RECORD);
+        let _ = std::fs::remove_file(&record);
+        let name = new_layer_name();
+        hatch_vmm::disk::create_overlay(&dir.join(top), "qcow2", &dir.join(&name), disk_mib)
+            .await?;
+        let next = NextLayer {
+            name,
+            top: top.to_string(),
+            disk_mib,
+        };
+        let part = durable::partial(&record);
+        std::fs::write(&part, serde_json::to_vec(&next)?)?;
+        std::fs::rename(&part, &record)?;
+        Ok(())
+    }
+
+    /// The layer made ahead for a wake over `top` with a disk of
+    /// `disk_mib`, if there is one that fits; the record is used up either
+    /// way.
+    pub(super) fn take_next_layer(&self, vm_id: &str, top: &str, disk_mib: u64) -> Option<String> {
+        let dir = self.paths(vm_id).dir;
+        let record = dir.join(RECORD);
+        let bytes = std::fs::read(&record).ok()?;
+        let _ = std::fs::remove_file(&record);
+        let next: NextLayer = serde_json::from_slice(&bytes).ok()?;
+        let fits = is_layer_name(&next.name)
+            && next.name != top
+            && next.top == top
+            && next.disk_mib == disk_mib
+            && dir.join(&next.name).is_file();
+        if !fits {
+            if is_layer_name(&next.name) && next.name != top {
+                let _ = std::fs::remove_file(dir.join(&next.name));
+            }
+            return None;
+        }
+        Some(next.name)
+    }
+}
