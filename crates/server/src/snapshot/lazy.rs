@@ -207,6 +207,9 @@ impl VmManager {
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0)
+            // Nothing of the daemon's environment (API key, S3 secret):
+            // what it needs is in the spec.
+            .env_clear()
             .env("HATCH_LOG", "info")
             .spawn()
             .context("starting the lazy RAM server")?;
