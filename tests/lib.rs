@@ -432,21 +432,10 @@ impl Daemon {
     /// <run dir>/…`).
     pub fn lazyram_pids(&self) -> Vec<i32> {
         let run_dir = self.run_dir.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        procs
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let args: Vec<String> = cmdline
-                    .split(|b| *b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                args.get(1).is_some_and(|a| a == "lazyram")
-                    && args.iter().any(|a| a.starts_with(&run_dir))
-            })
-            .collect()
+        pids_whose_args(|args| {
+            args.get(1).is_some_and(|a| a == "lazyram")
+                && args.iter().any(|a| a.starts_with(&run_dir))
+        })
     }
 
     /// Mount points under this daemon's run dir (lazy RAM FUSE mounts).
@@ -466,22 +455,13 @@ impl Daemon {
     /// daemon's own bookkeeping and cannot be trusted to tell).
     pub fn qemu_pids(&self) -> Vec<i32> {
         let run_dir = self.run_dir.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        procs
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let args: Vec<String> = cmdline
-                    .split(|b| *b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                args.first().is_some_and(|a| a.contains("qemu-system"))
-                    && args.iter().any(|a| a.contains(&run_dir))
-                    && process_alive(*pid)
-            })
-            .collect()
+        pids_whose_args(|args| {
+            args.first().is_some_and(|a| a.contains("qemu-system"))
+                && args.iter().any(|a| a.contains(&run_dir))
+        })
+        .into_iter()
+        .filter(|pid| process_alive(*pid))
+        .collect()
     }
 
     /// A node of a cluster sharing `pg` and `garage`, with a cluster
@@ -615,6 +595,24 @@ pub fn kv(body: &str, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {body:?}"))
         .to_string()
+}
+
+/// PIDs of the processes whose arguments satisfy `wanted`.
+fn pids_whose_args(wanted: impl Fn(&[String]) -> bool) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            wanted(&args)
+        })
+        .collect()
 }
 
 pub fn process_alive(pid: i32) -> bool {

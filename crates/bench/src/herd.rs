@@ -87,8 +87,13 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
     // The herd: every VM suspended, then one request each, all at once.
     let mut herd = Samples::default();
     let mut slowest = Samples::default();
-    for _ in 0..n {
-        suspend(&api, &all).await?;
+    for round in 0..n {
+        // After the single wakes only the first VM runs; later, all do.
+        if round == 0 {
+            suspend(&api, &[&vms[0]]).await?;
+        } else {
+            suspend(&api, &all).await?;
+        }
         tokio::time::sleep(SUSPENDED_FOR).await;
         let start = tokio::sync::Barrier::new(count);
         let woken = try_join_all(vms.iter().map(|(_, host)| {
