@@ -57,7 +57,6 @@ async fn main() {
         present: Vec::new(),
         first: Vec::new(),
         fill_pace_ms: 0,
-        warm_chunks: 0,
         fill_concurrency: std::env::var("FILL")
             .ok()
             .and_then(|v| v.parse().ok())

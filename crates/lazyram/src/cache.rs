@@ -230,52 +230,6 @@ impl RamCache {
         self.here.iter().map(OnceCell::initialized).collect()
     }
 
-    /// Put `chunks` into the kernel's page cache of the served file `ram`
-    /// (readahead through the mount), each once it is here, four at a
-    /// time: the guest then maps those pages without asking the server.
-    /// Reading through the mount is safe against the guest's writes
-    /// (readahead skips pages already cached, dirty ones included), which
-    /// pushing data into the page cache (FUSE notify-store) would not be.
-    /// The reads count as demands, so the chunks stay in the next touched
-    /// list. Failures only cost speed.
-    pub async fn warm(self: &Arc<Self>, ram: &Path, chunks: &[u32]) {
-        if chunks.is_empty() {
-            return;
-        }
-        let path = ram.to_path_buf();
-        let file = match tokio::task::spawn_blocking(move || File::open(path)).await {
-            Ok(Ok(f)) => Arc::new(f),
-            _ => return,
-        };
-        let wanted: Vec<usize> = chunks
-            .iter()
-            .map(|&i| i as usize)
-            .filter(|&i| i < self.layout.chunks())
-            .collect();
-        futures_util::stream::iter(wanted)
-            .for_each_concurrent(4, |i| {
-                let file = file.clone();
-                async move {
-                    self.ensure(i).await;
-                    let (start, end) = self.layout.range(i);
-                    let _ = tokio::task::spawn_blocking(move || {
-                        use std::os::fd::AsRawFd;
-                        // SAFETY: readahead(2) on a descriptor kept open by
-                        // the Arc for the call; no memory is passed.
-                        unsafe {
-                            libc::readahead(
-                                file.as_raw_fd(),
-                                start as libc::off64_t,
-                                (end - start) as usize,
-                            )
-                        }
-                    })
-                    .await;
-                }
-            })
-            .await;
-    }
-
     fn is_here(&self, i: usize) -> bool {
         self.here.get(i).is_some_and(OnceCell::initialized)
     }

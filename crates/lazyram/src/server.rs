@@ -46,11 +46,6 @@ pub struct ServerSpec {
     /// fill that leaves the store's bandwidth to demand fetches.
     #[serde(default)]
     pub fill_pace_ms: u64,
-    /// How many of `first` to put into the kernel's page cache of the
-    /// served file as soon as they are here, so that the guest maps them
-    /// without a FUSE round trip each (0: none).
-    #[serde(default)]
-    pub warm_chunks: usize,
 }
 
 impl ServerSpec {
@@ -145,11 +140,6 @@ impl Server {
         // stop because the watched QEMU exited has no one to answer).
         let (stop_tx, mut stop_rx) = mpsc::channel::<Option<Reply>>(4);
         let ram = spec.mount_dir.join(RAM_FILE);
-        let warm = {
-            let (cache, ram) = (cache.clone(), ram.clone());
-            let list: Vec<u32> = spec.first.iter().take(spec.warm_chunks).copied().collect();
-            tokio::spawn(async move { cache.warm(&ram, &list).await })
-        };
         let reply = loop {
             tokio::select! {
                 stop = stop_rx.recv() => break stop.flatten(),
@@ -165,7 +155,6 @@ impl Server {
             }
         };
         fill.abort();
-        warm.abort();
         let ended = write_end_status(&spec, &ram, &cache).await;
         if let Some(reply) = reply {
             let _ = reply.answer.send(match &ended {
@@ -328,7 +317,6 @@ mod tests {
             first: vec![7],
             fill_concurrency: 4,
             fill_pace_ms: 0,
-            warm_chunks: 0,
         }
     }
 

@@ -122,7 +122,6 @@ async fn a_mapped_lazy_file_reads_right_survives_an_outage_and_tracks_writes() {
         // The fill is held off by the outage below long enough to see
         // demand fetches; with 1 at a time it is slow enough to not race.
         fill_pace_ms: 0,
-        warm_chunks: 0,
         fill_concurrency: 1,
     };
     let source = Arc::new(Source {
@@ -202,55 +201,4 @@ async fn a_mapped_lazy_file_reads_right_survives_an_outage_and_tracks_writes() {
     assert!(!mount.join(RAM_FILE).exists());
     // Fetched at most once per stored chunk (7), demand and fill together.
     assert!(source.fetches.load(Ordering::SeqCst) <= 7);
-}
-
-/// The prefetch list's first chunks are read into the kernel's page cache
-/// through the mount as soon as they are here (counted as touched, in the
-/// list's order), and the guest's mapping reads them right.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_first_chunks_are_warmed_into_the_page_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let mount = dir.path().join("mnt");
-    std::fs::create_dir(&mount).unwrap();
-    let spec = ServerSpec {
-        mount_dir: mount.clone(),
-        cache_file: dir.path().join("cache"),
-        control_socket: dir.path().join("ctl.sock"),
-        len: CHUNKS as u64 * CHUNK,
-        chunk_size: CHUNK,
-        chunks: (0..CHUNKS).map(|i| Some(format!("c{i}"))).collect(),
-        present: Vec::new(),
-        first: vec![6, 2, 4],
-        fill_pace_ms: 0,
-        warm_chunks: 2,
-        fill_concurrency: 1,
-    };
-    let source = Arc::new(Source {
-        down: AtomicBool::new(false),
-        fetches: AtomicUsize::new(0),
-    });
-    let server = tokio::spawn(Server::run(spec.clone(), source.clone()));
-    wait_for_socket(&spec.control_socket).await;
-    let touched = loop {
-        let status = request(&spec.control_socket, &Request::Status)
-            .await
-            .unwrap()
-            .status
-            .unwrap();
-        if status.touched.len() >= 2 {
-            break status.touched;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    // The first reads through the mount are the first two of the list
-    // (in any order: four are warmed at a time); the third is not warmed.
-    let mut warmed = touched.clone();
-    warmed.sort_unstable();
-    assert_eq!(warmed, vec![2, 6], "{touched:?}");
-    let (_f, map) = Mapping::shared(&mount.join(RAM_FILE), (CHUNKS as u64 * CHUNK) as usize);
-    let off = 6 * CHUNK as usize + 4096;
-    assert_eq!(map.read(off), word_at(off as u64));
-    drop(map);
-    request(&spec.control_socket, &Request::Stop).await.unwrap();
-    server.await.unwrap().unwrap();
 }

@@ -35,9 +35,6 @@ use crate::manager::VmManager;
 /// Background fetches at once: enough to keep a local S3 busy without
 /// starving the guest's own demand fetches.
 const FILL_CONCURRENCY: usize = 8;
-/// Chunks of the prefetch list put into the page cache before the guest
-/// needs them (128 MiB): the start of a wake's working set.
-const WARM_CHUNKS: usize = 128;
 /// Longest a server may take to mount and answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a server may take to sync and end once told to.
@@ -186,7 +183,6 @@ impl VmManager {
                 first: first.to_vec(),
                 fill_concurrency: FILL_CONCURRENCY,
                 fill_pace_ms: self.cfg.lazy_fill_pace.as_millis() as u64,
-                warm_chunks: WARM_CHUNKS,
             },
             s3: S3Spec {
                 endpoint: s3.endpoint.clone(),
