@@ -176,9 +176,11 @@ impl RamCache {
         .await
     }
 
-    /// Fetch every missing chunk, `first` in its order, then the rest in
-    /// file order, `concurrency` at a time, a new fetch at most every
-    /// `pace` (zero: no limit). Returns when all are here.
+    /// Fetch every missing chunk, `first` in its order with `concurrency`
+    /// fetches at a time, then the rest in file order with a quarter of
+    /// that (the guest, now running, needs the CPU more than the rest of
+    /// its memory soon), a new fetch at most every `pace` (zero: no limit).
+    /// Returns when all are here.
     pub async fn fill(self: &Arc<Self>, first: &[u32], concurrency: usize, pace: Duration) {
         let n = self.layout.chunks();
         let mut seen = vec![false; n];
@@ -189,15 +191,20 @@ impl RamCache {
                 order.push(i);
             }
         }
-        order.extend((0..n).filter(|&i| !seen[i]));
-        futures_util::stream::iter(order)
+        let rest: Vec<usize> = (0..n).filter(|&i| !seen[i]).collect();
+        self.fetch_all(order, concurrency.max(1), pace).await;
+        self.fetch_all(rest, (concurrency / 4).max(1), pace).await;
+    }
+
+    async fn fetch_all(self: &Arc<Self>, chunks: Vec<usize>, concurrency: usize, pace: Duration) {
+        futures_util::stream::iter(chunks)
             .then(|i| async move {
                 if !pace.is_zero() && !self.is_here(i) {
                     tokio::time::sleep(pace).await;
                 }
                 i
             })
-            .for_each_concurrent(concurrency.max(1), |i| async move { self.ensure(i).await })
+            .for_each_concurrent(concurrency, |i| async move { self.ensure(i).await })
             .await;
     }
 
