@@ -318,22 +318,21 @@ impl VmManager {
         let preallocated = {
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
             let _ = std::fs::remove_file(&dst);
-            match tokio::task::spawn_blocking(move || hatch_image::preallocate_like(&src, &dst))
-                .await
-            {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    tracing::warn!(vm = %rt.id, error = %e, "the RAM copy's space was not allocated ahead");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %rt.id, error = %e, "the RAM copy's space was not allocated ahead");
-                    false
-                }
+            let made =
+                tokio::task::spawn_blocking(move || hatch_image::preallocate_like(&src, &dst))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r.map_err(anyhow::Error::from));
+            if let Err(e) = &made {
+                tracing::warn!(vm = %rt.id, error = %e, "the RAM copy's space was not allocated ahead");
             }
+            made.is_ok()
         };
         let t0 = Instant::now();
-        machine.pause().await?;
+        if let Err(e) = machine.pause().await {
+            let _ = std::fs::remove_file(&ram_copy);
+            return Err(e.into());
+        }
         let result: anyhow::Result<()> = async {
             self.faults.hit("checkpoint.paused", &rt.id)?;
             // Order matters: freeze the disk layer before saving state. Once
