@@ -635,6 +635,14 @@ impl Drop for Daemon {
         for pid in self.qemu_pids() {
             kill_pid(pid);
         }
+        // A lazy RAM server would end on its own once its QEMU is gone, but
+        // its mount would keep the run dir from being removed meanwhile.
+        for pid in self.lazyram_pids() {
+            kill_pid(pid);
+        }
+        for mount in self.lazy_mounts() {
+            let _ = Command::new("umount").arg("-l").arg(&mount).status();
+        }
         let _ = std::fs::remove_dir_all(&self.run_dir);
         if std::thread::panicking() {
             eprintln!("--- daemon log ---\n{}", self.daemon_log());
