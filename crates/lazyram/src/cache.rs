@@ -60,7 +60,8 @@ pub struct RamCache {
     fetched_bytes: AtomicU64,
     consecutive_failures: AtomicU64,
     last_failure: Mutex<Option<String>>,
-    corrupt_seen: AtomicBool,
+    /// What the first corrupt fetch said (`Status::corrupt_seen` is
+    /// whether there was one).
     corruption: Mutex<Option<String>>,
 }
 
@@ -103,7 +104,6 @@ impl RamCache {
             fetched_bytes: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
             last_failure: Mutex::default(),
-            corrupt_seen: AtomicBool::new(false),
             corruption: Mutex::new(None),
             layout,
             source,
@@ -209,6 +209,7 @@ impl RamCache {
     }
 
     pub fn status(&self) -> Status {
+        let corruption = lock(&self.corruption).clone();
         let present = self.here.iter().filter(|c| c.initialized()).count();
         let failing = if self.consecutive_failures.load(Ordering::Acquire) > 0 {
             lock(&self.last_failure).clone()
@@ -227,8 +228,8 @@ impl RamCache {
             fetched_chunks: self.fetched_chunks.load(Ordering::Acquire),
             fetched_bytes: self.fetched_bytes.load(Ordering::Acquire),
             failing,
-            corrupt_seen: self.corrupt_seen.load(Ordering::Acquire),
-            corruption: lock(&self.corruption).clone(),
+            corrupt_seen: corruption.is_some(),
+            corruption,
         }
     }
 
@@ -293,7 +294,6 @@ impl RamCache {
             };
             tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "lazy RAM fetch failed");
             if corrupt {
-                self.corrupt_seen.store(true, Ordering::Release);
                 lock(&self.corruption).get_or_insert_with(|| err.clone());
             }
             *lock(&self.last_failure) = Some(err);

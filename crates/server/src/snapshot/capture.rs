@@ -220,7 +220,7 @@ impl VmManager {
                     .context("keeping the prefetch list")?;
             }
             _ => {
-                let _ = std::fs::rename(self.prefetch_file(vm_id), dir.join(PREFETCH));
+                let _ = std::fs::rename(self.lazy_paths(vm_id).prefetch, dir.join(PREFETCH));
             }
         }
         move_file(&self.paths(vm_id).mem, &dst).await?;

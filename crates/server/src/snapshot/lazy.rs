@@ -52,6 +52,9 @@ pub(crate) struct LazyPaths {
     pub marker: PathBuf,
     /// Written by the server when it ends, after the sync.
     pub end_status: PathBuf,
+    /// The prefetch list the RAM file carries from the wake that placed it
+    /// (a local one), for the next snapshot.
+    pub prefetch: PathBuf,
 }
 
 /// What `hatch lazyram --spec FILE` reads: the server's spec and how to
@@ -144,6 +147,7 @@ impl VmManager {
             log: run.join(format!("{id}.lazyram.log")),
             marker: beside(".lazy"),
             end_status: beside(".status.json"),
+            prefetch: beside(".prefetch.json"),
         }
     }
 
@@ -427,20 +431,12 @@ impl VmManager {
         Ok(Some(touched))
     }
 
-    /// The prefetch list a VM's RAM file carries from the wake that placed
-    /// it (`<vm>/mem.prefetch.json`), for the next snapshot.
-    pub(crate) fn prefetch_file(&self, vm_id: &str) -> PathBuf {
-        let mut name = self.paths(vm_id).mem.into_os_string();
-        name.push(".prefetch.json");
-        PathBuf::from(name)
-    }
-
     /// The marker and end status go with the RAM file.
     pub(crate) fn remove_lazy_files(&self, vm_id: &str) {
         let lp = self.lazy_paths(vm_id);
         let _ = std::fs::remove_file(&lp.marker);
         let _ = std::fs::remove_file(&lp.end_status);
-        let _ = std::fs::remove_file(self.prefetch_file(vm_id));
+        let _ = std::fs::remove_file(&lp.prefetch);
     }
 }
 

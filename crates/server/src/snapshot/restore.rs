@@ -261,7 +261,7 @@ impl VmManager {
                 move_file(&dir.join("mem"), &paths.mem)
                     .await
                     .map_err(broken)?;
-                let _ = std::fs::rename(dir.join(PREFETCH), self.prefetch_file(&rt.id));
+                let _ = std::fs::rename(dir.join(PREFETCH), self.lazy_paths(&rt.id).prefetch);
                 self.faults
                     .hit("restore.ram_taken", &rt.id)
                     .map_err(broken)?;
