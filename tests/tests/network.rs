@@ -285,9 +285,27 @@ async fn vms_reach_the_internet_and_nothing_of_the_host_or_each_other() {
         "not listed"
     );
 
-    // Suspended to S3 and woken: new connections out work. A wake keeps
-    // the VM's /30 while it is free; here another interface takes it
-    // meanwhile, so the VM gets a new one and the agent re-addresses it.
+    // Suspended and woken: a wake keeps the VM's /30 while it is free, and
+    // the guest, which holds that address since its snapshot, is left as
+    // it is (no re-addressing), and new connections out work.
+    let readdressed_before = readdressed(&d).await;
+    let sid = d.snapshot(&open, true).await;
+    d.wait_snapshot(&open, &sid, "ready").await;
+    d.wait_state(&open, "snapshotted").await;
+    d.get_ok("open.localhost", "/counter").await;
+    assert_eq!(readdressed(&d).await, readdressed_before, "kept address");
+    assert_eq!(
+        outbound_address(&d, &open).await,
+        (open_addr.clone(), gateway.clone())
+    );
+    assert_eq!(
+        fetch_ok(&d, &open, &hello).await.as_deref(),
+        Some("the internet says hi\n"),
+        "after a wake onto the same address"
+    );
+
+    // Here another interface takes the /30 meanwhile, so the VM gets a new
+    // one and the agent re-addresses it.
     let counter = d.get_ok("open.localhost", "/counter").await;
     let sid = d.snapshot(&open, true).await;
     d.wait_snapshot(&open, &sid, "ready").await;
@@ -303,12 +321,24 @@ async fn vms_reach_the_internet_and_nothing_of_the_host_or_each_other() {
         Some("the internet says hi\n"),
         "after the wake"
     );
+    assert_eq!(readdressed(&d).await, readdressed_before + 1, "new address");
     let (new_addr, new_gateway) = outbound_address(&d, &open).await;
     assert_ne!(
         (new_addr, new_gateway),
         (open_addr, gateway),
         "re-addressed"
     );
+}
+
+/// How many restores had the guest agent re-address the outbound card.
+async fn readdressed(d: &Daemon) -> u64 {
+    let text = d.metrics_text().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("hatch_guest_readdressed_total "))
+        .expect("hatch_guest_readdressed_total in /metrics")
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// A tap holding an address (so that no VM's link can take it).

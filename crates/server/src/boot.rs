@@ -187,7 +187,15 @@ impl VmManager {
                         prepare_ms = ms(t_prepare, t_qemu), qemu_ms = ms(t_qemu, t_tap),
                         tap_ms = ms(t_tap, std::time::Instant::now()), "launch steps");
                     let machine = Arc::new(machine);
-                    rt.lock().machine = Some(machine.clone());
+                    let mut inner = rt.lock();
+                    inner.machine = Some(machine.clone());
+                    // A cold boot takes its address from the kernel
+                    // parameters; a restored guest holds the snapshot's
+                    // until the agent has been heard.
+                    inner.guest_net = match (restore, &link) {
+                        (false, Some(link)) => Some(link.addressing()),
+                        _ => None,
+                    };
                     return Ok(machine);
                 }
                 Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
@@ -332,7 +340,7 @@ impl VmManager {
             // The guest runs: a restore that had loaded its state (or a
             // rollback stopped before it ended the old guest). Either way
             // its clock is put right before it counts as running.
-            if let Err(e) = self.sync_guest_clock(rt).await {
+            if let Err(e) = self.sync_guest_clock(rt, None).await {
                 self.halt(rt).await;
                 // A fork has no snapshot of its own to be restored from.
                 let to = if self.has_restorable_snapshot(&rt.id).await? {

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub local_evictions: Counter,
     pub clock_sync_retries: Counter,
     pub clock_sync_failures: Counter,
+    pub guest_readdressed: Counter,
     vm_wakes: Family<VmLabel, Counter>,
     vm_last_wake: Family<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     vm_last_pause: Family<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -135,6 +136,12 @@ impl Metrics {
             "Guest clock/RNG sync attempts after the first, on restores",
             clock_sync_retries.clone(),
         );
+        let guest_readdressed = Counter::default();
+        registry.register(
+            "hatch_guest_readdressed",
+            "Restores that had the guest agent address the outbound card (the guest's address at the snapshot was not the new run's, or not known)",
+            guest_readdressed.clone(),
+        );
         let clock_sync_failures = Counter::default();
         registry.register(
             "hatch_clock_sync_failures",
@@ -178,6 +185,7 @@ impl Metrics {
             local_evictions,
             clock_sync_retries,
             clock_sync_failures,
+            guest_readdressed,
             vms,
             boot_seconds,
             proxy,

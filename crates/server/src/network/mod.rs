@@ -77,7 +77,21 @@ pub struct Link {
     pub dns: Option<Ipv4Addr>,
 }
 
+/// How the guest's end of a link is addressed: its address and gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestAddressing {
+    pub guest: Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
 impl Link {
+    pub fn addressing(&self) -> GuestAddressing {
+        GuestAddressing {
+            guest: self.guest,
+            gateway: self.host.addr(),
+        }
+    }
+
     /// Kernel parameters for the guest's init (a cold boot).
     pub fn kernel_params(&self) -> Vec<String> {
         let mut p = vec![format!("hatch.net={},{}", self.guest, self.host.addr())];

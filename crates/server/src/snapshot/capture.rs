@@ -164,6 +164,7 @@ impl VmManager {
             resume_guest(&machine).await;
             return Err(e);
         }
+        rt.note_net_at_capture(&rec.snap.id);
         // Past this point the guest never runs again in this QEMU: quitting
         // flushes the active disk layer, which becomes frozen.
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
@@ -357,6 +358,7 @@ impl VmManager {
             self.faults.hit("checkpoint.disk_frozen", &rt.id)?;
             let state_part = durable::partial(&dir.join("state"));
             machine.save_state(&state_part).await?;
+            rt.note_net_at_capture(&rec.snap.id);
             self.faults.hit("checkpoint.state_saved", &rt.id)?;
             let t_saved = t0.elapsed();
             // A lazily served RAM file holds the guest's writes once synced.

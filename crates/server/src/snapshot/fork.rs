@@ -99,7 +99,7 @@ impl VmManager {
         let result = async {
             let staging = self.copy_for_fork(&rt, &rec, &source).await?;
             self.faults.hit("fork.copied", &rt.id)?;
-            self.start_from(&rt, &staging, &[BASE_LAYER.to_string()], None)
+            self.start_from(&rt, &rec.snap.id, &staging, &[BASE_LAYER.to_string()], None)
                 .await
         }
         .await;

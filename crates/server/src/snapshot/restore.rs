@@ -275,10 +275,10 @@ impl VmManager {
             // A corrupt chunk the guest needs would stall it (and the clock
             // sync) for good: the wake fails as an eager one would.
             Some(ram) => tokio::select! {
-                started = self.start_from(rt, &dir, &layers, Some(ram)) => started,
+                started = self.start_from(rt, &rec.snap.id, &dir, &layers, Some(ram)) => started,
                 why = self.lazy_ram_corruption(&rt.id) => Err(anyhow::Error::new(SnapshotCorrupt(why))),
             },
-            None => self.start_from(rt, &dir, &layers, None).await,
+            None => self.start_from(rt, &rec.snap.id, &dir, &layers, None).await,
         };
         let never_ran = started
             .as_ref()
@@ -337,11 +337,13 @@ impl VmManager {
         }
     }
 
-    /// Launch QEMU over a new disk layer and load the snapshot's state
+    /// Launch QEMU over a new disk layer and load the state of snapshot
+    /// `from` (of this VM; a fork's is another's), whose files are in `dir`
     /// (its RAM file is in place), then set the guest's clock.
     pub(super) async fn start_from(
         &self,
         rt: &VmSupervisor,
+        from: &str,
         dir: &Path,
         layers: &[String],
         ram: Option<&Path>,
@@ -406,7 +408,7 @@ impl VmManager {
         // The guest's clock stood still since the capture and its RNG state
         // is shared with every other restore of this snapshot: both are put
         // right before anyone talks to it, or the restore fails.
-        self.sync_guest_clock(rt).await?;
+        self.sync_guest_clock(rt, Some(from)).await?;
         let ms = |d: std::time::Duration| d.as_millis() as u64;
         tracing::debug!(vm = %rt.id, launch_done_ms = ms(t_launch),
             state_loaded_ms = ms(t_load), agent_done_ms = ms(t0.elapsed()), "restore steps");

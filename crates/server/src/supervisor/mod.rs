@@ -17,6 +17,7 @@ use hatch_vmm::{Machine, PortForward};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::model::VmState;
+use crate::network::GuestAddressing;
 
 /// Another operation holds the VM (answered 409 by the API).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,6 +69,14 @@ pub struct Inner {
     /// Host ports this VM's guest ports were last forwarded from: reused
     /// while free, so direct access survives a restart or a wake.
     pub last_ports: Vec<PortForward>,
+    /// The outbound address the running guest holds, as Hatch set it (the
+    /// kernel parameters of a cold boot, the agent after a restore); None
+    /// while not known.
+    pub guest_net: Option<GuestAddressing>,
+    /// `guest_net` at the last capture, with that snapshot's id: a wake from
+    /// it onto the same address needs no re-addressing (in memory only; a
+    /// restarted daemon has the agent address the guest again).
+    pub net_at_capture: Option<(String, GuestAddressing)>,
 }
 
 /// Proof that the holder runs the only operation on a VM.
@@ -107,8 +116,24 @@ impl VmSupervisor {
                 ready: matches!(state, VmState::Running | VmState::Snapshotting),
                 last_ports: forwards.clone(),
                 forwards,
+                guest_net: None,
+                net_at_capture: None,
             }),
         })
+    }
+
+    /// Remember the guest's outbound address as captured in `snapshot_id`.
+    pub fn note_net_at_capture(&self, snapshot_id: &str) {
+        let mut inner = self.lock();
+        inner.net_at_capture = inner.guest_net.map(|n| (snapshot_id.to_string(), n));
+    }
+
+    /// Whether a guest restored from `snapshot_id` already holds `wanted`.
+    pub fn captured_with_net(&self, snapshot_id: &str, wanted: GuestAddressing) -> bool {
+        self.lock()
+            .net_at_capture
+            .as_ref()
+            .is_some_and(|(id, n)| id == snapshot_id && *n == wanted)
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
