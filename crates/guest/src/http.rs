@@ -68,11 +68,29 @@ impl Reply {
     }
 }
 
+/// Connections the kernel queues until the app accepts them. The standard
+/// library's 128 is less than a burst that an auto-wake releases at once
+/// (the proxy holds every request until the guest runs, then forwards them
+/// all); past the queue's end the guest drops handshakes, and user-mode
+/// networking retries those slowly.
+const LISTEN_BACKLOG: i32 = 1024;
+
+fn listen(port: u16) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Binds the listener, calls `on_listening`, and answers requests on `cfg.threads`
 /// worker threads until the server fails.
 pub fn serve(cfg: &Config, on_listening: impl FnOnce()) -> Result<(), String> {
     let addr = format!("0.0.0.0:{}", cfg.port);
-    let server = Server::http(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let server = listen(cfg.port)
+        .and_then(|l| Server::from_listener(l, None).map_err(std::io::Error::other))
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let server = Arc::new(server);
     let app = Arc::new(App {
         counter: AtomicU64::new(0),
