@@ -287,13 +287,20 @@ async fn vms_reach_the_internet_and_nothing_of_the_host_or_each_other() {
 
     // Suspended and woken: a wake keeps the VM's /30 while it is free, and
     // the guest, which holds that address since its snapshot, is left as
-    // it is (no re-addressing), and new connections out work.
+    // it is (no re-addressing), and new connections out work. The guest
+    // also keeps its neighbour entry for the gateway (fresh here, from a
+    // connection just before the suspend), which the kernel trusts without
+    // asking again: the new tap must answer to the MAC it names.
+    assert!(fetch_ok(&d, &open, &hello).await.is_some());
+    let gateway_mac = guest_neighbour(&d, &open, &gateway).await;
+    assert_eq!(gateway_mac, host_mac_of(&gateway), "the guest's entry");
     let readdressed_before = readdressed(&d).await;
     let sid = d.snapshot(&open, true).await;
     d.wait_snapshot(&open, &sid, "ready").await;
     d.wait_state(&open, "snapshotted").await;
     d.get_ok("open.localhost", "/counter").await;
     assert_eq!(readdressed(&d).await, readdressed_before, "kept address");
+    assert_eq!(host_mac_of(&gateway), gateway_mac, "the new tap's MAC");
     assert_eq!(
         outbound_address(&d, &open).await,
         (open_addr.clone(), gateway.clone())
@@ -339,6 +346,34 @@ async fn readdressed(d: &Daemon) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// The MAC the guest's neighbour table holds for `addr`.
+async fn guest_neighbour(d: &Daemon, id: &str, addr: &str) -> String {
+    let r = exec(d, id, &["cat", "/proc/net/arp"]).await;
+    let table = r["stdout"].as_str().unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(addr))
+        .unwrap_or_else(|| panic!("no neighbour entry for {addr}:\n{table}"));
+    row.split_whitespace().nth(3).unwrap().to_string()
+}
+
+/// The MAC of the host interface that holds `addr`.
+fn host_mac_of(addr: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "to", &format!("{addr}/32")])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    let dev = shown
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no interface holds {addr}"));
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// A tap holding an address (so that no VM's link can take it).
