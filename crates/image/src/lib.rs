@@ -11,6 +11,7 @@ mod elf;
 mod initramfs;
 mod kernel;
 pub mod oci;
+mod ram_copy;
 mod util;
 
 use std::fs;
@@ -21,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub use build::{BuildOptions, DEFAULT_CMDLINE, build_default};
 /// Sparse file copy (holes stay holes), also used for guest RAM files.
-pub use util::{copy_sparse, copy_sparse_into, copy_sparse_unsynced, preallocate_like};
+pub use ram_copy::PreparedCopy;
+pub use util::{copy_sparse, copy_sparse_unsynced};
 
 /// File name of an image's metadata inside its directory.
 pub const IMAGE_JSON: &str = "image.json";

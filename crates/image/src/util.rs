@@ -122,7 +122,11 @@ impl Drop for TempDir {
 
 /// `lseek` with `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no more data (ENXIO) or the
 /// filesystem does not support it (then the caller treats the rest as data).
-fn seek_data_hole(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+pub(crate) fn seek_data_hole(
+    f: &File,
+    offset: u64,
+    whence: libc::c_int,
+) -> io::Result<Option<u64>> {
     let off = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
     // SAFETY: lseek only takes integers; the fd is valid while `f` is borrowed.
@@ -140,20 +144,20 @@ fn seek_data_hole(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Opti
 /// Copies `src` to the new file `dst`, keeping holes (and punching new ones for runs of zeros)
 /// so that sparse disk images stay sparse. Fsyncs `dst`.
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64, ImageError> {
-    copy_sparse_inner(src, dst, true, false)
+    copy_sparse_inner(src, dst, true)
 }
 
 /// [`copy_sparse`] without the fsync: for copies whose durability the caller
 /// handles later (or never needs, like a RAM file for a guest about to run).
 pub fn copy_sparse_unsynced(src: &Path, dst: &Path) -> Result<u64, ImageError> {
-    copy_sparse_inner(src, dst, false, false)
+    copy_sparse_inner(src, dst, false)
 }
 
 /// Create `dst` as long as `src`, with its space allocated wherever `src`
 /// has data. On tmpfs that allocates (and zeroes) the pages, which is most
 /// of what a first copy costs there; done before a guest pauses, the copy
-/// under the pause ([`copy_sparse_into`]) then only moves bytes.
-pub fn preallocate_like(src: &Path, dst: &Path) -> Result<(), ImageError> {
+/// under the pause ([`crate::PreparedCopy`]) then only moves bytes.
+pub(crate) fn preallocate_like(src: &Path, dst: &Path) -> Result<(), ImageError> {
     let res = (|| -> io::Result<()> {
         let s = File::open(src)?;
         let len = s.metadata()?.len();
@@ -184,27 +188,12 @@ pub fn preallocate_like(src: &Path, dst: &Path) -> Result<(), ImageError> {
     })
 }
 
-/// [`copy_sparse_unsynced`] into an existing file of the same length (one
-/// made by [`preallocate_like`]).
-pub fn copy_sparse_into(src: &Path, dst: &Path) -> Result<u64, ImageError> {
-    copy_sparse_inner(src, dst, false, true)
-}
-
-fn copy_sparse_inner(
-    src: &Path,
-    dst: &Path,
-    sync: bool,
-    existing: bool,
-) -> Result<u64, ImageError> {
+fn copy_sparse_inner(src: &Path, dst: &Path, sync: bool) -> Result<u64, ImageError> {
     let ctx = || format!("copying {} to {}", src.display(), dst.display());
     let res = (|| -> io::Result<u64> {
         let s = File::open(src)?;
         let len = s.metadata()?.len();
-        let d = if existing {
-            OpenOptions::new().write(true).open(dst)?
-        } else {
-            OpenOptions::new().write(true).create_new(true).open(dst)?
-        };
+        let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
         d.set_len(len)?;
         // Large files (RAM images, copied while a guest is paused) are split
         // between threads: the copy is memory bound and the cores are idle.

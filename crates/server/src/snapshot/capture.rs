@@ -314,21 +314,26 @@ impl VmManager {
         };
 
         self.await_lazy_ram_complete(&rt.id).await?;
-        // The copy's space is allocated while the guest still runs: on
-        // tmpfs, allocating the pages costs more than copying into them.
-        let preallocated = {
+        // What the copy needs besides the bytes is done while the guest
+        // still runs: its space allocated (on tmpfs that costs more than
+        // the copy) and the RAM file mapped, its pages' mappings made.
+        let prepared = {
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
             let _ = std::fs::remove_file(&dst);
             let made =
-                tokio::task::spawn_blocking(move || hatch_image::preallocate_like(&src, &dst))
+                tokio::task::spawn_blocking(move || hatch_image::PreparedCopy::prepare(&src, &dst))
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r.map_err(anyhow::Error::from));
-            if let Err(e) = &made {
-                tracing::warn!(vm = %rt.id, error = %e, "the RAM copy's space was not allocated ahead");
+            match made {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(vm = %rt.id, error = %e, "the RAM copy was not prepared ahead");
+                    None
+                }
             }
-            made.is_ok()
         };
+        let preallocated = prepared.is_some();
         let t0 = Instant::now();
         if let Err(e) = machine.pause().await {
             let _ = std::fs::remove_file(&ram_copy);
@@ -367,10 +372,9 @@ impl VmManager {
             // split across threads); moving it to disk and making it durable
             // waits until the guest runs again.
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
-            tokio::task::spawn_blocking(move || {
-                if preallocated {
-                    hatch_image::copy_sparse_into(&src, &dst)
-                } else {
+            tokio::task::spawn_blocking(move || match prepared {
+                Some(p) => p.finish(),
+                None => {
                     let _ = std::fs::remove_file(&dst);
                     hatch_image::copy_sparse_unsynced(&src, &dst)
                 }
