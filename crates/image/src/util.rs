@@ -122,11 +122,7 @@ impl Drop for TempDir {
 
 /// `lseek` with `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no more data (ENXIO) or the
 /// filesystem does not support it (then the caller treats the rest as data).
-pub(crate) fn seek_data_hole(
-    f: &File,
-    offset: u64,
-    whence: libc::c_int,
-) -> io::Result<Option<u64>> {
+fn seek_data_hole(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     let off = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
     // SAFETY: lseek only takes integers; the fd is valid while `f` is borrowed.
@@ -139,6 +135,29 @@ pub(crate) fn seek_data_hole(
         };
     }
     Ok(Some(r as u64))
+}
+
+/// Call `f(start, end)` for each data extent of `file` within `from..to`
+/// (clipped to that range), as SEEK_DATA/SEEK_HOLE report them now.
+pub(crate) fn for_each_extent(
+    file: &File,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(u64, u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut off = from;
+    while off < to {
+        let Some(data) = seek_data_hole(file, off, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= to {
+            break;
+        }
+        let hole = seek_data_hole(file, data, libc::SEEK_HOLE)?.map_or(to, |h| h.min(to));
+        f(data, hole)?;
+        off = hole.max(data + 1);
+    }
+    Ok(())
 }
 
 /// Copies `src` to the new file `dst`, keeping holes (and punching new ones for runs of zeros)
@@ -163,21 +182,15 @@ pub(crate) fn preallocate_like(src: &Path, dst: &Path) -> Result<(), ImageError>
         let len = s.metadata()?.len();
         let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
         d.set_len(len)?;
-        let mut off = 0;
-        while off < len {
-            let Some(data) = seek_data_hole(&s, off, libc::SEEK_DATA)? else {
-                break;
-            };
-            let hole = seek_data_hole(&s, data, libc::SEEK_HOLE)?.unwrap_or(len);
+        for_each_extent(&s, 0, len, |data, hole| {
             let (start, n) = (data as libc::off_t, (hole - data) as libc::off_t);
             // SAFETY: fallocate(2) on a descriptor this function owns, with
             // a range inside the file; no memory is passed.
             if unsafe { libc::fallocate(d.as_raw_fd(), 0, start, n) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            off = hole.max(off + 1);
-        }
-        Ok(())
+            Ok(())
+        })
     })();
     res.map_err(|e| {
         let _ = fs::remove_file(dst);

@@ -368,9 +368,9 @@ impl VmManager {
             let t_saved = t0.elapsed();
             // A lazily served RAM file holds the guest's writes once synced.
             self.sync_lazy_ram(&rt.id).await?;
-            // RAM must be copied before the guest changes it again (tmpfs,
-            // split across threads); moving it to disk and making it durable
-            // waits until the guest runs again.
+            // RAM must be copied before the guest changes it again (from
+            // the mapping prepared above); moving it to disk and making it
+            // durable waits until the guest runs again.
             let (src, dst) = (paths.mem.clone(), ram_copy.clone());
             tokio::task::spawn_blocking(move || match prepared {
                 Some(p) => p.finish(),
