@@ -142,6 +142,8 @@ impl Daemon {
             // Tap networking (nftables tables, tap devices) only where a
             // test asks for it and cleans up after it (tests/network.rs).
             .env("HATCH_NETWORK", "user")
+            // A suspended VM has no QEMU unless a test asks for standbys.
+            .env("HATCH_STANDBY_QEMUS", "0")
             .env_remove("HATCH_S3_BUCKET")
             .env_remove("HATCH_S3_ACCESS_KEY_ID")
             .env_remove("HATCH_S3_SECRET_ACCESS_KEY")

@@ -225,6 +225,42 @@ impl Api {
         Ok(v["events"].as_array().cloned().unwrap_or_default())
     }
 
+    /// A counter's or gauge's value on `/metrics` (0 when not shown).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .context("GET /metrics")?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .find_map(|v| v.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    /// Wait, at most `limit`, until the daemon holds a standby QEMU (started
+    /// after a suspended VM's upload, for its next wake); whether it does.
+    /// A wake right after the upload would otherwise race its start, which
+    /// a wake after any real idle period never does.
+    pub async fn await_standby(&self, limit: Duration) -> anyhow::Result<bool> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.metric("hatch_standby_qemus").await? >= 1.0 {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     pub async fn restore(&self, vm: &str) -> anyhow::Result<()> {
         self.call(Method::POST, &format!("/vms/{vm}/restore"), Some(json!({})))
             .await?;

@@ -32,6 +32,10 @@ use serde_json::json;
 use api::Api;
 use stats::Samples;
 
+/// How long a benchmark waits for the standby QEMU of a suspended VM
+/// before it wakes it anyway (then the wake starts its own QEMU).
+pub const STANDBY_WAIT: Duration = Duration::from_secs(3);
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -174,6 +178,7 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
         suspend_pause.push(Duration::from_millis(
             snap["pause_ms"].as_u64().unwrap_or(0),
         ));
+        api.await_standby(STANDBY_WAIT).await?;
         let t0 = Instant::now();
         api.restore(&vm).await?;
         api.wait_http(host).await?;
@@ -260,8 +265,18 @@ async fn snapshot(args: Args) -> anyhow::Result<()> {
 /// Remove the local snapshot copies and disk layers of a suspended VM.
 pub fn wipe_local(data_dir: &std::path::Path, vm: &str) -> anyhow::Result<()> {
     let snaps = data_dir.join("snapshots");
-    if snaps.exists() {
-        std::fs::remove_dir_all(&snaps).context("removing snapshots")?;
+    // The daemon may still be writing into it (a fetched copy described
+    // once durable, in the background): try again until it is gone.
+    let mut attempts = 0;
+    while snaps.exists() {
+        match std::fs::remove_dir_all(&snaps) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("removing snapshots"),
+        }
     }
     for entry in std::fs::read_dir(data_dir.join("vms").join(vm))? {
         let path = entry?.path();

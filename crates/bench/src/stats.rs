@@ -22,6 +22,10 @@ impl Samples {
         self.values.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
     fn sorted(&self) -> Vec<f64> {
         let mut v = self.values.clone();
         v.sort_by(f64::total_cmp);

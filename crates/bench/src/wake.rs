@@ -70,6 +70,7 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
     // Wake after an idle suspend, from the local cache and from S3 only.
     let mut local = Samples::default();
     let mut s3 = Samples::default();
+    let standby_before = api.metric("hatch_standby_wakes_total").await?;
     for from_s3 in [false, true] {
         for _ in 0..n {
             api.wait_state(&vm, "snapshotted").await?;
@@ -81,6 +82,8 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
             api.wait_snapshot(&vm, sid).await?;
             if from_s3 {
                 crate::wipe_local(&c.data_dir, &vm)?;
+            } else {
+                api.await_standby(crate::STANDBY_WAIT).await?;
             }
             let t0 = Instant::now();
             let status = api.proxy_get(host, "/").await?;
@@ -90,6 +93,7 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
             if from_s3 { &mut s3 } else { &mut local }.push(t0.elapsed());
         }
     }
+    let standby_wakes = api.metric("hatch_standby_wakes_total").await? - standby_before;
     api.delete_vm(&vm).await?;
 
     println!();
@@ -106,6 +110,10 @@ pub async fn run(args: WakeArgs) -> anyhow::Result<()> {
     println!(
         "proxy / direct throughput (median): {:.2}x",
         proxied.median() / direct.median()
+    );
+    println!(
+        "local-cache wakes into a standby QEMU: {standby_wakes} of {}",
+        local.len()
     );
     Ok(())
 }

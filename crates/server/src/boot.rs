@@ -11,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{self, VmState};
-use crate::supervisor::{OpGuard, VmSupervisor};
+use crate::network::Link;
+use crate::supervisor::{OpGuard, Standby, VmSupervisor};
 
 /// Launch attempts: a freshly picked free port can be taken by someone else
 /// before QEMU binds it; a new pick then succeeds.
@@ -63,23 +64,30 @@ impl VmManager {
     /// Launch QEMU for the VM. `restore`: RAM file and console log are kept
     /// and QEMU waits for its CPU and device state (`-incoming defer`).
     /// `ram`: the file to map as guest RAM instead of the VM's RAM file (a
-    /// lazily served one).
+    /// lazily served one). A standby QEMU of the VM is ended first.
     pub(crate) async fn launch(
         &self,
         rt: &VmSupervisor,
         restore: bool,
         ram: Option<&std::path::Path>,
     ) -> anyhow::Result<Arc<Machine>> {
-        let rec = self
-            .store
-            .get_vm(&rt.id)
-            .await?
-            .context("vm record vanished")?;
-        let vm = rec.vm;
-        let image = self
-            .image(&vm.image)
-            .await
-            .with_context(|| format!("image '{}'", vm.image))?;
+        let standby = rt.standby.lock().await.take();
+        self.launch_or_take(rt, restore, ram, standby).await
+    }
+
+    /// [`VmManager::launch`], taking `standby` (a QEMU started ahead of this
+    /// wake, taken from the VM's slot by the caller) instead when it is
+    /// exactly the QEMU this launch would start and still waits for its
+    /// state; else it is ended before anything else starts.
+    pub(crate) async fn launch_or_take(
+        &self,
+        rt: &VmSupervisor,
+        restore: bool,
+        ram: Option<&std::path::Path>,
+        standby: Option<Standby>,
+    ) -> anyhow::Result<Arc<Machine>> {
+        let plan = self.launch_plan(&rt.id).await?;
+        let vm = &plan.vm;
         let paths = self.paths(&vm.id);
         std::fs::create_dir_all(&self.cfg.run_dir)
             .with_context(|| format!("creating {}", self.cfg.run_dir.display()))?;
@@ -91,10 +99,78 @@ impl VmManager {
         }
         let mut layers = self.store.disk_layers(&vm.id).await?;
         if !restore {
-            self.unfreeze_top_layer(&vm, &mut layers).await?;
+            self.unfreeze_top_layer(vm, &mut layers).await?;
         }
         let top = layers.last().context("vm has no disk layer")?;
+        let mem_path = ram.map_or_else(|| paths.mem.clone(), std::path::Path::to_path_buf);
+        let t_prepare = std::time::Instant::now();
+        if let Some(standby) = standby {
+            self.standbys.forget(&vm.id);
+            let forwards = standby.launched.spec.forwards.clone();
+            let spec = plan.spec(self, top, restore, mem_path.clone(), forwards.clone());
+            if restore && standby.launched.fits(&spec) && standby.waiting().await {
+                self.record_forwards(rt, &forwards).await?;
+                tracing::debug!(vm = %vm.id, pid = standby.machine.pid(), "waking into the standby QEMU");
+                self.metrics.standby_wakes.inc();
+                return self.install(
+                    rt,
+                    standby.machine,
+                    &plan.link,
+                    restore,
+                    t_prepare,
+                    t_prepare,
+                );
+            }
+            tracing::debug!(vm = %vm.id, "the standby QEMU does not fit this launch; ending it");
+            standby.discard().await;
+        }
+        let mut last_err = None;
+        let previous = rt.lock().last_ports.clone();
+        for attempt in 0..LAUNCH_ATTEMPTS {
+            // The host ports of the last run while they are free (direct
+            // access keeps working across restarts and wakes), else new ones.
+            let forwards = pick_forwards(&plan.guest_ports, &previous, attempt == 0)?;
+            let spec = plan.spec(self, top, restore, mem_path.clone(), forwards.clone());
+            // Recorded before the launch: if the daemon dies right after it,
+            // the next daemon re-adopts this QEMU with these ports, not with
+            // ports of an earlier boot that may now belong to another VM.
+            self.record_forwards(rt, &forwards).await?;
+            let t_qemu = std::time::Instant::now();
+            match Machine::launch(&self.cfg.qemu_binary, &spec).await {
+                Ok(machine) => {
+                    machine.set_command_timeout(self.cfg.qmp_timeout);
+                    return self.install(
+                        rt,
+                        Arc::new(machine),
+                        &plan.link,
+                        restore,
+                        t_prepare,
+                        t_qemu,
+                    );
+                }
+                Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
+                    tracing::warn!(vm = %vm.id, %msg, "port taken; retrying launch");
+                    last_err = Some(VmmError::Launch(msg));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_err.map_or_else(|| anyhow::anyhow!("launch failed"), Into::into))
+    }
 
+    /// What every launch of the VM shares: its record and image, the guest
+    /// ports to forward, its kernel parameters and its outbound link.
+    pub(crate) async fn launch_plan(&self, vm_id: &str) -> anyhow::Result<LaunchPlan> {
+        let rec = self
+            .store
+            .get_vm(vm_id)
+            .await?
+            .context("vm record vanished")?;
+        let vm = rec.vm;
+        let image = self
+            .image(&vm.image)
+            .await
+            .with_context(|| format!("image '{}'", vm.image))?;
         let mut guest_ports: BTreeSet<u16> = self.routes.ports_of(&vm.id);
         guest_ports.insert(model::DEFAULT_GUEST_PORT);
         // An imported container image's exposed ports are reachable too.
@@ -108,7 +184,6 @@ impl VmManager {
         if vm.disk_mib > image.disk_mib {
             extra_cmdline.push("hatch.disk_grow=1".to_string());
         }
-        let t_prepare = std::time::Instant::now();
         let link = self
             .network
             .prepare(&vm.id, vm.settings.network.as_ref())
@@ -121,91 +196,63 @@ impl VmManager {
             extra_cmdline.push(format!("hatch.hostname={}", vm.name));
             extra_cmdline.extend(vm.settings.kernel_param());
         }
-        let mut last_err = None;
-        let previous = rt.lock().last_ports.clone();
-        for attempt in 0..LAUNCH_ATTEMPTS {
-            // The host ports of the last run while they are free (direct
-            // access keeps working across restarts and wakes), else new ones.
-            let forwards = guest_ports
-                .iter()
-                .map(|&guest| {
-                    let host = match previous.iter().find(|f| f.guest == guest) {
-                        Some(f) if attempt == 0 && host_port_free(f.host) => f.host,
-                        _ => hatch_vmm::host::free_port()?,
-                    };
-                    Ok(PortForward { host, guest })
-                })
-                .collect::<std::io::Result<Vec<_>>>()
-                .context("picking host ports")?;
-            let spec = MachineSpec {
-                accel: self.accel,
-                cpu_model: self.cpu_model.clone(),
-                vcpus: vm.vcpus,
-                memory_mib: vm.memory_mib,
-                kernel: image.kernel.clone(),
-                initrd: image.initrd.clone(),
-                cmdline: image.cmdline.clone(),
-                disk: paths.dir.join(top),
-                disk_node: crate::snapshot::node_name(top),
-                incoming: restore,
-                mem_path: ram.map_or_else(|| paths.mem.clone(), std::path::Path::to_path_buf),
-                qmp_socket: paths.qmp_socket.clone(),
-                agent_socket: paths.agent_socket.clone(),
-                console_log: paths.console_log.clone(),
-                pid_file: paths.pid_file.clone(),
-                forwards: forwards.clone(),
-                tsc_khz: self.tsc_khz,
-                extra_cmdline: extra_cmdline.clone(),
-                egress_tap: link.as_ref().map(|l| l.tap.clone()),
-            };
-            // Recorded before the launch: if the daemon dies right after it,
-            // the next daemon re-adopts this QEMU with these ports, not with
-            // ports of an earlier boot that may now belong to another VM.
-            {
-                let mut inner = rt.lock();
-                inner.forwards = forwards.clone();
-                inner.last_ports = forwards.clone();
-            }
-            self.store
-                .set_vm_forwards(&vm.id, &forwards, &self.cfg.node_name)
-                .await?;
-            let t_qemu = std::time::Instant::now();
-            match Machine::launch(&self.cfg.qemu_binary, &spec).await {
-                Ok(machine) => {
-                    machine.set_command_timeout(self.cfg.qmp_timeout);
-                    let t_tap = std::time::Instant::now();
-                    if let Some(link) = &link
-                        && let Err(e) = self.network.configure(link)
-                    {
-                        machine.kill();
-                        return Err(e.context("configuring the vm's tap device"));
-                    }
-                    let ms = |a: std::time::Instant, b: std::time::Instant| {
-                        b.duration_since(a).as_secs_f64() * 1000.0
-                    };
-                    tracing::debug!(vm = %vm.id, restore,
-                        prepare_ms = ms(t_prepare, t_qemu), qemu_ms = ms(t_qemu, t_tap),
-                        tap_ms = ms(t_tap, std::time::Instant::now()), "launch steps");
-                    let machine = Arc::new(machine);
-                    let mut inner = rt.lock();
-                    inner.machine = Some(machine.clone());
-                    // A cold boot takes its address from the kernel
-                    // parameters; a restored guest holds the snapshot's
-                    // until the agent has been heard.
-                    inner.guest_net = match (restore, &link) {
-                        (false, Some(link)) => Some(link.addressing()),
-                        _ => None,
-                    };
-                    return Ok(machine);
-                }
-                Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
-                    tracing::warn!(vm = %vm.id, %msg, "port taken; retrying launch");
-                    last_err = Some(VmmError::Launch(msg));
-                }
-                Err(e) => return Err(e.into()),
-            }
+        Ok(LaunchPlan {
+            vm,
+            image,
+            guest_ports,
+            extra_cmdline,
+            link,
+        })
+    }
+
+    async fn record_forwards(
+        &self,
+        rt: &VmSupervisor,
+        forwards: &[PortForward],
+    ) -> anyhow::Result<()> {
+        {
+            let mut inner = rt.lock();
+            inner.forwards = forwards.to_vec();
+            inner.last_ports = forwards.to_vec();
         }
-        Err(last_err.map_or_else(|| anyhow::anyhow!("launch failed"), Into::into))
+        self.store
+            .set_vm_forwards(&rt.id, forwards, &self.cfg.node_name)
+            .await?;
+        Ok(())
+    }
+
+    /// Make a launched QEMU the VM's machine (its tap configured first).
+    fn install(
+        &self,
+        rt: &VmSupervisor,
+        machine: Arc<Machine>,
+        link: &Option<Link>,
+        restore: bool,
+        t_prepare: std::time::Instant,
+        t_qemu: std::time::Instant,
+    ) -> anyhow::Result<Arc<Machine>> {
+        let t_tap = std::time::Instant::now();
+        if let Some(link) = link
+            && let Err(e) = self.network.configure(link)
+        {
+            machine.kill();
+            return Err(e.context("configuring the vm's tap device"));
+        }
+        let ms = |a: std::time::Instant, b: std::time::Instant| {
+            b.duration_since(a).as_secs_f64() * 1000.0
+        };
+        tracing::debug!(vm = %rt.id, restore,
+            prepare_ms = ms(t_prepare, t_qemu), qemu_ms = ms(t_qemu, t_tap),
+            tap_ms = ms(t_tap, std::time::Instant::now()), "launch steps");
+        let mut inner = rt.lock();
+        inner.machine = Some(machine.clone());
+        // A cold boot takes its address from the kernel parameters; a
+        // restored guest holds the snapshot's until the agent has been heard.
+        inner.guest_net = match (restore, link) {
+            (false, Some(link)) => Some(link.addressing()),
+            _ => None,
+        };
+        Ok(machine)
     }
 
     /// A cold boot of a VM whose top disk layer belongs to a snapshot (a
@@ -493,6 +540,18 @@ impl VmManager {
     ) -> anyhow::Result<()> {
         let id = rt.id.clone();
         if !state.has_process() {
+            // A standby QEMU a previous daemon left (it died before ending
+            // it): this daemon did not start it and will not use it.
+            let paths = self.paths(&id);
+            if let Ok(stray) = Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
+                tracing::info!(vm = %id, pid = stray.pid(), "ending a standby QEMU left by the previous daemon");
+                stray.kill();
+                stray.wait_exit().await;
+                // Not the RAM file: it may be an interrupted suspend's image.
+                for f in [&paths.qmp_socket, &paths.agent_socket, &paths.pid_file] {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
             // A suspend that could not be completed after its QEMU ended
             // left the VM failed with its saved state kept: finish it now.
             if state == VmState::Failed && self.complete_interrupted_capture(&id).await? {
@@ -636,6 +695,71 @@ fn app_exit_reason(console: &std::path::Path) -> Option<String> {
 }
 
 /// Whether nothing listens on 127.0.0.1:port now.
+/// What every launch of a VM shares ([`VmManager::launch_plan`]).
+pub(crate) struct LaunchPlan {
+    pub vm: model::Vm,
+    pub image: hatch_image::Image,
+    pub guest_ports: BTreeSet<u16>,
+    pub extra_cmdline: Vec<String>,
+    pub link: Option<Link>,
+}
+
+impl LaunchPlan {
+    /// The QEMU command line of a launch over disk layer `top` (in the VM's
+    /// directory) with guest RAM `mem_path` and these port forwards.
+    pub fn spec(
+        &self,
+        vms: &VmManager,
+        top: &str,
+        restore: bool,
+        mem_path: std::path::PathBuf,
+        forwards: Vec<PortForward>,
+    ) -> MachineSpec {
+        let paths = vms.paths(&self.vm.id);
+        MachineSpec {
+            accel: vms.accel(),
+            cpu_model: vms.cpu_model.clone(),
+            vcpus: self.vm.vcpus,
+            memory_mib: self.vm.memory_mib,
+            kernel: self.image.kernel.clone(),
+            initrd: self.image.initrd.clone(),
+            cmdline: self.image.cmdline.clone(),
+            disk: paths.dir.join(top),
+            disk_node: crate::snapshot::node_name(top),
+            incoming: restore,
+            mem_path,
+            qmp_socket: paths.qmp_socket,
+            agent_socket: paths.agent_socket,
+            console_log: paths.console_log,
+            pid_file: paths.pid_file,
+            forwards,
+            tsc_khz: vms.tsc_khz,
+            extra_cmdline: self.extra_cmdline.clone(),
+            egress_tap: self.link.as_ref().map(|l| l.tap.clone()),
+        }
+    }
+}
+
+/// Host ports for `guest_ports`: the previous run's while `reuse` and they
+/// are free, else new ones.
+pub(crate) fn pick_forwards(
+    guest_ports: &BTreeSet<u16>,
+    previous: &[PortForward],
+    reuse: bool,
+) -> anyhow::Result<Vec<PortForward>> {
+    guest_ports
+        .iter()
+        .map(|&guest| {
+            let host = match previous.iter().find(|f| f.guest == guest) {
+                Some(f) if reuse && host_port_free(f.host) => f.host,
+                _ => hatch_vmm::host::free_port()?,
+            };
+            Ok(PortForward { host, guest })
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("picking host ports")
+}
+
 fn host_port_free(port: u16) -> bool {
     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok()
 }

@@ -99,6 +99,10 @@ pub struct Config {
     /// Least time between two background fetches of a lazy wake (zero: no
     /// limit), leaving S3's bandwidth to the guest's own demand fetches.
     pub lazy_fill_pace: Duration,
+    /// Suspended VMs (the most recently uploaded) that get a standby QEMU
+    /// waiting for their next wake from the local copy (~16 MiB each, no
+    /// CPU); 0: none (`supervisor/standby.rs`).
+    pub standby_qemus: usize,
     /// Test-only fault injection rules (`fault.rs`); empty in production.
     pub faults: String,
 }
@@ -157,6 +161,7 @@ impl Config {
             lazy_memory: true,
             lazy_fill_timeout: Duration::from_secs(60),
             lazy_fill_pace: Duration::ZERO,
+            standby_qemus: 4,
             local_cache_bytes: None,
             image_cache_dir: default_image_cache_dir(),
             faults: String::new(),

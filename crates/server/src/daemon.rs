@@ -214,6 +214,8 @@ pub async fn run(
     {
         tracing::warn!("gave up waiting for VM operations; they resume on next start");
     }
+    // Standby QEMUs wait for wakes only this daemon would give them.
+    vms.discard_all_standbys().await;
     Ok(())
 }
 

@@ -68,6 +68,8 @@ pub struct VmManager {
     pub(crate) copies_in_use: Mutex<HashMap<String, usize>>,
     /// VMs' outbound network (tap devices, firewall).
     pub(crate) network: crate::network::Network,
+    /// Which suspended VMs hold a standby QEMU, oldest first.
+    pub(crate) standbys: crate::snapshot::standby::StandbyPool,
 }
 
 /// Files of one VM.
@@ -117,6 +119,7 @@ impl VmManager {
             .as_ref()
             .map(|s| HopKey::new(s, &cfg.node_name));
         let network = crate::network::Network::setup(cfg.network, &cfg.data_dir)?;
+        let standbys = crate::snapshot::standby::StandbyPool::new(metrics.standby_qemus.clone());
         Ok(Arc::new(VmManager {
             network,
             store,
@@ -145,6 +148,7 @@ impl VmManager {
             hop,
             evictions: AtomicU64::new(0),
             copies_in_use: Mutex::default(),
+            standbys,
             cfg,
         }))
     }
@@ -227,6 +231,15 @@ impl VmManager {
     /// Let go of a VM this node no longer runs (another node took it over):
     /// its runtime and run-dir files go, its record is not touched.
     pub(crate) fn forget_supervisor(&self, id: &str) {
+        if let Ok(rt) = self.supervisor(id) {
+            self.standbys.forget(id);
+            tokio::spawn(async move {
+                let standby = rt.standby.lock().await.take();
+                if let Some(standby) = standby {
+                    standby.discard().await;
+                }
+            });
+        }
         self.remove_supervisor(id);
         self.remove_runtime_files(id);
     }
@@ -540,6 +553,7 @@ impl VmManager {
             // Its memory state is discarded (the snapshots stay, and its
             // disk); the next start boots from the disk.
             self.transition(&rt, VmState::Stopped, Some("stopped while suspended: the next start boots from its disk; its snapshots can still be restored".into())).await?;
+            self.discard_standby(&rt).await;
             return self.get(id).await;
         }
         if state != VmState::Running {
@@ -606,6 +620,7 @@ impl VmManager {
     /// Make sure QEMU is gone: ask it to quit, kill it after the stop timeout,
     /// and free the VM's memory and runtime files.
     pub(crate) async fn halt(&self, rt: &VmSupervisor) {
+        self.discard_standby(rt).await;
         let machine = rt.machine();
         if let Some(machine) = machine {
             match tokio::time::timeout(self.cfg.stop_timeout, machine.quit()).await {

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub clock_sync_retries: Counter,
     pub clock_sync_failures: Counter,
     pub guest_readdressed: Counter,
+    pub standby_wakes: Counter,
+    pub standby_qemus: Gauge,
     vm_wakes: Family<VmLabel, Counter>,
     vm_last_wake: Family<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     vm_last_pause: Family<VmLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -142,6 +144,18 @@ impl Metrics {
             "Restores that had the guest agent address the outbound card (the guest's address at the snapshot was not the new run's, or not known)",
             guest_readdressed.clone(),
         );
+        let standby_wakes = Counter::default();
+        registry.register(
+            "hatch_standby_wakes",
+            "Wakes that loaded the VM's state into a QEMU started ahead of them (a standby) instead of starting one",
+            standby_wakes.clone(),
+        );
+        let standby_qemus = Gauge::default();
+        registry.register(
+            "hatch_standby_qemus",
+            "Suspended VMs holding a QEMU started ahead of their next wake",
+            standby_qemus.clone(),
+        );
         let clock_sync_failures = Counter::default();
         registry.register(
             "hatch_clock_sync_failures",
@@ -186,6 +200,8 @@ impl Metrics {
             clock_sync_retries,
             clock_sync_failures,
             guest_readdressed,
+            standby_wakes,
+            standby_qemus,
             vms,
             boot_seconds,
             proxy,

@@ -14,6 +14,7 @@ mod local_cache;
 mod next_layer;
 mod restore;
 mod retention;
+pub mod standby;
 pub mod uploads;
 
 pub use hatch_snapshot::names::new_layer_name;

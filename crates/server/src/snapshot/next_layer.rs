@@ -23,6 +23,17 @@ struct NextLayer {
     disk_mib: u64,
 }
 
+impl NextLayer {
+    /// Made for a wake over `top` with a disk of `disk_mib`, and there.
+    fn fits(&self, dir: &std::path::Path, top: &str, disk_mib: u64) -> bool {
+        is_layer_name(&self.name)
+            && self.name != top
+            && self.top == top
+            && self.disk_mib == disk_mib
+            && dir.join(&self.name).is_file()
+    }
+}
+
 impl VmManager {
     /// Make the layer the next wake of the VM, whose frozen top layer is
     /// `top`, will write to.
@@ -58,17 +69,22 @@ impl VmManager {
         let bytes = std::fs::read(&record).ok()?;
         let _ = std::fs::remove_file(&record);
         let next: NextLayer = serde_json::from_slice(&bytes).ok()?;
-        let fits = is_layer_name(&next.name)
-            && next.name != top
-            && next.top == top
-            && next.disk_mib == disk_mib
-            && dir.join(&next.name).is_file();
-        if !fits {
+        if !next.fits(&dir, top, disk_mib) {
             if is_layer_name(&next.name) && next.name != top {
                 let _ = std::fs::remove_file(dir.join(&next.name));
             }
             return None;
         }
         Some(next.name)
+    }
+
+    /// The layer [`VmManager::take_next_layer`] would return, left in
+    /// place (a standby QEMU opens it ahead of the wake; an inactive qcow2
+    /// is not written to, so the wake finds it as it was made).
+    pub(super) fn peek_next_layer(&self, vm_id: &str, top: &str, disk_mib: u64) -> Option<String> {
+        let dir = self.paths(vm_id).dir;
+        let bytes = std::fs::read(dir.join(RECORD)).ok()?;
+        let next: NextLayer = serde_json::from_slice(&bytes).ok()?;
+        next.fits(&dir, top, disk_mib).then_some(next.name)
     }
 }

@@ -203,6 +203,8 @@ impl VmManager {
                 self.save_record(&rec).await;
                 tracing::info!(vm = %vm.id, snapshot = %rec.snap.id, stored_bytes = stored,
                     upload_ms = started.elapsed().as_millis() as u64, "snapshot ready");
+                // A suspended VM's next wake takes this image as it is.
+                self.stand_by_soon(&vm.id, &rec.snap.id);
                 self.enforce_local_budget_soon().await;
             }
             Err(e) if e.downcast_ref::<super::SnapshotCorrupt>().is_some() => {

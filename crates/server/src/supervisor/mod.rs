@@ -7,11 +7,13 @@
 //! so it is unit-tested with a fake and paused time.
 
 mod activity;
+pub mod standby;
 pub mod wake;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use activity::Activity;
+pub use standby::Standby;
 
 use hatch_vmm::{Machine, PortForward};
 use tokio::sync::{OwnedMutexGuard, watch};
@@ -51,6 +53,10 @@ pub struct VmSupervisor {
     /// Held while connecting to the guest agent: QEMU's socket serves one
     /// client, and a second connection would wait behind the first.
     pub agent_connect: tokio::sync::Mutex<()>,
+    /// The QEMU started ahead of the next wake, if any. Held across that
+    /// launch, and by every launch of the VM while it looks: only one QEMU
+    /// at a time uses the VM's sockets and pid file.
+    pub standby: tokio::sync::Mutex<Option<Standby>>,
     // A std Mutex: held only to read or swap a field, never across an await.
     inner: Mutex<Inner>,
 }
@@ -106,6 +112,7 @@ impl VmSupervisor {
             op: Arc::default(),
             transitions: tokio::sync::Mutex::new(()),
             agent_connect: tokio::sync::Mutex::new(()),
+            standby: tokio::sync::Mutex::new(None),
             inner: Mutex::new(Inner {
                 state,
                 machine: None,

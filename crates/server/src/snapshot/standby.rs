@@ -1,0 +1,207 @@
+//! Standby QEMUs (`supervisor/standby.rs`): once a suspended VM's snapshot
+//! is in S3, so that its next wake will take the local copy's RAM image as
+//! it is, a QEMU is started with exactly that wake's command line (the RAM
+//! image, the disk layer made ahead, the last host ports) and waits for
+//! the state. At most `standby_qemus` VMs hold one, the most recently
+//! suspended; the oldest is ended to make room.
+//!
+//! Safety of the VM's state: a standby never runs the guest (QEMU waits
+//! for an incoming state that only a wake gives it), maps the image without
+//! writing to it, and opens the new disk layer inactive. A wake uses it
+//! only if it fits exactly ([`LaunchedAs::fits`]) and still waits; any
+//! other launch of the VM, a stop or a delete ends it first. A standby left
+//! by a daemon that died is ended at the next start.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use hatch_vmm::Machine;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::boot::pick_forwards;
+use crate::manager::VmManager;
+use crate::model::{SnapshotStatus, VmState};
+use crate::supervisor::standby::{LaunchedAs, file_id};
+use crate::supervisor::{Standby, VmSupervisor};
+
+/// The VMs holding a standby QEMU, oldest first.
+pub struct StandbyPool {
+    order: Mutex<VecDeque<String>>,
+    /// Their number, for `/metrics`.
+    gauge: Gauge,
+}
+
+impl StandbyPool {
+    pub fn new(gauge: Gauge) -> StandbyPool {
+        StandbyPool {
+            order: Mutex::default(),
+            gauge,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count VM `id` in as the newest; returns the VMs beyond `cap`
+    /// (oldest first), whose standbys are to be ended.
+    pub fn admit(&self, id: &str, cap: usize) -> Vec<String> {
+        let mut order = self.lock();
+        order.retain(|v| v != id);
+        order.push_back(id.to_string());
+        let over = order.len().saturating_sub(cap);
+        let evicted = order.drain(..over).collect();
+        self.gauge.set(order.len() as i64);
+        evicted
+    }
+
+    /// VM `id` no longer holds one.
+    pub fn forget(&self, id: &str) {
+        let mut order = self.lock();
+        order.retain(|v| v != id);
+        self.gauge.set(order.len() as i64);
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
+    }
+}
+
+impl VmManager {
+    /// Start, in the background, a standby QEMU for the next wake of VM
+    /// `vm_id` from snapshot `snapshot_id` (just uploaded), if it is
+    /// suspended and that is the snapshot it wakes from.
+    pub(super) fn stand_by_soon(self: &Arc<Self>, vm_id: &str, snapshot_id: &str) {
+        if self.cfg.standby_qemus == 0 {
+            return;
+        }
+        let Ok(rt) = self.supervisor(vm_id) else {
+            return;
+        };
+        let (this, snapshot_id) = (self.clone(), snapshot_id.to_string());
+        tokio::spawn(async move {
+            match this.stand_by(&rt, &snapshot_id).await {
+                Ok(Some(evicted)) => {
+                    for other in evicted {
+                        if let Ok(other) = this.supervisor(&other) {
+                            this.discard_standby(&other).await;
+                        }
+                    }
+                    // A wake that began meanwhile waits for the slot and
+                    // takes it; anything else ends it.
+                    if !matches!(rt.state(), VmState::Snapshotted | VmState::Restoring) {
+                        this.discard_standby(&rt).await;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::info!(vm = %rt.id, error = format!("{e:#}"), "no standby QEMU")
+                }
+            }
+        });
+    }
+
+    /// Launch the standby into the VM's slot and count it in the pool;
+    /// returns the VMs whose standbys are now beyond the bound, or None
+    /// when there is no reason for one (not suspended, not that snapshot).
+    /// A VM with outbound network gets its tap opened by the standby but
+    /// not addressed (the wake does that), so its /30 stays free for
+    /// others meanwhile; if another VM takes it, the wake's link, and so
+    /// its command line, differ, and the standby is not used.
+    async fn stand_by(
+        &self,
+        rt: &VmSupervisor,
+        snapshot_id: &str,
+    ) -> anyhow::Result<Option<Vec<String>>> {
+        let mut slot = rt.standby.lock().await;
+        // Under the slot's lock: a launch of the VM (which changes its
+        // state first) waits for this one or is waited for.
+        if rt.state() != VmState::Snapshotted {
+            tracing::debug!(vm = %rt.id, state = %rt.state(), "no standby QEMU: not suspended");
+            return Ok(None);
+        }
+        if let Some(old) = slot.take() {
+            old.discard().await;
+        }
+        let vm = self.get(&rt.id).await?;
+        // The snapshot a wake restores (`begin_restore`), if it is this
+        // one, in S3 (so the wake takes its image rather than copying it)
+        // and here.
+        let newest = self
+            .store
+            .list_snapshots(&rt.id)
+            .await?
+            .into_iter()
+            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local);
+        let Some(rec) = newest.filter(|r| {
+            r.snap.id == snapshot_id && r.local && r.snap.status == SnapshotStatus::Ready
+        }) else {
+            tracing::debug!(vm = %rt.id, snapshot = snapshot_id, "no standby QEMU: not the snapshot a wake takes as it is");
+            return Ok(None);
+        };
+        let layers = self
+            .verified_local_copy(&rec, &vm)
+            .await
+            .map_err(|why| anyhow::anyhow!("the local copy cannot be used: {why}"))?;
+        let top = layers.last().context("snapshot has no disk layer")?;
+        let layer = self
+            .peek_next_layer(&rt.id, top, vm.disk_mib)
+            .context("no disk layer was made ahead")?;
+        let plan = self.launch_plan(&rt.id).await?;
+        let previous = rt.lock().last_ports.clone();
+        let forwards = pick_forwards(&plan.guest_ports, &previous, true)?;
+        let image = self.snapshot_dir(snapshot_id).join("mem");
+        let mem_file = file_id(&image).context("the snapshot's RAM image is gone")?;
+        let spec = plan.spec(self, &layer, true, image, forwards);
+        let machine = Machine::launch(&self.cfg.qemu_binary, &spec).await?;
+        machine.set_command_timeout(self.cfg.qmp_timeout);
+        tracing::info!(vm = %rt.id, snapshot = snapshot_id, pid = machine.pid(), "standby QEMU started");
+        *slot = Some(Standby {
+            machine: Arc::new(machine),
+            snapshot_id: snapshot_id.to_string(),
+            launched: LaunchedAs { spec, mem_file },
+        });
+        Ok(Some(self.standbys.admit(&rt.id, self.cfg.standby_qemus)))
+    }
+
+    /// End the VM's standby QEMU, if it has one.
+    pub(crate) async fn discard_standby(&self, rt: &VmSupervisor) {
+        let standby = rt.standby.lock().await.take();
+        if let Some(standby) = standby {
+            self.standbys.forget(&rt.id);
+            tracing::debug!(vm = %rt.id, snapshot = %standby.snapshot_id, "ending the standby QEMU");
+            standby.discard().await;
+        }
+    }
+
+    /// End every standby QEMU (the daemon stops: they would outlive it).
+    pub(crate) async fn discard_all_standbys(&self) {
+        for id in self.standbys.all() {
+            if let Ok(rt) = self.supervisor(&id) {
+                self.discard_standby(&rt).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_ends_the_oldest_beyond_its_bound() {
+        let pool = StandbyPool::new(Gauge::default());
+        assert!(pool.admit("a", 2).is_empty());
+        assert!(pool.admit("b", 2).is_empty());
+        // Admitted again: the newest, not a second entry.
+        assert!(pool.admit("a", 2).is_empty());
+        assert_eq!(pool.admit("c", 2), ["b"]);
+        assert_eq!(pool.all(), ["a", "c"]);
+        pool.forget("a");
+        assert_eq!(pool.all(), ["c"]);
+        assert_eq!(pool.gauge.get(), 1);
+        assert_eq!(pool.admit("d", 0), ["c", "d"]);
+        assert_eq!(pool.gauge.get(), 0);
+    }
+}
