@@ -126,7 +126,9 @@ mod tests {
         let mut other = spec(&mem, 40000);
         other.disk = "/vm/layer-3.qcow2".into();
         assert!(!launched.fits(&other));
-        // Another file under the same name (a copy, not the image it maps).
+        // Another file under the same name (a copy, not the image it maps,
+        // which stays open, as QEMU holds it: its inode is not reused).
+        let _held = std::fs::File::open(&mem).unwrap();
         std::fs::remove_file(&mem).unwrap();
         std::fs::write(&mem, b"ram").unwrap();
         assert!(!launched.fits(&spec(&mem, 40000)));
