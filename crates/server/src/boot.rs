@@ -106,9 +106,15 @@ impl VmManager {
         let t_prepare = std::time::Instant::now();
         if let Some(standby) = standby {
             self.standbys.forget(&vm.id);
+            // Its host ports, if it forwards the guest ports this launch
+            // would (a route to another port may have come meanwhile).
             let forwards = standby.launched.spec.forwards.clone();
+            let same_ports = forwards
+                .iter()
+                .map(|f| f.guest)
+                .eq(plan.guest_ports.iter().copied());
             let spec = plan.spec(self, top, restore, mem_path.clone(), forwards.clone());
-            if restore && standby.launched.fits(&spec) && standby.waiting().await {
+            if restore && same_ports && standby.launched.fits(&spec) && standby.waiting().await {
                 self.record_forwards(rt, &forwards).await?;
                 tracing::debug!(vm = %vm.id, pid = standby.machine.pid(), "waking into the standby QEMU");
                 self.metrics.standby_wakes.inc();

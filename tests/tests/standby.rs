@@ -1,0 +1,205 @@
+//! Standby QEMUs (`supervisor/standby.rs`): once a suspended VM's snapshot
+//! is in S3, a QEMU with its next wake's command line waits for the state.
+//! A wake loads into it and loses nothing; a standby that died or no longer
+//! fits is ended and the wake starts its own QEMU; a stop, a delete, the
+//! pool's bound and a daemon killed meanwhile leave none behind.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use hatch_e2e::{Daemon, Garage, assert_guest_clock, kill_pid, kv, process_alive};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+async fn app(d: &Daemon, host: &str, path: &str) -> String {
+    let (s, body) = d.proxy_get(host, path).await;
+    assert_eq!(s, StatusCode::OK, "{path}: {body}\n{}", d.daemon_log());
+    body
+}
+
+async fn counter(d: &Daemon, host: &str) -> u64 {
+    kv(&app(d, host, "/counter").await, "counter")
+        .parse()
+        .unwrap()
+}
+
+async fn daemon(standbys: &str) -> (Garage, Daemon) {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_STANDBY_QEMUS".into(), standbys.into()));
+    let d = Daemon::start_with_env(env).await;
+    (garage, d)
+}
+
+async fn routed_vm(d: &Daemon, name: &str) -> (String, String) {
+    let host = format!("{name}.localhost");
+    let id = d.create_vm(json!({ "name": name })).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "running").await;
+    d.create_route(&host, &id).await;
+    d.wait_http(&host, "/").await;
+    (id, host)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn standby_wakes(d: &Daemon) -> f64 {
+    metric(&d.metrics_text().await, "hatch_standby_wakes_total")
+}
+
+/// Suspend the VM and wait until S3 holds the snapshot and its standby
+/// QEMU runs (the only standby); returns that QEMU's pid.
+async fn suspend_until_standby(d: &Daemon, id: &str) -> i32 {
+    let before = d.qemu_pids();
+    let sid = d.snapshot(id, true).await;
+    d.wait_snapshot(id, &sid, "ready").await;
+    d.wait_state(id, "snapshotted").await;
+    await_standbys(d, 1).await;
+    let new: Vec<i32> = d
+        .qemu_pids()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(new.len(), 1, "one standby QEMU:\n{}", d.daemon_log());
+    new[0]
+}
+
+async fn await_standbys(d: &Daemon, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric(&d.metrics_text().await, "hatch_standby_qemus") != n as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} standby QEMUs:\n{}",
+            d.daemon_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn await_gone(d: &Daemon, pid: i32, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while process_alive(pid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: the standby QEMU {pid} still runs:\n{}",
+            d.daemon_log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_wake_loads_into_the_standby_and_loses_nothing() {
+    let (_garage, d) = daemon("2").await;
+    let (id, host) = routed_vm(&d, "warm").await;
+    let boot = kv(&app(&d, &host, "/").await, "boot_id");
+    app(&d, &host, "/disk/write?name=k&value=v1").await;
+    let n = counter(&d, &host).await;
+
+    let standby = suspend_until_standby(&d, &id).await;
+    // Woken by a request: the standby QEMU is the VM's QEMU now.
+    assert_eq!(counter(&d, &host).await, n + 1);
+    assert_eq!(d.qemu_pids(), [standby], "{}", d.daemon_log());
+    assert_eq!(standby_wakes(&d).await, 1.0);
+    let root = app(&d, &host, "/").await;
+    assert_eq!(kv(&root, "boot_id"), boot);
+    assert_guest_clock(&root, 1.0);
+    assert_eq!(
+        app(&d, &host, "/disk/read?name=k").await,
+        "value=v1\n",
+        "the disk is intact"
+    );
+    // Its writes land on the new layer and survive the next cycle, into
+    // the next standby.
+    app(&d, &host, "/disk/write?name=k&value=v2").await;
+    let next = suspend_until_standby(&d, &id).await;
+    assert_ne!(next, standby);
+    assert_eq!(counter(&d, &host).await, n + 2);
+    assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v2\n");
+    assert_eq!(standby_wakes(&d).await, 2.0);
+}
+
+#[tokio::test]
+async fn a_dead_or_unfitting_standby_is_ended_and_the_wake_starts_its_own() {
+    let (_garage, d) = daemon("2").await;
+    let (id, host) = routed_vm(&d, "cold").await;
+    let n = counter(&d, &host).await;
+
+    // The standby died (killed from outside): the wake notices, starts a
+    // QEMU of its own, and nothing is lost.
+    let standby = suspend_until_standby(&d, &id).await;
+    kill_pid(standby);
+    assert_eq!(counter(&d, &host).await, n + 1, "{}", d.daemon_log());
+    let pids = d.qemu_pids();
+    assert_eq!(pids.len(), 1);
+    assert_ne!(pids[0], standby);
+    assert_eq!(standby_wakes(&d).await, 0.0);
+
+    // A route to another guest port added while suspended: the wake's
+    // command line forwards one more port, so the standby does not fit.
+    let standby = suspend_until_standby(&d, &id).await;
+    let (s, body) = d
+        .call(
+            Method::POST,
+            "/routes",
+            Some(json!({ "hostname": "other.localhost", "vm_id": id, "port": 8081 })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(counter(&d, &host).await, n + 2, "{}", d.daemon_log());
+    await_gone(&d, standby, "a wake it does not fit").await;
+    assert_eq!(d.qemu_pids().len(), 1);
+    assert_eq!(standby_wakes(&d).await, 0.0);
+    let ports = d.vm(&id).await["ports"].clone();
+    assert!(
+        ports.as_array().unwrap().iter().any(|p| p["guest"] == 8081),
+        "the new port is forwarded: {ports}"
+    );
+}
+
+#[tokio::test]
+async fn stop_delete_the_bound_and_a_daemon_restart_leave_no_standby() {
+    let (_garage, mut d) = daemon("1").await;
+    let (a, host_a) = routed_vm(&d, "a").await;
+    let n = counter(&d, &host_a).await;
+
+    // A daemon killed while a standby waits: the next one ends it (it did
+    // not start it), and the VM wakes as usual.
+    let standby = suspend_until_standby(&d, &a).await;
+    d.restart().await;
+    await_gone(&d, standby, "the daemon restarted").await;
+    assert!(d.qemu_pids().is_empty(), "{}", d.daemon_log());
+    assert_eq!(counter(&d, &host_a).await, n + 1);
+
+    // The pool holds one: B's standby ends A's.
+    let (b, host_b) = routed_vm(&d, "b").await;
+    let standby_a = suspend_until_standby(&d, &a).await;
+    let sid = d.snapshot(&b, true).await;
+    d.wait_snapshot(&b, &sid, "ready").await;
+    d.wait_state(&b, "snapshotted").await;
+    await_gone(&d, standby_a, "the pool's bound").await;
+    await_standbys(&d, 1).await;
+    let standby_b = d.qemu_pids();
+    assert_eq!(standby_b.len(), 1);
+
+    // A stopped suspended VM has none; a deleted one neither.
+    let (s, body) = d.call(Method::POST, &format!("/vms/{b}/stop"), None).await;
+    assert!(s.is_success(), "{s}: {body}");
+    await_gone(&d, standby_b[0], "a stop").await;
+    assert_eq!(counter(&d, &host_a).await, n + 2, "A wakes without one");
+    let standby_a = suspend_until_standby(&d, &a).await;
+    let (s, body) = d.call(Method::DELETE, &format!("/vms/{a}"), None).await;
+    assert!(s.is_success(), "{s}: {body}");
+    await_gone(&d, standby_a, "a delete").await;
+    assert!(d.qemu_pids().is_empty());
+    // B, stopped, boots when asked (no standby in the way).
+    assert_eq!(kv(&app(&d, &host_b, "/").await, "boot_id").len(), 36);
+}
