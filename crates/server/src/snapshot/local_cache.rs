@@ -139,6 +139,10 @@ impl VmManager {
             if let Err(e) = std::fs::remove_dir_all(&doomed) {
                 tracing::warn!(snapshot = %rec.snap.id, error = %e, "could not remove an evicted copy");
             }
+            // A standby mapping the copy's image would keep its space taken.
+            if let Ok(rt) = self.supervisor(&rec.snap.vm_id) {
+                self.discard_standby_for(&rt, &rec.snap.id).await;
+            }
             total = total.saturating_sub(size);
             tracing::info!(snapshot = %rec.snap.id, vm = %rec.snap.vm_id, bytes = size,
                 budget, "evicted a local snapshot copy (S3 holds it)");

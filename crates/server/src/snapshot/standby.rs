@@ -167,7 +167,25 @@ impl VmManager {
 
     /// End the VM's standby QEMU, if it has one.
     pub(crate) async fn discard_standby(&self, rt: &VmSupervisor) {
-        let standby = rt.standby.lock().await.take();
+        self.discard_standby_if(rt, |_| true).await;
+    }
+
+    /// End the VM's standby QEMU if it was started for snapshot
+    /// `snapshot_id`.
+    pub(crate) async fn discard_standby_for(&self, rt: &VmSupervisor, snapshot_id: &str) {
+        self.discard_standby_if(rt, |s| s.snapshot_id == snapshot_id)
+            .await;
+    }
+
+    async fn discard_standby_if(&self, rt: &VmSupervisor, which: impl Fn(&Standby) -> bool) {
+        let standby = {
+            let mut slot = rt.standby.lock().await;
+            if slot.as_ref().is_some_and(which) {
+                slot.take()
+            } else {
+                None
+            }
+        };
         if let Some(standby) = standby {
             self.standbys.forget(&rt.id);
             tracing::debug!(vm = %rt.id, snapshot = %standby.snapshot_id, "ending the standby QEMU");
