@@ -128,6 +128,38 @@ async fn a_wake_loads_into_the_standby_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_wake_during_the_standbys_start_does_not_take_it() {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_STANDBY_QEMUS".into(), "2".into()));
+    // The standby's start waits after it has noted the RAM image, so that
+    // the wake below moves the image before QEMU opens it.
+    env.push(("HATCH_FAULTS".into(), "standby.launch=delay:3000".into()));
+    let d = Daemon::start_with_env(env).await;
+    let (id, host) = routed_vm(&d, "race").await;
+    let boot = kv(&app(&d, &host, "/").await, "boot_id");
+    app(&d, &host, "/disk/write?name=k&value=v1").await;
+    let n = counter(&d, &host).await;
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    d.wait_state(&id, "snapshotted").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !d.daemon_log().contains("injected fault: delaying") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.daemon_log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The wake takes the image and waits for the standby's start; that
+    // QEMU mapped no image (QEMU made an empty file under the old name)
+    // and is ended; the wake starts its own and nothing is lost.
+    assert_eq!(counter(&d, &host).await, n + 1, "{}", d.daemon_log());
+    assert_eq!(kv(&app(&d, &host, "/").await, "boot_id"), boot);
+    assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v1\n");
+    assert_eq!(standby_wakes(&d).await, 0.0);
+    assert_eq!(d.qemu_pids().len(), 1, "the late standby was ended");
+    await_standbys(&d, 0).await;
+}
+
+#[tokio::test]
 async fn a_dead_or_unfitting_standby_is_ended_and_the_wake_starts_its_own() {
     let (_garage, d) = daemon("2").await;
     let (id, host) = routed_vm(&d, "cold").await;

@@ -78,13 +78,31 @@ impl VmManager {
     /// [`VmManager::launch`], taking `standby` (a QEMU started ahead of this
     /// wake, taken from the VM's slot by the caller) instead when it is
     /// exactly the QEMU this launch would start and still waits for its
-    /// state; else it is ended before anything else starts.
+    /// state; else it is ended before anything else starts, and on any
+    /// failure (no QEMU of the VM is left behind unwatched).
     pub(crate) async fn launch_or_take(
         &self,
         rt: &VmSupervisor,
         restore: bool,
         ram: Option<&std::path::Path>,
-        standby: Option<Standby>,
+        mut standby: Option<Standby>,
+    ) -> anyhow::Result<Arc<Machine>> {
+        if standby.is_some() {
+            self.standbys.forget(&rt.id);
+        }
+        let launched = self.launch_into(rt, restore, ram, &mut standby).await;
+        if let Some(unused) = standby {
+            unused.discard().await;
+        }
+        launched
+    }
+
+    async fn launch_into(
+        &self,
+        rt: &VmSupervisor,
+        restore: bool,
+        ram: Option<&std::path::Path>,
+        standby: &mut Option<Standby>,
     ) -> anyhow::Result<Arc<Machine>> {
         let plan = self.launch_plan(&rt.id).await?;
         let vm = &plan.vm;
@@ -104,8 +122,7 @@ impl VmManager {
         let top = layers.last().context("vm has no disk layer")?;
         let mem_path = ram.map_or_else(|| paths.mem.clone(), std::path::Path::to_path_buf);
         let t_prepare = std::time::Instant::now();
-        if let Some(standby) = standby {
-            self.standbys.forget(&vm.id);
+        if let Some(standby) = standby.take() {
             // Its host ports, if it forwards the guest ports this launch
             // would (a route to another port may have come meanwhile).
             let forwards = standby.launched.spec.forwards.clone();
@@ -115,7 +132,10 @@ impl VmManager {
                 .eq(plan.guest_ports.iter().copied());
             let spec = plan.spec(self, top, restore, mem_path.clone(), forwards.clone());
             if restore && same_ports && standby.launched.fits(&spec) && standby.waiting().await {
-                self.record_forwards(rt, &forwards).await?;
+                if let Err(e) = self.record_forwards(rt, &forwards).await {
+                    standby.discard().await;
+                    return Err(e);
+                }
                 tracing::debug!(vm = %vm.id, pid = standby.machine.pid(), "waking into the standby QEMU");
                 self.metrics.standby_wakes.inc();
                 return self.install(
@@ -700,7 +720,6 @@ fn app_exit_reason(console: &std::path::Path) -> Option<String> {
     Some(why.chars().filter(|c| !c.is_control()).take(300).collect())
 }
 
-/// Whether nothing listens on 127.0.0.1:port now.
 /// What every launch of a VM shares ([`VmManager::launch_plan`]).
 pub(crate) struct LaunchPlan {
     pub vm: model::Vm,
@@ -766,6 +785,7 @@ pub(crate) fn pick_forwards(
         .context("picking host ports")
 }
 
+/// Whether nothing listens on 127.0.0.1:port now.
 fn host_port_free(port: u16) -> bool {
     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok()
 }

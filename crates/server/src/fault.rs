@@ -5,7 +5,10 @@
 //! - `crash` (the default): the daemon kills itself with SIGKILL at that
 //!   point, as `kill -9` or a power cut would;
 //! - `fail` / `fail:N`: the step fails with an error (every time, or the
-//!   first N times).
+//!   first N times);
+//! - `delay:MS`: the step waits that long first (at points that ask with
+//!   [`Faults::delay`]), so that a test can act inside a window that is
+//!   otherwise too short to hit.
 //!
 //! The points are named where they are hit (`faults.hit("suspend.state_saved", vm)`)
 //! and listed in docs/ARCHITECTURE.md. Unset in production: a check is one
@@ -22,6 +25,7 @@ enum Action {
     Crash,
     /// Fail this many more times (None: always).
     Fail(Option<u32>),
+    Delay(std::time::Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +33,12 @@ struct Rule {
     point: String,
     vm: Option<String>,
     action: Action,
+}
+
+impl Rule {
+    fn matches(&self, point: &str, vm: &str) -> bool {
+        self.point == point && self.vm.as_deref().is_none_or(|v| v == vm)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -52,9 +62,13 @@ impl Faults {
                     n.parse()
                         .map_err(|_| format!("bad count in fault {item:?}"))?,
                 )),
+                Some(("delay", ms)) => Action::Delay(std::time::Duration::from_millis(
+                    ms.parse()
+                        .map_err(|_| format!("bad milliseconds in fault {item:?}"))?,
+                )),
                 _ => {
                     return Err(format!(
-                        "unknown action in fault {item:?} (crash, fail, fail:N)"
+                        "unknown action in fault {item:?} (crash, fail, fail:N, delay:MS)"
                     ));
                 }
             };
@@ -80,16 +94,31 @@ impl Faults {
         self.rules.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How long point `point` for VM `vm` is to wait (a `delay` rule).
+    pub fn delay(&self, point: &str, vm: &str) -> Option<std::time::Duration> {
+        let delay = self.lock().iter().find_map(|r| match r.action {
+            Action::Delay(d) if r.matches(point, vm) => Some(d),
+            _ => None,
+        });
+        if let Some(d) = delay {
+            tracing::warn!(
+                point,
+                vm,
+                ms = d.as_millis() as u64,
+                "injected fault: delaying"
+            );
+        }
+        delay
+    }
+
     /// Pass point `point` for VM `vm`: crash here, fail, or go on.
     pub fn hit(&self, point: &str, vm: &str) -> Result<(), InjectedFault> {
         let mut rules = self.lock();
-        let Some(rule) = rules
-            .iter_mut()
-            .find(|r| r.point == point && r.vm.as_deref().is_none_or(|v| v == vm))
-        else {
+        let Some(rule) = rules.iter_mut().find(|r| r.matches(point, vm)) else {
             return Ok(());
         };
         match &mut rule.action {
+            Action::Delay(_) => Ok(()),
             Action::Crash => {
                 tracing::error!(point, vm, "injected fault: crashing");
                 crash()
@@ -132,7 +161,14 @@ mod tests {
             assert!(f.hit("c", "any").is_err());
         }
         assert!(Faults::parse("").unwrap().is_empty());
-        for bad in ["p=explode", "=fail", "p=fail:x"] {
+        let d = Faults::parse("s@vm-1=delay:1500").unwrap();
+        assert_eq!(
+            d.delay("s", "vm-1"),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(d.delay("s", "vm-2"), None);
+        assert!(d.hit("s", "vm-1").is_ok(), "a delay is no failure");
+        for bad in ["p=explode", "=fail", "p=fail:x", "p=delay:soon"] {
             assert!(Faults::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(

@@ -231,7 +231,10 @@ impl VmManager {
     /// Let go of a VM this node no longer runs (another node took it over):
     /// its runtime and run-dir files go, its record is not touched.
     pub(crate) fn forget_supervisor(&self, id: &str) {
-        if let Ok(rt) = self.supervisor(id) {
+        let rt = self.supervisor(id);
+        // Removed first: a standby being started sees it and ends itself.
+        self.remove_supervisor(id);
+        if let Ok(rt) = rt {
             self.standbys.forget(id);
             tokio::spawn(async move {
                 let standby = rt.standby.lock().await.take();
@@ -240,7 +243,6 @@ impl VmManager {
                 }
             });
         }
-        self.remove_supervisor(id);
         self.remove_runtime_files(id);
     }
 
@@ -602,6 +604,9 @@ impl VmManager {
             self.routes.remove(&h);
         }
         self.remove_supervisor(id);
+        // One started since `halt` (an upload that ended meanwhile) ends
+        // here or sees the supervisor gone and ends itself.
+        self.discard_standby(&rt).await;
         self.metrics.forget_vm(id);
         self.network.forget(id);
         let paths = self.paths(id);

@@ -116,6 +116,9 @@ impl VmManager {
                     inner.agent = None;
                 }
                 self.clear_forwards(&rt).await;
+                // A standby the wake did not reach would lose its sockets
+                // and pid file to the cleanup below.
+                self.discard_standby(&rt).await;
                 if let Err(e) = self.end_lazy_ram(&rt.id).await {
                     tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "ending the lazy RAM server failed");
                 }

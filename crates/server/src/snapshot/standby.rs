@@ -111,7 +111,7 @@ impl VmManager {
     /// its command line, differ, and the standby is not used.
     async fn stand_by(
         &self,
-        rt: &VmSupervisor,
+        rt: &Arc<VmSupervisor>,
         snapshot_id: &str,
     ) -> anyhow::Result<Option<Vec<String>>> {
         let mut slot = rt.standby.lock().await;
@@ -122,6 +122,7 @@ impl VmManager {
             return Ok(None);
         }
         if let Some(old) = slot.take() {
+            self.standbys.forget(&rt.id);
             old.discard().await;
         }
         let vm = self.get(&rt.id).await?;
@@ -154,7 +155,27 @@ impl VmManager {
         let image = self.snapshot_dir(snapshot_id).join("mem");
         let mem_file = file_id(&image).context("the snapshot's RAM image is gone")?;
         let spec = plan.spec(self, &layer, true, image, forwards);
+        if let Some(wait) = self.faults.delay("standby.launch", &rt.id) {
+            tokio::time::sleep(wait).await;
+        }
         let machine = Machine::launch(&self.cfg.qemu_binary, &spec).await?;
+        // Checked again now that QEMU has opened the image. A wake that
+        // began meanwhile may have moved it (QEMU would then have created
+        // an empty file under the old name); a delete or a hand-over to
+        // another node may have let go of the VM. A wake changes the state
+        // before it moves the image, and delete and hand-over remove the
+        // supervisor before they end the standby (waiting for this lock).
+        let still_wanted = rt.state() == VmState::Snapshotted
+            && self
+                .supervisor(&rt.id)
+                .is_ok_and(|current| Arc::ptr_eq(&current, rt))
+            && file_id(&spec.mem_path) == Some(mem_file);
+        if !still_wanted {
+            machine.kill();
+            machine.wait_exit().await;
+            tracing::debug!(vm = %rt.id, "no standby QEMU: the VM changed while it started");
+            return Ok(None);
+        }
         machine.set_command_timeout(self.cfg.qmp_timeout);
         tracing::info!(vm = %rt.id, snapshot = snapshot_id, pid = machine.pid(), "standby QEMU started");
         *slot = Some(Standby {
@@ -181,13 +202,14 @@ impl VmManager {
         let standby = {
             let mut slot = rt.standby.lock().await;
             if slot.as_ref().is_some_and(which) {
+                // Under the lock: a standby installed next is counted anew.
+                self.standbys.forget(&rt.id);
                 slot.take()
             } else {
                 None
             }
         };
         if let Some(standby) = standby {
-            self.standbys.forget(&rt.id);
             tracing::debug!(vm = %rt.id, snapshot = %standby.snapshot_id, "ending the standby QEMU");
             standby.discard().await;
         }
