@@ -2,7 +2,8 @@
 //! is in S3, a QEMU with its next wake's command line waits for the state.
 //! A wake loads into it and loses nothing; a standby that died or no longer
 //! fits is ended and the wake starts its own QEMU; a stop, a delete, the
-//! pool's bound and a daemon killed meanwhile leave none behind.
+//! pool's bound and a daemon killed meanwhile leave none behind (a
+//! restarted daemon starts its own for the newest suspended VMs).
 
 #![allow(clippy::unwrap_used)]
 
@@ -198,18 +199,22 @@ async fn a_dead_or_unfitting_standby_is_ended_and_the_wake_starts_its_own() {
 }
 
 #[tokio::test]
-async fn stop_delete_the_bound_and_a_daemon_restart_leave_no_standby() {
+async fn a_restart_the_bound_a_stop_and_a_delete_end_standbys() {
     let (_garage, mut d) = daemon("1").await;
     let (a, host_a) = routed_vm(&d, "a").await;
     let n = counter(&d, &host_a).await;
 
     // A daemon killed while a standby waits: the next one ends it (it did
-    // not start it), and the VM wakes as usual.
+    // not start it) and starts one of its own, which the wake takes.
     let standby = suspend_until_standby(&d, &a).await;
     d.restart().await;
     await_gone(&d, standby, "the daemon restarted").await;
-    assert!(d.qemu_pids().is_empty(), "{}", d.daemon_log());
+    await_standbys(&d, 1).await;
+    let again = d.qemu_pids();
+    assert_eq!(again.len(), 1, "{}", d.daemon_log());
     assert_eq!(counter(&d, &host_a).await, n + 1);
+    assert_eq!(d.qemu_pids(), again, "the wake took the new standby");
+    assert_eq!(standby_wakes(&d).await, 1.0);
 
     // The pool holds one: B's standby ends A's.
     let (b, host_b) = routed_vm(&d, "b").await;

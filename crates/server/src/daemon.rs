@@ -144,6 +144,8 @@ pub async fn run(
         .context("recovering interrupted snapshots")?;
     vms.sweep_leftovers().await;
     vms.prune_images().await;
+    // After the sweep, which removes disk layers made ahead of wakes.
+    vms.stand_by_after_start().await;
 
     let Listeners {
         api: api_listener,

@@ -10,7 +10,8 @@
 //! writing to it, and opens the new disk layer inactive. A wake uses it
 //! only if it fits exactly ([`LaunchedAs::fits`]) and still waits; any
 //! other launch of the VM, a stop or a delete ends it first. A standby left
-//! by a daemon that died is ended at the next start.
+//! by a daemon that died is ended at the next start, which then starts
+//! standbys of its own for the most recently suspended VMs.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -102,6 +103,36 @@ impl VmManager {
         });
     }
 
+    /// At start (recovery done, the previous daemon's standbys ended):
+    /// standbys for the most recently suspended VMs, as their uploads would
+    /// have started them, so that a restart does not cool their wakes.
+    pub(crate) async fn stand_by_after_start(self: &Arc<Self>) {
+        if self.cfg.standby_qemus == 0 {
+            return;
+        }
+        let mut candidates = Vec::new();
+        for rt in self.all_supervisors() {
+            if rt.state() != VmState::Snapshotted {
+                continue;
+            }
+            let Ok(list) = self.store.list_snapshots(&rt.id).await else {
+                continue;
+            };
+            // The snapshot a wake restores; `stand_by` checks the rest.
+            if let Some(rec) = list
+                .into_iter()
+                .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
+            {
+                candidates.push((rec.snap.created_at, rt.id.clone(), rec.snap.id));
+            }
+        }
+        // RFC 3339 times in UTC: newest first by their text.
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, vm, snapshot) in candidates.into_iter().take(self.cfg.standby_qemus) {
+            self.stand_by_soon(&vm, &snapshot);
+        }
+    }
+
     /// Launch the standby into the VM's slot and count it in the pool;
     /// returns the VMs whose standbys are now beyond the bound, or None
     /// when there is no reason for one (not suspended, not that snapshot).
@@ -146,9 +177,15 @@ impl VmManager {
             .await
             .map_err(|why| anyhow::anyhow!("the local copy cannot be used: {why}"))?;
         let top = layers.last().context("snapshot has no disk layer")?;
-        let layer = self
-            .peek_next_layer(&rt.id, top, vm.disk_mib)
-            .context("no disk layer was made ahead")?;
+        // Made at suspend; made now if gone (a restart's sweep removes it).
+        let layer = match self.peek_next_layer(&rt.id, top, vm.disk_mib) {
+            Some(layer) => layer,
+            None => {
+                self.prepare_next_layer(&rt.id, top, vm.disk_mib).await?;
+                self.peek_next_layer(&rt.id, top, vm.disk_mib)
+                    .context("the disk layer made for the wake is gone")?
+            }
+        };
         let plan = self.launch_plan(&rt.id).await?;
         let previous = rt.lock().last_ports.clone();
         let forwards = pick_forwards(&plan.guest_ports, &previous, true)?;
