@@ -260,12 +260,22 @@ impl VmManager {
     /// Whether `snapshot_id` is the one a wake of the VM would restore.
     async fn is_newest_restorable(&self, vm_id: &str, snapshot_id: &str) -> Result<bool, ApiError> {
         Ok(self
+            .newest_restorable(vm_id)
+            .await?
+            .is_some_and(|r| r.snap.id == snapshot_id))
+    }
+
+    /// The snapshot a wake of the VM restores: its newest in S3 or here.
+    pub(crate) async fn newest_restorable(
+        &self,
+        vm_id: &str,
+    ) -> Result<Option<SnapshotRecord>, crate::state::StoreError> {
+        Ok(self
             .store
             .list_snapshots(vm_id)
             .await?
             .into_iter()
-            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
-            .is_some_and(|r| r.snap.id == snapshot_id))
+            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local))
     }
 
     /// Start restoring; answers at once with the VM (`restoring`).
@@ -336,17 +346,11 @@ impl VmManager {
                 }
                 rec
             }
-            None => self
-                .store
-                .list_snapshots(vm_id)
-                .await?
-                .into_iter()
-                .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
-                .ok_or_else(|| {
-                    unavailable(ApiError::conflict(format!(
-                        "vm '{vm_id}' has no restorable snapshot"
-                    )))
-                })?,
+            None => self.newest_restorable(vm_id).await?.ok_or_else(|| {
+                unavailable(ApiError::conflict(format!(
+                    "vm '{vm_id}' has no restorable snapshot"
+                )))
+            })?,
         };
         if self.storage.is_none() {
             // Only a local copy that checks out can be restored.

@@ -115,14 +115,8 @@ impl VmManager {
             if rt.state() != VmState::Snapshotted {
                 continue;
             }
-            let Ok(list) = self.store.list_snapshots(&rt.id).await else {
-                continue;
-            };
             // The snapshot a wake restores; `stand_by` checks the rest.
-            if let Some(rec) = list
-                .into_iter()
-                .find(|r| r.snap.status == SnapshotStatus::Ready || r.local)
-            {
+            if let Ok(Some(rec)) = self.newest_restorable(&rt.id).await {
                 candidates.push((rec.snap.created_at, rt.id.clone(), rec.snap.id));
             }
         }
@@ -157,15 +151,9 @@ impl VmManager {
             old.discard().await;
         }
         let vm = self.get(&rt.id).await?;
-        // The snapshot a wake restores (`begin_restore`), if it is this
-        // one, in S3 (so the wake takes its image rather than copying it)
-        // and here.
-        let newest = self
-            .store
-            .list_snapshots(&rt.id)
-            .await?
-            .into_iter()
-            .find(|r| r.snap.status == SnapshotStatus::Ready || r.local);
+        // The snapshot a wake restores, if it is this one, in S3 (so the
+        // wake takes its image rather than copying it) and here.
+        let newest = self.newest_restorable(&rt.id).await?;
         let Some(rec) = newest.filter(|r| {
             r.snap.id == snapshot_id && r.local && r.snap.status == SnapshotStatus::Ready
         }) else {
