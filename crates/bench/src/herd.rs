@@ -15,6 +15,7 @@ use futures_util::future::try_join_all;
 use serde_json::{Value, json};
 
 use crate::api::Api;
+use crate::hostcpu::{self, HostCpu};
 use crate::stats::Samples;
 
 /// How long the VMs stay suspended before a wake. Longer than any clock
@@ -68,6 +69,7 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
 
     // A single wake, the others suspended and quiet.
     let mut single = Samples::default();
+    let mut single_cpu = Samples::default();
     let mut offsets = Samples::default();
     let mut retried = 0usize;
     let all: Vec<&(String, String)> = vms.iter().collect();
@@ -78,7 +80,9 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
             suspend(&api, &[&vms[0]]).await?;
         }
         tokio::time::sleep(SUSPENDED_FOR).await;
+        let cpu = HostCpu::now()?;
         let w = wake(&api, first_host).await?;
+        single_cpu.push(cpu.busy_since()?);
         retried += check_event(&api, first).await?;
         single.push(w.latency);
         offsets.push_value(w.offset_secs.abs() * 1000.0);
@@ -87,6 +91,9 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
     // The herd: every VM suspended, then one request each, all at once.
     let mut herd = Samples::default();
     let mut slowest = Samples::default();
+    let mut round_cpu = Samples::default();
+    let mut floor = Samples::default();
+    let cores = hostcpu::cores();
     for round in 0..n {
         // After the single wakes only the first VM runs; later, all do.
         if round == 0 {
@@ -96,6 +103,7 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(SUSPENDED_FOR).await;
         let start = tokio::sync::Barrier::new(count);
+        let cpu = HostCpu::now()?;
         let woken = try_join_all(vms.iter().map(|(_, host)| {
             let (api, start) = (&api, &start);
             async move {
@@ -104,6 +112,9 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
             }
         }))
         .await?;
+        let busy = cpu.busy_since()?;
+        round_cpu.push(busy);
+        floor.push(busy / cores as u32);
         let mut worst = Duration::ZERO;
         for w in &woken {
             herd.push(w.latency);
@@ -127,12 +138,26 @@ pub async fn run(args: HerdArgs) -> anyhow::Result<()> {
         "herd of {count}: each VM's first proxied response"
     ));
     slowest.row(&format!("herd of {count}: the slowest VM of the round"));
+    single_cpu.row("single wake: host CPU busy during it (all cores)");
+    round_cpu.row(&format!(
+        "herd of {count}: host CPU busy during the round (all cores)"
+    ));
+    floor.row(&format!(
+        "herd of {count}: the round's CPU floor (busy time / {cores} cores)"
+    ));
     offsets.row_value("|host - guest| clock at the answer, ms (all wakes)");
     println!();
     println!(
         "herd / single wake (medians): each {:.2}x, slowest {:.2}x; wakes whose clock/RNG sync needed retries: {retried}; wakes with a stale clock or unsynced RNG: 0 (checked)",
         herd.median() / single.median(),
         slowest.median() / single.median(),
+    );
+    // No schedule ends a round before its CPU time spread over every core
+    // has passed, so this ratio is the best the herd can do on this host.
+    println!(
+        "CPU floor / single wake (medians): {:.2}x; slowest / CPU floor: {:.2}x (1.00 = the round is purely CPU-bound)",
+        floor.median() / single.median(),
+        slowest.median() / floor.median(),
     );
     Ok(())
 }

@@ -18,6 +18,7 @@ mod api;
 mod baseline;
 mod cluster;
 mod herd;
+mod hostcpu;
 mod image;
 mod stats;
 mod wake;
