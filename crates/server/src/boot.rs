@@ -12,7 +12,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{self, VmState};
 use crate::network::Link;
+use crate::supervisor::standby::Warm;
 use crate::supervisor::{OpGuard, Standby, VmSupervisor};
+
+/// A launch's QEMU, and whether it is a warm standby: the VM's state is
+/// then already in it, paused (`cont` runs it), and its agent connection
+/// comes with it.
+pub(crate) struct Launched {
+    pub machine: Arc<Machine>,
+    pub warm: Option<Warm>,
+}
 
 /// Launch attempts: a freshly picked free port can be taken by someone else
 /// before QEMU binds it; a new pick then succeeds.
@@ -25,7 +34,7 @@ impl VmManager {
     pub(crate) async fn boot(self: Arc<Self>, rt: Arc<VmSupervisor>, guard: OpGuard) {
         let started = Instant::now();
         match self.launch(&rt, false, None).await {
-            Ok(machine) => {
+            Ok(Launched { machine, .. }) => {
                 // The start time first: whoever sees the VM running sees
                 // when it started.
                 if let Err(e) = self.store.set_vm_started(&rt.id, &now_rfc3339()).await {
@@ -64,13 +73,14 @@ impl VmManager {
     /// Launch QEMU for the VM. `restore`: RAM file and console log are kept
     /// and QEMU waits for its CPU and device state (`-incoming defer`).
     /// `ram`: the file to map as guest RAM instead of the VM's RAM file (a
-    /// lazily served one). A standby QEMU of the VM is ended first.
+    /// lazily served one). A standby QEMU of the VM that fits is taken,
+    /// else it is ended first.
     pub(crate) async fn launch(
         &self,
         rt: &VmSupervisor,
         restore: bool,
         ram: Option<&std::path::Path>,
-    ) -> anyhow::Result<Arc<Machine>> {
+    ) -> anyhow::Result<Launched> {
         let standby = rt.standby.lock().await.take();
         self.launch_or_take(rt, restore, ram, standby).await
     }
@@ -86,7 +96,7 @@ impl VmManager {
         restore: bool,
         ram: Option<&std::path::Path>,
         mut standby: Option<Standby>,
-    ) -> anyhow::Result<Arc<Machine>> {
+    ) -> anyhow::Result<Launched> {
         if standby.is_some() {
             self.standbys.forget(&rt.id);
         }
@@ -103,7 +113,7 @@ impl VmManager {
         restore: bool,
         ram: Option<&std::path::Path>,
         standby: &mut Option<Standby>,
-    ) -> anyhow::Result<Arc<Machine>> {
+    ) -> anyhow::Result<Launched> {
         let plan = self.launch_plan(&rt.id).await?;
         let vm = &plan.vm;
         let paths = self.paths(&vm.id);
@@ -136,18 +146,26 @@ impl VmManager {
                     standby.discard().await;
                     return Err(e);
                 }
-                tracing::debug!(vm = %vm.id, pid = standby.machine.pid(), "waking into the standby QEMU");
+                let warm = standby.warm.is_some();
+                tracing::debug!(vm = %vm.id, pid = standby.machine.pid(), warm, "waking into the standby QEMU");
                 self.metrics.standby_wakes.inc();
-                return self.install(
+                // A warm standby's tap is the one its run configured.
+                let link = if warm { &None } else { &plan.link };
+                let machine = self.install(
                     rt,
                     standby.machine,
-                    &plan.link,
+                    spec,
+                    link,
                     restore,
                     t_prepare,
                     t_prepare,
-                );
+                )?;
+                return Ok(Launched {
+                    machine,
+                    warm: standby.warm,
+                });
             }
-            tracing::debug!(vm = %vm.id, "the standby QEMU does not fit this launch; ending it");
+            tracing::debug!(vm = %vm.id, mine = ?standby.launched.spec.args(), wanted = ?spec.args(), same_ports, "the standby QEMU does not fit this launch; ending it");
             standby.discard().await;
         }
         let mut last_err = None;
@@ -165,14 +183,19 @@ impl VmManager {
             match Machine::launch(&self.cfg.qemu_binary, &spec).await {
                 Ok(machine) => {
                     machine.set_command_timeout(self.cfg.qmp_timeout);
-                    return self.install(
+                    let machine = self.install(
                         rt,
                         Arc::new(machine),
+                        spec,
                         &plan.link,
                         restore,
                         t_prepare,
                         t_qemu,
-                    );
+                    )?;
+                    return Ok(Launched {
+                        machine,
+                        warm: None,
+                    });
                 }
                 Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
                     tracing::warn!(vm = %vm.id, %msg, "port taken; retrying launch");
@@ -247,11 +270,14 @@ impl VmManager {
         Ok(())
     }
 
-    /// Make a launched QEMU the VM's machine (its tap configured first).
+    /// Make a launched QEMU, launched as `spec`, the VM's machine (its tap
+    /// configured first).
+    #[allow(clippy::too_many_arguments)]
     fn install(
         &self,
         rt: &VmSupervisor,
         machine: Arc<Machine>,
+        spec: MachineSpec,
         link: &Option<Link>,
         restore: bool,
         t_prepare: std::time::Instant,
@@ -272,6 +298,7 @@ impl VmManager {
             tap_ms = ms(t_tap, std::time::Instant::now()), "launch steps");
         let mut inner = rt.lock();
         inner.machine = Some(machine.clone());
+        inner.launched = Some(spec);
         // A cold boot takes its address from the kernel parameters; a
         // restored guest holds the snapshot's until the agent has been heard.
         inner.guest_net = match (restore, link) {
@@ -318,6 +345,14 @@ impl VmManager {
     /// Watch a machine until QEMU exits and record an exit nobody asked for.
     pub(crate) fn watch(self: &Arc<Self>, rt: Arc<VmSupervisor>, machine: Arc<Machine>) {
         let this = self.clone();
+        {
+            let mut inner = rt.lock();
+            let watched = inner.watched.as_ref().and_then(std::sync::Weak::upgrade);
+            if watched.is_some_and(|w| Arc::ptr_eq(&w, &machine)) {
+                return; // a warm standby's QEMU, back: its watcher still waits
+            }
+            inner.watched = Some(Arc::downgrade(&machine));
+        }
         tokio::spawn(async move {
             let exit = machine.wait_exit().await;
             let state = {

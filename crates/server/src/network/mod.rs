@@ -174,10 +174,14 @@ impl Network {
         })?;
         let tap = tap_name(vm_id);
         // The last run's /30 while no interface holds it (the guest keeps
-        // the address it had), else a free one.
+        // the address it had), or while the VM's own tap does (its QEMU,
+        // kept warm over a suspend, still runs), else a free one.
         let previous = self.link_of(vm_id).map(|l| (l.host, l.guest));
+        let own_tap = std::path::Path::new("/sys/class/net").join(&tap).exists();
         let (host_net, guest_net) = match previous {
-            Some((host_net, guest_net)) if address_free(host_net.addr()) => (host_net, guest_net),
+            Some((host_net, guest_net)) if own_tap || address_free(host_net.addr()) => {
+                (host_net, guest_net)
+            }
             _ => free_subnet(host.range)?,
         };
         self.apply_policy(vm_id, &firewall::set_vm(&host.table, &tap, &s.egress))?;

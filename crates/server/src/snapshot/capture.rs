@@ -133,7 +133,8 @@ impl VmManager {
         }
     }
 
-    /// Suspend: pause, save device state, end QEMU; keep RAM and disk locally.
+    /// Suspend: pause, save device state, end QEMU (or keep it, paused, as
+    /// the VM's warm standby); keep RAM and disk locally.
     async fn capture_suspend(
         &self,
         rt: &VmSupervisor,
@@ -144,6 +145,11 @@ impl VmManager {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         // Memory still arriving from S3 arrives first, the guest running.
         self.await_lazy_ram_complete(&rt.id).await?;
+        // Kept warm: its disk switches, in the pause, to the layer the next
+        // wake writes to (after the state is saved its block devices are
+        // inactive and a switch would fail).
+        let warm_switch = self.warm_switch(rt).await;
+        let vm_dir = self.paths(&rt.id).dir;
         let t0 = Instant::now();
         machine.pause().await?;
         // `state` appears only once complete: recovery treats its presence as
@@ -151,6 +157,15 @@ impl VmManager {
         let part = durable::partial(&dir.join("state"));
         let saved = async {
             self.faults.hit("suspend.paused", &rt.id)?;
+            if let Some(w) = &warm_switch {
+                machine
+                    .freeze_disk(
+                        &node_name(&w.top),
+                        &vm_dir.join(&w.next),
+                        &node_name(&w.next),
+                    )
+                    .await?;
+            }
             machine.save_state(&part).await?;
             // Renamed now (complete), made durable with the RAM image once
             // QEMU has ended: an fsync here would lengthen the pause, and
@@ -162,29 +177,64 @@ impl VmManager {
         };
         if let Err(e) = saved.await {
             resume_guest(&machine).await;
+            if warm_switch.is_some()
+                && let Err(e) = self.reconcile_disk_chain(&rt.id, &machine).await
+            {
+                tracing::error!(vm = %rt.id, error = format!("{e:#}"), "cannot read the disk chain back from QEMU");
+            }
             return Err(e);
         }
         rt.note_net_at_capture(&rec.snap.id);
-        // Past this point the guest never runs again in this QEMU: quitting
-        // flushes the active disk layer, which becomes frozen.
+        // Past this point the guest never runs again in this QEMU unless a
+        // wake takes it as it is: quitting, or saving the state (which
+        // inactivates its block devices), flushed the active disk layer,
+        // which is frozen.
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
         self.metrics
             .record_vm_pause(&rt.id, t0.elapsed().as_millis() as u64);
-        self.halt_keeping_ram(rt, &machine).await;
-        self.faults.hit("suspend.qemu_ended", &rt.id)?;
-        rec.layers = self.store.disk_layers(&rt.id).await?;
-        rec.snap.disk_bytes = layers_size(&self.paths(&rt.id).dir, &rec.layers);
-        self.keep_ram(&rt.id, &rec.snap.id).await?;
-        self.faults.hit("suspend.ram_kept", &rt.id)?;
-        self.describe_local_copy(rec).await?;
-        // The next wake's disk layer, made now rather than then.
-        if let Some(top) = rec.layers.last() {
-            let disk_mib = self.get(&rt.id).await?.disk_mib;
-            if let Err(e) = self.prepare_next_layer(&rt.id, top, disk_mib).await {
-                tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "making the next disk layer ahead failed");
+        let warm = match warm_switch.clone() {
+            Some(w) => Some(self.detach_warm(rt, machine, w, &rec.snap.id).await),
+            None => {
+                self.halt_keeping_ram(rt, &machine).await;
+                None
+            }
+        };
+        let kept = async {
+            self.faults.hit("suspend.qemu_ended", &rt.id)?;
+            rec.layers = self.store.disk_layers(&rt.id).await?;
+            rec.snap.disk_bytes = layers_size(&vm_dir, &rec.layers);
+            self.keep_ram(&rt.id, &rec.snap.id, warm.is_none()).await?;
+            self.faults.hit("suspend.ram_kept", &rt.id)?;
+            self.describe_local_copy(rec).await?;
+            // The next wake's disk layer, made now rather than then (or
+            // switched to in the pause).
+            if let Some(top) = rec.layers.last() {
+                let disk_mib = self.get(&rt.id).await?.disk_mib;
+                let made = match &warm_switch {
+                    Some(w) => self.record_next_layer(&rt.id, &w.next, top, disk_mib),
+                    None => self.prepare_next_layer(&rt.id, top, disk_mib).await,
+                };
+                if let Err(e) = made {
+                    tracing::warn!(vm = %rt.id, error = format!("{e:#}"), "making the next disk layer ahead failed");
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match (kept, warm) {
+            (Ok(()), Some(warm)) => {
+                self.keep_warm(rt, warm).await;
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), warm) => {
+                // The capture fails as if QEMU had ended (it does now).
+                if let Some(warm) = warm {
+                    warm.discard().await;
+                }
+                Err(e)
             }
         }
-        Ok(())
     }
 
     /// Write `local.json` for a capture whose files are all in place: the
@@ -210,7 +260,12 @@ impl VmManager {
     /// Move a suspended VM's RAM file into the snapshot as `mem`: a rename
     /// (both live in the data dir), an fsync of the file and then of the
     /// directory, so `mem` is whole and durable once the capture counts.
-    async fn keep_ram(&self, vm_id: &str, snapshot_id: &str) -> anyhow::Result<()> {
+    async fn keep_ram(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+        remove_runtime_files: bool,
+    ) -> anyhow::Result<()> {
         let dir = self.snapshot_dir(snapshot_id);
         let dst = dir.join("mem");
         // What the guest asked for first after this wake (a lazy one), or
@@ -225,7 +280,10 @@ impl VmManager {
             }
         }
         move_file(&self.paths(vm_id).mem, &dst).await?;
-        self.remove_runtime_files(vm_id);
+        // A QEMU kept warm still uses its sockets and pid file.
+        if remove_runtime_files {
+            self.remove_runtime_files(vm_id);
+        }
         blocking(move || {
             durable::sync_file(&dst)?;
             durable::sync_file(&dir.join("state"))?;
@@ -270,7 +328,7 @@ impl VmManager {
                 })
                 .await?;
             } else {
-                self.keep_ram(vm_id, &rec.snap.id).await?;
+                self.keep_ram(vm_id, &rec.snap.id, true).await?;
             }
             rec.layers = self.store.disk_layers(vm_id).await?;
             rec.snap.disk_bytes = layers_size(&self.paths(vm_id).dir, &rec.layers);

@@ -44,13 +44,26 @@ impl VmManager {
         disk_mib: u64,
     ) -> anyhow::Result<()> {
         let dir = self.paths(vm_id).dir;
-        let record = dir.join(RECORD);
-        let _ = std::fs::remove_file(&record);
+        let _ = std::fs::remove_file(dir.join(RECORD));
         let name = new_layer_name();
         hatch_vmm::disk::create_overlay(&dir.join(top), "qcow2", &dir.join(&name), disk_mib)
             .await?;
+        self.record_next_layer(vm_id, &name, top, disk_mib)
+    }
+
+    /// Name `name`, a layer over `top` made for a disk of `disk_mib` (by
+    /// [`VmManager::prepare_next_layer`], or by the QEMU a suspend kept
+    /// warm), as the one the next wake writes to.
+    pub(super) fn record_next_layer(
+        &self,
+        vm_id: &str,
+        name: &str,
+        top: &str,
+        disk_mib: u64,
+    ) -> anyhow::Result<()> {
+        let record = self.paths(vm_id).dir.join(RECORD);
         let next = NextLayer {
-            name,
+            name: name.to_string(),
             top: top.to_string(),
             disk_mib,
         };

@@ -20,6 +20,7 @@ use super::capture::{PREFETCH, blocking, move_file};
 use super::local_copy::LocalCopy;
 use super::manifest::{Expected, MAX_MANIFEST_BYTES, Manifest, manifest_key};
 use super::{SnapshotCorrupt, WakeCause, new_layer_name};
+use crate::boot::Launched;
 use crate::durable;
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{SnapshotStatus, Vm, VmState};
@@ -377,33 +378,45 @@ impl VmManager {
             self.store
                 .set_disk_layers(&rt.id, &all, &self.cfg.node_name)
                 .await?;
-            let machine = self.launch(rt, true, ram).await?;
+            let launched = self.launch(rt, true, ram).await?;
             if ram.is_some() {
                 // The server ends by itself once this QEMU is gone, whoever
                 // ends it (a daemon killed meanwhile included).
-                self.watch_lazy_ram(&rt.id, machine.pid().unsigned_abs())
+                self.watch_lazy_ram(&rt.id, launched.machine.pid().unsigned_abs())
                     .await?;
             }
             self.faults.hit("restore.launched", &rt.id)?;
-            anyhow::Ok(machine)
+            anyhow::Ok(launched)
         };
-        let machine = prepare.await.context(GuestNeverRan)?;
-        // The agent channel is connected before the guest resumes, so that
-        // the guest agent, which comes back blocked reading its port, never
-        // finds it without a host (it would read end-of-file and wait
-        // 250 ms before looking again).
-        let early = hatch_vmm::agent::Agent::connect(&paths.agent_socket)
-            .await
-            .ok();
-        rt.lock().agent = early;
+        let Launched { machine, warm } = prepare.await.context(GuestNeverRan)?;
         let t_launch = t0.elapsed();
-        match machine.load_state(&dir.join("state")).await {
-            Ok(()) => {}
-            Err(e @ hatch_vmm::VmmError::StateRejected(_)) => {
-                return Err(anyhow::Error::new(e).context(GuestNeverRan));
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context("loading the saved CPU and device state"));
+        if let Some(warm) = warm {
+            // The state is in it already, and its agent connection never
+            // closed: it only runs on (its disk becomes active with `cont`).
+            rt.lock().agent = warm.agent;
+            machine
+                .resume()
+                .await
+                .context("letting the warm standby QEMU run")?;
+        } else {
+            // The agent channel is connected before the guest resumes, so
+            // that the guest agent, which comes back blocked reading its
+            // port, never finds it without a host (it would read
+            // end-of-file and wait 250 ms before looking again).
+            let early = hatch_vmm::agent::Agent::connect(&paths.agent_socket)
+                .await
+                .ok();
+            rt.lock().agent = early;
+            match machine.load_state(&dir.join("state")).await {
+                Ok(()) => {}
+                Err(e @ hatch_vmm::VmmError::StateRejected(_)) => {
+                    return Err(anyhow::Error::new(e).context(GuestNeverRan));
+                }
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context("loading the saved CPU and device state")
+                    );
+                }
             }
         }
         self.faults.hit("restore.state_loaded", &rt.id)?;

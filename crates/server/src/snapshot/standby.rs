@@ -23,8 +23,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::boot::pick_forwards;
 use crate::manager::VmManager;
 use crate::model::{SnapshotStatus, VmState};
-use crate::supervisor::standby::{LaunchedAs, file_id};
+use crate::snapshot::new_layer_name;
+use crate::supervisor::standby::{LaunchedAs, Warm, file_id};
 use crate::supervisor::{Standby, VmSupervisor};
+
+/// How a suspend keeps its QEMU warm: the disk switch it makes in the
+/// pause, from the VM's top layer to a new one, and what that QEMU was
+/// launched as.
+#[derive(Clone)]
+pub(super) struct WarmSwitch {
+    pub top: String,
+    pub next: String,
+    launched: LaunchedAs,
+}
 
 /// The VMs holding a standby QEMU, oldest first.
 pub struct StandbyPool {
@@ -146,6 +157,13 @@ impl VmManager {
             tracing::debug!(vm = %rt.id, state = %rt.state(), "no standby QEMU: not suspended");
             return Ok(None);
         }
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.warm.is_some() && s.snapshot_id == snapshot_id)
+        {
+            // Kept warm by the suspend: nothing started now would be better.
+            return Ok(None);
+        }
         if let Some(old) = slot.take() {
             self.standbys.forget(&rt.id);
             old.discard().await;
@@ -207,8 +225,81 @@ impl VmManager {
             machine: Arc::new(machine),
             snapshot_id: snapshot_id.to_string(),
             launched: LaunchedAs { spec, mem_file },
+            warm: None,
         });
         Ok(Some(self.standbys.admit(&rt.id, self.cfg.standby_qemus)))
+    }
+
+    /// Whether the suspend of `rt` starting now will keep its QEMU as a warm
+    /// standby, and how. Not with standbys off, nor for a QEMU this daemon
+    /// did not launch (its command line is not known) or whose RAM is
+    /// served lazily (that server ends with its QEMU).
+    pub(super) async fn warm_switch(&self, rt: &VmSupervisor) -> Option<WarmSwitch> {
+        if self.cfg.standby_qemus == 0 || self.lazy_paths(&rt.id).marker.exists() {
+            return None;
+        }
+        let paths = self.paths(&rt.id);
+        let spec = rt.lock().launched.clone()?;
+        if spec.mem_path != paths.mem {
+            return None;
+        }
+        let mem_file = file_id(&paths.mem)?;
+        let top = self.store.disk_layers(&rt.id).await.ok()?.last()?.clone();
+        Some(WarmSwitch {
+            top,
+            next: new_layer_name(),
+            launched: LaunchedAs { spec, mem_file },
+        })
+    }
+
+    /// Take the QEMU of a suspend that saved its state from the VM, paused,
+    /// with its agent connection, as the standby for the wake from
+    /// `snapshot_id`: what a QEMU launched for that wake (over the layer it
+    /// switched to, with the ports it forwards) would be once loaded.
+    pub(super) async fn detach_warm(
+        &self,
+        rt: &VmSupervisor,
+        machine: Arc<Machine>,
+        switch: WarmSwitch,
+        snapshot_id: &str,
+    ) -> Standby {
+        let (agent, forwards) = {
+            let mut inner = rt.lock();
+            inner.machine = None;
+            inner.launched = None;
+            (inner.agent.take(), inner.forwards.clone())
+        };
+        self.clear_forwards(rt).await;
+        let mut launched = switch.launched;
+        let vm_dir = self.paths(&rt.id).dir;
+        launched.spec.disk = vm_dir.join(&switch.next);
+        launched.spec.disk_node = crate::snapshot::node_name(&switch.next);
+        launched.spec.incoming = true;
+        launched.spec.forwards = forwards;
+        Standby {
+            machine,
+            snapshot_id: snapshot_id.to_string(),
+            launched,
+            warm: Some(Warm { agent }),
+        }
+    }
+
+    /// Put a suspend's warm standby in the VM's slot and count it in the
+    /// pool, ending the standbys beyond the bound.
+    pub(super) async fn keep_warm(&self, rt: &VmSupervisor, standby: Standby) {
+        tracing::info!(vm = %rt.id, snapshot = %standby.snapshot_id, pid = standby.machine.pid(), "QEMU kept as a warm standby");
+        let evicted = {
+            let mut slot = rt.standby.lock().await;
+            if let Some(old) = slot.replace(standby) {
+                old.discard().await;
+            }
+            self.standbys.admit(&rt.id, self.cfg.standby_qemus)
+        };
+        for other in evicted {
+            if let Ok(other) = self.supervisor(&other) {
+                self.discard_standby(&other).await;
+            }
+        }
     }
 
     /// End the VM's standby QEMU, if it has one.

@@ -83,6 +83,13 @@ pub struct Inner {
     /// it onto the same address needs no re-addressing (in memory only; a
     /// restarted daemon has the agent address the guest again).
     pub net_at_capture: Option<(String, GuestAddressing)>,
+    /// What the running QEMU was launched as (the spec of its launch, or of
+    /// the launch a standby it came from stood in for). A suspend that
+    /// keeps the QEMU warm builds the standby's spec from it.
+    pub launched: Option<hatch_vmm::MachineSpec>,
+    /// The QEMU whose exit a watcher task awaits: a warm standby's QEMU
+    /// comes back to the VM still watched.
+    pub watched: Option<std::sync::Weak<Machine>>,
 }
 
 /// Proof that the holder runs the only operation on a VM.
@@ -125,6 +132,8 @@ impl VmSupervisor {
                 forwards,
                 guest_net: None,
                 net_at_capture: None,
+                launched: None,
+                watched: None,
             }),
         })
     }
