@@ -47,8 +47,13 @@ async fn disk_write(d: &Daemon, name: &str, value: &str) {
 }
 
 async fn setup() -> (Garage, Daemon, String, String) {
+    setup_with(&[]).await
+}
+
+async fn setup_with(extra: &[(&str, &str)]) -> (Garage, Daemon, String, String) {
     let garage = Garage::start().await;
     let mut env = garage.env();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env.push(("HATCH_UPLOAD_RETRY_MAX_SECONDS".into(), "2".into()));
     // Every checkpoint adds a disk layer; a compaction in the middle would
     // make the next call a 409 (it has its own test).
@@ -144,6 +149,47 @@ async fn a_crash_at_any_step_of_a_suspend_or_its_upload_loses_nothing() {
         n += 1;
         assert_eq!(counter(&d).await, n, "{point}: the counter goes on");
         assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
+    }
+}
+
+/// The same with the suspend keeping its QEMU warm (standbys on): a crash
+/// between its disk switch and its record leaves a paused QEMU that saved
+/// its state; the next daemon ends it and completes the suspend, or resumes
+/// it if the state was not saved yet.
+#[tokio::test]
+async fn a_crash_at_any_step_of_a_suspend_keeping_its_qemu_warm_loses_nothing() {
+    let (_garage, mut d, id, boot) = setup_with(&[("HATCH_STANDBY_QEMUS", "2")]).await;
+    let mut n = counter(&d).await;
+    for point in [
+        "suspend.paused",
+        "suspend.disk_switched",
+        "suspend.state_saved",
+        "suspend.qemu_ended",
+        "suspend.ram_kept",
+        "suspend.recorded",
+    ] {
+        // Armed while suspended, so that the wake below is a launch of
+        // this daemon's own, whose QEMU a suspend keeps warm.
+        let sid = d.snapshot(&id, true).await;
+        d.wait_state(&id, "snapshotted").await;
+        wait_ready(&d, &id, &sid).await;
+        arm(&mut d, point).await;
+        n += 1;
+        assert_eq!(counter(&d).await, n, "{point}: woken before the crash");
+        disk_write(&d, point, "before").await;
+        let sid = d.snapshot(&id, true).await;
+        let (state, t) = crash_and_recover(&mut d, &id, point).await;
+        if point == "suspend.recorded" {
+            assert_eq!(state, "snapshotted", "{point}");
+            wait_ready(&d, &id, &sid).await;
+        }
+        wake(&d, &id, &state).await;
+        report(point, &state, t);
+        assert_eq!(boot_id(&d).await, boot, "{point}: same boot");
+        n += 1;
+        assert_eq!(counter(&d).await, n, "{point}: the counter goes on");
+        assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
+        assert_eq!(disk_read(&d, point).await.as_deref(), Some("before"), "{point}");
     }
 }
 

@@ -1,9 +1,11 @@
-//! Standby QEMUs (`supervisor/standby.rs`): once a suspended VM's snapshot
-//! is in S3, a QEMU with its next wake's command line waits for the state.
-//! A wake loads into it and loses nothing; a standby that died or no longer
-//! fits is ended and the wake starts its own QEMU; a stop, a delete, the
-//! pool's bound and a daemon killed meanwhile leave none behind (a
-//! restarted daemon starts its own for the newest suspended VMs).
+//! Standby QEMUs (`supervisor/standby.rs`). Warm (the default): a suspend
+//! keeps the VM's QEMU, paused after saving its state, and a wake lets it
+//! run. Cold (`HATCH_STANDBY_WARM=false`, and after a daemon restart): once
+//! a suspended VM's snapshot is in S3, a QEMU with its next wake's command
+//! line waits for the state. Either way a wake loses nothing; a standby that
+//! died or no longer fits is ended and the wake starts its own QEMU; a stop,
+//! a delete, the pool's bound and a daemon killed meanwhile leave none
+//! behind (a restarted daemon starts its own for the newest suspended VMs).
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,12 +27,41 @@ async fn counter(d: &Daemon, host: &str) -> u64 {
         .unwrap()
 }
 
+/// A daemon whose standbys are started after the upload (cold).
 async fn daemon(standbys: &str) -> (Garage, Daemon) {
     let garage = Garage::start().await;
     let mut env = garage.env();
     env.push(("HATCH_STANDBY_QEMUS".into(), standbys.into()));
+    env.push(("HATCH_STANDBY_WARM".into(), "false".into()));
     let d = Daemon::start_with_env(env).await;
     (garage, d)
+}
+
+/// A daemon whose suspends keep their QEMU warm (the default).
+async fn warm_daemon() -> (Garage, Daemon) {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_STANDBY_QEMUS".into(), "2".into()));
+    let d = Daemon::start_with_env(env).await;
+    (garage, d)
+}
+
+/// The VM's one QEMU.
+fn only_qemu(d: &Daemon) -> i32 {
+    let pids = d.qemu_pids();
+    assert_eq!(pids.len(), 1, "one QEMU: {pids:?}\n{}", d.daemon_log());
+    pids[0]
+}
+
+/// Suspend the VM and wait until S3 holds the snapshot; its QEMU `pid`
+/// stays, as the only standby. Returns the snapshot's id.
+async fn suspend_warm(d: &Daemon, id: &str, pid: i32) -> String {
+    let sid = d.snapshot(id, true).await;
+    d.wait_snapshot(id, &sid, "ready").await;
+    d.wait_state(id, "snapshotted").await;
+    await_standbys(d, 1).await;
+    assert_eq!(d.qemu_pids(), [pid], "the VM's QEMU is kept:\n{}", d.daemon_log());
+    sid
 }
 
 async fn routed_vm(d: &Daemon, name: &str) -> (String, String) {
@@ -133,6 +164,7 @@ async fn a_wake_during_the_standbys_start_does_not_take_it() {
     let garage = Garage::start().await;
     let mut env = garage.env();
     env.push(("HATCH_STANDBY_QEMUS".into(), "2".into()));
+    env.push(("HATCH_STANDBY_WARM".into(), "false".into()));
     // The standby's start waits after it has noted the RAM image, so that
     // the wake below moves the image before QEMU opens it.
     env.push(("HATCH_FAULTS".into(), "standby.launch=delay:3000".into()));
@@ -239,4 +271,83 @@ async fn a_restart_the_bound_a_stop_and_a_delete_end_standbys() {
     assert!(d.qemu_pids().is_empty());
     // B, stopped, boots when asked (no standby in the way).
     assert_eq!(kv(&app(&d, &host_b, "/").await, "boot_id").len(), 36);
+}
+
+#[tokio::test]
+async fn a_suspend_keeps_its_qemu_warm_and_a_wake_loses_nothing() {
+    let (_garage, d) = warm_daemon().await;
+    let (id, host) = routed_vm(&d, "warm").await;
+    let boot = kv(&app(&d, &host, "/").await, "boot_id");
+    app(&d, &host, "/disk/write?name=k&value=v1").await;
+    let n = counter(&d, &host).await;
+    let pid = only_qemu(&d);
+
+    let first = suspend_warm(&d, &id, pid).await;
+    // Woken by a request: the same QEMU runs on.
+    assert_eq!(counter(&d, &host).await, n + 1);
+    assert_eq!(d.qemu_pids(), [pid], "{}", d.daemon_log());
+    assert_eq!(standby_wakes(&d).await, 1.0);
+    let root = app(&d, &host, "/").await;
+    assert_eq!(kv(&root, "boot_id"), boot);
+    assert_guest_clock(&root, 1.0);
+    assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v1\n");
+
+    // Its writes go to the layer it switched to, and the next cycle keeps
+    // the same QEMU again.
+    app(&d, &host, "/disk/write?name=k&value=v2").await;
+    suspend_warm(&d, &id, pid).await;
+    assert_eq!(counter(&d, &host).await, n + 2);
+    assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v2\n");
+    assert_eq!(standby_wakes(&d).await, 2.0);
+
+    // The first snapshot is as it was captured: the warm runs wrote none
+    // of its disk layers. Rolled back to it (its RAM image, taken by the
+    // first wake, comes back from S3), the VM has its counter and disk.
+    d.restore(&id, json!({ "snapshot_id": first })).await;
+    assert_eq!(counter(&d, &host).await, n + 1, "{}", d.daemon_log());
+    assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v1\n");
+    assert_eq!(kv(&app(&d, &host, "/").await, "boot_id"), boot);
+    assert_ne!(only_qemu(&d), pid, "a rollback starts a QEMU of its own");
+}
+
+#[tokio::test]
+async fn a_warm_standby_that_died_no_longer_fits_or_outlived_its_daemon_is_ended() {
+    let (_garage, mut d) = warm_daemon().await;
+    let (id, host) = routed_vm(&d, "kept").await;
+    app(&d, &host, "/disk/write?name=k&value=v1").await;
+    let n = counter(&d, &host).await;
+
+    // Killed from outside while suspended: the state is in the local copy
+    // (that QEMU never ran the guest again); the wake starts a QEMU.
+    let pid = only_qemu(&d);
+    suspend_warm(&d, &id, pid).await;
+    kill_pid(pid);
+    assert_eq!(counter(&d, &host).await, n + 1, "{}", d.daemon_log());
+    assert_ne!(only_qemu(&d), pid);
+    assert_eq!(standby_wakes(&d).await, 0.0);
+
+    // A route to another guest port added while suspended: that QEMU
+    // does not forward it, so it does not fit and is ended.
+    let pid = only_qemu(&d);
+    suspend_warm(&d, &id, pid).await;
+    let (s, body) = d
+        .call(
+            Method::POST,
+            "/routes",
+            Some(json!({ "hostname": "other.localhost", "vm_id": id, "port": 8081 })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(counter(&d, &host).await, n + 2, "{}", d.daemon_log());
+    await_gone(&d, pid, "a wake it does not fit").await;
+    assert_eq!(standby_wakes(&d).await, 0.0);
+
+    // The daemon killed while one is kept: the next daemon ends it (it
+    // could not know what it holds), and the wake loses nothing.
+    let pid = only_qemu(&d);
+    suspend_warm(&d, &id, pid).await;
+    d.restart().await;
+    await_gone(&d, pid, "the daemon restarted").await;
+    assert_eq!(counter(&d, &host).await, n + 3, "{}", d.daemon_log());
+    assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v1\n");
 }

@@ -594,6 +594,29 @@ impl VmManager {
         Ok(())
     }
 
+    /// Whether `machine`, the QEMU of VM `id` found in state Snapshotting,
+    /// had saved the state of a suspend: QEMU paused after an outgoing
+    /// migration, no checkpoint being captured (whose QEMU is in that state
+    /// between saving and resuming, and is resumed), and a suspend's state
+    /// file complete (its capture may even be recorded already).
+    async fn saved_its_suspend(&self, id: &str, machine: &Machine) -> anyhow::Result<bool> {
+        use model::{SnapshotKind, SnapshotStatus};
+        let status = machine.command(&hatch_qmp::commands::QueryStatus).await?;
+        if status.running || status.status != "postmigrate" {
+            return Ok(false);
+        }
+        let snapshots = self.store.list_snapshots(id).await?;
+        let checkpointing = snapshots.iter().any(|r| {
+            r.snap.kind == SnapshotKind::Checkpoint && r.snap.status == SnapshotStatus::Capturing
+        });
+        let suspend_saved = snapshots.iter().any(|r| {
+            r.snap.kind == SnapshotKind::Suspend
+                && r.snap.status != SnapshotStatus::Failed
+                && self.snapshot_dir(&r.snap.id).join("state").exists()
+        });
+        Ok(!checkpointing && suspend_saved)
+    }
+
     async fn recover_vm(
         self: &Arc<Self>,
         rt: &Arc<VmSupervisor>,
@@ -627,7 +650,22 @@ impl VmManager {
             return Ok(());
         }
         let paths = self.paths(&id);
-        match Machine::adopt(&paths.pid_file, &paths.qmp_socket).await {
+        let mut adopted = Machine::adopt(&paths.pid_file, &paths.qmp_socket).await;
+        if state == VmState::Snapshotting
+            && let Ok(machine) = &adopted
+            && self.saved_its_suspend(&id, machine).await?
+        {
+            // The QEMU of a suspend that had saved its state (one being
+            // kept warm, or not yet ended): it is ended and the suspend
+            // completed as if it had been, before anything else looks at
+            // it. Resuming it would run the guest over a RAM file the
+            // suspend may have moved into its snapshot already.
+            tracing::info!(vm = %id, pid = machine.pid(), "ending the QEMU of an interrupted suspend that saved its state");
+            machine.kill();
+            machine.wait_exit().await;
+            adopted = Err(VmmError::Launch("its suspend had saved its state".into()));
+        }
+        match adopted {
             Ok(machine) => {
                 machine.set_command_timeout(self.cfg.qmp_timeout);
                 let machine = Arc::new(machine);

@@ -103,6 +103,9 @@ pub struct Config {
     /// waiting for their next wake from the local copy (~16 MiB each, no
     /// CPU); 0: none (`supervisor/standby.rs`).
     pub standby_qemus: usize,
+    /// A suspend keeps its QEMU, paused, as the VM's standby (a wake then
+    /// only lets it run); false: standbys are started after the upload.
+    pub standby_warm: bool,
     /// Test-only fault injection rules (`fault.rs`); empty in production.
     pub faults: String,
 }
@@ -162,6 +165,7 @@ impl Config {
             lazy_fill_timeout: Duration::from_secs(60),
             lazy_fill_pace: Duration::ZERO,
             standby_qemus: 4,
+            standby_warm: true,
             local_cache_bytes: None,
             image_cache_dir: default_image_cache_dir(),
             faults: String::new(),

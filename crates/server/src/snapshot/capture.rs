@@ -165,6 +165,7 @@ impl VmManager {
                         &node_name(&w.next),
                     )
                     .await?;
+                self.faults.hit("suspend.disk_switched", &rt.id)?;
             }
             machine.save_state(&part).await?;
             // Renamed now (complete), made durable with the RAM image once

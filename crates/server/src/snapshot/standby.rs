@@ -231,11 +231,14 @@ impl VmManager {
     }
 
     /// Whether the suspend of `rt` starting now will keep its QEMU as a warm
-    /// standby, and how. Not with standbys off, nor for a QEMU this daemon
+    /// standby, and how. Not with (warm) standbys off, nor for a QEMU this daemon
     /// did not launch (its command line is not known) or whose RAM is
     /// served lazily (that server ends with its QEMU).
     pub(super) async fn warm_switch(&self, rt: &VmSupervisor) -> Option<WarmSwitch> {
-        if self.cfg.standby_qemus == 0 || self.lazy_paths(&rt.id).marker.exists() {
+        if self.cfg.standby_qemus == 0
+            || !self.cfg.standby_warm
+            || self.lazy_paths(&rt.id).marker.exists()
+        {
             return None;
         }
         let paths = self.paths(&rt.id);
