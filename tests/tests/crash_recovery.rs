@@ -189,7 +189,11 @@ async fn a_crash_at_any_step_of_a_suspend_keeping_its_qemu_warm_loses_nothing() 
         n += 1;
         assert_eq!(counter(&d).await, n, "{point}: the counter goes on");
         assert_eq!(disk_read(&d, "base").await.as_deref(), Some("kept"));
-        assert_eq!(disk_read(&d, point).await.as_deref(), Some("before"), "{point}");
+        assert_eq!(
+            disk_read(&d, point).await.as_deref(),
+            Some("before"),
+            "{point}"
+        );
     }
 }
 

@@ -60,7 +60,12 @@ async fn suspend_warm(d: &Daemon, id: &str, pid: i32) -> String {
     d.wait_snapshot(id, &sid, "ready").await;
     d.wait_state(id, "snapshotted").await;
     await_standbys(d, 1).await;
-    assert_eq!(d.qemu_pids(), [pid], "the VM's QEMU is kept:\n{}", d.daemon_log());
+    assert_eq!(
+        d.qemu_pids(),
+        [pid],
+        "the VM's QEMU is kept:\n{}",
+        d.daemon_log()
+    );
     sid
 }
 
@@ -350,4 +355,47 @@ async fn a_warm_standby_that_died_no_longer_fits_or_outlived_its_daemon_is_ended
     await_gone(&d, pid, "the daemon restarted").await;
     assert_eq!(counter(&d, &host).await, n + 3, "{}", d.daemon_log());
     assert_eq!(app(&d, &host, "/disk/read?name=k").await, "value=v1\n");
+}
+
+#[tokio::test]
+async fn a_warm_suspend_that_fails_loses_nothing() {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    env.push(("HATCH_STANDBY_QEMUS".into(), "2".into()));
+    // The first suspend fails right after its disk switch, the second
+    // after its QEMU was taken from the VM to be kept.
+    env.push((
+        "HATCH_FAULTS".into(),
+        "suspend.disk_switched=fail:1,suspend.ram_kept=fail:1".into(),
+    ));
+    let d = Daemon::start_with_env(env).await;
+    let (id, host) = routed_vm(&d, "faulty").await;
+    app(&d, &host, "/disk/write?name=a&value=1").await;
+    let n = counter(&d, &host).await;
+    let pid = only_qemu(&d);
+
+    // Failed in the pause after the switch: the guest runs on, on the new
+    // layer, which the VM's disk chain now has.
+    let sid = d.snapshot(&id, true).await;
+    d.wait_snapshot(&id, &sid, "failed").await;
+    d.wait_state(&id, "running").await;
+    assert_eq!(counter(&d, &host).await, n + 1);
+    assert_eq!(only_qemu(&d), pid);
+    app(&d, &host, "/disk/write?name=b&value=2").await;
+
+    // Failed after the state was saved: the kept QEMU is ended and the
+    // suspend completed as one whose QEMU had ended.
+    let sid = d.snapshot(&id, true).await;
+    d.wait_state(&id, "snapshotted").await;
+    d.wait_snapshot(&id, &sid, "ready").await;
+    await_gone(&d, pid, "a suspend that failed after keeping it").await;
+    assert_eq!(counter(&d, &host).await, n + 2, "{}", d.daemon_log());
+    assert_eq!(app(&d, &host, "/disk/read?name=a").await, "value=1\n");
+    assert_eq!(app(&d, &host, "/disk/read?name=b").await, "value=2\n");
+
+    // And the next suspend keeps its QEMU again.
+    let pid = only_qemu(&d);
+    suspend_warm(&d, &id, pid).await;
+    assert_eq!(counter(&d, &host).await, n + 3);
+    assert_eq!(d.qemu_pids(), [pid]);
 }
