@@ -145,15 +145,30 @@ impl Api {
         }
     }
 
+    /// Take a snapshot, asking again while the VM is busy with another
+    /// operation (a disk compaction that a wake started, as a client would).
     pub async fn snapshot(&self, vm: &str, stop: bool) -> anyhow::Result<String> {
-        let s = self
-            .call(
-                Method::POST,
-                &format!("/vms/{vm}/snapshot"),
-                Some(json!({ "stop": stop })),
-            )
-            .await?;
-        Ok(s["id"].as_str().context("no snapshot id")?.to_string())
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let asked = self
+                .call(
+                    Method::POST,
+                    &format!("/vms/{vm}/snapshot"),
+                    Some(json!({ "stop": stop })),
+                )
+                .await;
+            match asked {
+                Ok(s) => return Ok(s["id"].as_str().context("no snapshot id")?.to_string()),
+                Err(e)
+                    if e.to_string().contains("409 Conflict")
+                        && e.to_string().contains("is busy")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn wait_snapshot(&self, vm: &str, sid: &str) -> anyhow::Result<Value> {

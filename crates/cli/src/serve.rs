@@ -80,9 +80,9 @@ pub struct ServeArgs {
     /// dir's file system); copies already in S3 are evicted beyond it.
     #[arg(long, env = "HATCH_LOCAL_CACHE_MIB")]
     local_cache_mib: Option<u64>,
-    /// Suspended VMs that get a QEMU started ahead of their next wake
-    /// (~16 MiB each, no CPU; it saves QEMU's start, ~40 ms, on a wake from
-    /// the local copy); 0 turns it off [default: 4].
+    /// Suspended VMs (the most recently suspended) that hold a QEMU for
+    /// their next wake from the local copy (~16-24 MiB each, no CPU); 0
+    /// turns it off [default: 8].
     #[arg(long, env = "HATCH_STANDBY_QEMUS")]
     standby_qemus: Option<usize>,
     /// A suspend keeps the VM's QEMU, paused, as its standby (a wake then

@@ -164,7 +164,7 @@ impl Config {
             lazy_memory: true,
             lazy_fill_timeout: Duration::from_secs(60),
             lazy_fill_pace: Duration::ZERO,
-            standby_qemus: 4,
+            standby_qemus: 8,
             standby_warm: true,
             local_cache_bytes: None,
             image_cache_dir: default_image_cache_dir(),

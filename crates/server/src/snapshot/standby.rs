@@ -37,9 +37,10 @@ pub(super) struct WarmSwitch {
     launched: LaunchedAs,
 }
 
-/// The VMs holding a standby QEMU, oldest first.
+/// The VMs holding a standby QEMU, oldest first, each with whether it is
+/// warm.
 pub struct StandbyPool {
-    order: Mutex<VecDeque<String>>,
+    order: Mutex<VecDeque<(String, bool)>>,
     /// Their number, for `/metrics`.
     gauge: Gauge,
 }
@@ -52,31 +53,45 @@ impl StandbyPool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, bool)>> {
         self.order.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Count VM `id` in as the newest; returns the VMs beyond `cap`
-    /// (oldest first), whose standbys are to be ended.
-    pub fn admit(&self, id: &str, cap: usize) -> Vec<String> {
+    /// Count VM `id` in as the newest; returns the VMs beyond `cap`, whose
+    /// standbys are to be ended: the oldest cold ones first, then the
+    /// oldest warm ones (a warm standby wakes its VM several times faster).
+    pub fn admit(&self, id: &str, cap: usize, warm: bool) -> Vec<String> {
         let mut order = self.lock();
-        order.retain(|v| v != id);
-        order.push_back(id.to_string());
-        let over = order.len().saturating_sub(cap);
-        let evicted = order.drain(..over).collect();
+        order.retain(|(v, _)| v != id);
+        order.push_back((id.to_string(), warm));
+        let mut evicted = Vec::new();
+        while order.len() > cap {
+            let i = order.iter().position(|(_, w)| !w).unwrap_or(0);
+            if let Some((v, _)) = order.remove(i) {
+                evicted.push(v);
+            }
+        }
         self.gauge.set(order.len() as i64);
         evicted
+    }
+
+    /// Whether a cold standby for VM `id` would stay without ending a warm
+    /// one: the pool has room, or holds a cold one to end.
+    pub fn room_for_cold(&self, id: &str, cap: usize) -> bool {
+        let order = self.lock();
+        let others = order.iter().filter(|(v, _)| v != id);
+        others.clone().count() < cap || others.clone().any(|(_, w)| !w)
     }
 
     /// VM `id` no longer holds one.
     pub fn forget(&self, id: &str) {
         let mut order = self.lock();
-        order.retain(|v| v != id);
+        order.retain(|(v, _)| v != id);
         self.gauge.set(order.len() as i64);
     }
 
     pub fn all(&self) -> Vec<String> {
-        self.lock().iter().cloned().collect()
+        self.lock().iter().map(|(v, _)| v.clone()).collect()
     }
 }
 
@@ -164,6 +179,13 @@ impl VmManager {
             // Kept warm by the suspend: nothing started now would be better.
             return Ok(None);
         }
+        if !self
+            .standbys
+            .room_for_cold(&rt.id, self.cfg.standby_qemus)
+        {
+            tracing::debug!(vm = %rt.id, "no standby QEMU: the pool holds only warm ones");
+            return Ok(None);
+        }
         if let Some(old) = slot.take() {
             self.standbys.forget(&rt.id);
             old.discard().await;
@@ -227,7 +249,11 @@ impl VmManager {
             launched: LaunchedAs { spec, mem_file },
             warm: None,
         });
-        Ok(Some(self.standbys.admit(&rt.id, self.cfg.standby_qemus)))
+        Ok(Some(self.standbys.admit(
+            &rt.id,
+            self.cfg.standby_qemus,
+            false,
+        )))
     }
 
     /// Whether the suspend of `rt` starting now will keep its QEMU as a warm
@@ -296,7 +322,7 @@ impl VmManager {
             if let Some(old) = slot.replace(standby) {
                 old.discard().await;
             }
-            self.standbys.admit(&rt.id, self.cfg.standby_qemus)
+            self.standbys.admit(&rt.id, self.cfg.standby_qemus, true)
         };
         for other in evicted {
             if let Ok(other) = self.supervisor(&other) {
@@ -351,16 +377,34 @@ mod tests {
     #[test]
     fn the_pool_ends_the_oldest_beyond_its_bound() {
         let pool = StandbyPool::new(Gauge::default());
-        assert!(pool.admit("a", 2).is_empty());
-        assert!(pool.admit("b", 2).is_empty());
+        assert!(pool.admit("a", 2, false).is_empty());
+        assert!(pool.admit("b", 2, false).is_empty());
         // Admitted again: the newest, not a second entry.
-        assert!(pool.admit("a", 2).is_empty());
-        assert_eq!(pool.admit("c", 2), ["b"]);
+        assert!(pool.admit("a", 2, false).is_empty());
+        assert_eq!(pool.admit("c", 2, false), ["b"]);
         assert_eq!(pool.all(), ["a", "c"]);
         pool.forget("a");
         assert_eq!(pool.all(), ["c"]);
         assert_eq!(pool.gauge.get(), 1);
-        assert_eq!(pool.admit("d", 0), ["c", "d"]);
+        assert_eq!(pool.admit("d", 0, false), ["c", "d"]);
         assert_eq!(pool.gauge.get(), 0);
+    }
+
+    #[test]
+    fn the_pool_ends_cold_standbys_before_warm_ones() {
+        let pool = StandbyPool::new(Gauge::default());
+        assert!(pool.admit("w1", 2, true).is_empty());
+        assert!(pool.admit("c1", 2, false).is_empty());
+        // A warm one ends the cold one although it is newer.
+        assert_eq!(pool.admit("w2", 2, true), ["c1"]);
+        // Full of warm ones: no room for a cold one, which would end one.
+        assert!(!pool.room_for_cold("c2", 2));
+        assert!(pool.room_for_cold("w1", 2), "its own slot is room");
+        // Another warm one ends the oldest warm one.
+        assert_eq!(pool.admit("w3", 2, true), ["w1"]);
+        pool.forget("w2");
+        assert!(pool.room_for_cold("c2", 2));
+        assert!(pool.admit("c2", 2, false).is_empty());
+        assert_eq!(pool.all(), ["w3", "c2"]);
     }
 }
