@@ -109,6 +109,18 @@ async fn suspend_until_standby(d: &Daemon, id: &str) -> i32 {
     new[0]
 }
 
+/// A route to guest port 8081 (the VM forwards only 8080 until then).
+async fn route_to_port_8081(d: &Daemon, id: &str) {
+    let (s, body) = d
+        .call(
+            Method::POST,
+            "/routes",
+            Some(json!({ "hostname": "other.localhost", "vm_id": id, "port": 8081 })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+}
+
 async fn await_standbys(d: &Daemon, n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while metric(&d.metrics_text().await, "hatch_standby_qemus") != n as f64 {
@@ -216,14 +228,7 @@ async fn a_dead_or_unfitting_standby_is_ended_and_the_wake_starts_its_own() {
     // A route to another guest port added while suspended: the wake's
     // command line forwards one more port, so the standby does not fit.
     let standby = suspend_until_standby(&d, &id).await;
-    let (s, body) = d
-        .call(
-            Method::POST,
-            "/routes",
-            Some(json!({ "hostname": "other.localhost", "vm_id": id, "port": 8081 })),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
+    route_to_port_8081(&d, &id).await;
     assert_eq!(counter(&d, &host).await, n + 2, "{}", d.daemon_log());
     await_gone(&d, standby, "a wake it does not fit").await;
     assert_eq!(d.qemu_pids().len(), 1);
@@ -335,14 +340,7 @@ async fn a_warm_standby_that_died_no_longer_fits_or_outlived_its_daemon_is_ended
     // does not forward it, so it does not fit and is ended.
     let pid = only_qemu(&d);
     suspend_warm(&d, &id, pid).await;
-    let (s, body) = d
-        .call(
-            Method::POST,
-            "/routes",
-            Some(json!({ "hostname": "other.localhost", "vm_id": id, "port": 8081 })),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
+    route_to_port_8081(&d, &id).await;
     assert_eq!(counter(&d, &host).await, n + 2, "{}", d.daemon_log());
     await_gone(&d, pid, "a wake it does not fit").await;
     assert_eq!(standby_wakes(&d).await, 0.0);

@@ -179,10 +179,7 @@ impl VmManager {
             // Kept warm by the suspend: nothing started now would be better.
             return Ok(None);
         }
-        if !self
-            .standbys
-            .room_for_cold(&rt.id, self.cfg.standby_qemus)
-        {
+        if !self.standbys.room_for_cold(&rt.id, self.cfg.standby_qemus) {
             tracing::debug!(vm = %rt.id, "no standby QEMU: the pool holds only warm ones");
             return Ok(None);
         }
