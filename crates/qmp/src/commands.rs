@@ -197,6 +197,22 @@ impl Command for QueryBlockJobs {
     type Response = Vec<BlockJobInfo>;
 }
 
+/// The character devices. A socket chardev's `filename` starts with
+/// `disconnected:` while no client is connected.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryChardev;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ChardevInfo {
+    pub label: String,
+    pub filename: String,
+}
+
+impl Command for QueryChardev {
+    const NAME: &'static str = "query-chardev";
+    type Response = Vec<ChardevInfo>;
+}
+
 /// The block devices and their image chains.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct QueryBlock;

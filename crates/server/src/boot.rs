@@ -12,15 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::manager::{VmManager, now_rfc3339};
 use crate::model::{self, VmState};
 use crate::network::Link;
-use crate::supervisor::standby::Warm;
 use crate::supervisor::{OpGuard, Standby, VmSupervisor};
 
 /// A launch's QEMU, and whether it is a warm standby: the VM's state is
-/// then already in it, paused (`cont` runs it), and its agent connection
-/// comes with it.
+/// then already in it, paused (`cont` runs it).
 pub(crate) struct Launched {
     pub machine: Arc<Machine>,
-    pub warm: Option<Warm>,
+    pub warm: bool,
 }
 
 /// Launch attempts: a freshly picked free port can be taken by someone else
@@ -114,8 +112,10 @@ impl VmManager {
         ram: Option<&std::path::Path>,
         standby: &mut Option<Standby>,
     ) -> anyhow::Result<Launched> {
-        let plan = self.launch_plan(&rt.id).await?;
-        let vm = &plan.vm;
+        // A warm standby's tap still holds the VM's last /30.
+        let held = standby.as_ref().is_some_and(|s| s.warm);
+        let mut plan = self.launch_plan(&rt.id, held).await?;
+        let vm = &plan.vm.clone();
         let paths = self.paths(&vm.id);
         std::fs::create_dir_all(&self.cfg.run_dir)
             .with_context(|| format!("creating {}", self.cfg.run_dir.display()))?;
@@ -146,7 +146,7 @@ impl VmManager {
                     standby.discard().await;
                     return Err(e);
                 }
-                let warm = standby.warm.is_some();
+                let warm = standby.warm;
                 tracing::debug!(vm = %vm.id, pid = standby.machine.pid(), warm, "waking into the standby QEMU");
                 self.metrics.standby_wakes.inc();
                 // A warm standby's tap is the one its run configured.
@@ -160,13 +160,14 @@ impl VmManager {
                     t_prepare,
                     t_prepare,
                 )?;
-                return Ok(Launched {
-                    machine,
-                    warm: standby.warm,
-                });
+                return Ok(Launched { machine, warm });
             }
             tracing::debug!(vm = %vm.id, mine = ?standby.launched.spec.args(), wanted = ?spec.args(), same_ports, "the standby QEMU does not fit this launch; ending it");
             standby.discard().await;
+            if held {
+                // Its tap is gone with it: the /30 is chosen as for any launch.
+                plan = self.launch_plan(&rt.id, false).await?;
+            }
         }
         let mut last_err = None;
         let previous = rt.lock().last_ports.clone();
@@ -194,7 +195,7 @@ impl VmManager {
                     )?;
                     return Ok(Launched {
                         machine,
-                        warm: None,
+                        warm: false,
                     });
                 }
                 Err(VmmError::Launch(msg)) if msg.contains("forwarding") => {
@@ -208,8 +209,13 @@ impl VmManager {
     }
 
     /// What every launch of the VM shares: its record and image, the guest
-    /// ports to forward, its kernel parameters and its outbound link.
-    pub(crate) async fn launch_plan(&self, vm_id: &str) -> anyhow::Result<LaunchPlan> {
+    /// ports to forward, its kernel parameters and its outbound link
+    /// (`link_held`: its last one, which a warm standby of the VM holds).
+    pub(crate) async fn launch_plan(
+        &self,
+        vm_id: &str,
+        link_held: bool,
+    ) -> anyhow::Result<LaunchPlan> {
         let rec = self
             .store
             .get_vm(vm_id)
@@ -235,7 +241,7 @@ impl VmManager {
         }
         let link = self
             .network
-            .prepare(&vm.id, vm.settings.network.as_ref())
+            .prepare(&vm.id, vm.settings.network.as_ref(), link_held)
             .context("preparing the vm's outbound network")?;
         if let Some(link) = &link {
             extra_cmdline.extend(link.kernel_params());
@@ -596,25 +602,26 @@ impl VmManager {
 
     /// Whether `machine`, the QEMU of VM `id` found in state Snapshotting,
     /// had saved the state of a suspend: QEMU paused after an outgoing
-    /// migration, no checkpoint being captured (whose QEMU is in that state
-    /// between saving and resuming, and is resumed), and a suspend's state
-    /// file complete (its capture may even be recorded already).
+    /// migration, and the VM's newest snapshot (the one being captured) a
+    /// suspend, capturing or already recorded, whose state file is
+    /// complete. A checkpoint's QEMU is in that state between saving and
+    /// resuming, and is resumed; so is one whose save had not completed.
     async fn saved_its_suspend(&self, id: &str, machine: &Machine) -> anyhow::Result<bool> {
         use model::{SnapshotKind, SnapshotStatus};
         let status = machine.command(&hatch_qmp::commands::QueryStatus).await?;
         if status.running || status.status != "postmigrate" {
             return Ok(false);
         }
+        // Newest first.
         let snapshots = self.store.list_snapshots(id).await?;
-        let checkpointing = snapshots.iter().any(|r| {
-            r.snap.kind == SnapshotKind::Checkpoint && r.snap.status == SnapshotStatus::Capturing
-        });
-        let suspend_saved = snapshots.iter().any(|r| {
+        Ok(snapshots.first().is_some_and(|r| {
             r.snap.kind == SnapshotKind::Suspend
-                && r.snap.status != SnapshotStatus::Failed
+                && matches!(
+                    r.snap.status,
+                    SnapshotStatus::Capturing | SnapshotStatus::Uploading
+                )
                 && self.snapshot_dir(&r.snap.id).join("state").exists()
-        });
-        Ok(!checkpointing && suspend_saved)
+        }))
     }
 
     async fn recover_vm(

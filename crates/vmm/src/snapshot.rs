@@ -15,9 +15,10 @@ use tokio::sync::broadcast;
 use hatch_qmp::commands::{
     BlockJobCancel, BlockStream, BlockdevSnapshotSync, Cont, MigrateIncoming,
     MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, QueryBlock, QueryBlockJobs,
-    QueryMigrate, QueryStatus, Stop,
+    QueryChardev, QueryMigrate, QueryStatus, Stop,
 };
 
+use crate::spec::AGENT_CHARDEV;
 use crate::{Machine, VmmError};
 
 /// Longest a state save or load may take.
@@ -200,6 +201,30 @@ impl Machine {
                 .await;
         }
         result
+    }
+
+    /// Wait until QEMU has seen the agent connection go (its chardev shows
+    /// `disconnected:`): the control message that tells the guest is then
+    /// in guest memory, before anything saves the device state that goes
+    /// with that memory.
+    pub async fn await_agent_disconnected(&self, timeout: Duration) -> Result<(), VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let chardevs = self.command(&QueryChardev).await?;
+            if chardevs
+                .iter()
+                .any(|c| c.label == AGENT_CHARDEV && c.filename.starts_with("disconnected:"))
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmError::Agent(format!(
+                    "QEMU did not see the agent connection close within {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// The files of the disk chain QEMU has open, active layer first, down

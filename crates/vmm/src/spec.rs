@@ -59,6 +59,9 @@ pub struct MachineSpec {
     pub egress_tap: Option<String>,
 }
 
+/// QEMU's id of the guest agent's character device.
+pub const AGENT_CHARDEV: &str = "agent";
+
 /// The MAC address of the outbound card, by which the guest tells it from
 /// the inbound one (virtio-mmio cards are not enumerated in a fixed order).
 pub const EGRESS_MAC: &str = "52:54:00:4e:45:54";
@@ -171,12 +174,12 @@ impl MachineSpec {
         push("virtio-serial-device".into());
         push("-chardev".into());
         push(format!(
-            "socket,id=agent,path={},server=on,wait=off",
+            "socket,id={AGENT_CHARDEV},path={},server=on,wait=off",
             escape(&self.agent_socket)
         ));
         push("-device".into());
         push(format!(
-            "virtserialport,chardev=agent,name={}",
+            "virtserialport,chardev={AGENT_CHARDEV},name={}",
             crate::agent::PORT_NAME
         ));
         push("-qmp".into());

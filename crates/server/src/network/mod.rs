@@ -160,11 +160,14 @@ impl Network {
 
     /// Prepare VM `vm_id`'s outbound link for a QEMU launch: a free /30,
     /// the tap's name (QEMU creates the tap), its egress policy in the
-    /// firewall. None for `user` mode.
+    /// firewall. None for `user` mode. `held`: the VM's own QEMU (a warm
+    /// standby) still holds its last /30 on its tap, which is then the
+    /// link.
     pub fn prepare(
         &self,
         vm_id: &str,
         settings: Option<&NetworkSettings>,
+        held: bool,
     ) -> anyhow::Result<Option<Link>> {
         let Some(s) = settings.filter(|s| s.mode == NetworkMode::Tap) else {
             return Ok(None);
@@ -174,12 +177,11 @@ impl Network {
         })?;
         let tap = tap_name(vm_id);
         // The last run's /30 while no interface holds it (the guest keeps
-        // the address it had), or while the VM's own tap does (its QEMU,
-        // kept warm over a suspend, still runs), else a free one.
+        // the address it had) or while the VM's own QEMU does, else a free
+        // one.
         let previous = self.link_of(vm_id).map(|l| (l.host, l.guest));
-        let own_tap = std::path::Path::new("/sys/class/net").join(&tap).exists();
         let (host_net, guest_net) = match previous {
-            Some((host_net, guest_net)) if own_tap || address_free(host_net.addr()) => {
+            Some((host_net, guest_net)) if held || address_free(host_net.addr()) => {
                 (host_net, guest_net)
             }
             _ => free_subnet(host.range)?,

@@ -158,6 +158,19 @@ impl VmManager {
         let saved = async {
             self.faults.hit("suspend.paused", &rt.id)?;
             if let Some(w) = &warm_switch {
+                // Nothing may reach the kept QEMU's devices once the state
+                // is saved: a message on the agent's channel (or its close,
+                // should the daemon die) would land in guest memory, which
+                // is then the snapshot's. So the channel closes now, and
+                // QEMU tells the guest before the state is saved; the wake
+                // connects again before the guest runs.
+                let agent = rt.lock().agent.take();
+                if let Some(agent) = agent {
+                    agent.close().await;
+                }
+                machine
+                    .await_agent_disconnected(AGENT_CLOSE_TIMEOUT)
+                    .await?;
                 machine
                     .freeze_disk(
                         &node_name(&w.top),
@@ -587,6 +600,10 @@ async fn resume_guest(machine: &Machine) {
 
 /// A snapshot's prefetch list (`snapshot/lazy.rs`), next to its memory.
 pub(super) const PREFETCH: &str = "prefetch.json";
+
+/// Longest a suspend that keeps its QEMU waits, paused, for QEMU to see the
+/// agent's channel close (it takes a main-loop turn, well under 1 ms).
+const AGENT_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The prefetch list kept with a capture: chunk numbers below `chunks`,
 /// or none if it is missing or unreadable (it only orders a fetch).

@@ -389,24 +389,24 @@ impl VmManager {
             anyhow::Ok(launched)
         };
         let Launched { machine, warm } = prepare.await.context(GuestNeverRan)?;
+        // The agent channel is connected before the guest resumes, so that
+        // the guest agent, which comes back blocked reading its port, never
+        // finds it without a host (it would read end-of-file and wait
+        // 250 ms before looking again).
+        let early = hatch_vmm::agent::Agent::connect(&paths.agent_socket)
+            .await
+            .ok();
+        rt.lock().agent = early;
         let t_launch = t0.elapsed();
-        if let Some(warm) = warm {
-            // The state is in it already, and its agent connection never
-            // closed: it only runs on (its disk becomes active with `cont`).
-            rt.lock().agent = warm.agent;
+        if warm {
+            // The state is in it already: it only runs on (its disk becomes
+            // active with `cont`). A refusal leaves the guest as saved.
             machine
                 .resume()
                 .await
-                .context("letting the warm standby QEMU run")?;
+                .context("letting the warm standby QEMU run")
+                .context(GuestNeverRan)?;
         } else {
-            // The agent channel is connected before the guest resumes, so
-            // that the guest agent, which comes back blocked reading its
-            // port, never finds it without a host (it would read
-            // end-of-file and wait 250 ms before looking again).
-            let early = hatch_vmm::agent::Agent::connect(&paths.agent_socket)
-                .await
-                .ok();
-            rt.lock().agent = early;
             match machine.load_state(&dir.join("state")).await {
                 Ok(()) => {}
                 Err(e @ hatch_vmm::VmmError::StateRejected(_)) => {

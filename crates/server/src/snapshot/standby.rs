@@ -24,7 +24,7 @@ use crate::boot::pick_forwards;
 use crate::manager::VmManager;
 use crate::model::{SnapshotStatus, VmState};
 use crate::snapshot::new_layer_name;
-use crate::supervisor::standby::{LaunchedAs, Warm, file_id};
+use crate::supervisor::standby::{LaunchedAs, file_id};
 use crate::supervisor::{Standby, VmSupervisor};
 
 /// How a suspend keeps its QEMU warm: the disk switch it makes in the
@@ -174,11 +174,22 @@ impl VmManager {
         }
         if slot
             .as_ref()
-            .is_some_and(|s| s.warm.is_some() && s.snapshot_id == snapshot_id)
+            .is_some_and(|s| s.warm && s.snapshot_id == snapshot_id)
         {
             // Kept warm by the suspend: nothing started now would be better.
             return Ok(None);
         }
+        let vm = self.get(&rt.id).await?;
+        // The snapshot a wake restores, if it is this one, in S3 (so the
+        // wake takes its image rather than copying it) and here. (An older
+        // one's upload that ends late leaves the slot alone.)
+        let newest = self.newest_restorable(&rt.id).await?;
+        let Some(rec) = newest.filter(|r| {
+            r.snap.id == snapshot_id && r.local && r.snap.status == SnapshotStatus::Ready
+        }) else {
+            tracing::debug!(vm = %rt.id, snapshot = snapshot_id, "no standby QEMU: not the snapshot a wake takes as it is");
+            return Ok(None);
+        };
         if !self.standbys.room_for_cold(&rt.id, self.cfg.standby_qemus) {
             tracing::debug!(vm = %rt.id, "no standby QEMU: the pool holds only warm ones");
             return Ok(None);
@@ -187,16 +198,6 @@ impl VmManager {
             self.standbys.forget(&rt.id);
             old.discard().await;
         }
-        let vm = self.get(&rt.id).await?;
-        // The snapshot a wake restores, if it is this one, in S3 (so the
-        // wake takes its image rather than copying it) and here.
-        let newest = self.newest_restorable(&rt.id).await?;
-        let Some(rec) = newest.filter(|r| {
-            r.snap.id == snapshot_id && r.local && r.snap.status == SnapshotStatus::Ready
-        }) else {
-            tracing::debug!(vm = %rt.id, snapshot = snapshot_id, "no standby QEMU: not the snapshot a wake takes as it is");
-            return Ok(None);
-        };
         let layers = self
             .verified_local_copy(&rec, &vm)
             .await
@@ -211,7 +212,7 @@ impl VmManager {
                     .context("the disk layer made for the wake is gone")?
             }
         };
-        let plan = self.launch_plan(&rt.id).await?;
+        let plan = self.launch_plan(&rt.id, false).await?;
         let previous = rt.lock().last_ports.clone();
         let forwards = pick_forwards(&plan.guest_ports, &previous, true)?;
         let image = self.snapshot_dir(snapshot_id).join("mem");
@@ -244,7 +245,7 @@ impl VmManager {
             machine: Arc::new(machine),
             snapshot_id: snapshot_id.to_string(),
             launched: LaunchedAs { spec, mem_file },
-            warm: None,
+            warm: false,
         });
         Ok(Some(self.standbys.admit(
             &rt.id,
@@ -279,7 +280,7 @@ impl VmManager {
     }
 
     /// Take the QEMU of a suspend that saved its state from the VM, paused,
-    /// with its agent connection, as the standby for the wake from
+    /// as the standby for the wake from
     /// `snapshot_id`: what a QEMU launched for that wake (over the layer it
     /// switched to, with the ports it forwards) would be once loaded.
     pub(super) async fn detach_warm(
@@ -289,11 +290,12 @@ impl VmManager {
         switch: WarmSwitch,
         snapshot_id: &str,
     ) -> Standby {
-        let (agent, forwards) = {
+        let forwards = {
             let mut inner = rt.lock();
             inner.machine = None;
             inner.launched = None;
-            (inner.agent.take(), inner.forwards.clone())
+            inner.agent = None;
+            inner.forwards.clone()
         };
         self.clear_forwards(rt).await;
         let mut launched = switch.launched;
@@ -306,7 +308,7 @@ impl VmManager {
             machine,
             snapshot_id: snapshot_id.to_string(),
             launched,
-            warm: Some(Warm { agent }),
+            warm: true,
         }
     }
 

@@ -50,23 +50,15 @@ pub struct Standby {
     /// The snapshot whose wake it was started for.
     pub snapshot_id: String,
     pub launched: LaunchedAs,
-    /// Set for a warm standby: the state of `snapshot_id` is already in it.
-    pub warm: Option<Warm>,
-}
-
-/// What a warm standby keeps of the VM's run besides its QEMU.
-pub struct Warm {
-    /// The guest agent's connection, never closed: the guest, paused while
-    /// connected, must not see its host go and come back (it would read
-    /// end-of-file and look again only 250 ms later).
-    pub agent: Option<hatch_vmm::agent::Agent>,
+    /// A warm standby: the state of `snapshot_id` is already in it.
+    pub warm: bool,
 }
 
 impl Standby {
     /// Whether QEMU is alive and still as it was left: waiting for an
     /// incoming state, or (warm) paused after saving its own.
     pub async fn waiting(&self) -> bool {
-        let expected = if self.warm.is_some() {
+        let expected = if self.warm {
             "postmigrate"
         } else {
             "inmigrate"

@@ -110,6 +110,20 @@ impl Agent {
         self.shared.table.lock().closed
     }
 
+    /// Close the connection for every clone (sessions included: their
+    /// sends fail from now on). QEMU reads end-of-file and tells the guest
+    /// its host is gone.
+    pub async fn close(&self) {
+        self.shared.reader.abort();
+        {
+            let mut t = self.shared.table.lock();
+            t.closed = true;
+            t.syncs.clear();
+            t.sessions.clear();
+        }
+        let _ = self.shared.writer.lock().await.shutdown().await;
+    }
+
     fn next_id(&self) -> u64 {
         self.shared.next_id.fetch_add(1, Ordering::Relaxed)
     }
