@@ -397,3 +397,49 @@ async fn a_warm_suspend_that_fails_loses_nothing() {
     assert_eq!(counter(&d, &host).await, n + 3);
     assert_eq!(d.qemu_pids(), [pid]);
 }
+
+#[tokio::test]
+async fn a_warm_suspend_ends_an_exec_and_its_image_loads_into_a_new_qemu() {
+    let (_garage, d) = warm_daemon().await;
+    let (id, host) = routed_vm(&d, "busy").await;
+    let n = counter(&d, &host).await;
+    // A command that runs across the suspend, on the agent channel.
+    let exec = {
+        let url = d.api_url(&format!("/vms/{id}/exec"));
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(hatch_e2e::KEY)
+                .json(&json!({"cmd": ["sh", "-c", "echo started > /tmp/busy; sleep 30"]}))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, body) = d
+            .call(
+                Method::POST,
+                &format!("/vms/{id}/exec"),
+                Some(json!({"cmd": ["cat", "/tmp/busy"]})),
+            )
+            .await;
+        if s == StatusCode::OK && body["stdout"] == "started\n" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = only_qemu(&d);
+    suspend_warm(&d, &id, pid).await;
+    // The suspend closed the channel under the command: it ended, and no
+    // exec reconnects to a suspended VM.
+    let ended = exec.await.unwrap().unwrap();
+    assert_ne!(ended, StatusCode::OK);
+    // The image the suspend kept matches its saved state: with the kept
+    // QEMU gone, a new one loads it and the guest goes on.
+    kill_pid(pid);
+    assert_eq!(counter(&d, &host).await, n + 1, "{}", d.daemon_log());
+    assert_ne!(only_qemu(&d), pid);
+}

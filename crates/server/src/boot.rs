@@ -612,9 +612,13 @@ impl VmManager {
         if status.running || status.status != "postmigrate" {
             return Ok(false);
         }
-        // Newest first.
+        // The one capturing, else the newest (a capture already recorded).
         let snapshots = self.store.list_snapshots(id).await?;
-        Ok(snapshots.first().is_some_and(|r| {
+        let current = snapshots
+            .iter()
+            .find(|r| r.snap.status == SnapshotStatus::Capturing)
+            .or(snapshots.first());
+        Ok(current.is_some_and(|r| {
             r.snap.kind == SnapshotKind::Suspend
                 && matches!(
                     r.snap.status,

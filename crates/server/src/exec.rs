@@ -131,6 +131,12 @@ async fn agent(vms: &VmManager, rt: &VmSupervisor) -> Result<Agent, ApiError> {
     if let Some(agent) = rt.lock().agent.clone().filter(|a| !a.is_closed()) {
         return Ok(agent);
     }
+    // Only to a running guest: a suspend that keeps its QEMU closes the
+    // channel (under this lock) so that nothing reaches its devices again.
+    let state = rt.state();
+    if state != VmState::Running {
+        return Err(not_running(&rt.id, state));
+    }
     // The closed connection goes first, or the new one would wait behind it.
     rt.lock().agent = None;
     let agent = Agent::connect(&vms.paths(&rt.id).agent_socket)

@@ -164,7 +164,12 @@ impl VmManager {
                 // is then the snapshot's. So the channel closes now, and
                 // QEMU tells the guest before the state is saved; the wake
                 // connects again before the guest runs.
-                let agent = rt.lock().agent.take();
+                let agent = {
+                    // A connect in progress ends first; later ones see the
+                    // VM is not running and do not connect.
+                    let _connecting = rt.agent_connect.lock().await;
+                    rt.lock().agent.take()
+                };
                 if let Some(agent) = agent {
                     agent.close().await;
                 }

@@ -400,12 +400,14 @@ impl VmManager {
         let t_launch = t0.elapsed();
         if warm {
             // The state is in it already: it only runs on (its disk becomes
-            // active with `cont`). A refusal leaves the guest as saved.
+            // active with `cont`). Not a `GuestNeverRan` if that fails: the
+            // agent's connect above has reached guest memory already, so
+            // the image is no longer the snapshot's; S3 has the snapshot
+            // (a wake only takes the image of one that is ready there).
             machine
                 .resume()
                 .await
-                .context("letting the warm standby QEMU run")
-                .context(GuestNeverRan)?;
+                .context("letting the warm standby QEMU run")?;
         } else {
             match machine.load_state(&dir.join("state")).await {
                 Ok(()) => {}

@@ -111,7 +111,8 @@ impl Agent {
     }
 
     /// Close the connection for every clone (sessions included: their
-    /// sends fail from now on). QEMU reads end-of-file and tells the guest
+    /// sends fail from now on). Both directions are shut, so QEMU sees the
+    /// hang-up at once (whatever the guest is doing) and tells the guest
     /// its host is gone.
     pub async fn close(&self) {
         self.shared.reader.abort();
@@ -121,7 +122,15 @@ impl Agent {
             t.syncs.clear();
             t.sessions.clear();
         }
-        let _ = self.shared.writer.lock().await.shutdown().await;
+        let writer = self.shared.writer.lock().await;
+        let stream: &tokio::net::UnixStream = writer.as_ref();
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is valid while `writer` (a half of the
+        // stream that owns it) is held; shutdown(2) only changes the
+        // socket's state and touches no memory of ours.
+        unsafe {
+            libc::shutdown(stream.as_raw_fd(), libc::SHUT_RDWR);
+        }
     }
 
     fn next_id(&self) -> u64 {
