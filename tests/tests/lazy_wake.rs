@@ -3,16 +3,21 @@
 //! with the background fetch unfinished, loses nothing; S3 lost meanwhile
 //! fails the suspend and leaves the VM running, and once S3 is back nothing
 //! is lost; a daemon restarted or killed meanwhile loses nothing either
-//! (killed at each step of a lazy wake: `crash_recovery.rs`).
+//! (killed at each step of a lazy wake: `crash_recovery.rs`), and a corrupt
+//! chunk the fill meets after such a restart is reported all the same.
 //!
 //! The background fetch is paced (`HATCH_LAZY_FILL_PACE_MS`) so that the
 //! memory is still arriving when the test acts.
 
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use hatch_e2e::{Daemon, Garage, kv};
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjPath;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const HOST: &str = "lazy.localhost";
 
@@ -45,11 +50,13 @@ async fn setup(extra: &[(&str, &str)]) -> (Garage, Daemon, String, String) {
 }
 
 /// Suspend, wait until S3 holds the snapshot, and drop every local copy.
-async fn suspend_to_s3_only(d: &Daemon, id: &str) {
+/// Returns the snapshot's id.
+async fn suspend_to_s3_only(d: &Daemon, id: &str) -> String {
     let sid = d.snapshot(id, true).await;
     d.wait_snapshot(id, &sid, "ready").await;
     d.wait_state(id, "snapshotted").await;
     d.wipe_local_snapshots(id);
+    sid
 }
 
 #[tokio::test]
@@ -160,4 +167,70 @@ async fn a_daemon_restarted_or_killed_while_the_memory_arrives_loses_nothing() {
     assert_eq!(d.lazy_mounts(), Vec::<String>::new());
     assert_eq!(counter(&d).await, n + 3);
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
+}
+
+#[tokio::test]
+async fn a_corrupt_chunk_the_fill_meets_after_a_daemon_restart_is_reported() {
+    // Paced so slowly that the fill has fetched only a few chunks when the
+    // test has corrupted the rest.
+    let (garage, mut d, id, _boot) = setup(&[("HATCH_LAZY_FILL_PACE_MS", "2000")]).await;
+    let n = counter(&d).await;
+    let sid = suspend_to_s3_only(&d, &id).await;
+    assert_eq!(counter(&d).await, n + 1);
+    assert_eq!(d.lazyram_pids().len(), 1);
+
+    // The daemon dies while the memory arrives; meanwhile every memory
+    // chunk of the snapshot goes bad in S3. The new daemon never saw the
+    // wake: only what it finds at start tells it that the fill runs on.
+    d.kill_daemon();
+    let s3 = garage.bucket();
+    let manifest: Value = serde_json::from_slice(
+        &s3.get(&ObjPath::from(format!("manifests/{id}/{sid}.json")))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let chunks: Vec<&str> = manifest["manifest"]["memory"]["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(!chunks.is_empty());
+    let garbage = zstd::bulk::compress(&[0x5a; 4096], 1).unwrap();
+    for c in &chunks {
+        let key = ObjPath::from(format!("chunks/{}/{c}", &c[..2]));
+        s3.put(&key, bytes::Bytes::from(garbage.clone()).into())
+            .await
+            .unwrap();
+    }
+    d.start_again().await;
+
+    // The fill's next fetch reads a corrupt chunk: the VM says so, naming
+    // the snapshot, and runs on (the guest waits only if it needs that
+    // chunk).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let vm = loop {
+        let vm = d.vm(&id).await;
+        let reason = vm["state_reason"].as_str().unwrap_or_default();
+        if reason.starts_with("snapshot_corrupt") {
+            break vm;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the corrupt memory was never reported: {vm}\n{}",
+            d.daemon_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(vm["state"], "running", "{vm}");
+    let reason = vm["state_reason"].as_str().unwrap();
+    assert!(reason.contains(&sid), "the snapshot is named: {reason}");
+    assert!(
+        chunks.iter().any(|c| reason.contains(c)),
+        "the bad chunk is named: {reason}"
+    );
 }

@@ -715,6 +715,13 @@ impl VmManager {
                     }
                     _ => {}
                 }
+                // A lazy wake's memory still arriving: a corrupt chunk the
+                // fill finds is reported as after the wake itself.
+                if rt.state() == VmState::Running
+                    && let Some(snapshot) = self.lazy_ram_snapshot(&id)
+                {
+                    self.watch_lazy_fill(rt.clone(), snapshot);
+                }
                 if rt.state() == VmState::Running && rt.lock().agent.is_none() {
                     // Hold the agent channel open, as a boot does.
                     if let Ok(agent) = hatch_vmm::agent::Agent::connect(&paths.agent_socket).await {

@@ -48,7 +48,8 @@ pub(crate) struct LazyPaths {
     pub spec: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
-    /// Present while the VM's RAM file is a lazily filled cache.
+    /// Present while the VM's RAM file is a lazily filled cache; holds the
+    /// id of the snapshot it is filled from.
     pub marker: PathBuf,
     /// Written by the server when it ends, after the sync.
     pub end_status: PathBuf,
@@ -161,6 +162,7 @@ impl VmManager {
     pub(super) async fn serve_ram_lazily(
         &self,
         vm_id: &str,
+        snapshot_id: &str,
         memory: &FileChunks,
         first: &[u32],
     ) -> anyhow::Result<PathBuf> {
@@ -172,7 +174,7 @@ impl VmManager {
         for f in [&mem, &lp.end_status] {
             remove_if_there(f)?;
         }
-        std::fs::write(&lp.marker, b"").context("marking the RAM file lazy")?;
+        std::fs::write(&lp.marker, snapshot_id).context("marking the RAM file lazy")?;
         std::fs::create_dir_all(&lp.mount)
             .with_context(|| format!("creating {}", lp.mount.display()))?;
         let spec = ProcessSpec {
@@ -268,6 +270,21 @@ impl VmManager {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The snapshot a VM's lazily filled RAM file comes from, if it is one.
+    /// `None` for an ordinary RAM file.
+    pub(crate) fn lazy_ram_snapshot(&self, vm_id: &str) -> Option<String> {
+        let id = std::fs::read_to_string(self.lazy_paths(vm_id).marker).ok()?;
+        // Written by this daemon, still checked: it goes into a message.
+        let well_formed = id.strip_prefix("snap-").is_some_and(|rest| {
+            !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        Some(if well_formed {
+            id
+        } else {
+            "the snapshot it was woken from".into()
+        })
     }
 
     /// After a lazy wake, until the memory is all here: a corrupt chunk

@@ -69,8 +69,8 @@ impl VmManager {
                     tracing::warn!(vm = %rt.id, error = %e, "recording start time failed");
                 }
                 self.watch(rt.clone(), machine);
-                if self.lazy_paths(&rt.id).marker.exists() {
-                    self.watch_lazy_fill(rt.clone(), rec.snap.id.clone());
+                if let Some(snapshot) = self.lazy_ram_snapshot(&rt.id) {
+                    self.watch_lazy_fill(rt.clone(), snapshot);
                 }
                 self.compact_disk_if_long(rt.clone());
                 tracing::info!(vm = %rt.id, snapshot = %rec.snap.id,
@@ -248,7 +248,7 @@ impl VmManager {
                 let (memory, prefetch) =
                     lazy_memory.as_ref().context("no memory").map_err(broken)?;
                 lazy_ram = self
-                    .place_lazy_ram(rt, memory, prefetch, store)
+                    .place_lazy_ram(rt, &rec.snap.id, memory, prefetch, store)
                     .await
                     .map_err(broken)?;
                 self.faults
@@ -555,11 +555,15 @@ impl VmManager {
     async fn place_lazy_ram(
         &self,
         rt: &VmSupervisor,
+        snapshot_id: &str,
         memory: &FileChunks,
         prefetch: &[u32],
         store: Option<&ChunkStore>,
     ) -> anyhow::Result<Option<std::path::PathBuf>> {
-        match self.serve_ram_lazily(&rt.id, memory, prefetch).await {
+        match self
+            .serve_ram_lazily(&rt.id, snapshot_id, memory, prefetch)
+            .await
+        {
             Ok(ram) => Ok(Some(ram)),
             Err(e) => {
                 let _ = self.end_lazy_ram(&rt.id).await;
