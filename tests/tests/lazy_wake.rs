@@ -49,6 +49,20 @@ async fn setup(extra: &[(&str, &str)]) -> (Garage, Daemon, String, String) {
     (garage, d, id, boot)
 }
 
+/// The manifest S3 holds for snapshot `sid` of VM `id`.
+async fn manifest(garage: &Garage, id: &str, sid: &str) -> Value {
+    let object = garage
+        .bucket()
+        .get(&ObjPath::from(format!("manifests/{id}/{sid}.json")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let signed: Value = serde_json::from_slice(&object).unwrap();
+    signed["manifest"].clone()
+}
+
 /// Suspend, wait until S3 holds the snapshot, and drop every local copy.
 /// Returns the snapshot's id.
 async fn suspend_to_s3_only(d: &Daemon, id: &str) -> String {
@@ -142,7 +156,7 @@ async fn s3_lost_during_a_lazy_wake_fails_the_suspend_and_the_vm_runs_on() {
 
 #[tokio::test]
 async fn a_daemon_restarted_or_killed_while_the_memory_arrives_loses_nothing() {
-    let (_garage, mut d, id, boot) = setup(&[]).await;
+    let (garage, mut d, id, boot) = setup(&[]).await;
     let n = counter(&d).await;
     suspend_to_s3_only(&d, &id).await;
     assert_eq!(counter(&d).await, n + 1);
@@ -165,6 +179,13 @@ async fn a_daemon_restarted_or_killed_while_the_memory_arrives_loses_nothing() {
     d.wait_state(&id, "snapshotted").await;
     assert_eq!(d.lazyram_pids(), Vec::<i32>::new());
     assert_eq!(d.lazy_mounts(), Vec::<String>::new());
+    // What the guest asked for after its lazy wake is the next lazy
+    // wake's prefetch list, although another daemon finished the suspend.
+    let prefetch = &manifest(&garage, &id, &sid).await["prefetch"];
+    assert!(
+        prefetch.as_array().is_some_and(|p| !p.is_empty()),
+        "no prefetch list: {prefetch}"
+    );
     assert_eq!(counter(&d).await, n + 3);
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot);
 }
@@ -183,17 +204,8 @@ async fn a_corrupt_chunk_the_fill_meets_after_a_daemon_restart_is_reported() {
     // chunk of the snapshot goes bad in S3. The new daemon never saw the
     // wake: only what it finds at start tells it that the fill runs on.
     d.kill_daemon();
-    let s3 = garage.bucket();
-    let manifest: Value = serde_json::from_slice(
-        &s3.get(&ObjPath::from(format!("manifests/{id}/{sid}.json")))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let chunks: Vec<&str> = manifest["manifest"]["memory"]["chunks"]
+    let manifest = manifest(&garage, &id, &sid).await;
+    let chunks: Vec<&str> = manifest["memory"]["chunks"]
         .as_array()
         .unwrap()
         .iter()
@@ -201,6 +213,7 @@ async fn a_corrupt_chunk_the_fill_meets_after_a_daemon_restart_is_reported() {
         .collect();
     assert!(!chunks.is_empty());
     let garbage = zstd::bulk::compress(&[0x5a; 4096], 1).unwrap();
+    let s3 = garage.bucket();
     for c in &chunks {
         let key = ObjPath::from(format!("chunks/{}/{c}", &c[..2]));
         s3.put(&key, bytes::Bytes::from(garbage.clone()).into())

@@ -285,11 +285,25 @@ impl VmManager {
         snapshot_id: &str,
         remove_runtime_files: bool,
     ) -> anyhow::Result<()> {
+        let touched = self.take_lazy_ram(vm_id).await?;
+        self.keep_taken_ram(vm_id, snapshot_id, touched, remove_runtime_files)
+            .await
+    }
+
+    /// [`Self::keep_ram`] once the RAM file is taken from its lazy server
+    /// (if it had one), with the chunks its guest asked for.
+    async fn keep_taken_ram(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+        touched: Option<Vec<u32>>,
+        remove_runtime_files: bool,
+    ) -> anyhow::Result<()> {
         let dir = self.snapshot_dir(snapshot_id);
         let dst = dir.join("mem");
         // What the guest asked for first after this wake (a lazy one), or
         // the list the wake's snapshot had: the next lazy wake's prefetch.
-        match self.take_lazy_ram(vm_id).await? {
+        match touched {
             Some(touched) if !touched.is_empty() => {
                 std::fs::write(dir.join(PREFETCH), serde_json::to_vec(&touched)?)
                     .context("keeping the prefetch list")?;
@@ -331,13 +345,21 @@ impl VmManager {
             if !dir.join("state").exists() || !(ram_kept || ram_live) {
                 continue;
             }
-            if !ram_kept && let Err(e) = self.take_lazy_ram(vm_id).await {
-                // Its guest's writes may not all be in the RAM file: it is
-                // no memory image. The VM's earlier snapshots remain.
-                tracing::error!(vm = %vm_id, snapshot = %rec.snap.id, error = format!("{e:#}"),
-                    "an interrupted suspend cannot be completed");
-                continue;
-            }
+            let touched = if ram_kept {
+                None
+            } else {
+                match self.take_lazy_ram(vm_id).await {
+                    Ok(touched) => touched,
+                    Err(e) => {
+                        // Its guest's writes may not all be in the RAM file:
+                        // it is no memory image. The VM's earlier snapshots
+                        // remain.
+                        tracing::error!(vm = %vm_id, snapshot = %rec.snap.id, error = format!("{e:#}"),
+                            "an interrupted suspend cannot be completed");
+                        continue;
+                    }
+                }
+            };
             if ram_kept {
                 let d = dir.clone();
                 blocking(move || {
@@ -347,7 +369,8 @@ impl VmManager {
                 })
                 .await?;
             } else {
-                self.keep_ram(vm_id, &rec.snap.id, true).await?;
+                self.keep_taken_ram(vm_id, &rec.snap.id, touched, true)
+                    .await?;
             }
             rec.layers = self.store.disk_layers(vm_id).await?;
             rec.snap.disk_bytes = layers_size(&self.paths(vm_id).dir, &rec.layers);
