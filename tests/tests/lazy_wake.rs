@@ -192,9 +192,11 @@ async fn a_daemon_restarted_or_killed_while_the_memory_arrives_loses_nothing() {
 
 #[tokio::test]
 async fn a_corrupt_chunk_the_fill_meets_after_a_daemon_restart_is_reported() {
-    // Paced so slowly that the fill has fetched only a few chunks when the
-    // test has corrupted the rest.
-    let (garage, mut d, id, _boot) = setup(&[("HATCH_LAZY_FILL_PACE_MS", "2000")]).await;
+    // Paced (one chunk per 300 ms, zero chunks included: the whole 256 MiB
+    // in ~77 s) so that the fill has fetched only a few chunks when the
+    // test has corrupted them all, and reaches the rest before the
+    // deadline below.
+    let (garage, mut d, id, _boot) = setup(&[]).await;
     let n = counter(&d).await;
     let sid = suspend_to_s3_only(&d, &id).await;
     assert_eq!(counter(&d).await, n + 1);

@@ -131,6 +131,17 @@ impl ChunkSource for S3Source {
     }
 }
 
+/// The snapshot a lazy mark names, for messages. A mark is written by this
+/// daemon, still checked (it goes into a message); one from a daemon that
+/// wrote empty marks names none.
+fn snapshot_named_by_mark(mark: &str) -> String {
+    if hatch_snapshot::names::is_snapshot_id(mark) {
+        mark.to_string()
+    } else {
+        "the snapshot it was woken from".into()
+    }
+}
+
 impl VmManager {
     pub(crate) fn lazy_paths(&self, id: &str) -> LazyPaths {
         let run = &self.cfg.run_dir;
@@ -275,16 +286,8 @@ impl VmManager {
     /// The snapshot a VM's lazily filled RAM file comes from, if it is one.
     /// `None` for an ordinary RAM file.
     pub(crate) fn lazy_ram_snapshot(&self, vm_id: &str) -> Option<String> {
-        let id = std::fs::read_to_string(self.lazy_paths(vm_id).marker).ok()?;
-        // Written by this daemon, still checked: it goes into a message.
-        let well_formed = id.strip_prefix("snap-").is_some_and(|rest| {
-            !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
-        });
-        Some(if well_formed {
-            id
-        } else {
-            "the snapshot it was woken from".into()
-        })
+        let mark = std::fs::read_to_string(self.lazy_paths(vm_id).marker).ok()?;
+        Some(snapshot_named_by_mark(&mark))
     }
 
     /// After a lazy wake, until the memory is all here: a corrupt chunk
@@ -306,6 +309,16 @@ impl VmManager {
                 };
                 let Some(status) = r.status else { return };
                 if status.corrupt_seen {
+                    // Said already (by the daemon that woke it, before a
+                    // restart): not again.
+                    if let Ok(Some(rec)) = this.store.get_vm(&rt.id).await
+                        && rec
+                            .vm
+                            .state_reason
+                            .is_some_and(|r| r.starts_with("snapshot_corrupt"))
+                    {
+                        return;
+                    }
                     let why = status.corruption.unwrap_or_default();
                     let reason = format!(
                         "snapshot_corrupt: the memory of {snapshot_id} read from S3 is corrupt ({why}); the guest waits if it reads that chunk and the vm cannot be suspended; restore an older snapshot"
@@ -497,4 +510,31 @@ fn is_mounted(dir: &Path) -> bool {
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .any(|m| m == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_named_by_mark;
+
+    #[test]
+    fn a_lazy_mark_names_its_snapshot_only_when_it_holds_an_id() {
+        assert_eq!(
+            snapshot_named_by_mark("snap-abcdefghij12"),
+            "snap-abcdefghij12"
+        );
+        // Empty (an older daemon's mark), damaged, or not an id at all.
+        for mark in [
+            "",
+            "snap-",
+            "snap-abc\n<b>",
+            "../../etc",
+            "snap-ABCDEFGHIJ12",
+        ] {
+            assert_eq!(
+                snapshot_named_by_mark(mark),
+                "the snapshot it was woken from",
+                "{mark:?}"
+            );
+        }
+    }
 }
