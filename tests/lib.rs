@@ -810,6 +810,35 @@ impl Garage {
         )
     }
 
+    /// The manifest S3 holds for snapshot `sid` of VM `vm` (the body of
+    /// its signed envelope).
+    pub async fn manifest(&self, vm: &str, sid: &str) -> Value {
+        use object_store::ObjectStoreExt;
+        let key = object_store::path::Path::from(format!("manifests/{vm}/{sid}.json"));
+        let object = self
+            .bucket()
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let signed: Value = serde_json::from_slice(&object).unwrap();
+        signed["manifest"].clone()
+    }
+
+    /// Overwrite chunk `id` in S3 with valid zstd whose content is not
+    /// what the chunk's name promises.
+    pub async fn corrupt_chunk(&self, id: &str) {
+        use object_store::ObjectStoreExt;
+        let garbage = zstd::bulk::compress(&[0x5a; 4096], 1).unwrap();
+        let key = object_store::path::Path::from(format!("chunks/{}/{id}", &id[..2]));
+        self.bucket()
+            .put(&key, bytes::Bytes::from(garbage).into())
+            .await
+            .unwrap();
+    }
+
     /// The daemon's S3 settings for this Garage.
     pub fn env(&self) -> Vec<(String, String)> {
         [

@@ -14,8 +14,6 @@
 use std::time::Duration;
 
 use hatch_e2e::{Daemon, Garage, kv};
-use object_store::ObjectStoreExt;
-use object_store::path::Path as ObjPath;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -47,20 +45,6 @@ async fn setup(extra: &[(&str, &str)]) -> (Garage, Daemon, String, String) {
     d.wait_http(HOST, "/").await;
     let boot = kv(&app(&d, "/").await, "boot_id");
     (garage, d, id, boot)
-}
-
-/// The manifest S3 holds for snapshot `sid` of VM `id`.
-async fn manifest(garage: &Garage, id: &str, sid: &str) -> Value {
-    let object = garage
-        .bucket()
-        .get(&ObjPath::from(format!("manifests/{id}/{sid}.json")))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let signed: Value = serde_json::from_slice(&object).unwrap();
-    signed["manifest"].clone()
 }
 
 /// Suspend, wait until S3 holds the snapshot, and drop every local copy.
@@ -181,7 +165,7 @@ async fn a_daemon_restarted_or_killed_while_the_memory_arrives_loses_nothing() {
     assert_eq!(d.lazy_mounts(), Vec::<String>::new());
     // What the guest asked for after its lazy wake is the next lazy
     // wake's prefetch list, although another daemon finished the suspend.
-    let prefetch = &manifest(&garage, &id, &sid).await["prefetch"];
+    let prefetch = &garage.manifest(&id, &sid).await["prefetch"];
     assert!(
         prefetch.as_array().is_some_and(|p| !p.is_empty()),
         "no prefetch list: {prefetch}"
@@ -206,7 +190,7 @@ async fn a_corrupt_chunk_the_fill_meets_after_a_daemon_restart_is_reported() {
     // chunk of the snapshot goes bad in S3. The new daemon never saw the
     // wake: only what it finds at start tells it that the fill runs on.
     d.kill_daemon();
-    let manifest = manifest(&garage, &id, &sid).await;
+    let manifest = garage.manifest(&id, &sid).await;
     let chunks: Vec<&str> = manifest["memory"]["chunks"]
         .as_array()
         .unwrap()
@@ -214,13 +198,8 @@ async fn a_corrupt_chunk_the_fill_meets_after_a_daemon_restart_is_reported() {
         .filter_map(Value::as_str)
         .collect();
     assert!(!chunks.is_empty());
-    let garbage = zstd::bulk::compress(&[0x5a; 4096], 1).unwrap();
-    let s3 = garage.bucket();
     for c in &chunks {
-        let key = ObjPath::from(format!("chunks/{}/{c}", &c[..2]));
-        s3.put(&key, bytes::Bytes::from(garbage.clone()).into())
-            .await
-            .unwrap();
+        garage.corrupt_chunk(c).await;
     }
     d.start_again().await;
 

@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use hatch_e2e::{Daemon, Garage, kv};
-use object_store::ObjectStoreExt;
-use object_store::path::Path as ObjPath;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -182,21 +180,6 @@ async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
     d.wait_state(&id, "snapshotted").await;
 
     // Overwrite, in S3, a memory chunk that only the newer snapshot has.
-    let s3 = garage.bucket();
-    let manifest = |sid: String| {
-        let s3 = s3.clone();
-        let id = id.clone();
-        async move {
-            let bytes = s3
-                .get(&ObjPath::from(format!("manifests/{id}/{sid}.json")))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            serde_json::from_slice::<Value>(&bytes).unwrap()["manifest"].clone()
-        }
-    };
     let chunks = |m: &Value| -> Vec<String> {
         m["memory"]["chunks"]
             .as_array()
@@ -205,15 +188,12 @@ async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
             .filter_map(|c| c.as_str().map(String::from))
             .collect()
     };
-    let old_chunks = chunks(&manifest(old.clone()).await);
-    let victim = chunks(&manifest(new.clone()).await)
+    let old_chunks = chunks(&garage.manifest(&id, &old).await);
+    let victim = chunks(&garage.manifest(&id, &new).await)
         .into_iter()
         .find(|c| !old_chunks.contains(c))
         .expect("the newer snapshot has a chunk of its own");
-    let key = ObjPath::from(format!("chunks/{}/{victim}", &victim[..2]));
-    s3.put(&key, bytes::Bytes::from(zstd_garbage()).into())
-        .await
-        .unwrap();
+    garage.corrupt_chunk(&victim).await;
 
     d.wipe_local_snapshots(&id);
     let (s, _) = d
@@ -251,11 +231,6 @@ async fn a_corrupt_chunk_is_detected_and_an_older_snapshot_still_restores() {
     d.restore(&id, json!({ "snapshot_id": old })).await;
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(app(&d, "/counter").await, "counter=2\n");
-}
-
-/// Valid zstd whose content is not what the chunk's name promises.
-fn zstd_garbage() -> Vec<u8> {
-    zstd::bulk::compress(&[0x5a; 4096], 1).unwrap()
 }
 
 #[tokio::test]
