@@ -122,8 +122,9 @@ impl MachineSpec {
         push("-m".into());
         push(format!("{}M", self.memory_mib));
         push("-object".into());
-        // align: QEMU asks for huge pages on guest RAM (MADV_HUGEPAGE), so
-        // the kernel caches the RAM file in 2 MiB folios. Mapped at an
+        // align: QEMU asks for huge pages on guest RAM (MADV_HUGEPAGE), so a
+        // kernel whose ext4 has large folios (6.18 here) caches the RAM file
+        // in 2 MiB folios. Mapped at an
         // address that is not 2 MiB aligned, each folio is mapped 4 KiB at
         // a time, and after the suspend's fsync every first write to each
         // 4 KiB page faults into the filesystem's mkwrite for the whole
