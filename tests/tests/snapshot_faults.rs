@@ -262,3 +262,49 @@ async fn a_daemon_killed_right_after_a_suspend_request_leaves_the_vm_restorable(
     assert_eq!(kv(&app(&d, "/").await, "boot_id"), boot_id);
     assert_eq!(app(&d, "/counter").await, "counter=2\n");
 }
+
+/// A capture fails in its pause right after switching the disk to a new
+/// layer (`fault`), and QEMU cannot be asked for the chain it writes to.
+/// The guest runs on; its next boot must use the new layer, with what was
+/// written to it, and not write into the layer the VM's snapshots hold.
+async fn a_failed_switch_is_recorded_without_qemu(stop: bool, fault: &str) {
+    let garage = Garage::start().await;
+    let mut env = garage.env();
+    // A suspend switches its disk only when it keeps its QEMU warm.
+    env.push(("HATCH_STANDBY_QEMUS".into(), "1".into()));
+    env.push((
+        "HATCH_FAULTS".into(),
+        format!("{fault}=fail:1,disk_chain.read=fail"),
+    ));
+    let d = Daemon::start_with_env(env).await;
+    let (id, _) = d.boot_routed("app").await;
+    app(&d, "/disk/write?name=a&value=1").await;
+    let sid = d.snapshot(&id, stop).await;
+    d.wait_snapshot(&id, &sid, "failed").await;
+    d.wait_state(&id, "running").await;
+    app(&d, "/disk/write?name=b&value=2").await;
+
+    // QEMU dies; a start boots the disk the daemon recorded.
+    let pids = d.qemu_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    hatch_e2e::kill_pid(pids[0]);
+    d.wait_state(&id, "failed").await;
+    let (s, body) = d
+        .call(Method::POST, &format!("/vms/{id}/start"), None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    d.wait_state(&id, "running").await;
+    d.wait_http("app.localhost", "/").await;
+    assert_eq!(app(&d, "/disk/read?name=a").await, "value=1\n");
+    assert_eq!(app(&d, "/disk/read?name=b").await, "value=2\n");
+}
+
+#[tokio::test]
+async fn a_warm_suspend_failed_after_its_disk_switch_records_the_new_layer_without_qemu() {
+    a_failed_switch_is_recorded_without_qemu(true, "suspend.disk_switched").await;
+}
+
+#[tokio::test]
+async fn a_checkpoint_failed_after_its_disk_switch_records_the_new_layer_without_qemu() {
+    a_failed_switch_is_recorded_without_qemu(false, "checkpoint.layer_switched").await;
+}

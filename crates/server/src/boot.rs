@@ -521,6 +521,7 @@ impl VmManager {
         vm_id: &str,
         machine: &Machine,
     ) -> anyhow::Result<()> {
+        self.faults.hit("disk_chain.read", vm_id)?;
         let dir = self.paths(vm_id).dir;
         let mut layers: Vec<String> = machine
             .disk_chain()

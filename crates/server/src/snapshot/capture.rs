@@ -155,6 +155,7 @@ impl VmManager {
         // `state` appears only once complete: recovery treats its presence as
         // "the device state is saved".
         let part = durable::partial(&dir.join("state"));
+        let mut switched = false;
         let saved = async {
             self.faults.hit("suspend.paused", &rt.id)?;
             if let Some(w) = &warm_switch {
@@ -183,6 +184,7 @@ impl VmManager {
                         &node_name(&w.next),
                     )
                     .await?;
+                switched = true;
                 self.faults.hit("suspend.disk_switched", &rt.id)?;
             }
             machine.save_state(&part).await?;
@@ -196,10 +198,9 @@ impl VmManager {
         };
         if let Err(e) = saved.await {
             resume_guest(&machine).await;
-            if warm_switch.is_some()
-                && let Err(e) = self.reconcile_disk_chain(&rt.id, &machine).await
-            {
-                tracing::error!(vm = %rt.id, error = format!("{e:#}"), "cannot read the disk chain back from QEMU");
+            if let Some(w) = &warm_switch {
+                self.record_chain_after_failed_switch(&rt.id, &machine, &w.top, &w.next, switched)
+                    .await;
             }
             return Err(e);
         }
@@ -253,6 +254,43 @@ impl VmManager {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// A capture failed in its pause after it may have switched the disk
+    /// from layer `top` to `next`, and the guest runs on: the disk chain it
+    /// writes to now is recorded, lest a later boot write into a layer
+    /// snapshots hold. A switch known to be made is recorded without asking
+    /// QEMU; one that may or may not have been is read back from it.
+    async fn record_chain_after_failed_switch(
+        &self,
+        vm_id: &str,
+        machine: &Machine,
+        top: &str,
+        next: &str,
+        switched: bool,
+    ) {
+        let recorded = async {
+            if switched {
+                let mut layers = self.store.disk_layers(vm_id).await?;
+                match layers.last().map(String::as_str) {
+                    Some(last) if last == next => return Ok(()),
+                    Some(last) if last == top => {
+                        layers.push(next.to_string());
+                        self.store
+                            .set_disk_layers(vm_id, &layers, &self.cfg.node_name)
+                            .await?;
+                        return Ok(());
+                    }
+                    // Not the chain the switch was made on: QEMU knows.
+                    _ => {}
+                }
+            }
+            self.reconcile_disk_chain(vm_id, machine).await
+        };
+        if let Err(e) = recorded.await {
+            tracing::error!(vm = %vm_id, error = format!("{e:#}"),
+                "cannot record the disk chain after a failed suspend");
         }
     }
 
@@ -439,6 +477,7 @@ impl VmManager {
             let _ = std::fs::remove_file(&ram_copy);
             return Err(e.into());
         }
+        let mut switched = false;
         let result: anyhow::Result<()> = async {
             self.faults.hit("checkpoint.paused", &rt.id)?;
             // Order matters: freeze the disk layer before saving state. Once
@@ -453,6 +492,7 @@ impl VmManager {
                     &node_name(&new_layer),
                 )
                 .await?;
+            switched = true;
             let t_frozen = t0.elapsed();
             self.faults.hit("checkpoint.layer_switched", &rt.id)?;
             let mut all = layers.clone();
@@ -492,10 +532,9 @@ impl VmManager {
         rec.snap.pause_ms = Some(t0.elapsed().as_millis() as u64);
         self.metrics
             .record_vm_pause(&rt.id, t0.elapsed().as_millis() as u64);
-        if result.is_err()
-            && let Err(e) = self.reconcile_disk_chain(&rt.id, &machine).await
-        {
-            tracing::error!(vm = %rt.id, error = format!("{e:#}"), "cannot read the disk chain back from QEMU");
+        if result.is_err() {
+            self.record_chain_after_failed_switch(&rt.id, &machine, &top, &new_layer, switched)
+                .await;
         }
         let stored = match result {
             Ok(()) => {
