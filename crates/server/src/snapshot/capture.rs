@@ -290,7 +290,7 @@ impl VmManager {
         };
         if let Err(e) = recorded.await {
             tracing::error!(vm = %vm_id, error = format!("{e:#}"),
-                "cannot record the disk chain after a failed suspend");
+                "cannot record the disk chain after a failed capture");
         }
     }
 
