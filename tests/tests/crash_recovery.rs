@@ -141,6 +141,10 @@ async fn a_crash_at_any_step_of_a_suspend_or_its_upload_loses_nothing() {
         if point.starts_with("upload") || point == "suspend.recorded" {
             // Captured before the crash: the upload resumes and completes.
             assert_eq!(state, "snapshotted", "{point}");
+        }
+        if state == "snapshotted" {
+            // Awaited: retention runs under the VM's lock before the
+            // snapshot shows ready (see the warm test below).
             wait_ready(&d, &id, &sid).await;
         }
         wake(&d, &id, &state).await;
@@ -181,6 +185,11 @@ async fn a_crash_at_any_step_of_a_suspend_keeping_its_qemu_warm_loses_nothing() 
         let (state, t) = crash_and_recover(&mut d, &id, point).await;
         if point == "suspend.recorded" {
             assert_eq!(state, "snapshotted", "{point}");
+        }
+        if state == "snapshotted" {
+            // The completed suspend uploads, and retention (new VMs keep 5)
+            // runs under the VM's lock before it shows ready: awaited, or
+            // the next snapshot request could meet it (409 busy).
             wait_ready(&d, &id, &sid).await;
         }
         wake(&d, &id, &state).await;
