@@ -124,12 +124,12 @@ impl MachineSpec {
         push("-object".into());
         // align: QEMU asks for huge pages on guest RAM (MADV_HUGEPAGE), so a
         // kernel whose ext4 has large folios (6.18 here) caches the RAM file
-        // in 2 MiB folios. Mapped at an
-        // address that is not 2 MiB aligned, each folio is mapped 4 KiB at
-        // a time, and after the suspend's fsync every first write to each
-        // 4 KiB page faults into the filesystem's mkwrite for the whole
-        // 2 MiB folio. Aligned, a folio is mapped whole: one fault per 2 MiB
-        // (docs/PERFORMANCE.md, "RAM mapped in 2 MiB").
+        // in 2 MiB folios. Mapped at an address that is not 2 MiB aligned,
+        // each folio is mapped 4 KiB at a time, and after the suspend's
+        // fsync every first write to each 4 KiB page faults into the
+        // filesystem's mkwrite for the whole 2 MiB folio. Aligned, a folio
+        // is mapped whole: one fault per 2 MiB (docs/PERFORMANCE.md, "RAM
+        // mapped in 2 MiB").
         push(format!(
             "memory-backend-file,id=mem,size={}M,mem-path={},share=on,align={RAM_ALIGN}",
             self.memory_mib,
