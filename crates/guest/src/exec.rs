@@ -221,7 +221,7 @@ pub fn handle(line: &str) -> bool {
     let rest: Vec<&str> = words.collect();
     let result = match verb {
         "exec" => start(ch, rest.first().copied().unwrap_or("")),
-        "in" => input(ch, rest.first().copied().unwrap_or("")),
+        "in" => input(ch, &rest),
         "eof" => eof(ch),
         "resize" => resize(ch, &rest),
         _ => kill(ch, &rest),
@@ -497,8 +497,21 @@ fn pump(ch: u64, kind: &str, mut file: File) -> bool {
     }
 }
 
-fn input(ch: u64, data: &str) -> Result<(), String> {
-    let bytes = B64.decode(data).map_err(|e| format!("bad input: {e}"))?;
+/// One `in` line: a single base64 word.
+fn input(ch: u64, words: &[&str]) -> Result<(), String> {
+    let decoded = match words {
+        [data] => B64.decode(data).map_err(|e| e.to_string()),
+        _ => Err(format!("{} words where one was expected", words.len())),
+    };
+    let bytes = match decoded {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // The session's input is damaged: its command must not run on
+            // with a hole in it.
+            abort(ch, &format!("damaged input: {e}"));
+            return Ok(());
+        }
+    };
     let guard = sessions();
     if let Some(tx) = guard
         .as_ref()
@@ -722,5 +735,24 @@ mod tests {
         let status = exited.wait();
         assert!(libc::WIFEXITED(status));
         assert_eq!(libc::WEXITSTATUS(status), 7);
+    }
+
+    /// A damaged input line ends its session: the command is killed, not
+    /// left to run on with a hole in its input.
+    #[test]
+    fn damaged_input_kills_the_command() {
+        let ch = 0x5eed;
+        let start = B64.encode(r#"{"op":"run","cmd":["sleep","600"]}"#);
+        assert!(handle(&format!("exec {ch} {start}")));
+        let pid = sessions().as_ref().unwrap()[&ch].pid;
+        assert!(pid > 0);
+        // Half an input line with the next line glued to it.
+        assert!(handle(&format!("in {ch} eHh4eHh4kill {ch} 9")));
+        assert!(!exists(ch));
+        // Gone once its waiter has reaped it.
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            std::thread::yield_now();
+        }
     }
 }

@@ -172,7 +172,7 @@ impl VmManager {
                     rt.lock().agent.take()
                 };
                 if let Some(agent) = agent {
-                    agent.close().await;
+                    agent.close();
                 }
                 machine
                     .await_agent_disconnected(AGENT_CLOSE_TIMEOUT)

@@ -90,7 +90,7 @@ impl Agent {
             events: rx,
             over: false,
         };
-        self.send(&format!("exec {ch} {}\n", B64.encode(json)))
+        self.send(format!("exec {ch} {}\n", B64.encode(json)))
             .await?;
         Ok(session)
     }
@@ -138,7 +138,7 @@ impl ExecInput {
     pub async fn write(&self, data: &[u8]) -> Result<(), VmmError> {
         for chunk in data.chunks(INPUT_CHUNK) {
             self.agent
-                .send(&format!("in {} {}\n", self.ch, B64.encode(chunk)))
+                .send(format!("in {} {}\n", self.ch, B64.encode(chunk)))
                 .await?;
         }
         Ok(())
@@ -147,19 +147,19 @@ impl ExecInput {
     /// No more input (the command's stdin closes; a file being written is
     /// synced and the session ends).
     pub async fn eof(&self) -> Result<(), VmmError> {
-        self.agent.send(&format!("eof {}\n", self.ch)).await
+        self.agent.send(format!("eof {}\n", self.ch)).await
     }
 
     pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), VmmError> {
         self.agent
-            .send(&format!("resize {} {rows} {cols}\n", self.ch))
+            .send(format!("resize {} {rows} {cols}\n", self.ch))
             .await
     }
 
     /// Signal the command's process group.
     pub async fn kill(&self, signal: i32) -> Result<(), VmmError> {
         self.agent
-            .send(&format!("kill {} {signal}\n", self.ch))
+            .send(format!("kill {} {signal}\n", self.ch))
             .await
     }
 }

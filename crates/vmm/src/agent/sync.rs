@@ -30,7 +30,7 @@ impl Agent {
         let (tx, rx) = oneshot::channel();
         self.shared.table.lock().syncs.insert(id, tx);
         let exchange = async {
-            self.send(&format!("net {guest} {gateway} {id}\n")).await?;
+            self.send(format!("net {guest} {gateway} {id}\n")).await?;
             rx.await
                 .map_err(|_| VmmError::Agent("the agent channel closed".into()))
         };
@@ -74,7 +74,7 @@ impl Agent {
         let (tx, rx) = oneshot::channel();
         self.shared.table.lock().syncs.insert(id, tx);
         let exchange = async {
-            self.send(&line).await?;
+            self.send(line).await?;
             // The channel itself broke (not a slow guest): callers connect again.
             rx.await.map_err(|_| VmmError::Io {
                 path: "the guest agent channel".into(),
