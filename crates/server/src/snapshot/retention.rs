@@ -115,6 +115,11 @@ impl VmManager {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
             }
+            // Without S3 there are no snapshots to keep or delete (and a
+            // warning per VM each minute would only be noise).
+            if self.storage.is_none() {
+                continue;
+            }
             let Ok(vms) = self.store.list_vms().await else {
                 continue;
             };
