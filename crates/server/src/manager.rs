@@ -476,7 +476,7 @@ impl VmManager {
             return Err(e);
         }
         let rt = VmSupervisor::new(id.clone(), VmState::Starting, Vec::new());
-        let guard = rt.try_begin("boot")?;
+        let guard = rt.try_begin("boot").await?;
         self.insert_supervisor(rt.clone());
         tracing::info!(vm = %id, name = %vm.name, image = %vm.image, vcpus, memory_mib, "vm created");
         let this = self.clone();
@@ -533,7 +533,7 @@ impl VmManager {
         if rt.state() == VmState::Snapshotted {
             return self.restore(id, model::RestoreRequest::default()).await;
         }
-        let guard = rt.try_begin("start")?;
+        let guard = rt.try_begin("start").await?;
         let state = rt.state();
         if !matches!(state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::conflict(format!(
@@ -549,7 +549,7 @@ impl VmManager {
     /// Stop a running VM: QEMU exits (its disk flushed) and its memory is freed.
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
         let rt = self.supervisor(id)?;
-        let guard = rt.try_begin("stop")?;
+        let guard = rt.try_begin("stop").await?;
         let state = rt.state();
         if state == VmState::Snapshotted {
             // Its memory state is discarded (the snapshots stay, and its
@@ -578,7 +578,7 @@ impl VmManager {
     /// Delete a VM, its routes, disk and logs. A running VM is stopped first.
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         let rt = self.supervisor(id)?;
-        let _guard = rt.try_begin("delete")?;
+        let _guard = rt.try_begin("delete").await?;
         if rt.state().has_process() {
             // So that the exit watcher does not record the quit as a failure.
             self.transition(&rt, VmState::Stopping, None).await?;

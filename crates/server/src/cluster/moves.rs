@@ -56,7 +56,7 @@ impl VmManager {
             }
         };
         self.wait_until_in_s3(&rt.id, suspend.as_deref()).await?;
-        let _guard = rt.try_begin("move")?;
+        let _guard = rt.try_begin("move").await?;
         if rt.state() != VmState::Snapshotted {
             return Err(ApiError::conflict(format!(
                 "vm '{id}' changed while moving (it is {}); nothing was moved",

@@ -79,7 +79,7 @@ impl VmManager {
             return Err(e);
         }
         let rt = VmSupervisor::new(id.clone(), VmState::Restoring, Vec::new());
-        let guard = rt.try_begin("fork")?;
+        let guard = rt.try_begin("fork").await?;
         self.insert_supervisor(rt.clone());
         tracing::info!(vm = %id, name = %vm.name, snapshot = %sid, source = %source.id, "vm forked");
         let this = self.clone();

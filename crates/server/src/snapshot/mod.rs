@@ -148,7 +148,7 @@ impl VmManager {
     ) -> Result<Snapshot, ApiError> {
         self.storage()?;
         let rt = self.supervisor(vm_id)?;
-        let guard = rt.try_begin("snapshot")?;
+        let guard = rt.try_begin("snapshot").await?;
         let state = rt.state();
         if state != VmState::Running {
             return Err(ApiError::conflict(format!(
@@ -226,7 +226,7 @@ impl VmManager {
     pub async fn delete_snapshot(&self, vm_id: &str, snapshot_id: &str) -> Result<(), ApiError> {
         let store = self.storage()?;
         let rt = self.supervisor(vm_id)?;
-        let _guard = rt.try_begin("snapshot delete")?;
+        let _guard = rt.try_begin("snapshot delete").await?;
         let rec = self.snapshot_record(vm_id, snapshot_id).await?;
         if matches!(
             rec.snap.status,
@@ -298,7 +298,7 @@ impl VmManager {
         {
             return Err(ApiError::SnapshotStorageUnavailable);
         }
-        let guard = rt.try_begin("restore")?;
+        let guard = rt.try_begin("restore").await?;
         let (rec, prior) = self.begin_restore(&rt, req.snapshot_id.as_deref()).await?;
         let this = self.clone();
         let store = self.storage.clone();

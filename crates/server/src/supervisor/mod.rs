@@ -44,8 +44,9 @@ pub struct VmSupervisor {
     pub wake_failure: Mutex<Option<(tokio::time::Instant, String)>>,
     /// Degradations of the operation under way (a wake), for its event.
     pub warnings: Mutex<Vec<String>>,
-    /// Held for the whole of an operation (boot, stop, delete, ...). Taken with
-    /// `try_lock`: a second operation on a busy VM is answered 409 at once.
+    /// Held for the whole of an operation (boot, stop, delete, ...). A
+    /// user's operation on a VM busy with another is answered 409 at once,
+    /// unless that one is housekeeping (see [`VmSupervisor::try_begin`]).
     op: Arc<tokio::sync::Mutex<()>>,
     /// Serializes state changes: held across the write to the state store
     /// so that the stored state and the published one change in one order.
@@ -238,30 +239,80 @@ impl VmSupervisor {
         self.lock().machine.clone()
     }
 
-    /// Start operation `what`, or fail at once if another one runs.
-    pub fn try_begin(self: &Arc<Self>, what: &'static str) -> Result<OpGuard, Busy> {
-        match self.op.clone().try_lock_owned() {
-            Ok(guard) => {
-                self.lock().busy_with = Some(what);
-                Ok(OpGuard {
-                    _guard: guard,
-                    rt: self.clone(),
-                })
-            }
-            Err(_) => Err(Busy {
+    /// Start a user's operation `what`, or fail if another one runs. The
+    /// daemon's own short housekeeping (retention after an upload or each
+    /// minute, a route update, a disk compaction) is waited for, up to
+    /// [`HOUSEKEEPING_WAIT`]: a user should not have to retry because of
+    /// work they did not ask for. The caller checks the VM's state after.
+    pub async fn try_begin(self: &Arc<Self>, what: &'static str) -> Result<OpGuard, Busy> {
+        let busy = match self.op.clone().try_lock_owned() {
+            Ok(guard) => return Ok(self.hold(guard, what)),
+            Err(_) => Busy {
                 vm: self.id.clone(),
                 what: self.lock().busy_with.unwrap_or("another operation"),
-            }),
+            },
+        };
+        if !HOUSEKEEPING.contains(&busy.what) {
+            return Err(busy);
+        }
+        match tokio::time::timeout(HOUSEKEEPING_WAIT, self.op.clone().lock_owned()).await {
+            Ok(guard) => Ok(self.hold(guard, what)),
+            Err(_) => Err(busy),
         }
     }
 
     /// Wait for the running operation, if any, then start `what`.
     pub async fn begin(self: &Arc<Self>, what: &'static str) -> OpGuard {
         let guard = self.op.clone().lock_owned().await;
+        self.hold(guard, what)
+    }
+
+    fn hold(self: &Arc<Self>, guard: OwnedMutexGuard<()>, what: &'static str) -> OpGuard {
         self.lock().busy_with = Some(what);
         OpGuard {
             _guard: guard,
             rt: self.clone(),
         }
+    }
+}
+
+/// Operations the daemon runs on its own, that end in moments.
+const HOUSEKEEPING: [&str; 3] = ["retention", "route update", "disk compaction"];
+/// How long a user's operation waits for housekeeping before it is busy.
+const HOUSEKEEPING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_operation_waits_for_housekeeping_but_not_for_another_operation() {
+        let rt = VmSupervisor::new("vm-a".into(), VmState::Running, Vec::new());
+
+        // Housekeeping ends: the operation starts then.
+        let retention = rt.begin("retention").await;
+        let snapshot = tokio::spawn({
+            let rt = rt.clone();
+            async move { rt.try_begin("snapshot").await.map(|_| ()) }
+        });
+        tokio::time::sleep(HOUSEKEEPING_WAIT / 2).await;
+        assert!(!snapshot.is_finished());
+        drop(retention);
+        snapshot.await.unwrap().unwrap();
+
+        // Housekeeping that outlasts the wait: busy, naming it.
+        let compaction = rt.begin("disk compaction").await;
+        let busy = rt.try_begin("stop").await.err().unwrap();
+        assert_eq!(busy.what, "disk compaction");
+        drop(compaction);
+
+        // Another user's operation: busy at once.
+        let snapshot = rt.try_begin("snapshot").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let busy = rt.try_begin("stop").await.err().unwrap();
+        assert_eq!((busy.what, started.elapsed()), ("snapshot", Duration::ZERO));
+        drop(snapshot);
+        rt.try_begin("stop").await.unwrap();
     }
 }
