@@ -66,13 +66,22 @@ fn serve(port: &PathBuf) -> std::io::Result<()> {
     // through `exec::send`.
     crate::exec::set_port(Some(file.try_clone()?));
     let result = (|| {
-        for line in BufReader::new(file).lines() {
-            let line = line?;
+        let mut port = BufReader::new(file);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            if port.read_until(b'\n', &mut buf)? == 0 {
+                return Ok(());
+            }
+            // A line cut short by the host's hang-up is not a request.
+            let Some(line) = buf.strip_suffix(b"\n") else {
+                return Ok(());
+            };
+            let line = String::from_utf8_lossy(line);
             if !crate::exec::handle(&line) && !crate::exec::send(&answer(&line)) {
                 return Err(std::io::Error::other("the agent port closed"));
             }
         }
-        Ok(())
     })();
     crate::exec::set_port(None);
     result

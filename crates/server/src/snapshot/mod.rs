@@ -148,7 +148,13 @@ impl VmManager {
     ) -> Result<Snapshot, ApiError> {
         self.storage()?;
         let rt = self.supervisor(vm_id)?;
-        let guard = rt.try_begin("snapshot").await?;
+        // An idle suspend holds the VM's requests from its claim on: it
+        // does not wait for housekeeping (it tries again at the next tick).
+        let guard = if trigger == "idle" {
+            rt.try_begin_now("snapshot")?
+        } else {
+            rt.try_begin("snapshot").await?
+        };
         let state = rt.state();
         if state != VmState::Running {
             return Err(ApiError::conflict(format!(

@@ -241,16 +241,13 @@ impl VmSupervisor {
 
     /// Start a user's operation `what`, or fail if another one runs. The
     /// daemon's own short housekeeping (retention after an upload or each
-    /// minute, a route update, a disk compaction) is waited for, up to
+    /// minute, a route update) is waited for, up to
     /// [`HOUSEKEEPING_WAIT`]: a user should not have to retry because of
     /// work they did not ask for. The caller checks the VM's state after.
     pub async fn try_begin(self: &Arc<Self>, what: &'static str) -> Result<OpGuard, Busy> {
-        let busy = match self.op.clone().try_lock_owned() {
-            Ok(guard) => return Ok(self.hold(guard, what)),
-            Err(_) => Busy {
-                vm: self.id.clone(),
-                what: self.lock().busy_with.unwrap_or("another operation"),
-            },
+        let busy = match self.try_begin_now(what) {
+            Ok(guard) => return Ok(guard),
+            Err(busy) => busy,
         };
         if !HOUSEKEEPING.contains(&busy.what) {
             return Err(busy);
@@ -258,6 +255,19 @@ impl VmSupervisor {
         match tokio::time::timeout(HOUSEKEEPING_WAIT, self.op.clone().lock_owned()).await {
             Ok(guard) => Ok(self.hold(guard, what)),
             Err(_) => Err(busy),
+        }
+    }
+
+    /// Start operation `what`, or fail at once if any other one runs (for
+    /// the daemon's own operations that must not wait, e.g. an idle
+    /// suspend, which holds the VM's requests from its claim on).
+    pub fn try_begin_now(self: &Arc<Self>, what: &'static str) -> Result<OpGuard, Busy> {
+        match self.op.clone().try_lock_owned() {
+            Ok(guard) => Ok(self.hold(guard, what)),
+            Err(_) => Err(Busy {
+                vm: self.id.clone(),
+                what: self.lock().busy_with.unwrap_or("another operation"),
+            }),
         }
     }
 
@@ -277,7 +287,8 @@ impl VmSupervisor {
 }
 
 /// Operations the daemon runs on its own, that end in moments.
-const HOUSEKEEPING: [&str; 3] = ["retention", "route update", "disk compaction"];
+/// (Not a disk compaction: it may take minutes.)
+const HOUSEKEEPING: [&str; 2] = ["retention", "route update"];
 /// How long a user's operation waits for housekeeping before it is busy.
 const HOUSEKEEPING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -302,10 +313,17 @@ mod tests {
         snapshot.await.unwrap().unwrap();
 
         // Housekeeping that outlasts the wait: busy, naming it.
-        let compaction = rt.begin("disk compaction").await;
+        let retention = rt.begin("retention").await;
         let busy = rt.try_begin("stop").await.err().unwrap();
-        assert_eq!(busy.what, "disk compaction");
-        drop(compaction);
+        assert_eq!(busy.what, "retention");
+        // The daemon's own operations that must not wait do not.
+        let started = tokio::time::Instant::now();
+        let busy = rt.try_begin_now("snapshot").err().unwrap();
+        assert_eq!(
+            (busy.what, started.elapsed()),
+            ("retention", Duration::ZERO)
+        );
+        drop(retention);
 
         // Another user's operation: busy at once.
         let snapshot = rt.try_begin("snapshot").await.unwrap();

@@ -69,7 +69,9 @@ struct Shared {
 impl Drop for Shared {
     // The writer is left to drain: the last clone's final lines (a kill
     // sent as a session is dropped) still reach the guest. It ends when
-    // its queue is empty, or when a write fails.
+    // its queue is empty, or when a write fails. (One stuck on a guest
+    // that reads nothing ends with its QEMU; every handle is dropped today
+    // after QEMU quit or after `close`, which shuts the socket.)
     fn drop(&mut self) {
         self.reader.abort();
     }
@@ -107,7 +109,7 @@ impl Agent {
         let (r, w) = UnixStream::from_std(std).map_err(io)?.into_split();
         let table = Arc::new(Table::default());
         let (lines, queued) = mpsc::channel(QUEUED_LINES);
-        tokio::spawn(write_lines(w, queued));
+        tokio::spawn(write_lines(w, queued, table.clone(), shut.clone()));
         let reader = tokio::spawn(read_lines(r, table.clone(), shut.clone())).abort_handle();
         // Ids start at a random point: a guest's stale sessions of an
         // earlier connection must not be taken for this one's.
@@ -139,13 +141,7 @@ impl Agent {
     /// the guest after this returns.
     pub fn close(&self) {
         self.shared.reader.abort();
-        {
-            let mut t = self.shared.table.lock();
-            t.closed = true;
-            t.syncs.clear();
-            t.sessions.clear();
-        }
-        let _ = self.shared.socket.shutdown(Shutdown::Both);
+        hang_up(&self.shared.table, &self.shared.socket);
     }
 
     fn next_id(&self) -> u64 {
@@ -155,35 +151,53 @@ impl Agent {
     /// Queue one whole line (ending in a newline) for the guest. Cancelled
     /// while waiting for room, it queued nothing.
     async fn send(&self, line: String) -> Result<(), VmmError> {
-        self.shared
-            .lines
-            .send(line)
-            .await
-            .map_err(|_| VmmError::Io {
-                path: "the guest agent channel".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::BrokenPipe,
-                    "the guest agent channel is closed",
-                ),
-            })
+        let closed = || VmmError::Io {
+            path: "the guest agent channel".into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the guest agent channel is closed",
+            ),
+        };
+        if self.shared.table.lock().closed {
+            return Err(closed());
+        }
+        self.shared.lines.send(line).await.map_err(|_| closed())
     }
+}
+
+/// The connection is over: everyone waiting learns (their senders drop),
+/// and the socket is shut so that QEMU sees the hang-up at once and a new
+/// connection can be made (QEMU's socket serves one client at a time).
+fn hang_up(table: &Table, socket: &std::os::unix::net::UnixStream) {
+    {
+        let mut t = table.lock();
+        t.closed = true;
+        t.syncs.clear();
+        t.sessions.clear();
+    }
+    let _ = socket.shutdown(Shutdown::Both);
 }
 
 /// Write the queued lines in order, each whole, until every sender is gone
 /// or the connection breaks.
-async fn write_lines(mut w: OwnedWriteHalf, mut lines: mpsc::Receiver<String>) {
+async fn write_lines(
+    mut w: OwnedWriteHalf,
+    mut lines: mpsc::Receiver<String>,
+    table: Arc<Table>,
+    socket: Arc<std::os::unix::net::UnixStream>,
+) {
     while let Some(line) = lines.recv().await {
         if let Err(e) = w.write_all(line.as_bytes()).await {
             tracing::debug!(error = %e, "guest agent channel write failed");
+            hang_up(&table, &socket);
             return;
         }
     }
 }
 
 /// Hand each line the guest sends to whoever waits for it, until the
-/// channel closes or the guest breaks the protocol; then everyone waiting
-/// learns (their senders drop) and the connection is shut, so that a new
-/// one can be made (QEMU's socket serves one client at a time).
+/// channel closes or the guest breaks the protocol; then the connection
+/// hangs up.
 async fn read_lines(
     r: OwnedReadHalf,
     table: Arc<Table>,
@@ -232,13 +246,7 @@ async fn read_lines(
             }
         }
     }
-    {
-        let mut t = table.lock();
-        t.closed = true;
-        t.syncs.clear();
-        t.sessions.clear();
-    }
-    let _ = socket.shutdown(Shutdown::Both);
+    hang_up(&table, &socket);
 }
 
 #[cfg(test)]
@@ -269,12 +277,8 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            // (After the last round's kill, its session's drop sent one.)
             let mut first = String::new();
-            while !first.starts_with("exec ") {
-                first.clear();
-                guest.read_line(&mut first).await.unwrap();
-            }
+            guest.read_line(&mut first).await.unwrap();
             let ch: u64 = first.split(' ').nth(1).unwrap().parse().unwrap();
             let input = session.input();
             let feeder = tokio::spawn({
@@ -296,7 +300,14 @@ mod tests {
                 assert_ne!(n, 0, "the channel closed before the kill");
             }
             killing.await.unwrap().unwrap();
+            // Its drop kills the command too: read that before the next
+            // round's lines.
             drop(session);
+            let mut line = String::new();
+            while line != kill {
+                line.clear();
+                guest.read_line(&mut line).await.unwrap();
+            }
             let text = String::from_utf8(seen).unwrap();
             let lines: Vec<&str> = text.trim_end_matches('\n').split('\n').collect();
             let (last, inputs) = lines.split_last().unwrap();
