@@ -66,25 +66,32 @@ fn serve(port: &PathBuf) -> std::io::Result<()> {
     // through `exec::send`.
     crate::exec::set_port(Some(file.try_clone()?));
     let result = (|| {
-        let mut port = BufReader::new(file);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            if port.read_until(b'\n', &mut buf)? == 0 {
-                return Ok(());
-            }
-            // A line cut short by the host's hang-up is not a request.
-            let Some(line) = buf.strip_suffix(b"\n") else {
-                return Ok(());
-            };
-            let line = String::from_utf8_lossy(line);
+        for line in whole_lines(BufReader::new(file)) {
+            let line = line?;
             if !crate::exec::handle(&line) && !crate::exec::send(&answer(&line)) {
                 return Err(std::io::Error::other("the agent port closed"));
             }
         }
+        Ok(())
     })();
     crate::exec::set_port(None);
     result
+}
+
+/// The lines read from `port`, each whole: a last line without its
+/// newline (cut short by the host's hang-up) is not a request.
+fn whole_lines(mut port: impl BufRead) -> impl Iterator<Item = std::io::Result<String>> {
+    std::iter::from_fn(move || {
+        let mut buf = Vec::new();
+        match port.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => buf.strip_suffix(b"\n").map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                Ok(String::from_utf8_lossy(line).into_owned())
+            }),
+            Err(e) => Some(Err(e)),
+        }
+    })
 }
 
 /// The reply line to a request line.
@@ -289,6 +296,13 @@ fn reseed(seed: &[u8]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_line_cut_short_is_not_a_request() {
+        let port = std::io::Cursor::new("sync 1.0 ab 7\nexec 3 e30=\r\nkill 3 1");
+        let lines: Vec<String> = super::whole_lines(port).map(Result::unwrap).collect();
+        assert_eq!(lines, ["sync 1.0 ab 7", "exec 3 e30="]);
+    }
 
     #[test]
     fn the_default_route_is_read_from_proc() {
