@@ -143,8 +143,8 @@ async fn a_crash_at_any_step_of_a_suspend_or_its_upload_loses_nothing() {
             assert_eq!(state, "snapshotted", "{point}");
         }
         if state == "snapshotted" {
-            // Awaited: retention runs under the VM's lock before the
-            // snapshot shows ready (see the warm test below).
+            // Awaited, so that the next step starts from a settled VM (see
+            // the warm test below).
             wait_ready(&d, &id, &sid).await;
         }
         wake(&d, &id, &state).await;
@@ -188,8 +188,8 @@ async fn a_crash_at_any_step_of_a_suspend_keeping_its_qemu_warm_loses_nothing() 
         }
         if state == "snapshotted" {
             // The completed suspend uploads, and retention (new VMs keep 5)
-            // runs under the VM's lock before it shows ready: awaited, or
-            // the next snapshot request could meet it (409 busy).
+            // runs under the VM's lock before it shows ready: awaited, so
+            // that the next request does not wait behind it.
             wait_ready(&d, &id, &sid).await;
         }
         wake(&d, &id, &state).await;
