@@ -224,6 +224,11 @@ impl VmManager {
         let Some(rec) = self.store.get_vm(vm_id).await? else {
             return Ok(None);
         };
+        // Attached here while the record was read (a request of this node's
+        // own took it, and its wake already shows in the record).
+        if let Ok(rt) = self.supervisor(vm_id) {
+            return Ok(Some(rt));
+        }
         if rec.vm.node.as_deref() != Some(self.cfg.node_name.as_str()) || rec.vm.state.has_process()
         {
             return Ok(None);
